@@ -1,0 +1,101 @@
+"""The exception hierarchy. Library exceptions are translated into these at the adapters.
+
+Each class's docstring is its default message. Fields carry the facts (setting, host,
+uid, sha256); `str()` never contains a secret.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """invoice-relay failed."""
+
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail
+        message = (self.__doc__ or type(self).__name__).strip().rstrip(".")
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+# --- configuration (exit 2) -------------------------------------------------------
+
+
+class ConfigError(RelayError):
+    """Bad configuration."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        super().__init__(f"{variable}: {problem}")
+
+
+# --- infrastructure: the poll cannot complete (exit 1) ------------------------------
+
+
+class InfrastructureError(RelayError):
+    """A server the relay needs is unavailable; state is safe, run again later."""
+
+
+class MailboxError(InfrastructureError):
+    """The IMAP server could not be used."""
+
+    def __init__(self, detail: str | None = None, *, host: str = "", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        where = f"IMAP {host}:{port}" if host else "IMAP"
+        super().__init__(f"{where}: {detail}" if detail else where)
+
+
+class MailboxLoginError(MailboxError):
+    """The IMAP server refused the login (check INVOICE_RELAY_IMAP_USER and _PASSWORD)."""
+
+
+class MailboxFolderError(MailboxError):
+    """The IMAP folder cannot be opened (check INVOICE_RELAY_IMAP_FOLDER)."""
+
+
+class OutboxError(InfrastructureError):
+    """The SMTP server could not be used."""
+
+    def __init__(self, detail: str | None = None, *, host: str = "", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        where = f"SMTP {host}:{port}" if host else "SMTP"
+        super().__init__(f"{where}: {detail}" if detail else where)
+
+
+class SessionRefused(OutboxError):
+    """The SMTP server refused the session (connect, TLS, login, sender or recipient).
+
+    Every PDF stays pending and no attempt is counted.
+    """
+
+
+class StoreError(InfrastructureError):
+    """The database could not be used (check INVOICE_RELAY_DATABASE_URL)."""
+
+
+# --- one mail's send (not fatal for the poll) ----------------------------------------
+
+
+class SendRejected(RelayError):
+    """The SMTP server refused one forwarded mail."""
+
+    def __init__(self, detail: str | None = None, *, code: int, sha256: str = "") -> None:
+        self.code = code
+        self.sha256 = sha256
+        super().__init__(detail)
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+# --- one PDF's check (the sighting becomes `error`) ----------------------------------
+
+
+class PdfCheckFailed(RelayError):
+    """The PDF check crashed, ran out of memory or timed out."""
+
+
+class PollLocked(RelayError):
+    """Another replica holds this mailbox's poll lock."""

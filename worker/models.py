@@ -1,0 +1,228 @@
+"""Value objects and outcome enums shared by every module. Pure: no I/O."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class Security(enum.Enum):
+    SSL = "ssl"  # TLS from the first byte (IMAPS 993, SMTPS 465)
+    STARTTLS = "starttls"  # plain connect, then upgrade before login
+    NONE = "none"  # no TLS at all: loopback and tests only
+
+
+class DedupMode(enum.Enum):
+    CONTENT = "content"  # a PDF is known when its bytes hash or its page fingerprint is known
+    BYTES = "bytes"  # a PDF is known only when its SHA-256 is known
+
+
+class DocumentState(enum.Enum):
+    PENDING = "pending"  # accepted, waiting for its first send or a retry
+    FORWARDED = "forwarded"  # the SMTP server accepted the forwarded mail
+    FAILED = "failed"  # refused for good or out of attempts: a person must look
+
+
+class SightingKind(enum.Enum):
+    DOCUMENT = "document"  # this sighting introduced a new document
+    DUPLICATE = "duplicate"  # an accepted PDF whose document was already known
+    REJECTED = "rejected"  # not accepted, by a rule; reason says which
+    ERROR = "error"  # something unexpected; retried on later polls
+    NO_PDF = "no_pdf"  # the mail carried no PDF candidate at all
+
+
+class Outcome(enum.Enum):
+    """What `audit_log.outcome` shows for one sighting."""
+
+    FORWARDED = "forwarded"  # introduced a document that was forwarded
+    PENDING = "pending"  # introduced a document that waits for a send or retry
+    FAILED = "failed"  # introduced a document that was refused for good
+    DUPLICATE = "duplicate"  # the same invoice was already known
+    REJECTED = "rejected"  # not accepted by a rule
+    ERROR = "error"  # unexpected failure; retried later
+    NO_PDF = "no_pdf"  # the mail carried no PDF
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FolderStatus:
+    """What SELECT/EXAMINE tells about the polled folder."""
+
+    uidvalidity: int
+    uidnext: int
+    exists: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BodyPart:
+    """One node of a mail's MIME tree, as the IMAP server's BODYSTRUCTURE describes it.
+
+    `section` is the IMAP part specifier ("1", "2.1", ...); the root of a multipart
+    mail has section "" (it cannot be fetched as a part).
+    """
+
+    section: str
+    content_type: str  # lower case "type/subtype"
+    params: Mapping[str, str] = field(default_factory=dict)  # keys lower case, values raw
+    disposition: str | None = None  # lower case "attachment" / "inline"
+    disposition_params: Mapping[str, str] = field(default_factory=dict)
+    encoding: str = "7bit"  # lower case Content-Transfer-Encoding
+    size: int = 0  # encoded size in octets
+    children: tuple[BodyPart, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """A part that is, or may be, a PDF.
+
+    `certain` is True when the label says PDF (name ends in .pdf or type is
+    application/pdf); otherwise the first bytes must be probed for `%PDF-`.
+    """
+
+    section: str
+    filename: str | None
+    content_type: str
+    encoding: str
+    size: int
+    certain: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MailHeaders:
+    """The few headers of an incoming mail the relay reads; text already decoded."""
+
+    message_id: str = ""
+    sender: str = ""  # the From header as display text
+    sender_address: str = ""  # the single address in From, lower case; "" when unparseable
+    sender_defect: str | None = None  # why From could not be trusted, when it cannot
+    subject: str = ""
+    date: datetime | None = None
+    auto_submitted: str | None = None
+    relay_marker: str | None = None  # our own X-Invoice-Relay header, when present
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MailSummary:
+    """What one FETCH of BODYSTRUCTURE, size, internal date and headers yields for a mail."""
+
+    uid: int
+    size: int
+    internaldate: datetime | None
+    headers: MailHeaders
+    structure: BodyPart | None  # None when the server could not describe it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PdfReport:
+    """What inspecting one file found. `accepted` False means `reason` says why not."""
+
+    accepted: bool
+    reason: str | None = None
+    encrypted: bool = False
+    pages: int = 0
+    fingerprint: str | None = None  # "fp1:<hex>" or None when it could not be computed
+    fingerprint_note: str | None = None  # why there is no fingerprint
+    invoice_number: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MailboxPosition:
+    """How far the relay got in one mailbox: every UID <= last_uid is recorded."""
+
+    mailbox: str
+    uidvalidity: int
+    last_uid: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartRecord:
+    """One sighting to record: a PDF candidate of a mail, or the mail's `no_pdf` row.
+
+    `kind` is what the pipeline decided *before* the store looked for duplicates:
+    DOCUMENT for an accepted PDF (the store turns it into DUPLICATE when a key is
+    already known), REJECTED, ERROR or NO_PDF. `part` is the MIME section, "" for NO_PDF.
+    """
+
+    part: str
+    kind: SightingKind
+    reason: str | None = None
+    filename: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    fingerprint: str | None = None
+    invoice_number: str | None = None
+    content: bytes | None = None  # the PDF's bytes, for DOCUMENT only
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MailRecord:
+    """Everything recorded about one incoming mail in one poll."""
+
+    uid: int
+    headers: MailHeaders
+    parts: tuple[PartRecord, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordedSighting:
+    """What the store made of one PartRecord."""
+
+    sighting_id: int
+    uid: int
+    part: str
+    kind: SightingKind  # DOCUMENT only when this sighting introduced a new document
+    reason: str | None
+    document_id: int | None
+    duplicate_of: int | None  # the introducing sighting's id, for a duplicate
+    inserted: bool  # False when the sighting existed already (rescan, crash replay)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutgoingDocument:
+    """A pending document claimed (leased) for sending, with what the forwarded mail needs."""
+
+    document_id: int
+    sha256: str
+    content: bytes
+    filename: str
+    attempts: int
+    resend_count: int
+    original_sender: str
+    original_subject: str
+    original_date: datetime | None
+    original_message_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditFilter:
+    since: datetime | None = None
+    outcomes: tuple[Outcome, ...] = ()
+    invoice_number: str | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRow:
+    """One row of the `audit_log` view."""
+
+    id: int
+    received_at: datetime
+    mail_date: datetime | None
+    mailbox: str
+    uidvalidity: int
+    uid: int
+    message_id: str
+    sender: str
+    subject: str
+    filename: str | None
+    size_bytes: int | None
+    sha256: str | None
+    fingerprint: str | None
+    invoice_number: str | None
+    outcome: Outcome
+    reason: str | None
+    duplicate_of: int | None
+    forwarded_at: datetime | None
+    forwarded_message_id: str | None
+    attempts: int | None
