@@ -226,3 +226,24 @@ class AuditRow:
     forwarded_at: datetime | None
     forwarded_message_id: str | None
     attempts: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PollReport:
+    """What one poll did; the CLI prints it, the service turns it into metrics."""
+
+    mailbox: str
+    started_at: datetime
+    finished_at: datetime
+    mails_seen: int = 0
+    sightings: Mapping[Outcome, int] = field(default_factory=dict)  # new sightings by outcome
+    forwarded: int = 0
+    retried_later: int = 0  # temporary refusals this poll
+    failed: int = 0  # documents that became failed this poll
+    pending: int = 0  # documents still pending after the poll
+    rescanned: bool = False  # UIDVALIDITY changed, the folder was read again
+    locked: bool = False  # another replica held the mailbox's poll lock; nothing was done
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()

@@ -1,0 +1,92 @@
+"""`invoice-relay check`: try each server with the real settings, one line per check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import TextIO
+
+from worker import db
+from worker.commands import imap_mailbox, smtp_outbox
+from worker.errors import RelayError, SendRejected
+from worker.settings import Settings
+
+
+def _check_imap(settings: Settings) -> str:
+    mailbox = imap_mailbox(settings)
+    try:
+        status = mailbox.open()
+    finally:
+        mailbox.close()
+    return (
+        f"logged in as {settings.imap_user} at {settings.imap_host}:{settings.imap_port}; "
+        f"folder {settings.imap_folder!r} holds {status.exists} mail(s)"
+    )
+
+
+def _check_smtp(settings: Settings) -> str:
+    outbox = smtp_outbox(settings)
+    try:
+        outbox.open()
+    finally:
+        outbox.close()
+    login = f" as {settings.smtp_user}" if settings.smtp_user else ""
+    return f"connected{login} to {settings.smtp_host}:{settings.smtp_port}"
+
+
+def _check_database(settings: Settings) -> str:
+    url = settings.database_url.reveal()
+    if db.is_up_to_date(url):
+        return "reachable, migrations up to date"
+    return "reachable; migrations pending (applied at start-up, or run `invoice-relay db upgrade`)"
+
+
+def test_message(settings: Settings, address: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = settings.forward_from
+    message["To"] = address
+    message["Subject"] = "invoice-relay test mail"
+    message["Auto-Submitted"] = "auto-generated"
+    message["Date"] = datetime.now(UTC)
+    message.set_content(
+        "This is a test mail from `invoice-relay check --send-test`.\n"
+        "It proves that the relay can send with its SMTP settings.\n"
+    )
+    return message
+
+
+def _send_test(settings: Settings, address: str) -> str:
+    outbox = smtp_outbox(settings)
+    try:
+        outbox.open()
+        answer = outbox.send(test_message(settings, address), recipient=address)
+    except SendRejected as exc:
+        raise RelayError(f"test mail refused: {exc}") from exc
+    finally:
+        outbox.close()
+    return f"test mail to {address} accepted: {answer}"
+
+
+def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int:
+    checks: list[tuple[str, Callable[[Settings], str]]] = [
+        ("imap", _check_imap),
+        ("smtp", _check_smtp),
+        ("database", _check_database),
+    ]
+    failed = 0
+    for name, check in checks:
+        try:
+            detail = check(settings)
+        except RelayError as exc:
+            failed += 1
+            out.write(f"FAIL {name}: {exc}\n")
+        else:
+            out.write(f"ok   {name}: {detail}\n")
+    if send_test:
+        try:
+            out.write(f"ok   send-test: {_send_test(settings, send_test)}\n")
+        except RelayError as exc:
+            failed += 1
+            out.write(f"FAIL send-test: {exc}\n")
+    return 1 if failed else 0

@@ -1,0 +1,31 @@
+"""Pure decisions about retrying a forwarded mail: when, and whether at all."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+BASE_DELAY = timedelta(minutes=1)
+MAX_DELAY = timedelta(hours=6)
+JITTER = 0.2
+
+
+def retry_delay(attempts: int, *, rng: random.Random | None = None) -> timedelta:
+    """Delay before the next try after `attempts` failed tries (1 = the first failure).
+
+    Exponential (1 min, 2 min, 4 min, ...) capped at six hours, with +-20 % jitter so
+    documents refused together do not come back together.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, not {attempts}")
+    exponent = min(attempts - 1, 30)  # 2**30 minutes is far past the cap already
+    delay = min(BASE_DELAY * (2**exponent), MAX_DELAY)
+    if rng is None:
+        return delay
+    factor = 1.0 + rng.uniform(-JITTER, JITTER)
+    return timedelta(seconds=delay.total_seconds() * factor)
+
+
+def out_of_attempts(attempts: int, max_attempts: int) -> bool:
+    """Whether a document that has been tried `attempts` times must become `failed`."""
+    return attempts >= max_attempts
