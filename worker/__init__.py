@@ -1,0 +1,1 @@
+"""invoice-relay: forward each distinct invoice PDF from a shared mailbox once."""
