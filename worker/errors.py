@@ -12,7 +12,8 @@ class RelayError(Exception):
 
     def __init__(self, detail: str | None = None) -> None:
         self.detail = detail
-        message = (self.__doc__ or type(self).__name__).strip().rstrip(".")
+        # The docstring's first line is the message; the rest explains, for readers.
+        message = (self.__doc__ or type(self).__name__).strip().splitlines()[0].rstrip(".")
         super().__init__(f"{message}: {detail}" if detail else message)
 
 
@@ -99,3 +100,16 @@ class PdfCheckFailed(RelayError):
 
 class PollLocked(RelayError):
     """Another replica holds this mailbox's poll lock."""
+
+
+class ConfigProblems(ConfigError):
+    """Bad configuration, several problems: one line each.
+
+    `variable` and `problem` are the first problem's, for callers that want one.
+    """
+
+    def __init__(self, problems: tuple[ConfigError, ...]) -> None:
+        self.problems = problems
+        super().__init__(problems[0].variable, problems[0].problem)
+        lines = "\n".join(f"  {problem.variable}: {problem.problem}" for problem in problems)
+        self.args = (f"Bad configuration ({len(problems)} problems):\n{lines}",)
