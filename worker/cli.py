@@ -19,7 +19,7 @@ from typing import TextIO
 
 from worker import audit, checks
 from worker.errors import ConfigError, InfrastructureError, RelayError
-from worker.logs import configure_logging, register_secret
+from worker.logs import configure_logging, register_secret, register_secrets
 from worker.models import AuditFilter, Outcome, PollReport
 from worker.settings import Settings, database_url_from_env
 
@@ -118,9 +118,7 @@ def _fail(line: str) -> None:
 def _settings(environ: Mapping[str, str]) -> Settings:
     settings = Settings.from_env(environ, stderr_is_tty=sys.stderr.isatty())
     configure_logging(settings.log_format)
-    for secret in (settings.imap_password, settings.smtp_password, settings.database_url):
-        if secret is not None:
-            register_secret(secret.reveal())
+    register_secrets(settings.secret_values())
     for name in settings.unknown_variables:
         log.warning("unknown setting %s ignored (a typo?)", name, extra={"action": "config"})
     return settings
