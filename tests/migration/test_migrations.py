@@ -1,0 +1,206 @@
+"""Alembic migrations: upgrade, agreement with worker.db's tables and view, downgrade."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from worker import db
+from worker.models import AuditFilter, DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
+from worker.store import SqlStore
+
+REPO = Path(__file__).resolve().parents[2]
+DESIGN_AUDIT_COLUMNS = [
+    "id",
+    "received_at",
+    "mail_date",
+    "mailbox",
+    "uidvalidity",
+    "uid",
+    "message_id",
+    "sender",
+    "subject",
+    "filename",
+    "size_bytes",
+    "sha256",
+    "fingerprint",
+    "invoice_number",
+    "outcome",
+    "reason",
+    "duplicate_of",
+    "forwarded_at",
+    "forwarded_message_id",
+    "attempts",
+]
+
+
+def view_columns(url: str) -> list[str]:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            result = connection.exec_driver_sql("SELECT * FROM audit_log WHERE 1 = 0")
+            return list(result.keys())
+    finally:
+        engine.dispose()
+
+
+def table_names(url: str) -> set[str]:
+    engine = db.make_engine(url)
+    try:
+        inspector = sa.inspect(engine)
+        return set(inspector.get_table_names()) | set(inspector.get_view_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
+    assert db.current_revision(empty_database) is None
+    assert not db.is_up_to_date(empty_database)
+    db.upgrade_database(empty_database)
+    assert db.current_revision(empty_database) == db.head_revision()
+    assert db.is_up_to_date(empty_database)
+    assert table_names(empty_database) == {
+        "alembic_version",
+        "mailbox_state",
+        "documents",
+        "sightings",
+        "audit_log",
+    }
+    db.upgrade_database(empty_database)  # a second start-up changes nothing
+    assert db.is_up_to_date(empty_database)
+
+
+def test_models_and_migrations_agree(empty_database: str) -> None:
+    db.upgrade_database(empty_database)
+    engine = db.make_engine(empty_database)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "compare_server_default": True}
+            )
+            assert compare_metadata(context, db.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_the_view_has_exactly_the_design_columns(empty_database: str, tmp_path: Path) -> None:
+    db.upgrade_database(empty_database)
+    assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
+    assert list(db.AUDIT_COLUMNS) == DESIGN_AUDIT_COLUMNS
+    assert [column.name for column in db.audit_log.columns] == DESIGN_AUDIT_COLUMNS
+    # The current definition in worker.db (create_all in tests) yields the same columns.
+    current = f"sqlite:///{tmp_path / 'current.db'}"
+    engine = db.make_engine(current)
+    db.create_schema(engine)
+    engine.dispose()
+    assert view_columns(current) == DESIGN_AUDIT_COLUMNS
+
+
+def _insert_bogus(table: str) -> sa.Insert:
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    if table == "documents":
+        return sa.insert(db.documents).values(
+            sha256="x", state="bogus", next_attempt_at=now, created_at=now
+        )
+    return sa.insert(db.sightings).values(
+        mailbox="m", uidvalidity=1, uid=1, part="", received_at=now, kind="bogus"
+    )
+
+
+@pytest.mark.parametrize("table", ["documents", "sightings"])
+def test_check_constraints_refuse_unknown_states(empty_database: str, table: str) -> None:
+    db.upgrade_database(empty_database)
+    engine = db.make_engine(empty_database)
+    try:
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
+            connection.execute(_insert_bogus(table))
+    finally:
+        engine.dispose()
+
+
+def test_the_store_works_on_a_migrated_database(empty_database: str) -> None:
+    db.upgrade_database(empty_database)
+    store = SqlStore(empty_database)
+    try:
+        (recorded,) = store.record_mails(
+            mailbox="INBOX",
+            uidvalidity=1,
+            mails=[
+                MailRecord(
+                    uid=1,
+                    headers=MailHeaders(subject="Invoice"),
+                    parts=(PartRecord(part="", kind=SightingKind.NO_PDF),),
+                )
+            ],
+            advance_to=1,
+            dedup=DedupMode.CONTENT,
+            keep_pdfs=False,
+            now=datetime(2025, 1, 1, tzinfo=UTC),
+        )
+        (row,) = store.audit(AuditFilter())
+        assert row.id == recorded.sighting_id
+        assert row.subject == "Invoice"
+    finally:
+        store.close()
+
+
+def test_replicas_upgrading_together_do_not_race(empty_database: str) -> None:
+    # Replicas are processes: start three at once, each running the start-up upgrade.
+    script = "import sys; from worker.db import upgrade_database; upgrade_database(sys.argv[1])"
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, empty_database],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    outcomes = [replica.communicate(timeout=120) for replica in replicas]
+    assert [replica.returncode for replica in replicas] == [0, 0, 0], outcomes
+    assert db.is_up_to_date(empty_database)
+
+
+def test_in_process_upgrades_are_serialised(empty_database: str) -> None:
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def upgrade() -> None:
+        try:
+            barrier.wait()
+            db.upgrade_database(empty_database)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert failures == []
+    assert db.is_up_to_date(empty_database)
+
+
+def test_downgrade_to_base_removes_everything(empty_database: str) -> None:
+    db.upgrade_database(empty_database)
+    db.downgrade_database(empty_database, "base")
+    assert db.current_revision(empty_database) is None
+    assert table_names(empty_database) == {"alembic_version"}
+    db.upgrade_database(empty_database)
+    assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
+
+
+def test_the_alembic_ini_finds_the_same_scripts() -> None:
+    config = Config(str(REPO / "alembic.ini"))
+    assert ScriptDirectory.from_config(config).get_current_head() == db.head_revision()
+    assert db.migrations_directory() == REPO / "migrations"
