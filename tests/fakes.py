@@ -32,6 +32,7 @@ def structure_of(message: Message, section: str = "") -> BodyPart:
         assert isinstance(payload, list)
         if message.get_content_type() == "message/rfc822":
             inner = payload[0]
+            assert isinstance(inner, Message)
             inner_root = f"{section}.1" if section else "1"
             if inner.is_multipart():
                 children = list(structure_of(inner, section).children)
@@ -39,6 +40,7 @@ def structure_of(message: Message, section: str = "") -> BodyPart:
                 children = [structure_of(inner, inner_root)]
         else:
             for index, child in enumerate(payload, start=1):
+                assert isinstance(child, Message)
                 child_section = f"{section}.{index}" if section else str(index)
                 children.append(structure_of(child, child_section))
     elif not section:
@@ -65,12 +67,14 @@ def _leaves(message: Message, section: str = "") -> dict[str, Message]:
         assert isinstance(payload, list)
         if message.get_content_type() == "message/rfc822":
             inner = payload[0]
+            assert isinstance(inner, Message)
             if inner.is_multipart():
                 found.update(_leaves(inner, section))
             else:
                 found[f"{section}.1"] = inner
         else:
             for index, child in enumerate(payload, start=1):
+                assert isinstance(child, Message)
                 found.update(_leaves(child, f"{section}.{index}" if section else str(index)))
     else:
         found[section or "1"] = message
@@ -95,6 +99,7 @@ class FakeMailbox:
         self.fail_on: set[str] = set()
         self.opened = False
         self.whole_fetches: list[tuple[int, str]] = []  # sections fetched without a limit
+        self.unreadable: set[int] = set()  # UIDs whose structure the server cannot describe
 
     def add(self, raw: bytes, *, received: datetime | None = None) -> int:
         uid = self.next_uid
@@ -137,7 +142,7 @@ class FakeMailbox:
                     size=len(mail.raw),
                     internaldate=mail.received,
                     headers=mime.parse_headers(header_block),
-                    structure=structure_of(parsed),
+                    structure=None if uid in self.unreadable else structure_of(parsed),
                 )
             )
         return result
@@ -205,9 +210,7 @@ def simple_check(data: bytes) -> PdfReport:
     if b"%%EOF" not in data[-64:]:
         return PdfReport(accepted=False, reason="unparseable PDF: truncated")
     body = data.split(b"\n", 1)[-1]
-    return PdfReport(
-        accepted=True, pages=1, fingerprint="fp1:" + hashlib.sha256(body).hexdigest()
-    )
+    return PdfReport(accepted=True, pages=1, fingerprint="fp1:" + hashlib.sha256(body).hexdigest())
 
 
 class FakeInspector:

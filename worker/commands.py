@@ -151,8 +151,10 @@ def dry_run(settings: Settings) -> list[PlannedSighting]:
     """What `once` would record now. Writes nothing: on a database that was never
     migrated, an empty in-memory one stands in for it."""
     url = settings.database_url.reveal()
+    path = settings.sqlite_path()
     try:
-        up_to_date = db.is_up_to_date(url)
+        # Opening a missing SQLite file would create it: a dry run must not.
+        up_to_date = (path is None or path.exists()) and db.is_up_to_date(url)
     except StoreError:
         up_to_date = False
     if up_to_date:

@@ -162,6 +162,8 @@ class SqlStore:
         recorded: list[RecordedSighting] = []
         with self._write() as connection:
             for mail in mails:
+                if all(part.part for part in mail.parts):
+                    self._drop_mail_level_error(connection, mailbox, uidvalidity, mail.uid)
                 for part in mail.parts:
                     recorded.append(
                         self._record_part(
@@ -177,6 +179,21 @@ class SqlStore:
             if advance_to is not None:
                 self._advance(connection, mailbox, uidvalidity, advance_to, now)
         return recorded
+
+    def _drop_mail_level_error(
+        self, connection: Connection, mailbox: str, uidvalidity: int, uid: int
+    ) -> None:
+        """A mail that failed as a whole has one ERROR row at part "". Once a retry reads
+        its parts, that placeholder gives way to one row per part."""
+        connection.execute(
+            sa.delete(sightings).where(
+                sightings.c.mailbox == mailbox,
+                sightings.c.uidvalidity == uidvalidity,
+                sightings.c.uid == uid,
+                sightings.c.part == "",
+                sightings.c.kind == SightingKind.ERROR.value,
+            )
+        )
 
     def _record_part(
         self,

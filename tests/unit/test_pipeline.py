@@ -16,7 +16,7 @@ from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from worker import db
 from worker.errors import MailboxError, SendRejected, SessionRefused
-from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome
+from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome, PdfReport
 from worker.pipeline import Pipeline, PipelineConfig, loop_reason, sender_allowed
 from worker.store import SqlStore
 
@@ -151,7 +151,7 @@ def test_each_kind_of_mail_gets_its_row(relay: Relay) -> None:
 
 
 def test_a_rejected_copy_never_blocks_a_later_accepted_one(relay: Relay) -> None:
-    relay.inspector.check = lambda data: samples_reject(data)
+    relay.inspector.check = samples_reject
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
     relay.poll()
     assert relay.outcomes() == [(1, "a.pdf", "rejected")]
@@ -162,9 +162,7 @@ def test_a_rejected_copy_never_blocks_a_later_accepted_one(relay: Relay) -> None
     assert relay.outcomes() == [(1, "a.pdf", "rejected"), (2, "a.pdf", "forwarded")]
 
 
-def samples_reject(data: bytes) -> object:
-    from worker.models import PdfReport
-
+def samples_reject(data: bytes) -> PdfReport:
     return PdfReport(accepted=False, reason="unparseable PDF: test")
 
 
@@ -287,6 +285,17 @@ def test_a_crashed_pdf_check_is_an_error_and_is_retried(relay: Relay) -> None:
     relay.inspector.crash_on.clear()
     relay.poll()
     assert relay.outcomes() == [(1, "a.pdf", "forwarded"), (2, "b.pdf", "forwarded")]
+
+
+def test_a_mail_that_failed_as_a_whole_is_read_part_by_part_on_retry(relay: Relay) -> None:
+    uid = relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A), ("b.pdf", PDF_B)]))
+    relay.mailbox.unreadable.add(uid)
+    relay.poll()
+    assert relay.outcomes() == [(1, "", "error")]
+
+    relay.mailbox.unreadable.clear()
+    relay.poll()
+    assert relay.outcomes() == [(1, "a.pdf", "forwarded"), (1, "b.pdf", "forwarded")]
 
 
 def test_an_error_that_persists_becomes_rejected(store: SqlStore) -> None:
