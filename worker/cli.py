@@ -153,8 +153,12 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             print(f"{count} document(s) queued again")
             return EXIT_OK if count or args.all else EXIT_UNAVAILABLE
         queued = commands.resend(url.reveal(), args.sha256)
-        print("queued for a deliberate resend" if queued else "no forwarded document with "
-              "that SHA-256 whose bytes are kept (INVOICE_RELAY_KEEP_PDFS)")
+        print(
+            "queued for a deliberate resend"
+            if queued
+            else "no forwarded document with "
+            "that SHA-256 whose bytes are kept (INVOICE_RELAY_KEEP_PDFS)"
+        )
         return EXIT_OK if queued else EXIT_UNAVAILABLE
     settings = _settings(environ)
     if command == "check":
@@ -187,16 +191,25 @@ def _progress_printer(stream: TextIO) -> Callable[[str], None] | None:
     return show
 
 
+_SUMMARY_WORDS = {
+    Outcome.PENDING: "new invoice(s)",
+    Outcome.DUPLICATE: "duplicate(s)",
+    Outcome.REJECTED: "rejected",
+    Outcome.ERROR: "error(s), retried later",
+    Outcome.NO_PDF: "without PDF",
+}
+
+
 def summary_line(report: PollReport) -> str:
     if report.locked:
         return "another replica is polling this mailbox; nothing done"
     found = ", ".join(
-        f"{count} {outcome.value}" for outcome, count in sorted(
-            report.sightings.items(), key=lambda item: item[0].value
-        )
+        f"{report.sightings[outcome]} {words}"
+        for outcome, words in _SUMMARY_WORDS.items()
+        if report.sightings.get(outcome)
     )
     return (
         f"read {report.mails_seen} new mail(s){': ' + found if found else ''}; "
-        f"forwarded {report.forwarded}, pending {report.pending}, "
+        f"forwarded {report.forwarded}, waiting to be sent {report.pending}, "
         f"newly failed {report.failed}"
     )

@@ -241,6 +241,7 @@ class PollReport:
     retried_later: int = 0  # temporary refusals this poll
     failed: int = 0  # documents that became failed this poll
     pending: int = 0  # documents still pending after the poll
+    failed_total: int = 0  # documents in the failed state after the poll
     rescanned: bool = False  # UIDVALIDITY changed, the folder was read again
     locked: bool = False  # another replica held the mailbox's poll lock; nothing was done
 

@@ -348,7 +348,9 @@ class SmtpOutbox:
         )
 
     def send(self, message: EmailMessage, *, recipient: str | None = None) -> str:
-        """Send one mail to FORWARD_TO (or `recipient`, for `check --send-test`); returns the server's acceptance, e.g. "250 OK ...".
+        """Send one mail to FORWARD_TO (or `recipient`, for `check --send-test`).
+
+        Returns the server's acceptance, e.g. "250 OK ...".
 
         Raises `SessionRefused` when the session cannot carry any mail (not open,
         sender or recipient refused, connection lost before the content went out) and

@@ -196,6 +196,7 @@ class Pipeline:
             retried_later=retried,
             failed=failed,
             pending=counts.get(DocumentState.PENDING, 0),
+            failed_total=counts.get(DocumentState.FAILED, 0),
             rescanned=rescanned,
         )
         log.info(
@@ -319,7 +320,7 @@ class Pipeline:
             uid = plan.summary.uid
             try:
                 parts = self._parts_of(plan, to_fetch.get(uid, []), decoded, reports)
-            except Exception as exc:  # noqa: BLE001 - the one broad catch: record and go on
+            except Exception as exc:
                 log.exception(
                     "could not handle mail %s",
                     uid,
@@ -350,7 +351,7 @@ class Pipeline:
             return plan
         try:
             candidates = mime.find_candidates(summary.structure)
-        except Exception as exc:  # noqa: BLE001 - per-mail catch, recorded as error
+        except Exception as exc:
             log.exception("bad structure in mail %s", summary.uid, extra={"action": "mail_error"})
             plan.verdict = PartRecord(part="", kind=SightingKind.ERROR, reason=_describe(exc))
             return plan
@@ -523,9 +524,7 @@ def _log_sighting(sighting: RecordedSighting, *, retry: bool) -> None:
         return
     extra = {"uid": sighting.uid, "part": sighting.part}
     if sighting.kind is SightingKind.DUPLICATE:
-        log.info(
-            "duplicate: %s", sighting.reason, extra={"action": "duplicate_skipped", **extra}
-        )
+        log.info("duplicate: %s", sighting.reason, extra={"action": "duplicate_skipped", **extra})
     elif sighting.kind is SightingKind.REJECTED:
         log.warning("rejected: %s", sighting.reason, extra={"action": "pdf_rejected", **extra})
     elif sighting.kind is SightingKind.ERROR:
@@ -538,6 +537,7 @@ def _checked_part(
     section: str, filename: str, data: bytes, report: PdfReport | Exception
 ) -> PartRecord:
     sha256 = hashlib.sha256(data).hexdigest()
+    reason: str | None
     if isinstance(report, Exception):
         reason = (
             f"PDF check failed: {report}"

@@ -107,7 +107,9 @@ class Store(Protocol):
     def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
         """ERROR sightings tried `max_tries` times become REJECTED; returns how many."""
 
-    def claim_due(self, *, now: datetime, limit: int, lease_seconds: float) -> list[OutgoingDocument]:
+    def claim_due(
+        self, *, now: datetime, limit: int, lease_seconds: float
+    ) -> list[OutgoingDocument]:
         """Lease up to `limit` pending documents whose next attempt is due and whose lease,
         if any, has expired (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
 

@@ -19,7 +19,7 @@ def retry_delay(attempts: int, *, rng: random.Random | None = None) -> timedelta
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, not {attempts}")
     exponent = min(attempts - 1, 30)  # 2**30 minutes is far past the cap already
-    delay = min(BASE_DELAY * (2**exponent), MAX_DELAY)
+    delay: timedelta = min(BASE_DELAY * (2**exponent), MAX_DELAY)
     if rng is None:
         return delay
     factor = 1.0 + rng.uniform(-JITTER, JITTER)

@@ -66,8 +66,14 @@ ensure_venv() {
     fi
     local stamp="$VENV/.invoice-relay-installed"
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+        echo "setup: installing Python packages into $VENV" >&2
+        local log="$VENV/pip-install.log"
+        if ! { "$VENV/bin/python" -m pip install --upgrade pip \
+                && "$VENV/bin/python" -m pip install -e "$ROOT[test]"; } >"$log" 2>&1; then
+            tail -40 "$log" >&2
+            echo "setup: pip install failed; the whole log is in $log" >&2
+            return 1
+        fi
         touch "$stamp"
     fi
 }

@@ -1,0 +1,502 @@
+"""The long-running service: the poll schedule, signals, health and metrics over HTTP.
+
+`Service.run()` polls once at start-up and then on the trigger, never two polls at once,
+serves `/livez`, `/healthz` and `/metrics`, and returns 0 soon after SIGTERM or SIGINT.
+`probe_health()` is the client side, for `invoice-relay healthcheck`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+from apscheduler.events import EVENT_SCHEDULER_STARTED  # type: ignore[import-untyped,unused-ignore]
+from apscheduler.executors.base import BaseExecutor, run_job  # type: ignore[import-untyped,unused-ignore]
+from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped,unused-ignore]
+
+from worker.errors import ConfigError, InfrastructureError, PollLocked, RelayError
+from worker.metrics import CONTENT_TYPE, RelayMetrics
+from worker.models import PollReport
+
+_LOG = logging.getLogger(__name__)
+
+_JOB_ID = "poll"
+_STARTUP_TIMEOUT = 10.0  # seconds for the scheduler thread to come up
+_FALLBACK_GRACE = 60  # misfire grace when the trigger has no two future fire times
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- health: pure decisions ----------------------------------------------------------
+
+
+class HealthStatus(enum.Enum):
+    STARTING = "starting"  # no poll has finished yet
+    OK = "ok"  # the last successful poll is recent enough
+    STALE = "stale"  # no successful poll within `healthy_after_seconds`
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthSnapshot:
+    """What the service knows about its polls at one moment."""
+
+    polls_finished: int = 0  # polls that returned or raised
+    last_success: datetime | None = None
+    last_error: str | None = None  # the latest failure, kept after later successes
+    last_error_at: datetime | None = None
+    pending: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthVerdict:
+    status: HealthStatus
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is HealthStatus.OK
+
+
+def judge_health(
+    snapshot: HealthSnapshot, *, now: datetime, healthy_after_seconds: float
+) -> HealthVerdict:
+    """Healthy while the last successful poll is at most `healthy_after_seconds` old."""
+    if snapshot.polls_finished == 0:
+        return HealthVerdict(status=HealthStatus.STARTING, reason="the first poll has not finished")
+    if snapshot.last_success is None:
+        return HealthVerdict(status=HealthStatus.STALE, reason="no poll has succeeded yet")
+    age = (now - snapshot.last_success).total_seconds()
+    if age > healthy_after_seconds:
+        return HealthVerdict(
+            status=HealthStatus.STALE,
+            reason=f"no successful poll for {age:.0f} s (limit {healthy_after_seconds:g} s)",
+        )
+    return HealthVerdict(status=HealthStatus.OK)
+
+
+def health_body(snapshot: HealthSnapshot, verdict: HealthVerdict) -> dict[str, object]:
+    """The JSON document `/healthz` answers with."""
+    body: dict[str, object] = {
+        "status": verdict.status.value,
+        "last_success": _iso(snapshot.last_success),
+        "last_error": snapshot.last_error,
+        "last_error_at": _iso(snapshot.last_error_at),
+        "pending": snapshot.pending,
+        "failed": snapshot.failed,
+    }
+    if verdict.reason is not None:
+        body["reason"] = verdict.reason
+    return body
+
+
+def describe_error(error: Exception) -> str:
+    """A text for `/healthz`: our own errors are written to be shown (no secrets);
+    anything else may carry anything, so only its type is shown."""
+    if isinstance(error, RelayError):
+        return str(error)
+    return f"unexpected {type(error).__name__} (see the log)"
+
+
+def misfire_grace_seconds(trigger: Any, now: datetime) -> int:
+    """How late a scheduled poll may start: half the gap between the trigger's next two
+    fire times, rounded up to whole seconds (APScheduler wants an int), at least one.
+
+    A poll that would start later than that is dropped, because the next regular one
+    is nearer; `coalesce` already folds a backlog (after a suspend) into one run.
+    """
+    first = trigger.get_next_fire_time(None, now)
+    if first is None:
+        return _FALLBACK_GRACE
+    second = trigger.get_next_fire_time(first, first)
+    if second is None:
+        return _FALLBACK_GRACE
+    gap: timedelta = second - first
+    return max(math.ceil(gap.total_seconds() / 2), 1)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+# --- the scheduler's executor ----------------------------------------------------------
+
+
+class _DaemonThreadExecutor(BaseExecutor):  # type: ignore[misc]
+    """Runs each job in its own daemon thread.
+
+    APScheduler's thread pool uses non-daemon threads that the interpreter joins at exit,
+    so a poll stuck on a dead server could hold the process past its shutdown bound.
+    """
+
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        def target() -> None:
+            try:
+                events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
+            except BaseException as exc:  # noqa: BLE001 - handed to APScheduler, which logs it
+                self._run_job_error(job.id, exc, exc.__traceback__)
+            else:
+                self._run_job_success(job.id, events)
+
+        threading.Thread(target=target, name="invoice-relay-poll", daemon=True).start()
+
+
+# --- HTTP ----------------------------------------------------------------------------
+
+
+class _HealthServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], service: Service) -> None:
+        self.service = service
+        super().__init__(address, _HealthHandler)
+
+
+class _HealthHandler(BaseHTTPRequestHandler):
+    server: _HealthServer
+    timeout = 10  # a client that stalls mid-request does not keep a thread forever
+    server_version = "invoice-relay"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        service = self.server.service
+        if path == "/livez":
+            alive, text = service.liveness()
+            self._answer(200 if alive else 503, f"{text}\n".encode(), "text/plain; charset=utf-8")
+        elif path == "/healthz":
+            verdict, body = service.health()
+            payload = json.dumps(body, sort_keys=True).encode() + b"\n"
+            self._answer(200 if verdict.ok else 503, payload, "application/json")
+        elif path == "/metrics":
+            self._answer(200, service.metrics.render(), CONTENT_TYPE)
+        else:
+            self._answer(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Probes hit these endpoints every few seconds: keep them out of the normal log.
+        _LOG.debug(format, *args, extra={"action": "http_request"})
+
+
+# --- the service -----------------------------------------------------------------------
+
+
+class Service:
+    """Polls on a schedule and serves health and metrics until `stop_event` is set.
+
+    `poll` runs one poll-and-forward cycle; it should check `stop_event` between mails
+    and sends. `clock` is used for health ages only (APScheduler keeps real time).
+    `http_port` 0 turns HTTP off.
+    """
+
+    def __init__(
+        self,
+        *,
+        poll: Callable[[], PollReport],
+        trigger: Any,
+        http_port: int,
+        healthy_after_seconds: float,
+        stop_event: threading.Event,
+        metrics: RelayMetrics | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+        http_host: str = "0.0.0.0",  # noqa: S104 - a container's port is published on purpose
+        shutdown_timeout: float = 8.0,
+        misfire_grace: int | None = None,
+    ) -> None:
+        if not 0 <= http_port <= 65535:
+            raise ValueError(f"http_port must be 0..65535, not {http_port}")
+        self._poll = poll
+        self._trigger = trigger
+        self._http_port = http_port
+        self._http_host = http_host
+        self._healthy_after = healthy_after_seconds
+        self._stop_event = stop_event
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+        self._clock = clock
+        self._shutdown_timeout = shutdown_timeout
+        self._misfire_grace = misfire_grace
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active_polls = 0
+        self._snapshot = HealthSnapshot()
+        self._scheduler_thread: threading.Thread | None = None
+        self._server: _HealthServer | None = None
+        self._signal: int | None = None
+
+    # --- what the endpoints ask --------------------------------------------------------
+
+    def liveness(self) -> tuple[bool, str]:
+        if self._stop_event.is_set():
+            return False, "stopping"
+        thread = self._scheduler_thread
+        if thread is None or not thread.is_alive():
+            return False, "scheduler not running"
+        return True, "ok"
+
+    def health(self) -> tuple[HealthVerdict, dict[str, object]]:
+        with self._lock:
+            snapshot = self._snapshot
+        verdict = judge_health(
+            snapshot, now=self._clock(), healthy_after_seconds=self._healthy_after
+        )
+        return verdict, health_body(snapshot, verdict)
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """Where HTTP listens once `run()` bound it (the real port when 0 was asked)."""
+        server = self._server
+        if server is None:
+            return None
+        host, port = server.server_address[:2]
+        return str(host), int(port)
+
+    # --- signals -------------------------------------------------------------------------
+
+    def handle_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM/SIGINT handler: ask everything to stop; `run()` does the rest."""
+        del frame
+        self._signal = signum
+        self._stop_event.set()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        # signal.signal() works only in the main thread; tests run the service elsewhere.
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+        for signum in _HANDLED_SIGNALS:
+            previous[signum] = signal.signal(signum, self.handle_signal)
+        return previous
+
+    # --- one poll ------------------------------------------------------------------------
+
+    def _poll_job(self) -> None:
+        with self._lock:
+            # Checked under the lock that `run()` waits on, so a poll either starts before
+            # shutdown counts it or never starts.
+            if self._stop_event.is_set():
+                return
+            self._active_polls += 1
+        started = time.monotonic()
+        started_at = _utc_now()
+        try:
+            report = self._poll()
+        except PollLocked:
+            # The pipeline normally reports this in its PollReport; accept both forms.
+            report = PollReport(
+                mailbox="", started_at=started_at, finished_at=_utc_now(), locked=True
+            )
+            self._record_success(report)
+        except InfrastructureError as exc:
+            self._record_failure(exc, time.monotonic() - started)
+            _LOG.warning("poll failed: %s", exc, extra={"action": "poll_failed"})
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the service; logged below
+            self._record_failure(exc, time.monotonic() - started)
+            _LOG.exception("poll failed unexpectedly", extra={"action": "poll_failed"})
+        else:
+            self._record_success(report)
+        finally:
+            with self._lock:
+                self._active_polls -= 1
+                self._idle.notify_all()
+
+    def _record_success(self, report: PollReport) -> None:
+        self.metrics.observe(report)
+        now = self._clock()
+        with self._lock:
+            previous = self._snapshot
+            self._snapshot = HealthSnapshot(
+                polls_finished=previous.polls_finished + 1,
+                last_success=now,
+                last_error=previous.last_error,
+                last_error_at=previous.last_error_at,
+                # A lock-skipped poll learned nothing about the queue.
+                pending=previous.pending if report.locked else report.pending,
+                failed=previous.failed if report.locked else report.failed_total,
+            )
+
+    def _record_failure(self, error: Exception, duration: float) -> None:
+        self.metrics.observe_failure(error, duration)
+        now = self._clock()
+        with self._lock:
+            previous = self._snapshot
+            self._snapshot = HealthSnapshot(
+                polls_finished=previous.polls_finished + 1,
+                last_success=previous.last_success,
+                last_error=describe_error(error),
+                last_error_at=now,
+                pending=previous.pending,
+                failed=previous.failed,
+            )
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until `stop_event` is set (by a signal or the caller); 0 on a clean stop,
+        1 when the scheduler could not start or died."""
+        previous_handlers = self._install_signal_handlers()
+        try:
+            self._start_http()
+            scheduler = self._start_scheduler()
+            if scheduler is None:
+                return 1
+            status = self._wait_for_stop()
+            self._stop_scheduler(scheduler)
+            return status
+        finally:
+            self._stop_http()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            _LOG.info("service stopped", extra={"action": "service_stopped"})
+
+    def _start_http(self) -> None:
+        if self._http_port == 0:
+            return
+        try:
+            self._server = _HealthServer((self._http_host, self._http_port), self)
+        except OSError as exc:
+            raise ConfigError(
+                "INVOICE_RELAY_HTTP_PORT",
+                f"cannot listen on {self._http_host}:{self._http_port}: {exc.strerror or exc}",
+            ) from exc
+        server = self._server
+        threading.Thread(
+            # A short poll interval keeps shutdown() quick.
+            target=lambda: server.serve_forever(poll_interval=0.2),
+            name="invoice-relay-http",
+            daemon=True,
+        ).start()
+
+    def _start_scheduler(self) -> Any:
+        now = _utc_now()
+        grace = self._misfire_grace
+        if grace is None:
+            grace = misfire_grace_seconds(self._trigger, now)
+        scheduler = BlockingScheduler(
+            timezone="UTC", executors={"default": _DaemonThreadExecutor()}
+        )
+        scheduler.add_job(
+            self._poll_job,
+            trigger=self._trigger,
+            id=_JOB_ID,
+            name="poll",
+            max_instances=1,  # a slow poll is never overlapped by the next one
+            coalesce=True,  # after downtime, one catch-up poll, not a burst
+            misfire_grace_time=grace,
+            next_run_time=now,  # poll at start-up, then on the trigger
+        )
+        started = threading.Event()
+        scheduler.add_listener(lambda _event: started.set(), EVENT_SCHEDULER_STARTED)
+        # A BlockingScheduler in a thread of our own: `/livez` can watch that thread.
+        thread = threading.Thread(
+            target=scheduler.start, name="invoice-relay-scheduler", daemon=True
+        )
+        self._scheduler_thread = thread
+        thread.start()
+        if not started.wait(_STARTUP_TIMEOUT):
+            _LOG.error("the scheduler did not start", extra={"action": "service_failed"})
+            return None
+        address = self.http_address
+        _LOG.info(
+            "service started: schedule %s, misfire grace %d s, http %s",
+            self._trigger,
+            grace,
+            f"{address[0]}:{address[1]}" if address else "off",
+            extra={"action": "service_started"},
+        )
+        return scheduler
+
+    def _wait_for_stop(self) -> int:
+        thread = self._scheduler_thread
+        assert thread is not None
+        # A timed wait, so the main thread keeps running Python code to take signals.
+        while not self._stop_event.wait(0.5):
+            if not thread.is_alive():
+                _LOG.error("the scheduler thread died", extra={"action": "service_failed"})
+                self._stop_event.set()
+                return 1
+        reason = signal.Signals(self._signal).name if self._signal is not None else "request"
+        _LOG.info(
+            "stopping (%s): no new polls; waiting up to %.0f s for the running one",
+            reason,
+            self._shutdown_timeout,
+            extra={"action": "service_stopping"},
+        )
+        return 0
+
+    def _stop_scheduler(self, scheduler: Any) -> None:
+        deadline = time.monotonic() + self._shutdown_timeout
+        if scheduler.running:
+            # wait=False: our executor has nothing to join; the running poll is waited
+            # for below, with a bound.
+            scheduler.shutdown(wait=False)
+        thread = self._scheduler_thread
+        if thread is not None:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        with self._idle:
+            finished = self._idle.wait_for(
+                lambda: self._active_polls == 0, timeout=max(deadline - time.monotonic(), 0.0)
+            )
+        if not finished:
+            _LOG.warning(
+                "the running poll did not finish within %.0f s; exiting without it "
+                "(its mail stays in the mailbox and is picked up next time)",
+                self._shutdown_timeout,
+                extra={"action": "poll_abandoned"},
+            )
+
+    def _stop_http(self) -> None:
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+
+
+# --- the client side, for `invoice-relay healthcheck` -----------------------------------
+
+
+def probe_health(
+    port: int, *, ready: bool = False, host: str = "127.0.0.1", timeout: float = 3.0
+) -> tuple[bool, str]:
+    """GET `/livez` (or `/healthz` when `ready`) of a local service: (True, body) on 200,
+    else (False, why)."""
+    path = "/healthz" if ready else "/livez"
+    netloc = f"[{host}]" if ":" in host else host
+    url = f"http://{netloc}:{port}{path}"
+    # No proxy: HTTP_PROXY in a container's environment must not catch a loopback probe.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            body = response.read(4096).decode("utf-8", "replace").strip()
+            return True, body
+    except urllib.error.HTTPError as exc:
+        with exc:
+            body = exc.read(4096).decode("utf-8", "replace").strip()
+        return False, f"{url} answered {exc.code}: {body}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return False, f"cannot reach {url}: {reason}"
