@@ -459,8 +459,9 @@ class PdfInspector:
                             results[task.index] = PdfCheckFailed("could not start a worker")
                         continue
                     busy[worker.connection] = (worker, task, time.monotonic() + self._timeout)
-                for index, outcome in self._collect(busy):
-                    results[index] = outcome
+                if busy:
+                    for index, outcome in self._collect(busy):
+                        results[index] = outcome
         finally:
             for worker, _, _ in busy.values():
                 self._discard(worker, kill=True)

@@ -16,8 +16,9 @@ from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from worker import db
 from worker.errors import MailboxError, SendRejected, SessionRefused
+from worker.intake import loop_reason, sender_allowed
 from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome, PdfReport
-from worker.pipeline import Pipeline, PipelineConfig, loop_reason, sender_allowed
+from worker.pipeline import Pipeline, PipelineConfig
 from worker.store import SqlStore
 
 FORWARD_TO = "inbox-123@getmyinvoices.example"

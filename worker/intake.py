@@ -1,0 +1,294 @@
+"""Reading mail: from new UIDs to one MailRecord per mail, every part decided.
+
+Infrastructure errors propagate (the poll ends and nothing of the batch is
+recorded); anything else that goes wrong with one mail becomes that mail's
+`error` row: the one broad catch of the relay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from worker import mime
+from worker.errors import PdfCheckFailed
+from worker.models import (
+    Candidate,
+    MailRecord,
+    MailSummary,
+    PartRecord,
+    PdfReport,
+    SightingKind,
+)
+from worker.ports import Inspector, Mailbox
+
+log = logging.getLogger(__name__)
+
+PROBE_BYTES = 64
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IntakeRules:
+    """What decides, before any download, whether a mail's parts are wanted."""
+
+    forward_from: str
+    allowed_senders: tuple[str, ...] = ()
+    max_mail_bytes: int = 50_000_000
+    max_pdf_bytes: int = 30_000_000
+
+
+@dataclass(slots=True)
+class _MailPlan:
+    """Per-mail working state inside one batch."""
+
+    summary: MailSummary
+    verdict: PartRecord | None = None  # a mail-level outcome decided before fetching
+    rejected_parts: list[PartRecord] = field(default_factory=list)
+    certain: list[Candidate] = field(default_factory=list)
+    probed: list[Candidate] = field(default_factory=list)
+
+
+def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
+    """Whether `address` matches the allowlist (empty allowlist: anyone)."""
+    if not allowed:
+        return True
+    if not address:
+        return False
+    domain = "@" + address.rpartition("@")[2]
+    return address in allowed or domain in allowed
+
+
+def loop_reason(summary: MailSummary, forward_from: str) -> str | None:
+    """Why this mail is our own forwarded mail coming back, or None."""
+    headers = summary.headers
+    if headers.relay_marker is not None:
+        return "loop: carries the X-Invoice-Relay header of a forwarded mail"
+    auto = (headers.auto_submitted or "").strip().lower()
+    if auto and auto != "no" and headers.sender_address == forward_from.lower():
+        return "loop: Auto-Submitted mail from INVOICE_RELAY_FORWARD_FROM"
+    return None
+
+
+def estimated_decoded_size(candidate: Candidate) -> int:
+    if candidate.encoding == "base64":
+        return candidate.size * 3 // 4
+    return candidate.size
+
+
+class Intake:
+    """Turns UIDs into MailRecords: BODYSTRUCTURE first, probes, then PDF parts only."""
+
+    def __init__(self, *, rules: IntakeRules, mailbox: Mailbox, inspector: Inspector) -> None:
+        self._config = rules
+        self._mailbox = mailbox
+        self._inspector = inspector
+
+    def build_records(self, uids: Sequence[int]) -> list[MailRecord]:
+        """Fetch what is needed of `uids` and decide every part's kind. Infrastructure
+        errors propagate (the poll ends, nothing of this batch is recorded); anything
+        else is caught per mail and recorded as that mail's `error`."""
+        plans = [self._plan_mail(summary) for summary in self._mailbox.summaries(uids)]
+
+        probe_wanted = {p.summary.uid: [c.section for c in p.probed] for p in plans if p.probed}
+        prefixes = (
+            self._mailbox.fetch_sections(probe_wanted, max_bytes=PROBE_BYTES)
+            if probe_wanted
+            else {}
+        )
+        to_fetch: dict[int, list[Candidate]] = {}
+        for plan in plans:
+            uid = plan.summary.uid
+            chosen = list(plan.certain)
+            for candidate in plan.probed:
+                prefix = prefixes.get((uid, candidate.section), b"")
+                if mime.probe_is_pdf(prefix, candidate.encoding):
+                    chosen.append(candidate)
+            for candidate in sorted(chosen, key=lambda c: section_key(c.section)):
+                if estimated_decoded_size(candidate) > self._config.max_pdf_bytes:
+                    plan.rejected_parts.append(_too_large(candidate, self._config.max_pdf_bytes))
+                else:
+                    to_fetch.setdefault(uid, []).append(candidate)
+        wanted = {uid: [c.section for c in cands] for uid, cands in to_fetch.items()}
+        bodies = self._mailbox.fetch_sections(wanted) if wanted else {}
+
+        # Decode every fetched part, then check all PDFs of the batch in one go so the
+        # worker processes run in parallel.
+        decoded: dict[tuple[int, str], bytes | Exception] = {}
+        for uid, cands in to_fetch.items():
+            for candidate in cands:
+                raw = bodies.get((uid, candidate.section))
+                if raw is None:
+                    decoded[(uid, candidate.section)] = LookupError("part vanished from the server")
+                    continue
+                try:
+                    decoded[(uid, candidate.section)] = mime.decode_transfer(
+                        raw, candidate.encoding
+                    )
+                except ValueError as exc:
+                    decoded[(uid, candidate.section)] = exc
+        files = [(key, data) for key, data in decoded.items() if isinstance(data, bytes)]
+        reports = dict(
+            zip(
+                [key for key, _ in files],
+                self._inspector.inspect_many(data for _, data in files),
+                strict=True,
+            )
+        )
+
+        records: list[MailRecord] = []
+        for plan in plans:
+            uid = plan.summary.uid
+            try:
+                parts = self._parts_of(plan, to_fetch.get(uid, []), decoded, reports)
+            except Exception as exc:
+                log.exception(
+                    "could not handle mail %s",
+                    uid,
+                    extra={"action": "mail_error", "uid": uid},
+                )
+                parts = [PartRecord(part="", kind=SightingKind.ERROR, reason=describe(exc))]
+            records.append(MailRecord(uid=uid, headers=plan.summary.headers, parts=tuple(parts)))
+        return records
+
+    def _plan_mail(self, summary: MailSummary) -> _MailPlan:
+        config = self._config
+        plan = _MailPlan(summary=summary)
+        if summary.size > config.max_mail_bytes:
+            plan.verdict = PartRecord(
+                part="",
+                kind=SightingKind.REJECTED,
+                reason=f"mail too large: {summary.size} bytes, limit {config.max_mail_bytes}"
+                " (INVOICE_RELAY_MAX_MAIL_BYTES)",
+                size_bytes=summary.size,
+            )
+            return plan
+        if summary.structure is None:
+            plan.verdict = PartRecord(
+                part="",
+                kind=SightingKind.ERROR,
+                reason="the server could not describe the mail's MIME structure",
+            )
+            return plan
+        try:
+            candidates = mime.find_candidates(summary.structure)
+        except Exception as exc:
+            log.exception("bad structure in mail %s", summary.uid, extra={"action": "mail_error"})
+            plan.verdict = PartRecord(part="", kind=SightingKind.ERROR, reason=describe(exc))
+            return plan
+        refusal = loop_reason(summary, config.forward_from)
+        if refusal is None and not sender_allowed(
+            summary.headers.sender_address, config.allowed_senders
+        ):
+            shown = summary.headers.sender_address or summary.headers.sender_defect or "unknown"
+            refusal = f"sender not allowed: {shown}"
+        if refusal is not None:
+            # Strangers' attachments are never downloaded: only labelled PDFs get a row.
+            certain = [c for c in candidates if c.certain]
+            plan.rejected_parts = [
+                PartRecord(
+                    part=c.section,
+                    kind=SightingKind.REJECTED,
+                    reason=refusal,
+                    filename=c.filename,
+                    size_bytes=estimated_decoded_size(c),
+                )
+                for c in certain
+            ]
+            if not certain:
+                plan.verdict = PartRecord(part="", kind=SightingKind.REJECTED, reason=refusal)
+            return plan
+        plan.certain = [c for c in candidates if c.certain]
+        plan.probed = [c for c in candidates if not c.certain]
+        return plan
+
+    def _parts_of(
+        self,
+        plan: _MailPlan,
+        fetched: Sequence[Candidate],
+        decoded: Mapping[tuple[int, str], bytes | Exception],
+        reports: Mapping[tuple[int, str], PdfReport | Exception],
+    ) -> list[PartRecord]:
+        if plan.verdict is not None:
+            return [plan.verdict]
+        uid = plan.summary.uid
+        parts = list(plan.rejected_parts)
+        for candidate in fetched:
+            key = (uid, candidate.section)
+            data = decoded[key]
+            filename = candidate.filename or f"invoice-{uid}-{candidate.section}.pdf"
+            if isinstance(data, Exception):
+                kind = (
+                    SightingKind.ERROR if isinstance(data, LookupError) else SightingKind.REJECTED
+                )
+                parts.append(
+                    PartRecord(
+                        part=candidate.section,
+                        kind=kind,
+                        reason=f"cannot decode the part: {data}",
+                        filename=filename,
+                    )
+                )
+                continue
+            parts.append(_checked_part(candidate.section, filename, data, reports[key]))
+        if not parts:
+            parts.append(PartRecord(part="", kind=SightingKind.NO_PDF))
+        return sorted(parts, key=lambda p: section_key(p.part))
+
+
+def _checked_part(
+    section: str, filename: str, data: bytes, report: PdfReport | Exception
+) -> PartRecord:
+    sha256 = hashlib.sha256(data).hexdigest()
+    reason: str | None
+    if isinstance(report, Exception):
+        reason = (
+            f"PDF check failed: {report}"
+            if isinstance(report, PdfCheckFailed)
+            else describe(report)
+        )
+        kind = SightingKind.ERROR
+    elif not report.accepted:
+        kind, reason = SightingKind.REJECTED, report.reason
+    else:
+        return PartRecord(
+            part=section,
+            kind=SightingKind.DOCUMENT,
+            reason=report.fingerprint_note,
+            filename=filename,
+            size_bytes=len(data),
+            sha256=sha256,
+            fingerprint=report.fingerprint,
+            invoice_number=report.invoice_number,
+            content=data,
+        )
+    return PartRecord(
+        part=section,
+        kind=kind,
+        reason=reason,
+        filename=filename,
+        size_bytes=len(data),
+        sha256=sha256,
+    )
+
+
+def _too_large(candidate: Candidate, limit: int) -> PartRecord:
+    return PartRecord(
+        part=candidate.section,
+        kind=SightingKind.REJECTED,
+        reason=f"PDF too large: about {estimated_decoded_size(candidate)} bytes, limit {limit}"
+        " (INVOICE_RELAY_MAX_PDF_BYTES)",
+        filename=candidate.filename,
+        size_bytes=estimated_decoded_size(candidate),
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming the exception, for an audit row's reason."""
+    text = str(exc).replace("\n", " ").strip()
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+def section_key(section: str) -> tuple[int, ...]:
+    return tuple(int(piece) for piece in section.split(".") if piece.isdigit())
