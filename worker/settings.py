@@ -9,18 +9,16 @@ several. No message ever contains a password or a database URL.
 from __future__ import annotations
 
 import enum
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date
-from email.utils import getaddresses
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from worker import values
 from worker.errors import ConfigError, ConfigProblems
 from worker.models import DedupMode, Security
 from worker.schedule import parse_duration, parse_schedule
@@ -103,42 +101,44 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
         """Read and check every variable; raise ConfigError naming each one at fault."""
         env = _Reader(environ)
-        imap_security = env.parse("IMAP_SECURITY", _enum(Security), Security.SSL)
-        smtp_security = env.parse("SMTP_SECURITY", _enum(Security), Security.STARTTLS)
+        imap_security = env.parse("IMAP_SECURITY", values.enum_of(Security), Security.SSL)
+        smtp_security = env.parse("SMTP_SECURITY", values.enum_of(Security), Security.STARTTLS)
         settings = cls(
-            imap_host=env.parse("IMAP_HOST", _host, None, required=True) or "",
-            imap_port=env.parse("IMAP_PORT", _port(1), _IMAP_PORTS[imap_security]),
+            imap_host=env.parse("IMAP_HOST", values.host, None, required=True) or "",
+            imap_port=env.parse("IMAP_PORT", values.port(1), _IMAP_PORTS[imap_security]),
             imap_security=imap_security,
             imap_user=env.required("IMAP_USER"),
             imap_password=env.secret("IMAP_PASSWORD", required=True) or Secret(""),
             imap_folder=env.text("IMAP_FOLDER") or "INBOX",
-            smtp_host=env.parse("SMTP_HOST", _host, None, required=True) or "",
-            smtp_port=env.parse("SMTP_PORT", _port(1), _SMTP_PORTS[smtp_security]),
+            smtp_host=env.parse("SMTP_HOST", values.host, None, required=True) or "",
+            smtp_port=env.parse("SMTP_PORT", values.port(1), _SMTP_PORTS[smtp_security]),
             smtp_security=smtp_security,
             smtp_user=env.text("SMTP_USER"),
             smtp_password=env.secret("SMTP_PASSWORD", required=False),
-            forward_to=env.parse("FORWARD_TO", _address, None, required=True) or "",
-            forward_from=env.parse("FORWARD_FROM", _address, None, required=True) or "",
+            forward_to=env.parse("FORWARD_TO", values.address, None, required=True) or "",
+            forward_from=env.parse("FORWARD_FROM", values.address, None, required=True) or "",
             database_url=_database_url(env),
             schedule=env.text("SCHEDULE") or "*/5 * * * *",
-            timezone=env.parse("TIMEZONE", _timezone, "UTC"),
-            http_port=env.parse("HTTP_PORT", _port(0), 8080),
-            since=env.parse("SINCE", _iso_date, None),
-            max_sends_per_minute=env.parse("MAX_SENDS_PER_MINUTE", _integer(1), None),
-            allowed_senders=env.parse("ALLOWED_SENDERS", _senders, ()),
-            dedup=env.parse("DEDUP", _enum(DedupMode), DedupMode.CONTENT),
-            keep_pdfs=env.parse("KEEP_PDFS", _boolean, False),
-            ca_file=env.parse("CA_FILE", _readable_file, None),
-            log_format=env.parse("LOG_FORMAT", _log_format, "text" if stderr_is_tty else "json"),
-            timeout_seconds=env.parse("TIMEOUT", _positive_float, 60.0),
-            max_attempts=env.parse("MAX_ATTEMPTS", _integer(1), 10),
-            max_mail_bytes=env.parse("MAX_MAIL_BYTES", _integer(1), 50 * MB),
-            max_pdf_bytes=env.parse("MAX_PDF_BYTES", _integer(1), 30 * MB),
-            pdf_timeout_seconds=env.parse("PDF_TIMEOUT", _positive_float, 30.0),
-            pdf_memory_mb=env.parse("PDF_MEMORY_MB", _integer(64), 1024),
-            error_retries=env.parse("ERROR_RETRIES", _integer(0), 3),
+            timezone=env.parse("TIMEZONE", values.timezone, "UTC"),
+            http_port=env.parse("HTTP_PORT", values.port(0), 8080),
+            since=env.parse("SINCE", values.iso_date, None),
+            max_sends_per_minute=env.parse("MAX_SENDS_PER_MINUTE", values.integer(1), None),
+            allowed_senders=env.parse("ALLOWED_SENDERS", values.senders, ()),
+            dedup=env.parse("DEDUP", values.enum_of(DedupMode), DedupMode.CONTENT),
+            keep_pdfs=env.parse("KEEP_PDFS", values.boolean, False),
+            ca_file=env.parse("CA_FILE", values.readable_file, None),
+            log_format=env.parse(
+                "LOG_FORMAT", values.log_format, "text" if stderr_is_tty else "json"
+            ),
+            timeout_seconds=env.parse("TIMEOUT", values.positive_float, 60.0),
+            max_attempts=env.parse("MAX_ATTEMPTS", values.integer(1), 10),
+            max_mail_bytes=env.parse("MAX_MAIL_BYTES", values.integer(1), 50 * MB),
+            max_pdf_bytes=env.parse("MAX_PDF_BYTES", values.integer(1), 30 * MB),
+            pdf_timeout_seconds=env.parse("PDF_TIMEOUT", values.positive_float, 30.0),
+            pdf_memory_mb=env.parse("PDF_MEMORY_MB", values.integer(64), 1024),
+            error_retries=env.parse("ERROR_RETRIES", values.integer(0), 3),
             healthy_after_seconds=env.parse("HEALTHY_AFTER", parse_duration, None),
-            invoice_number_pattern=env.parse("INVOICE_NUMBER_PATTERN", _pattern, None),
+            invoice_number_pattern=env.parse("INVOICE_NUMBER_PATTERN", values.pattern, None),
             unknown_variables=env.unknown(),
         )
         if (settings.smtp_user is None) != (settings.smtp_password is None):
@@ -181,7 +181,7 @@ def database_url_from_env(environ: Mapping[str, str]) -> Secret:
 def http_port_from_env(environ: Mapping[str, str]) -> int:
     """Only INVOICE_RELAY_HTTP_PORT, for the container's health probe."""
     env = _Reader(environ)
-    port = env.parse("HTTP_PORT", _port(0), 8080)
+    port = env.parse("HTTP_PORT", values.port(0), 8080)
     env.raise_problems()
     return port
 
@@ -360,136 +360,3 @@ def _describe(value: object) -> str:
     if isinstance(value, date):
         return value.isoformat()
     return str(value)
-
-
-# --- parsers: each raises ValueError with the problem, never echoing a secret -------------
-
-
-def _enum(kind: type[_E]) -> Callable[[str], _E]:
-    def parse(text: str) -> _E:
-        for member in kind:
-            if member.value == text.lower():
-                return member
-        choices = ", ".join(str(member.value) for member in kind)
-        raise ValueError(f"{text!r} is not one of {choices}")
-
-    return parse
-
-
-def _integer(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise ValueError(f"{value} is less than {minimum}")
-        return value
-
-    return parse
-
-
-def _port(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = _integer(minimum)(text)
-        if value > 65535:
-            raise ValueError(f"{value} is not a port ({minimum}-65535)")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{text!r} must be a number of seconds above zero")
-    return value
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"{text!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
-
-
-def _iso_date(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an ISO date such as 2026-01-31") from None
-
-
-def _timezone(text: str) -> str:
-    try:
-        ZoneInfo(text)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {text!r} (use a name such as Europe/Berlin)") from None
-    return text
-
-
-def _host(text: str) -> str:
-    if any(char.isspace() or not char.isprintable() for char in text) or "/" in text:
-        raise ValueError(f"{text!r} is not a host name")
-    return text
-
-
-def _is_address(text: str) -> bool:
-    local, at, domain = text.rpartition("@")
-    return bool(at) and bool(_LOCAL_PART.fullmatch(local)) and bool(_DOMAIN.fullmatch(domain))
-
-
-def _address(text: str) -> str:
-    """One address, with or without a display name; the bare address is kept."""
-    if not text.isprintable():
-        raise ValueError("contains control characters")
-    pairs = getaddresses([text])
-    if len(pairs) != 1 or not _is_address(pairs[0][1]):
-        raise ValueError(f"{text!r} is not one email address")
-    return pairs[0][1]
-
-
-def _senders(text: str) -> tuple[str, ...]:
-    senders: list[str] = []
-    for item in text.split(","):
-        entry = item.strip().lower()
-        if not entry:
-            continue
-        valid = (
-            _DOMAIN.fullmatch(entry[1:]) is not None
-            if entry.startswith("@")
-            else _is_address(entry)
-        )
-        if not valid:
-            raise ValueError(f"{item.strip()!r} is neither an address nor an @domain")
-        senders.append(entry)
-    return tuple(dict.fromkeys(senders))
-
-
-def _readable_file(text: str) -> Path:
-    path = Path(text).resolve()
-    if not path.is_file():
-        raise ValueError(f"{text} is not a file")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"{text} is not readable")
-    return path
-
-
-def _log_format(text: str) -> str:
-    lowered = text.lower()
-    if lowered not in ("json", "text"):
-        raise ValueError(f"{text!r} is not one of json, text")
-    return lowered
-
-
-def _pattern(text: str) -> str:
-    try:
-        re.compile(text)
-    except re.error as exc:
-        raise ValueError(f"not a regular expression: {exc}") from None
-    return text

@@ -1,0 +1,150 @@
+"""Parsers for setting values: each takes the text of one variable and returns the
+value or raises ValueError naming the problem, never echoing the value of a secret."""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import re
+from collections.abc import Callable
+from datetime import date
+from email.utils import getaddresses
+from pathlib import Path
+from typing import TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_LOCAL_PART = re.compile(r"[^\s@<>()\[\],;:\"\\]+")
+_DOMAIN = re.compile(r"(?:[\w-]+\.)*[\w-]+")
+
+
+def enum_of(kind: type[_E]) -> Callable[[str], _E]:
+    def parse(text: str) -> _E:
+        for member in kind:
+            if member.value == text.lower():
+                return member
+        choices = ", ".join(str(member.value) for member in kind)
+        raise ValueError(f"{text!r} is not one of {choices}")
+
+    return parse
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise ValueError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
+def port(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = integer(minimum)(text)
+        if value > 65535:
+            raise ValueError(f"{value} is not a port ({minimum}-65535)")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text!r} must be a number of seconds above zero")
+    return value
+
+
+def boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO date such as 2026-01-31") from None
+
+
+def timezone(text: str) -> str:
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {text!r} (use a name such as Europe/Berlin)") from None
+    return text
+
+
+def host(text: str) -> str:
+    if any(char.isspace() or not char.isprintable() for char in text) or "/" in text:
+        raise ValueError(f"{text!r} is not a host name")
+    return text
+
+
+def is_address(text: str) -> bool:
+    local, at, domain = text.rpartition("@")
+    return bool(at) and bool(_LOCAL_PART.fullmatch(local)) and bool(_DOMAIN.fullmatch(domain))
+
+
+def address(text: str) -> str:
+    """One address, with or without a display name; the bare address is kept."""
+    if not text.isprintable():
+        raise ValueError("contains control characters")
+    pairs = getaddresses([text])
+    if len(pairs) != 1 or not is_address(pairs[0][1]):
+        raise ValueError(f"{text!r} is not one email address")
+    return pairs[0][1]
+
+
+def senders(text: str) -> tuple[str, ...]:
+    senders: list[str] = []
+    for item in text.split(","):
+        entry = item.strip().lower()
+        if not entry:
+            continue
+        valid = (
+            _DOMAIN.fullmatch(entry[1:]) is not None if entry.startswith("@") else is_address(entry)
+        )
+        if not valid:
+            raise ValueError(f"{item.strip()!r} is neither an address nor an @domain")
+        senders.append(entry)
+    return tuple(dict.fromkeys(senders))
+
+
+def readable_file(text: str) -> Path:
+    path = Path(text).resolve()
+    if not path.is_file():
+        raise ValueError(f"{text} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{text} is not readable")
+    return path
+
+
+def log_format(text: str) -> str:
+    lowered = text.lower()
+    if lowered not in ("json", "text"):
+        raise ValueError(f"{text!r} is not one of json, text")
+    return lowered
+
+
+def pattern(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    return text
