@@ -173,7 +173,10 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 f"{' (' + item.reason + ')' if item.reason else ''}"
             )
         return EXIT_OK
-    report = commands.once(settings, progress=_progress_printer(sys.stderr))
+    progress = _progress_printer(sys.stderr)
+    report = commands.once(settings, progress=progress)
+    if progress is not None:
+        sys.stderr.write("\n")  # end the progress line before the summary
     print(summary_line(report))
     return EXIT_OK
 

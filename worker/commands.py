@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 from worker import db
 from worker.errors import StoreError
@@ -212,8 +213,21 @@ def _store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore |
         delay = min(delay * 2, 60.0)
 
 
+def _existing_database(url: str) -> SqlStore:
+    """Read-only and maintenance commands never create a database by accident."""
+    parsed = db.parse_url(url)
+    location = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if location and not Path(location).exists():
+        raise StoreError(f"no database at {location} yet (run `invoice-relay once` first)")
+    if db.current_revision(url) is None:
+        raise StoreError(
+            "the database holds no relay tables yet (run `invoice-relay db upgrade` or a poll)"
+        )
+    return SqlStore(url)
+
+
 def audit_rows(url: str, query: AuditFilter) -> list[AuditRow]:
-    store = SqlStore(url)
+    store = _existing_database(url)
     try:
         return store.audit(query)
     finally:
@@ -225,7 +239,7 @@ def upgrade(url: str) -> None:
 
 
 def retry(url: str, sha256: str | None) -> int:
-    store = SqlStore(url)
+    store = _existing_database(url)
     try:
         return store.requeue(sha256=sha256, now=datetime.now(UTC))
     finally:
@@ -233,7 +247,7 @@ def retry(url: str, sha256: str | None) -> int:
 
 
 def resend(url: str, sha256: str) -> bool:
-    store = SqlStore(url)
+    store = _existing_database(url)
     try:
         return store.resend(sha256=sha256, now=datetime.now(UTC))
     finally:

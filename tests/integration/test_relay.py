@@ -341,3 +341,12 @@ def test_version() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("invoice-relay ")
+
+
+def test_audit_never_creates_a_database(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "relay.db"
+    env = {"PATH": os.environ.get("PATH", ""), "INVOICE_RELAY_DATABASE_URL": f"sqlite:///{missing}"}
+    result = run_relay(env, "audit")
+    assert result.returncode == 1
+    assert "no database" in result.stderr
+    assert not missing.parent.exists()
