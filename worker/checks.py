@@ -9,8 +9,61 @@ from typing import TextIO
 
 from worker import db
 from worker.commands import imap_mailbox, smtp_outbox
-from worker.errors import RelayError, SendRejected
+from worker.errors import (
+    MailboxError,
+    MailboxFolderError,
+    MailboxLoginError,
+    OutboxError,
+    RelayError,
+    SendRejected,
+    StoreError,
+)
 from worker.settings import Settings
+
+# What to change, by server and by the kind of failure its message names.
+_IMAP_TLS = "check INVOICE_RELAY_IMAP_SECURITY (ssl, starttls, none) and INVOICE_RELAY_CA_FILE"
+_IMAP_REACH = (
+    "check INVOICE_RELAY_IMAP_HOST and INVOICE_RELAY_IMAP_PORT, and that the server runs "
+    "and a firewall lets the relay reach it"
+)
+_SMTP_TLS = "check INVOICE_RELAY_SMTP_SECURITY (ssl, starttls, none) and INVOICE_RELAY_CA_FILE"
+_SMTP_REACH = (
+    "check INVOICE_RELAY_SMTP_HOST and INVOICE_RELAY_SMTP_PORT, and that the server runs "
+    "and a firewall lets the relay reach it"
+)
+_TLS_WORDS = ("tls", "ssl", "certificate", "handshake")
+
+
+def advice(error: RelayError) -> str:
+    """How to fix what `error` says is wrong: one short clause naming the settings."""
+    # The detail only: a class's own message lists every cause it may have.
+    text = (error.detail or "").lower()
+    if isinstance(error, MailboxLoginError):
+        return (
+            "check INVOICE_RELAY_IMAP_USER and INVOICE_RELAY_IMAP_PASSWORD "
+            "(or INVOICE_RELAY_IMAP_PASSWORD_FILE)"
+        )
+    if isinstance(error, MailboxFolderError):
+        return (
+            "create the folder, or set INVOICE_RELAY_IMAP_FOLDER to an existing one "
+            "(names are case-sensitive; subfolders as the server writes them, e.g. INBOX/Invoices)"
+        )
+    if isinstance(error, MailboxError):
+        return _IMAP_TLS if any(word in text for word in _TLS_WORDS) else _IMAP_REACH
+    if isinstance(error, OutboxError):
+        if "login" in text or "auth" in text:
+            return (
+                "check INVOICE_RELAY_SMTP_USER and INVOICE_RELAY_SMTP_PASSWORD "
+                "(or INVOICE_RELAY_SMTP_PASSWORD_FILE)"
+            )
+        if "sender" in text:
+            return "check INVOICE_RELAY_FORWARD_FROM: the server must let the login send as it"
+        if "recipient" in text:
+            return "check the address the server refused"
+        return _SMTP_TLS if any(word in text for word in _TLS_WORDS) else _SMTP_REACH
+    if isinstance(error, StoreError):
+        return "check INVOICE_RELAY_DATABASE_URL, and that the database server runs"
+    return "see the message above"
 
 
 def _check_imap(settings: Settings) -> str:
@@ -80,7 +133,7 @@ def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int
             detail = check(settings)
         except RelayError as exc:
             failed += 1
-            out.write(f"FAIL {name}: {exc}\n")
+            out.write(f"FAIL {name}: {exc}; to fix: {advice(exc)}\n")
         else:
             out.write(f"ok   {name}: {detail}\n")
     if send_test:
@@ -88,5 +141,5 @@ def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int
             out.write(f"ok   send-test: {_send_test(settings, send_test)}\n")
         except RelayError as exc:
             failed += 1
-            out.write(f"FAIL send-test: {exc}\n")
+            out.write(f"FAIL send-test: {exc}; to fix: {advice(exc)}\n")
     return 1 if failed else 0

@@ -11,13 +11,18 @@ from pathlib import Path
 
 from worker import db
 from worker.errors import StoreError
+from worker.faults import checkpoint_for
+from worker.idle import IdleWatcher, PollRequests
 from worker.mailbox import ImapMailbox
 from worker.models import AuditFilter, AuditRow, PollReport
-from worker.outbox import SendPacer, SmtpOutbox
-from worker.pdf import PdfInspector
+from worker.outbox import SmtpOutbox
+from worker.pacer import SendPacer
+from worker.pdfpool import PdfInspector
 from worker.pipeline import Pipeline, PipelineConfig, PlannedSighting
+from worker.retry import lease_seconds
 from worker.settings import Settings, http_port_from_env
 from worker.store import SqlStore
+from worker.trust import TrustPolicy
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +35,14 @@ def mailbox_name(settings: Settings) -> str:
 
 
 def pipeline_config(settings: Settings) -> PipelineConfig:
-    # A lease must outlast the whole send of every document claimed with it, or a
-    # slow send would be repeated by another replica: ten sends of several timeouts.
-    send_batch = 10
+    # The lease outlasts the whole send of every document claimed with it (see
+    # worker.retry.lease_seconds); a small batch keeps it, and a crashed sender's wait, short.
+    send_batch = 5
+    lease = lease_seconds(
+        timeout_seconds=settings.timeout_seconds,
+        send_batch=send_batch,
+        max_sends_per_minute=settings.max_sends_per_minute,
+    )
     return PipelineConfig(
         mailbox=mailbox_name(settings),
         forward_to=settings.forward_to,
@@ -43,10 +53,18 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         allowed_senders=settings.allowed_senders,
         max_mail_bytes=settings.max_mail_bytes,
         max_pdf_bytes=settings.max_pdf_bytes,
+        max_parts=settings.max_parts,
+        max_depth=settings.max_depth,
+        trust=TrustPolicy(
+            require_dkim=settings.require_dkim,
+            dkim_domains=settings.dkim_domains,
+            trusted_authserv_id=settings.trusted_authserv_id,
+        ),
         max_attempts=settings.max_attempts,
         error_retries=settings.error_retries,
-        lease_seconds=(send_batch + 1) * 4 * settings.timeout_seconds + 60,
+        lease_seconds=settings.test_lease_seconds or lease,
         send_batch=send_batch,
+        retry_delay_seconds=settings.retry_delay_seconds,
     )
 
 
@@ -114,6 +132,7 @@ def _pipeline(
             pacer=SendPacer(settings.max_sends_per_minute),
             stop=stop,
             progress=progress,
+            checkpoint=checkpoint_for(settings.test_crash_at),
         )
     finally:
         inspector.close()
@@ -137,7 +156,28 @@ def poll_once(
             )
             return PollReport(mailbox=name, started_at=now, finished_at=now, locked=True)
         with _pipeline(settings, store, stop=stop, progress=progress) as pipeline:
-            return pipeline.poll()
+            report = pipeline.poll()
+        # Inside the poll lock: no other replica records sightings while it reads them.
+        notify_after_poll(settings, store)
+        return report
+
+
+def notify_after_poll(settings: Settings, store: SqlStore) -> None:
+    """One failure notice to INVOICE_RELAY_NOTIFY_TO when one is due; a failure to send
+    it is logged by the notifier and never fails the poll."""
+    if settings.notify_to is None:
+        return
+    from worker.notices import SqlNoticeLog
+    from worker.notify import Notifier
+
+    Notifier(
+        log=SqlNoticeLog(store.engine),
+        sender=lambda: smtp_outbox(settings),
+        notify_to=settings.notify_to,
+        notify_from=settings.forward_from,
+        mailbox=mailbox_name(settings),
+        interval_seconds=settings.notify_interval_seconds,
+    ).after_poll()
 
 
 def once(settings: Settings, *, progress: Callable[[str], None] | None = None) -> PollReport:
@@ -173,26 +213,33 @@ def dry_run(settings: Settings) -> list[PlannedSighting]:
 def run_service(settings: Settings) -> int:
     from worker.metrics import RelayMetrics
     from worker.schedule import build_trigger, interval_hint, parse_schedule
-    from worker.service import Service
+    from worker.service import Service, stop_on_signals
 
     spec = parse_schedule(settings.schedule, settings.timezone)
     stop = threading.Event()
-    store = _store_with_backoff(settings, stop)
-    if store is None:
-        return 0
-    healthy_after = settings.healthy_after_seconds or 3 * interval_hint(spec) + 60
-    try:
-        service = Service(
-            poll=lambda: poll_once(settings, store, stop=stop),
-            trigger=build_trigger(spec),
-            http_port=settings.http_port,
-            healthy_after_seconds=healthy_after,
-            stop_event=stop,
-            metrics=RelayMetrics(),
-        )
-        return service.run()
-    finally:
-        store.close()
+    # Installed before the wait for the database: a SIGTERM then is a clean stop too.
+    with stop_on_signals(stop):
+        store = _store_with_backoff(settings, stop)
+        if store is None:
+            return 0
+        healthy_after = settings.healthy_after_seconds or 3 * interval_hint(spec) + 60
+        try:
+            requests = PollRequests(lambda: poll_once(settings, store, stop=stop))
+            service = Service(
+                poll=requests.poll,
+                trigger=build_trigger(spec),
+                http_port=settings.http_port,
+                healthy_after_seconds=healthy_after,
+                stop_event=stop,
+                metrics=RelayMetrics(),
+            )
+            if settings.idle:  # polls as soon as mail comes; the schedule stays the net
+                requests.connect(service.poll_now)
+                mailbox = imap_mailbox(settings)
+                IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
+            return service.run()
+        finally:
+            store.close()
 
 
 def _store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore | None:
@@ -255,8 +302,12 @@ def resend(url: str, sha256: str) -> bool:
 
 
 def healthcheck(environ: Mapping[str, str], *, ready: bool) -> int:
-    from worker.service import probe_health
+    from worker.health import probe_health
 
-    healthy, detail = probe_health(http_port_from_env(environ), ready=ready)
+    port = http_port_from_env(environ)
+    if port == 0:
+        print("the HTTP server is off (INVOICE_RELAY_HTTP_PORT=0): nothing to ask")
+        return 1
+    healthy, detail = probe_health(port, ready=ready)
     print(detail)
     return 0 if healthy else 1

@@ -135,6 +135,39 @@ sightings = sa.Table(
     sa.Index("ix_sightings_invoice_number", "invoice_number"),
 )
 
+# Failure notices (worker.notify): one row per summary mail, and the failed documents it
+# covered, so that no row is notified twice.
+notifications = sa.Table(
+    "notifications",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("sent_at", UtcDateTime(), nullable=False),
+    sa.Column("recipient", sa.Text, nullable=False),
+    # every rejected/error sighting up to this id was covered
+    sa.Column("last_sighting_id", sa.Integer, nullable=False),
+    sa.Column("failed_documents", sa.Integer, nullable=False),
+    sa.Column("problem_sightings", sa.Integer, nullable=False),
+)
+
+notified_documents = sa.Table(
+    "notified_documents",
+    metadata,
+    sa.Column(
+        "document_id",
+        sa.Integer,
+        sa.ForeignKey("documents.id", name="fk_notified_documents_document_id_documents"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "notification_id",
+        sa.Integer,
+        sa.ForeignKey(
+            "notifications.id", name="fk_notified_documents_notification_id_notifications"
+        ),
+        nullable=False,
+    ),
+)
+
 # The view's current definition. Migrations carry their own frozen copy; a test checks
 # that both yield the same columns.
 AUDIT_VIEW_SQL: Final = """

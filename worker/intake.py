@@ -23,6 +23,7 @@ from worker.models import (
     SightingKind,
 )
 from worker.ports import Inspector, Mailbox
+from worker.trust import NO_PROOF, DkimVerifier, Proof, SenderProof, TrustPolicy, TxtLookup
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ class IntakeRules:
     allowed_senders: tuple[str, ...] = ()
     max_mail_bytes: int = 50_000_000
     max_pdf_bytes: int = 30_000_000
+    max_parts: int = 100  # MIME parts per mail, containers included
+    max_depth: int = 10  # MIME nesting levels
+    trust: TrustPolicy = NO_PROOF  # proof of the From header (worker.trust)
 
 
 @dataclass(slots=True)
@@ -60,9 +64,16 @@ def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
     return address in allowed or domain in allowed
 
 
+# Our own failure notice (worker.notify) come back; notices leave these rows out, or a
+# notice sent to the polled mailbox would cause the next one.
+NOTICE_LOOP_REASON = "loop: an invoice-relay failure notice (X-Invoice-Relay-Notice)"
+
+
 def loop_reason(summary: MailSummary, forward_from: str) -> str | None:
-    """Why this mail is our own forwarded mail coming back, or None."""
+    """Why this mail is our own forwarded mail (or failure notice) coming back, or None."""
     headers = summary.headers
+    if headers.notice_marker is not None:
+        return NOTICE_LOOP_REASON
     if headers.relay_marker is not None:
         return "loop: carries the X-Invoice-Relay header of a forwarded mail"
     auto = (headers.auto_submitted or "").strip().lower()
@@ -80,10 +91,23 @@ def estimated_decoded_size(candidate: Candidate) -> int:
 class Intake:
     """Turns UIDs into MailRecords: BODYSTRUCTURE first, probes, then PDF parts only."""
 
-    def __init__(self, *, rules: IntakeRules, mailbox: Mailbox, inspector: Inspector) -> None:
+    def __init__(
+        self,
+        *,
+        rules: IntakeRules,
+        mailbox: Mailbox,
+        inspector: Inspector,
+        txt_lookup: TxtLookup | None = None,  # DNS for DKIM keys; None: the real one
+    ) -> None:
         self._config = rules
         self._mailbox = mailbox
         self._inspector = inspector
+        self._proof = SenderProof(
+            policy=rules.trust,
+            mailbox=mailbox,
+            verifier=DkimVerifier(lookup=txt_lookup),
+            batch_bytes=rules.max_mail_bytes,
+        )
 
     def build_records(self, uids: Sequence[int]) -> list[MailRecord]:
         """Fetch what is needed of `uids` and decide every part's kind. Infrastructure
@@ -97,15 +121,19 @@ class Intake:
             if probe_wanted
             else {}
         )
-        to_fetch: dict[int, list[Candidate]] = {}
+        chosen: dict[int, list[Candidate]] = {}
         for plan in plans:
             uid = plan.summary.uid
-            chosen = list(plan.certain)
+            chosen[uid] = list(plan.certain)
             for candidate in plan.probed:
                 prefix = prefixes.get((uid, candidate.section), b"")
                 if mime.probe_is_pdf(prefix, candidate.encoding):
-                    chosen.append(candidate)
-            for candidate in sorted(chosen, key=lambda c: section_key(c.section)):
+                    chosen[uid].append(candidate)
+        self._require_proof(plans, chosen)
+        to_fetch: dict[int, list[Candidate]] = {}
+        for plan in plans:
+            uid = plan.summary.uid
+            for candidate in sorted(chosen[uid], key=lambda c: section_key(c.section)):
                 if estimated_decoded_size(candidate) > self._config.max_pdf_bytes:
                     plan.rejected_parts.append(_too_large(candidate, self._config.max_pdf_bytes))
                 else:
@@ -171,6 +199,12 @@ class Intake:
                 reason="the server could not describe the mail's MIME structure",
             )
             return plan
+        limit = mime.structure_limit(
+            summary.structure, max_parts=config.max_parts, max_depth=config.max_depth
+        )
+        if limit is not None:
+            plan.verdict = PartRecord(part="", kind=SightingKind.REJECTED, reason=limit)
+            return plan
         try:
             candidates = mime.find_candidates(summary.structure)
         except Exception as exc:
@@ -202,6 +236,34 @@ class Intake:
         plan.certain = [c for c in candidates if c.certain]
         plan.probed = [c for c in candidates if not c.certain]
         return plan
+
+    def _require_proof(
+        self, plans: Sequence[_MailPlan], chosen: dict[int, list[Candidate]]
+    ) -> None:
+        """Mails with PDFs must prove their From when the TrustPolicy says so: unproven,
+        their PDFs are rejected (never fetched); unsure (DNS timeout), the mail is an
+        error tried again later."""
+        wanting = [plan for plan in plans if chosen[plan.summary.uid]]
+        verdicts = self._proof.check([plan.summary for plan in wanting])
+        for plan in wanting:
+            uid = plan.summary.uid
+            verdict = verdicts.get(uid)
+            if verdict is None or verdict.proof is Proof.PASSED:
+                continue
+            if verdict.proof is Proof.UNSURE:
+                plan.verdict = PartRecord(part="", kind=SightingKind.ERROR, reason=verdict.reason)
+            else:
+                plan.rejected_parts.extend(
+                    PartRecord(
+                        part=c.section,
+                        kind=SightingKind.REJECTED,
+                        reason=verdict.reason,
+                        filename=c.filename,
+                        size_bytes=estimated_decoded_size(c),
+                    )
+                    for c in chosen[uid]
+                )
+            chosen[uid] = []
 
     def _parts_of(
         self,

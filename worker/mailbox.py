@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import ssl
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 from imapclient import IMAPClient  # type: ignore[import-untyped,unused-ignore]
 from imapclient import exceptions as imap_errors  # type: ignore[import-untyped,unused-ignore]
 
-from worker import mime
+from worker import headers, mime
 from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
 from worker.models import FolderStatus, MailSummary, Security
 
@@ -34,6 +35,8 @@ HEADER_FIELDS = (
     "MESSAGE-ID",
     "AUTO-SUBMITTED",
     "X-INVOICE-RELAY",
+    "X-INVOICE-RELAY-NOTICE",
+    "AUTHENTICATION-RESULTS",  # every one of them, in mail order (worker.trust)
 )
 _HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (" + " ".join(HEADER_FIELDS) + ")]"
 _SUMMARY_ITEMS = ("UID", "RFC822.SIZE", "INTERNALDATE", "BODYSTRUCTURE", _HEADER_ITEM)
@@ -215,6 +218,46 @@ class ImapMailbox:
                             result[(uid, section)] = value
         return result
 
+    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        client = self._require_client()
+        result: dict[int, bytes] = {}
+        for batch in _batches(sorted(set(uids)), self.batch_size):
+            with self._translated("UID FETCH"):
+                response = client.fetch(batch, ["BODY.PEEK[]"])
+            for uid in batch:
+                value = response.get(uid, {}).get(b"BODY[]")
+                if isinstance(value, bytes):
+                    result[uid] = value
+        return result
+
+    # --- IDLE (RFC 2177), on a connection of its own ----------------------------------
+
+    def supports_idle(self) -> bool:
+        client = self._require_client()
+        with self._translated("CAPABILITY"):
+            return bool(client.has_capability("IDLE"))
+
+    def idle_start(self) -> None:
+        with self._translated("IDLE"):
+            self._require_client().idle()
+
+    def idle_wait(self, timeout: float) -> bool:
+        """Wait in IDLE up to `timeout` seconds; True when the server announced mail."""
+        client = self._require_client()
+        started = time.monotonic()
+        with self._translated("IDLE"):
+            responses = client.idle_check(timeout=timeout)
+        if not responses and time.monotonic() - started < timeout / 2:
+            # imapclient returns nothing, at once, when the server has hung up.
+            raise MailboxError("connection dropped during IDLE", host=self.host, port=self.port)
+        return _announces_mail(responses)
+
+    def idle_done(self) -> bool:
+        """Leave IDLE; True when mail was announced since the last `idle_wait`."""
+        with self._translated("IDLE DONE"):
+            _, responses = self._require_client().idle_done()
+        return _announces_mail(responses)
+
     # --- helpers ---------------------------------------------------------------------
 
     def _require_client(self) -> Any:
@@ -266,6 +309,14 @@ def _batches(uids: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(uids[start : start + size])
 
 
+def _announces_mail(responses: Sequence[object]) -> bool:
+    """Whether IDLE responses such as `(3, b'EXISTS')` tell of mail (EXISTS or RECENT)."""
+    return any(
+        isinstance(response, tuple) and len(response) >= 2 and response[1] in (b"EXISTS", b"RECENT")
+        for response in responses
+    )
+
+
 def _server_text(exc: BaseException) -> str:
     return str(exc).removeprefix("b'").removesuffix("'")
 
@@ -305,7 +356,7 @@ def _summary(uid: int, data: Mapping[bytes, Any]) -> MailSummary:
         uid=uid,
         size=int(data[b"RFC822.SIZE"]),
         internaldate=internaldate,
-        headers=mime.parse_headers(header_bytes),
+        headers=headers.parse_headers(header_bytes),
         structure=structure,
     )
 

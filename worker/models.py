@@ -100,6 +100,8 @@ class MailHeaders:
     date: datetime | None = None
     auto_submitted: str | None = None
     relay_marker: str | None = None  # our own X-Invoice-Relay header, when present
+    notice_marker: str | None = None  # our X-Invoice-Relay-Notice header (failure notices)
+    authentication_results: tuple[str, ...] = ()  # raw values, top (newest) first
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,25 +1,21 @@
 """The long-running service: the poll schedule, signals, health and metrics over HTTP.
 
 `Service.run()` polls once at start-up and then on the trigger, never two polls at once,
-serves `/livez`, `/healthz` and `/metrics`, and returns 0 soon after SIGTERM or SIGINT.
-`probe_health()` is the client side, for `invoice-relay healthcheck`.
+serves `/livez`, `/healthz` and `/metrics` (through `worker.health`), and returns 0 soon
+after SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
-import enum
-import json
+import contextlib
 import logging
 import math
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
@@ -27,8 +23,16 @@ from apscheduler.events import EVENT_SCHEDULER_STARTED  # type: ignore[import-un
 from apscheduler.executors.base import BaseExecutor, run_job  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped,unused-ignore]
 
-from worker.errors import ConfigError, InfrastructureError, PollLocked, RelayError
-from worker.metrics import CONTENT_TYPE, RelayMetrics
+from worker.errors import InfrastructureError, PollLocked
+from worker.health import (
+    HealthServer,
+    HealthSnapshot,
+    HealthVerdict,
+    describe_error,
+    health_body,
+    judge_health,
+)
+from worker.metrics import RelayMetrics
 from worker.models import PollReport
 
 _LOG = logging.getLogger(__name__)
@@ -43,75 +47,31 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-# --- health: pure decisions ----------------------------------------------------------
+@contextmanager
+def stop_on_signals(stop_event: threading.Event) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT set `stop_event` instead of ending the process.
+
+    For the time before `Service.run()` installs its own handlers (waiting for the
+    database at start-up), so a stop then is still clean. Only the main thread can set
+    signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        stop_event.set()
+
+    previous = {signum: signal.signal(signum, handler) for signum in _HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
-class HealthStatus(enum.Enum):
-    STARTING = "starting"  # no poll has finished yet
-    OK = "ok"  # the last successful poll is recent enough
-    STALE = "stale"  # no successful poll within `healthy_after_seconds`
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HealthSnapshot:
-    """What the service knows about its polls at one moment."""
-
-    polls_finished: int = 0  # polls that returned or raised
-    last_success: datetime | None = None
-    last_error: str | None = None  # the latest failure, kept after later successes
-    last_error_at: datetime | None = None
-    pending: int = 0
-    failed: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HealthVerdict:
-    status: HealthStatus
-    reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is HealthStatus.OK
-
-
-def judge_health(
-    snapshot: HealthSnapshot, *, now: datetime, healthy_after_seconds: float
-) -> HealthVerdict:
-    """Healthy while the last successful poll is at most `healthy_after_seconds` old."""
-    if snapshot.polls_finished == 0:
-        return HealthVerdict(status=HealthStatus.STARTING, reason="the first poll has not finished")
-    if snapshot.last_success is None:
-        return HealthVerdict(status=HealthStatus.STALE, reason="no poll has succeeded yet")
-    age = (now - snapshot.last_success).total_seconds()
-    if age > healthy_after_seconds:
-        return HealthVerdict(
-            status=HealthStatus.STALE,
-            reason=f"no successful poll for {age:.0f} s (limit {healthy_after_seconds:g} s)",
-        )
-    return HealthVerdict(status=HealthStatus.OK)
-
-
-def health_body(snapshot: HealthSnapshot, verdict: HealthVerdict) -> dict[str, object]:
-    """The JSON document `/healthz` answers with."""
-    body: dict[str, object] = {
-        "status": verdict.status.value,
-        "last_success": _iso(snapshot.last_success),
-        "last_error": snapshot.last_error,
-        "last_error_at": _iso(snapshot.last_error_at),
-        "pending": snapshot.pending,
-        "failed": snapshot.failed,
-    }
-    if verdict.reason is not None:
-        body["reason"] = verdict.reason
-    return body
-
-
-def describe_error(error: Exception) -> str:
-    """A text for `/healthz`: our own errors are written to be shown (no secrets);
-    anything else may carry anything, so only its type is shown."""
-    if isinstance(error, RelayError):
-        return str(error)
-    return f"unexpected {type(error).__name__} (see the log)"
+# --- scheduling: pure decisions -------------------------------------------------------
 
 
 def misfire_grace_seconds(trigger: Any, now: datetime) -> int:
@@ -129,10 +89,6 @@ def misfire_grace_seconds(trigger: Any, now: datetime) -> int:
         return _FALLBACK_GRACE
     gap: timedelta = second - first
     return max(math.ceil(gap.total_seconds() / 2), 1)
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
 
 
 # --- the scheduler's executor ----------------------------------------------------------
@@ -155,51 +111,6 @@ class _DaemonThreadExecutor(BaseExecutor):  # type: ignore[misc]
                 self._run_job_success(job.id, events)
 
         threading.Thread(target=target, name="invoice-relay-poll", daemon=True).start()
-
-
-# --- HTTP ----------------------------------------------------------------------------
-
-
-class _HealthServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], service: Service) -> None:
-        self.service = service
-        super().__init__(address, _HealthHandler)
-
-
-class _HealthHandler(BaseHTTPRequestHandler):
-    server: _HealthServer
-    timeout = 10  # a client that stalls mid-request does not keep a thread forever
-    server_version = "invoice-relay"
-    sys_version = ""
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        service = self.server.service
-        if path == "/livez":
-            alive, text = service.liveness()
-            self._answer(200 if alive else 503, f"{text}\n".encode(), "text/plain; charset=utf-8")
-        elif path == "/healthz":
-            verdict, body = service.health()
-            payload = json.dumps(body, sort_keys=True).encode() + b"\n"
-            self._answer(200 if verdict.ok else 503, payload, "application/json")
-        elif path == "/metrics":
-            self._answer(200, service.metrics.render(), CONTENT_TYPE)
-        else:
-            self._answer(404, b"not found\n", "text/plain; charset=utf-8")
-
-    def _answer(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Probes hit these endpoints every few seconds: keep them out of the normal log.
-        _LOG.debug(format, *args, extra={"action": "http_request"})
 
 
 # --- the service -----------------------------------------------------------------------
@@ -244,7 +155,8 @@ class Service:
         self._active_polls = 0
         self._snapshot = HealthSnapshot()
         self._scheduler_thread: threading.Thread | None = None
-        self._server: _HealthServer | None = None
+        self._scheduler: Any = None
+        self._server: HealthServer | None = None
         self._signal: int | None = None
 
     # --- what the endpoints ask --------------------------------------------------------
@@ -256,6 +168,9 @@ class Service:
         if thread is None or not thread.is_alive():
             return False, "scheduler not running"
         return True, "ok"
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     def health(self) -> tuple[HealthVerdict, dict[str, object]]:
         with self._lock:
@@ -269,10 +184,15 @@ class Service:
     def http_address(self) -> tuple[str, int] | None:
         """Where HTTP listens once `run()` bound it (the real port when 0 was asked)."""
         server = self._server
-        if server is None:
-            return None
-        host, port = server.server_address[:2]
-        return str(host), int(port)
+        return None if server is None else server.address
+
+    def poll_now(self, delay: float = 0.0) -> None:
+        """Run the poll job `delay` s from now (IMAP IDLE announced mail); the schedule
+        goes on after it. Ignored before start-up and once stopping."""
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.running and not self._stop_event.is_set():
+            with contextlib.suppress(LookupError):  # the job is gone: shutting down
+                scheduler.modify_job(_JOB_ID, next_run_time=_utc_now() + timedelta(seconds=delay))
 
     # --- signals -------------------------------------------------------------------------
 
@@ -373,22 +293,8 @@ class Service:
             _LOG.info("service stopped", extra={"action": "service_stopped"})
 
     def _start_http(self) -> None:
-        if self._http_port == 0:
-            return
-        try:
-            self._server = _HealthServer((self._http_host, self._http_port), self)
-        except OSError as exc:
-            raise ConfigError(
-                "INVOICE_RELAY_HTTP_PORT",
-                f"cannot listen on {self._http_host}:{self._http_port}: {exc.strerror or exc}",
-            ) from exc
-        server = self._server
-        threading.Thread(
-            # A short poll interval keeps shutdown() quick.
-            target=lambda: server.serve_forever(poll_interval=0.2),
-            name="invoice-relay-http",
-            daemon=True,
-        ).start()
+        if self._http_port != 0:
+            self._server = HealthServer.start(self._http_host, self._http_port, self)
 
     def _start_scheduler(self) -> Any:
         now = _utc_now()
@@ -415,6 +321,7 @@ class Service:
             target=scheduler.start, name="invoice-relay-scheduler", daemon=True
         )
         self._scheduler_thread = thread
+        self._scheduler = scheduler
         thread.start()
         if not started.wait(_STARTUP_TIMEOUT):
             _LOG.error("the scheduler did not start", extra={"action": "service_failed"})
@@ -469,34 +376,5 @@ class Service:
             )
 
     def _stop_http(self) -> None:
-        server = self._server
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-
-
-# --- the client side, for `invoice-relay healthcheck` -----------------------------------
-
-
-def probe_health(
-    port: int, *, ready: bool = False, host: str = "127.0.0.1", timeout: float = 3.0
-) -> tuple[bool, str]:
-    """GET `/livez` (or `/healthz` when `ready`) of a local service: (True, body) on 200,
-    else (False, why)."""
-    path = "/healthz" if ready else "/livez"
-    netloc = f"[{host}]" if ":" in host else host
-    url = f"http://{netloc}:{port}{path}"
-    # No proxy: HTTP_PROXY in a container's environment must not catch a loopback probe.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as response:
-            body = response.read(4096).decode("utf-8", "replace").strip()
-            return True, body
-    except urllib.error.HTTPError as exc:
-        with exc:
-            body = exc.read(4096).decode("utf-8", "replace").strip()
-        return False, f"{url} answered {exc.code}: {body}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        return False, f"cannot reach {url}: {reason}"
+        if self._server is not None:
+            self._server.stop()

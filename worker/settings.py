@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 from worker import values
 from worker.errors import ConfigError, ConfigProblems
+from worker.faults import CrashAt
 from worker.models import DedupMode, Security
 from worker.schedule import parse_duration, parse_schedule
 
@@ -95,7 +96,20 @@ class Settings:
     error_retries: int = 3
     healthy_after_seconds: float | None = None  # None: three schedule intervals
     invoice_number_pattern: str | None = None
+    max_parts: int = 100  # MIME parts per mail (docs/security.md)
+    max_depth: int = 10  # MIME nesting levels
+    require_dkim: bool = False  # a valid aligned DKIM signature proves From
+    dkim_domains: tuple[str, ...] = ()  # signing domains accepted for any From
+    trusted_authserv_id: str | None = None  # Authentication-Results trusted from this server
+    retry_delay_seconds: float = 60.0  # the first retry's delay; doubles per attempt
+    # Test-only (docs/guarantees.md), never set in production: a crash at a named step,
+    # and a lease short enough for a test to outlive.
+    test_crash_at: CrashAt | None = None
+    test_lease_seconds: float | None = None
+    notify_to: str | None = None  # where failure notices go; None: no notices
+    notify_interval_seconds: float = 3600.0  # at most one failure notice this often
     unknown_variables: tuple[str, ...] = ()  # INVOICE_RELAY_* names nobody reads: typos?
+    idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
@@ -139,6 +153,17 @@ class Settings:
             error_retries=env.parse("ERROR_RETRIES", values.integer(0), 3),
             healthy_after_seconds=env.parse("HEALTHY_AFTER", parse_duration, None),
             invoice_number_pattern=env.parse("INVOICE_NUMBER_PATTERN", values.pattern, None),
+            max_parts=env.parse("MAX_PARTS", values.integer(1), 100),
+            max_depth=env.parse("MAX_DEPTH", values.integer(1), 10),
+            require_dkim=env.parse("REQUIRE_DKIM", values.boolean, False),
+            dkim_domains=env.parse("DKIM_DOMAINS", values.domains, ()),
+            trusted_authserv_id=env.parse("TRUSTED_AUTHSERV_ID", values.authserv_id, None),
+            retry_delay_seconds=env.parse("RETRY_DELAY", parse_duration, 60.0),
+            idle=env.parse("IDLE", values.boolean, False),
+            test_crash_at=env.parse("TEST_CRASH_AT", CrashAt.from_text, None),
+            test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),
+            notify_to=env.parse("NOTIFY_TO", values.address, None),
+            notify_interval_seconds=env.parse("NOTIFY_INTERVAL", parse_duration, 3600.0),
             unknown_variables=env.unknown(),
         )
         if (settings.smtp_user is None) != (settings.smtp_password is None):

@@ -126,6 +126,28 @@ def senders(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(senders))
 
 
+def domains(text: str) -> tuple[str, ...]:
+    """A comma list of domain names, lower case (a leading "@" is forgiven)."""
+    found: list[str] = []
+    for item in text.split(","):
+        entry = item.strip().lower().removeprefix("@").rstrip(".")
+        if not entry:
+            continue
+        if _DOMAIN.fullmatch(entry) is None or "." not in entry:
+            raise ValueError(f"{item.strip()!r} is not a domain name such as mail.example.com")
+        found.append(entry)
+    return tuple(dict.fromkeys(found))
+
+
+def authserv_id(text: str) -> str:
+    """An Authentication-Results authserv-id: one token, usually the server's host name."""
+    if any(char.isspace() or not char.isprintable() for char in text) or any(
+        char in text for char in ';()"\\'
+    ):
+        raise ValueError(f"{text!r} is not an authserv-id such as mx.example.com")
+    return text.lower()
+
+
 def readable_file(text: str) -> Path:
     path = Path(text).resolve()
     if not path.is_file():

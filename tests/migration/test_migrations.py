@@ -75,6 +75,8 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "documents",
         "sightings",
         "audit_log",
+        "notifications",
+        "notified_documents",
     }
     db.upgrade_database(empty_database)  # a second start-up changes nothing
     assert db.is_up_to_date(empty_database)

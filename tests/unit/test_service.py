@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -26,94 +27,14 @@ from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped,unused-ignore]
 
 from worker.errors import ConfigError, MailboxError, PollLocked
+from worker.health import probe_health
 from worker.metrics import RelayMetrics
 from worker.models import PollReport
-from worker.service import (
-    HealthSnapshot,
-    HealthStatus,
-    HealthVerdict,
-    Service,
-    describe_error,
-    health_body,
-    judge_health,
-    misfire_grace_seconds,
-    probe_health,
-)
+from worker.service import Service, misfire_grace_seconds, stop_on_signals
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 
 # --- pure decisions --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("snapshot", "age_seconds", "expected"),
-    [
-        (HealthSnapshot(), 0, HealthStatus.STARTING),
-        (HealthSnapshot(), 10_000, HealthStatus.STARTING),
-        (HealthSnapshot(polls_finished=1, last_error="IMAP down"), 0, HealthStatus.STALE),
-        (HealthSnapshot(polls_finished=1, last_success=T0), 0, HealthStatus.OK),
-        (HealthSnapshot(polls_finished=3, last_success=T0), 300, HealthStatus.OK),  # boundary
-        (HealthSnapshot(polls_finished=3, last_success=T0), 301, HealthStatus.STALE),
-        (
-            HealthSnapshot(polls_finished=4, last_success=T0, last_error="IMAP down"),
-            60,
-            HealthStatus.OK,
-        ),
-    ],
-)
-def test_judge_health(snapshot: HealthSnapshot, age_seconds: int, expected: HealthStatus) -> None:
-    verdict = judge_health(
-        snapshot, now=T0 + timedelta(seconds=age_seconds), healthy_after_seconds=300
-    )
-    assert verdict.status is expected
-    assert verdict.ok is (expected is HealthStatus.OK)
-    assert (verdict.reason is None) is (expected is HealthStatus.OK)
-
-
-def test_a_stale_reason_says_how_old_the_last_success_is() -> None:
-    snapshot = HealthSnapshot(polls_finished=2, last_success=T0)
-    verdict = judge_health(snapshot, now=T0 + timedelta(seconds=900), healthy_after_seconds=300)
-    assert verdict.reason is not None
-    assert "900 s" in verdict.reason
-    assert "300 s" in verdict.reason
-
-
-def test_health_body() -> None:
-    snapshot = HealthSnapshot(
-        polls_finished=2,
-        last_success=T0,
-        last_error="IMAP imap.example:993: down",
-        last_error_at=T0 + timedelta(seconds=5),
-        pending=3,
-        failed=1,
-    )
-    body = health_body(snapshot, HealthVerdict(status=HealthStatus.STALE, reason="old"))
-    assert body == {
-        "status": "stale",
-        "reason": "old",
-        "last_success": "2025-06-01T12:00:00+00:00",
-        "last_error": "IMAP imap.example:993: down",
-        "last_error_at": "2025-06-01T12:00:05+00:00",
-        "pending": 3,
-        "failed": 1,
-    }
-    assert "reason" not in health_body(snapshot, HealthVerdict(status=HealthStatus.OK))
-
-
-@pytest.mark.parametrize(
-    ("error", "expected"),
-    [
-        (MailboxError("connection refused", host="imap.example", port=993), "imap.example:993"),
-        (RuntimeError("password=hunter2"), "unexpected RuntimeError (see the log)"),
-        (KeyError("hunter2"), "unexpected KeyError (see the log)"),
-    ],
-)
-def test_describe_error_shows_our_errors_and_hides_foreign_text(
-    error: Exception, expected: str
-) -> None:
-    text = describe_error(error)
-    assert expected in text
-    assert "hunter2" not in text
 
 
 @pytest.mark.parametrize(
@@ -535,13 +456,6 @@ def test_an_impossible_port_is_refused(port: int) -> None:
         )
 
 
-def test_probe_health_reports_a_closed_port() -> None:
-    port = free_port()
-    ok, reason = probe_health(port, timeout=1)
-    assert ok is False
-    assert f"127.0.0.1:{port}/livez" in reason
-
-
 def test_probe_health_reports_a_non_200_answer() -> None:
     gate = threading.Event()
     try:
@@ -553,3 +467,12 @@ def test_probe_health_reports_a_non_200_answer() -> None:
     assert ok is False
     assert "503" in reason
     assert "starting" in reason
+
+
+def test_stop_on_signals_turns_sigterm_into_the_stop_event_and_restores_the_handler() -> None:
+    stop_event = threading.Event()
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(stop_event):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop_event.wait(2)  # the process is still here: the handler caught it
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,0 +1,381 @@
+"""Failure notices: the pure decisions by table, the notifier with fakes, the SQL queries on
+SQLite, and the loop guard for a notice that comes back."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from worker.db import create_schema, make_engine
+from worker.errors import SendRejected, SessionRefused, StoreError
+from worker.intake import NOTICE_LOOP_REASON, loop_reason
+from worker.models import DedupMode, MailHeaders, MailRecord, MailSummary, PartRecord, SightingKind
+from worker.notices import SqlNoticeLog
+from worker.notify import (
+    LISTED_LIMIT,
+    NOTICE_HEADER,
+    NoticeMark,
+    NoticeResult,
+    Notifier,
+    Problem,
+    ProblemKind,
+    build_notice,
+    covered_sighting_id,
+    notice_due,
+    notice_subject,
+)
+from worker.store import SqlStore
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+HOUR = 3600.0
+NOTIFY_TO = "owner@shop.example"
+NOTIFY_FROM = "relay@shop.example"
+
+
+def problem(audit_id: int, kind: ProblemKind, reason: str = "why") -> Problem:
+    return Problem(
+        audit_id=audit_id,
+        kind=kind,
+        reason=reason,
+        filename=f"{audit_id}.pdf",
+        document_id=100 + audit_id if kind is ProblemKind.FAILED else None,
+    )
+
+
+# --- pure decisions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("last_age_seconds", "interval", "due"),
+    [
+        (None, HOUR, True),  # never notified
+        (0, HOUR, False),
+        (HOUR - 1, HOUR, False),
+        (HOUR, HOUR, True),  # boundary
+        (HOUR + 1, HOUR, True),
+        (30, 10.0, True),
+    ],
+)
+def test_notice_due(last_age_seconds: float | None, interval: float, due: bool) -> None:
+    last = (
+        None
+        if last_age_seconds is None
+        else NoticeMark(sent_at=T0 - timedelta(seconds=last_age_seconds), last_sighting_id=5)
+    )
+    assert notice_due(last, now=T0, interval_seconds=interval) is due
+
+
+@pytest.mark.parametrize(
+    ("problems", "previous", "expected"),
+    [
+        ([problem(7, ProblemKind.REJECTED)], 0, 7),
+        ([problem(7, ProblemKind.ERROR), problem(9, ProblemKind.REJECTED)], 3, 9),
+        ([problem(12, ProblemKind.FAILED)], 4, 4),  # a failed document moves no mark
+        ([problem(2, ProblemKind.FAILED), problem(8, ProblemKind.ERROR)], 5, 8),
+        ([], 6, 6),
+    ],
+)
+def test_covered_sighting_id(problems: list[Problem], previous: int, expected: int) -> None:
+    assert covered_sighting_id(problems, previous) == expected
+
+
+@pytest.mark.parametrize(
+    ("kinds", "subject"),
+    [
+        ([ProblemKind.FAILED], "invoice-relay: 1 failed - please have a look"),
+        (
+            [ProblemKind.REJECTED, ProblemKind.ERROR, ProblemKind.REJECTED],
+            "invoice-relay: 2 rejected, 1 error - please have a look",
+        ),
+    ],
+)
+def test_notice_subject(kinds: list[ProblemKind], subject: str) -> None:
+    assert notice_subject([problem(i, kind) for i, kind in enumerate(kinds, 1)]) == subject
+
+
+def notice(problems: Sequence[Problem]) -> EmailMessage:
+    return build_notice(
+        problems,
+        notify_from=NOTIFY_FROM,
+        notify_to=NOTIFY_TO,
+        mailbox="invoices@imap.example/INBOX",
+        now=T0,
+        interval_seconds=HOUR,
+    )
+
+
+def test_the_notice_is_a_short_automatic_mail_without_attachments() -> None:
+    message = notice(
+        [
+            problem(3, ProblemKind.REJECTED, "not a PDF"),
+            problem(4, ProblemKind.FAILED, "550 5.7.1 refused"),
+        ]
+    )
+    assert (message["From"], message["To"]) == (NOTIFY_FROM, NOTIFY_TO)
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert message[NOTICE_HEADER] == "v1; rows=2"
+    assert message["Message-ID"].endswith("@shop.example>")
+    assert not message.is_multipart()
+    body = message.get_content()
+    assert "       3  rejected   3.pdf: not a PDF" in body
+    assert "       4  failed     4.pdf: 550 5.7.1 refused" in body
+    assert "invoice-relay audit --outcome failed" in body
+
+
+def test_text_from_mail_cannot_break_lines_or_headers() -> None:
+    hostile = Problem(
+        audit_id=1,
+        kind=ProblemKind.REJECTED,
+        reason="bad\r\nBcc: victim@example.com",
+        filename="x\n.pdf",
+    )
+    body = notice([hostile]).get_content()
+    assert "\nBcc:" not in body
+    assert "bad Bcc: victim@example.com" in body
+
+
+def test_a_long_list_is_cut_and_counted() -> None:
+    many = [problem(i, ProblemKind.REJECTED) for i in range(1, LISTED_LIMIT + 8)]
+    body = notice(many).get_content()
+    assert f"rejected     {LISTED_LIMIT + 7}" in body
+    assert "... and 7 more" in body
+    assert f"{LISTED_LIMIT + 1}.pdf" not in body
+
+
+def test_an_empty_notice_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        notice([])
+
+
+# --- the notifier, with fakes --------------------------------------------------------------
+
+
+@dataclass
+class FakeNoticeLog:
+    last: NoticeMark | None = None
+    problems: list[Problem] = field(default_factory=list)
+    recorded: list[tuple[int, list[Problem]]] = field(default_factory=list)
+    asked_after: list[int] = field(default_factory=list)
+    fail: bool = False
+
+    def last_notice(self) -> NoticeMark | None:
+        if self.fail:
+            raise StoreError("database down")
+        return self.last
+
+    def unnotified(self, *, after_sighting_id: int, limit: int) -> list[Problem]:
+        self.asked_after.append(after_sighting_id)
+        return [p for p in self.problems if p.audit_id > after_sighting_id][:limit]
+
+    def record(
+        self,
+        *,
+        sent_at: datetime,
+        recipient: str,
+        last_sighting_id: int,
+        problems: Sequence[Problem],
+    ) -> None:
+        assert recipient == NOTIFY_TO
+        self.recorded.append((last_sighting_id, list(problems)))
+        self.last = NoticeMark(sent_at=sent_at, last_sighting_id=last_sighting_id)
+
+
+@dataclass
+class FakeSender:
+    sent: list[tuple[EmailMessage, str | None]] = field(default_factory=list)
+    refuse: Exception | None = None
+    closed: int = 0
+
+    def open(self) -> None:
+        if isinstance(self.refuse, SessionRefused):
+            raise self.refuse
+
+    def send(self, message: EmailMessage, *, recipient: str | None = None) -> str:
+        if isinstance(self.refuse, SendRejected):
+            raise self.refuse
+        self.sent.append((message, recipient))
+        return "250 ok"
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def notifier(log: FakeNoticeLog, sender: FakeSender, clock: Clock) -> Notifier:
+    return Notifier(
+        log=log,
+        sender=lambda: sender,
+        notify_to=NOTIFY_TO,
+        notify_from=NOTIFY_FROM,
+        mailbox="m",
+        interval_seconds=HOUR,
+        clock=clock,
+    )
+
+
+def test_one_notice_then_nothing_until_the_interval_is_over_and_never_the_same_rows() -> None:
+    log = FakeNoticeLog(problems=[problem(2, ProblemKind.REJECTED), problem(5, ProblemKind.ERROR)])
+    sender, clock = FakeSender(), Clock()
+    relay = notifier(log, sender, clock)
+
+    assert relay.after_poll() is NoticeResult.SENT
+    ((message, recipient),) = sender.sent
+    assert recipient == NOTIFY_TO
+    assert message[NOTICE_HEADER]
+    assert log.recorded == [(5, log.problems)]
+    assert sender.closed == 1
+
+    log.problems.append(problem(9, ProblemKind.REJECTED))
+    clock.now += timedelta(minutes=59)
+    assert relay.after_poll() is NoticeResult.NOT_DUE
+    clock.now += timedelta(minutes=1)
+    assert relay.after_poll() is NoticeResult.SENT
+    assert log.asked_after[-1] == 5
+    assert [p.audit_id for p in log.recorded[-1][1]] == [9]
+
+    clock.now += timedelta(hours=2)
+    assert relay.after_poll() is NoticeResult.NOTHING_NEW
+    assert len(sender.sent) == 2
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        SessionRefused("connection refused", host="smtp", port=25),
+        SendRejected("550 no", code=550),
+    ],
+)
+def test_a_refused_notice_is_not_recorded_and_is_tried_after_a_later_poll(
+    refusal: Exception,
+) -> None:
+    log = FakeNoticeLog(problems=[problem(2, ProblemKind.FAILED)])
+    sender, clock = FakeSender(refuse=refusal), Clock()
+    relay = notifier(log, sender, clock)
+    assert relay.after_poll() is NoticeResult.FAILED
+    assert log.recorded == []
+    assert sender.closed == 1
+    sender.refuse = None
+    assert relay.after_poll() is NoticeResult.SENT
+
+
+def test_a_database_failure_is_reported_not_raised() -> None:
+    relay = notifier(FakeNoticeLog(fail=True), FakeSender(), Clock())
+    assert relay.after_poll() is NoticeResult.FAILED
+
+
+# --- the queries, on SQLite --------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    engine.dispose()
+    opened = SqlStore(url)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def record(store: SqlStore, uid: int, *parts: PartRecord) -> list[int]:
+    recorded = store.record_mails(
+        mailbox="m",
+        uidvalidity=1,
+        mails=[MailRecord(uid=uid, headers=MailHeaders(subject="s"), parts=parts)],
+        advance_to=uid,
+        dedup=DedupMode.BYTES,
+        keep_pdfs=False,
+        now=T0,
+    )
+    return [item.sighting_id for item in recorded]
+
+
+def accepted(text: str) -> PartRecord:
+    data = f"%PDF-1.4 {text}".encode()
+    return PartRecord(
+        part="2",
+        kind=SightingKind.DOCUMENT,
+        filename=f"{text}.pdf",
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        content=data,
+    )
+
+
+def rejected(reason: str) -> PartRecord:
+    return PartRecord(part="2", kind=SightingKind.REJECTED, reason=reason, filename="x.pdf")
+
+
+def test_the_queries_list_each_problem_row_until_a_notice_covered_it(store: SqlStore) -> None:
+    log = SqlNoticeLog(store.engine)
+    (forwarded,) = record(store, 1, accepted("fine"))
+    (failing,) = record(store, 2, accepted("refused"))
+    (stranger,) = record(store, 3, rejected("sender not allowed"))
+    (broken,) = record(store, 4, PartRecord(part="2", kind=SightingKind.ERROR, reason="timeout"))
+    record(store, 5, rejected(NOTICE_LOOP_REASON))  # our own notice come back: left out
+    record(store, 6, PartRecord(part="", kind=SightingKind.NO_PDF))
+    documents = {d.filename: d for d in store.claim_due(now=T0, limit=10, lease_seconds=60)}
+    store.mark_forwarded(
+        documents["fine.pdf"].document_id, message_id="<a@b>", answer="250", now=T0, keep_pdf=False
+    )
+    store.mark_failed(documents["refused.pdf"].document_id, answer="550 5.7.1 no")
+
+    assert log.last_notice() is None
+    problems = log.unnotified(after_sighting_id=0, limit=100)
+    assert [(p.audit_id, p.kind) for p in problems] == [
+        (failing, ProblemKind.FAILED),
+        (stranger, ProblemKind.REJECTED),
+        (broken, ProblemKind.ERROR),
+    ]
+    assert problems[0].reason == "550 5.7.1 no"
+    assert problems[0].document_id == documents["refused.pdf"].document_id
+    assert forwarded not in [p.audit_id for p in problems]
+
+    log.record(sent_at=T0, recipient=NOTIFY_TO, last_sighting_id=broken, problems=problems)
+    assert log.last_notice() == NoticeMark(sent_at=T0, last_sighting_id=broken)
+    assert log.unnotified(after_sighting_id=broken, limit=100) == []
+    # Recording the same document again (a repeated notice) is harmless.
+    log.record(sent_at=T0, recipient=NOTIFY_TO, last_sighting_id=broken, problems=problems[:1])
+
+    (later,) = record(store, 7, rejected("not a PDF"))
+    assert [p.audit_id for p in log.unnotified(after_sighting_id=broken, limit=100)] == [later]
+
+
+def test_the_limit_keeps_the_high_water_mark_sound(store: SqlStore) -> None:
+    log = SqlNoticeLog(store.engine)
+    ids = [record(store, uid, rejected(f"r{uid}"))[0] for uid in range(1, 6)]
+    first = log.unnotified(after_sighting_id=0, limit=2)
+    assert [p.audit_id for p in first] == ids[:2]
+    mark = covered_sighting_id(first, 0)
+    assert [p.audit_id for p in log.unnotified(after_sighting_id=mark, limit=10)] == ids[2:]
+
+
+# --- the loop guard ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (MailHeaders(notice_marker="v1; rows=2"), NOTICE_LOOP_REASON),
+        (MailHeaders(notice_marker="v1", relay_marker="x"), NOTICE_LOOP_REASON),
+        (MailHeaders(sender_address="someone@else.example"), None),
+    ],
+)
+def test_a_notice_that_comes_back_is_a_loop(headers: MailHeaders, expected: str | None) -> None:
+    summary = MailSummary(uid=1, size=10, internaldate=None, headers=headers, structure=None)
+    assert loop_reason(summary, NOTIFY_FROM) == expected
