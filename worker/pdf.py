@@ -1,8 +1,7 @@
-"""Validation and content fingerprint of one PDF, run in guarded child processes.
+"""Validation, content fingerprint and invoice number of one PDF.
 
-`inspect_pdf` is pure and decides everything about one file. `PdfInspector` runs it in
-a small pool of worker processes (forkserver, never fork) with an address-space limit
-and a wall-clock timeout per file, so a hostile PDF can neither hang nor crash a poll.
+`inspect_pdf` decides everything about one file; `worker.pdfpool.PdfInspector` runs it
+in guarded worker processes, so a hostile PDF can neither hang nor crash a poll.
 
 A PDF is accepted when it
 - starts with `%PDF-` (after optional whitespace) and ends with `%%EOF` within its last
@@ -14,7 +13,10 @@ The fingerprint `fp1:<sha256>` covers what determines each page's appearance: pa
 size and rotation, the content stream re-serialised in pypdf's canonical form (so
 whitespace, number formatting and compression do not matter), the fonts' names, and
 the decoded data of each XObject the page uses. Metadata, XMP, /ID, dates, producer
-and object numbers are left out, so re-renders and re-saves of one invoice match.
+and object numbers are left out, so re-renders and re-saves of one invoice match
+(values are read through indirect references: qpdf moves a /MediaBox into an object of
+its own). Without a fingerprint (encrypted, a filter pypdf cannot decode, time budget
+spent) `fingerprint_note` says why, and the store keys the file by its bytes hash.
 """
 
 from __future__ import annotations
@@ -23,19 +25,10 @@ import functools
 import hashlib
 import io
 import logging
-import multiprocessing
 import re
-import resource
-import signal
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
-from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import Any, Final
 
 from pypdf import PasswordType, PdfReader, apply_configuration
 from pypdf.errors import DependencyError, PyPdfError
@@ -50,7 +43,6 @@ from pypdf.generic import (
     StreamObject,
 )
 
-from worker.errors import PdfCheckFailed
 from worker.models import PdfReport
 
 logger = logging.getLogger(__name__)
@@ -93,20 +85,40 @@ class _Unparseable(Exception):
     """The file is damaged: the reason becomes the report's."""
 
 
-def inspect_pdf(data: bytes, *, invoice_pattern: re.Pattern[str] | None = None) -> PdfReport:
-    """Decide whether `data` is an accepted PDF; fingerprint it and read its invoice number."""
+def inspect_pdf(
+    data: bytes,
+    *,
+    invoice_pattern: re.Pattern[str] | None = None,
+    fingerprint: bool = True,
+    fingerprint_budget_seconds: float | None = None,
+) -> PdfReport:
+    """Decide whether `data` is an accepted PDF; fingerprint it and read its invoice number.
+
+    `fingerprint=False` validates and reads the number only (to measure what the
+    fingerprint costs). Once `fingerprint_budget_seconds` are spent the fingerprint is
+    given up, with a note, but validation goes on to the end.
+    """
     head = data[:1024].lstrip()
     if not head.startswith(b"%PDF-"):
         return PdfReport(accepted=False, reason=f"not a PDF ({_describe_start(data, head)})")
+    budget = fingerprint_budget_seconds
+    deadline = None if budget is None else time.monotonic() + budget
+    walker = _Fingerprint(enabled=fingerprint, deadline=deadline)
     with apply_configuration(**_PYPDF_LIMITS):
         try:
-            return _inspect(data, invoice_pattern or _default_pattern())
+            return _inspect(data, invoice_pattern or _default_pattern(), fingerprint=walker)
         except _Unparseable as exc:
             return PdfReport(accepted=False, reason=f"unparseable PDF: {exc}")
         except RecursionError:
             return PdfReport(accepted=False, reason="unparseable PDF: nested too deeply")
         except _READ_ERRORS as exc:
             return PdfReport(accepted=False, reason=f"unparseable PDF: {_short(exc)}")
+
+
+def bytes_only_note(why: str) -> str:
+    """The report's `fingerprint_note`, and so the audit row's reason, when there is no
+    fingerprint and the bytes hash alone identifies the file."""
+    return f"no content fingerprint ({why}): deduplicated by SHA-256 only"
 
 
 @functools.cache
@@ -125,7 +137,7 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
 
-def _inspect(data: bytes, pattern: re.Pattern[str]) -> PdfReport:
+def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint) -> PdfReport:
     if b"%%EOF" not in data[-_EOF_WINDOW:]:
         raise _Unparseable("no %%EOF marker at the end (truncated?)")
     reader = PdfReader(io.BytesIO(data), strict=False)
@@ -140,52 +152,72 @@ def _inspect(data: bytes, pattern: re.Pattern[str]) -> PdfReport:
                 accepted=True,
                 encrypted=True,
                 fingerprint=None,
-                fingerprint_note="encrypted: fingerprint unavailable",
+                fingerprint_note=bytes_only_note("encrypted with a password"),
             )
     if not isinstance(reader.trailer.get("/Root", NullObject()).get_object(), DictionaryObject):
         raise _Unparseable("no document catalog")
     page_count = len(reader.pages)
     if page_count == 0:
         raise _Unparseable("no pages")
-    fingerprint = _Fingerprint(reader)
-    note: str | None = None
     for number, page in enumerate(reader.pages, start=1):
         try:
-            fingerprint.add_page(page, number)
+            fingerprint.add_page(reader, page, number)
         except _Unparseable:
             raise
         except _READ_ERRORS as exc:
             raise _Unparseable(f"page {number}: {_short(exc)}") from exc
         except (DependencyError, NotImplementedError, RecursionError) as exc:
-            note = f"fingerprint unavailable: page {number}: {_short(exc)}"
+            fingerprint.give_up(f"page {number}: {_short(exc)}")
     return PdfReport(
         accepted=True,
         encrypted=encrypted,
         pages=page_count,
-        fingerprint=None if note else fingerprint.hexdigest(),
-        fingerprint_note=note,
+        fingerprint=fingerprint.hexdigest(),
+        fingerprint_note=fingerprint.note,
         invoice_number=_invoice_number(reader, pattern),
     )
 
 
 class _Fingerprint:
-    """Feeds what determines the pages' appearance into one SHA-256, page after page."""
+    """Walks what determines the pages' appearance, decoding every stream (that is the
+    validation) and, while enabled and within its deadline, feeding it into a SHA-256."""
 
-    def __init__(self, reader: PdfReader) -> None:
-        self.reader = reader
+    def __init__(self, *, enabled: bool, deadline: float | None) -> None:
         self.digest = hashlib.sha256()
+        self.hashing = enabled
+        self.deadline = deadline
+        self.note: str | None = None if enabled else bytes_only_note("not computed")
         self.budget = _MAX_XOBJECTS
 
-    def hexdigest(self) -> str:
-        return FINGERPRINT_PREFIX + self.digest.hexdigest()
+    def hexdigest(self) -> str | None:
+        return FINGERPRINT_PREFIX + self.digest.hexdigest() if self.hashing else None
 
-    def add_page(self, page: DictionaryObject, number: int) -> None:
-        self.digest.update(b"page %d\n" % number)
-        box = page.get("/MediaBox")
+    def give_up(self, why: str) -> None:
+        if self.hashing:
+            self.hashing = False
+            self.note = bytes_only_note(why)
+
+    def _feed(self, data: bytes) -> None:
+        if self.hashing:
+            self.digest.update(data)
+
+    def _in_time(self) -> bool:
+        if self.hashing and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.give_up("took longer than its time budget")
+        return self.hashing
+
+    def add_page(self, reader: PdfReader, page: DictionaryObject, number: int) -> None:
+        self._in_time()
+        self._feed(b"page %d\n" % number)
+        box = _value(page, "/MediaBox")
         if isinstance(box, ArrayObject):
-            self.digest.update(repr([round(float(value), 2) for value in box]).encode())
-        self.digest.update(b" rotate %d\n" % int(page.get("/Rotate", 0)))
+            self._feed(repr([round(float(value), 2) for value in box]).encode())
+        rotate = _value(page, "/Rotate") or 0
+        if not isinstance(rotate, int | float):
+            raise _Unparseable(f"page {number}: /Rotate is not a number")
+        self._feed(b" rotate %d\n" % int(rotate))
         self._add_content(
+            reader=reader,
             data=_page_contents(page, number),
             resources=_dictionary(page, "/Resources", f"page {number} resources"),
             where=f"page {number}",
@@ -193,33 +225,45 @@ class _Fingerprint:
         )
 
     def _add_content(
-        self, *, data: bytes, resources: DictionaryObject, where: str, depth: int
+        self,
+        *,
+        reader: PdfReader,
+        data: bytes,
+        resources: DictionaryObject,
+        where: str,
+        depth: int,
     ) -> None:
-        self.digest.update(_canonical_operations(self.reader, data, where))
+        if self._in_time():
+            self._feed(_canonical_operations(reader, data, where))
         fonts = _dictionary(resources, "/Font", f"{where} fonts")
         for name in sorted(fonts):
             font = _dictionary(fonts, name, f"{where} font {name}")
-            base = _SUBSET_TAG.sub("", str(font.get("/BaseFont", "")).lstrip("/"))
-            encoding = font.get("/Encoding")
+            base = _SUBSET_TAG.sub("", str(_value(font, "/BaseFont") or "").lstrip("/"))
+            encoding = _value(font, "/Encoding")
             encoding_name = encoding if isinstance(encoding, NameObject) else ""
-            self.digest.update(
-                f"font {name} {font.get('/Subtype', '')} {base} {encoding_name}\n".encode()
-            )
+            subtype = _value(font, "/Subtype") or ""
+            self._feed(f"font {name} {subtype} {base} {encoding_name}\n".encode())
         xobjects = _dictionary(resources, "/XObject", f"{where} XObjects")
         for name in sorted(xobjects):
             self.budget -= 1
             if self.budget < 0 or depth >= _MAX_XOBJECT_DEPTH:
                 raise RecursionError(f"{where}: too many or too deeply nested XObjects")
             what = f"{where} XObject {name}"
-            self._add_xobject(xobject=_lookup(xobjects, name, what), what=what, depth=depth)
+            self._add_xobject(
+                reader=reader, xobject=_lookup(xobjects, name, what), what=what, depth=depth
+            )
 
-    def _add_xobject(self, *, xobject: PdfObject | None, what: str, depth: int) -> None:
+    def _add_xobject(
+        self, *, reader: PdfReader, xobject: PdfObject | None, what: str, depth: int
+    ) -> None:
         if not isinstance(xobject, StreamObject):
             raise _Unparseable(f"{what} is missing")
-        subtype = xobject.get("/Subtype")
-        self.digest.update(f"xobject {what} {subtype}\n".encode())
-        if subtype == "/Form":
+        self._in_time()
+        subtype = _value(xobject, "/Subtype")
+        self._feed(f"xobject {what} {subtype}\n".encode())
+        if isinstance(subtype, NameObject) and subtype == "/Form":
             self._add_content(
+                reader=reader,
                 data=_decoded(xobject, what),
                 resources=_dictionary(xobject, "/Resources", f"{what} resources"),
                 where=what,
@@ -227,11 +271,19 @@ class _Fingerprint:
             )
             return
         for key in ("/Width", "/Height", "/BitsPerComponent", "/ImageMask"):
-            self.digest.update(f"{key}={xobject.get(key)}\n".encode())
-        self.digest.update(_image_bytes(xobject, what))
+            self._feed(f"{key}={_value(xobject, key)}\n".encode())
+        self._feed(_image_bytes(xobject, what))
         mask = _lookup(xobject, "/SMask", f"{what} /SMask")
         if mask is not None:
-            self.digest.update(b"smask\n" + _image_bytes(mask, f"{what} /SMask"))
+            self._feed(b"smask\n" + _image_bytes(mask, f"{what} /SMask"))
+
+
+def _value(container: DictionaryObject, key: str) -> PdfObject | None:
+    """The value under `key` with any indirect reference followed; None when absent."""
+    if key not in container:
+        return None
+    resolved: PdfObject | None = container.raw_get(key).get_object()
+    return resolved
 
 
 def _page_contents(page: DictionaryObject, number: int) -> bytes:
@@ -344,224 +396,3 @@ def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
     else:
         number = match.group(1) if pattern.groups else match.group(0)
     return number.strip() or None if number else None
-
-
-# --- the pool of guarded child processes -----------------------------------------------
-
-Check = Callable[[bytes], PdfReport]
-_Reply = tuple[Literal["ok"], PdfReport] | tuple[Literal["error", "fatal"], str]
-
-
-def _child_main(connection: Connection, check: Check, memory_limit_bytes: int | None) -> None:
-    """A worker process: answers one file after another until its pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    if memory_limit_bytes is not None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
-    logging.getLogger("pypdf").setLevel(logging.ERROR)
-    while True:
-        try:
-            data = connection.recv_bytes()
-        except (EOFError, OSError):
-            return
-        reply: _Reply
-        try:
-            reply = ("ok", check(data))
-        except MemoryError:
-            reply = ("fatal", "ran out of memory")
-        except Exception as exc:  # noqa: BLE001 - the parent turns it into PdfCheckFailed
-            reply = ("error", f"check raised {type(exc).__name__}: {exc}")
-        try:
-            connection.send(reply)
-        except (OSError, MemoryError):
-            return
-        if reply[0] == "fatal":
-            return
-
-
-@dataclass(slots=True, kw_only=True)
-class _Worker:
-    process: BaseProcess
-    connection: Connection
-    tasks: int = 0
-
-
-@dataclass(slots=True, kw_only=True)
-class _Task:
-    index: int
-    data: bytes
-    tries: int = 0
-
-
-class PdfInspector:
-    """Runs `inspect_pdf` (or `check`) in a pool of worker processes; see `worker.ports.Inspector`.
-
-    Workers start on first use and are reused; a worker that times out is killed and one
-    that crashes is replaced, and only that file gets a `PdfCheckFailed`.
-    """
-
-    def __init__(
-        self,
-        *,
-        workers: int = 2,
-        timeout_seconds: float = 30.0,
-        memory_limit_bytes: int | None = 1 << 30,
-        max_tasks_per_worker: int = 200,
-        invoice_pattern: str | None = None,
-        check: Check = inspect_pdf,
-    ) -> None:
-        if workers < 1 or timeout_seconds <= 0 or max_tasks_per_worker < 1:
-            raise ValueError("workers, timeout_seconds and max_tasks_per_worker must be positive")
-        if invoice_pattern is not None:
-            try:
-                compiled = re.compile(invoice_pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid invoice number pattern: {exc}") from exc
-            if check is not inspect_pdf:
-                raise ValueError("invoice_pattern applies to the default check only")
-            check = functools.partial(inspect_pdf, invoice_pattern=compiled)
-        self._check = check
-        self._size = workers
-        self._timeout = timeout_seconds
-        self._memory_limit = memory_limit_bytes
-        self._max_tasks = max_tasks_per_worker
-        self._context = multiprocessing.get_context("forkserver")
-        # Workers forked from a server that already imported pypdf start in milliseconds.
-        self._context.set_forkserver_preload(["worker.pdf"])
-        self._idle: list[_Worker] = []
-        self._closed = False
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def inspect_many(self, files: Iterable[bytes]) -> list[PdfReport | Exception]:
-        if self._closed:
-            raise RuntimeError("PdfInspector is closed")
-        queue = deque(_Task(index=index, data=data) for index, data in enumerate(files))
-        results: list[PdfReport | Exception | None] = [None] * len(queue)
-        busy: dict[Connection, tuple[_Worker, _Task, float]] = {}
-        try:
-            while queue or busy:
-                while queue and len(busy) < self._size:
-                    task = queue.popleft()
-                    worker = self._dispatch(task)
-                    if worker is None:
-                        if task.tries < 2:
-                            queue.appendleft(task)
-                        else:
-                            results[task.index] = PdfCheckFailed("could not start a worker")
-                        continue
-                    busy[worker.connection] = (worker, task, time.monotonic() + self._timeout)
-                if busy:
-                    for index, outcome in self._collect(busy):
-                        results[index] = outcome
-        finally:
-            for worker, _, _ in busy.values():
-                self._discard(worker, kill=True)
-        return [result if result is not None else PdfCheckFailed("no result") for result in results]
-
-    def close(self) -> None:
-        """Stop every worker process; the inspector cannot be used afterwards."""
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for worker in idle:
-            worker.connection.close()  # the child sees EOF and exits
-        for worker in idle:
-            self._reap(worker, grace=2.0)
-
-    def _dispatch(self, task: _Task) -> _Worker | None:
-        task.tries += 1
-        worker = self._idle.pop() if self._idle else self._start()
-        if not worker.process.is_alive():
-            self._discard(worker, kill=True)
-            return None
-        try:
-            worker.connection.send_bytes(task.data)
-        except OSError:
-            self._discard(worker, kill=True)
-            return None
-        worker.tasks += 1
-        return worker
-
-    def _collect(
-        self, busy: dict[Connection, tuple[_Worker, _Task, float]]
-    ) -> Iterator[tuple[int, PdfReport | Exception]]:
-        first_deadline = min(deadline for _, _, deadline in busy.values())
-        ready = wait(list(busy), timeout=max(0.0, first_deadline - time.monotonic()))
-        for connection in ready:
-            assert isinstance(connection, Connection)
-            worker, task, _ = busy.pop(connection)
-            yield task.index, self._receive(worker)
-        now = time.monotonic()
-        for connection, (worker, task, deadline) in list(busy.items()):
-            if deadline <= now:
-                del busy[connection]
-                self._discard(worker, kill=True)
-                logger.warning(
-                    "PDF check timed out",
-                    extra={"action": "pdf_check_timeout", "size": len(task.data)},
-                )
-                yield task.index, PdfCheckFailed(f"timed out after {self._timeout:g}s")
-
-    def _receive(self, worker: _Worker) -> PdfReport | Exception:
-        try:
-            reply: _Reply = worker.connection.recv()
-        except (EOFError, OSError):
-            code = self._discard(worker, kill=True)
-            detail = (
-                f"killed by signal {-code}"
-                if code is not None and code < 0
-                else f"exit code {code}"
-            )
-            logger.warning("PDF check crashed: %s", detail, extra={"action": "pdf_check_crashed"})
-            return PdfCheckFailed(f"worker crashed ({detail})")
-        kind, payload = reply
-        if kind == "ok":
-            assert isinstance(payload, PdfReport)
-            result: PdfReport | Exception = payload
-        else:
-            result = PdfCheckFailed(str(payload))
-        if kind == "fatal" or worker.tasks >= self._max_tasks or self._closed:
-            worker.connection.close()
-            self._reap(worker, grace=2.0)
-        else:
-            self._idle.append(worker)
-        return result
-
-    def _start(self) -> _Worker:
-        parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=_child_main,
-            args=(child_end, self._check, self._memory_limit),
-            name="invoice-relay-pdf",
-            daemon=True,
-        )
-        try:
-            process.start()
-        finally:
-            child_end.close()
-        return _Worker(process=process, connection=parent_end)
-
-    def _discard(self, worker: _Worker, *, kill: bool) -> int | None:
-        """Stop a worker that is no longer trusted; returns its exit code."""
-        if kill and worker.process.is_alive():
-            worker.process.kill()
-        worker.connection.close()
-        return self._reap(worker, grace=None)
-
-    @staticmethod
-    def _reap(worker: _Worker, *, grace: float | None) -> int | None:
-        worker.process.join(grace)
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join()
-        code = worker.process.exitcode
-        worker.process.close()
-        return code
