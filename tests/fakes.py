@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.message import EmailMessage, Message
 
-from worker import mime
+from worker import headers
 from worker.errors import MailboxError, PdfCheckFailed, SendRejected, SessionRefused
 from worker.models import BodyPart, FolderStatus, MailSummary, PdfReport
 
@@ -26,6 +26,8 @@ def _params(message: Message, header: str) -> dict[str, str]:
 
 def structure_of(message: Message, section: str = "") -> BodyPart:
     """The BodyPart tree an IMAP server would describe for `message` (RFC 3501 sections)."""
+    if not section and message.get_content_type() == "message/rfc822":
+        section = "1"  # a mail that is one attached mail: its body is part 1
     children: list[BodyPart] = []
     if message.is_multipart():
         payload = message.get_payload()
@@ -61,6 +63,8 @@ def structure_of(message: Message, section: str = "") -> BodyPart:
 
 
 def _leaves(message: Message, section: str = "") -> dict[str, Message]:
+    if not section and message.get_content_type() == "message/rfc822":
+        section = "1"
     found: dict[str, Message] = {}
     if message.is_multipart():
         payload = message.get_payload()
@@ -100,6 +104,7 @@ class FakeMailbox:
         self.opened = False
         self.whole_fetches: list[tuple[int, str]] = []  # sections fetched without a limit
         self.unreadable: set[int] = set()  # UIDs whose structure the server cannot describe
+        self.whole_mails: list[int] = []  # UIDs fetched whole (BODY.PEEK[])
 
     def add(self, raw: bytes, *, received: datetime | None = None) -> int:
         uid = self.next_uid
@@ -141,7 +146,7 @@ class FakeMailbox:
                     uid=uid,
                     size=len(mail.raw),
                     internaldate=mail.received,
-                    headers=mime.parse_headers(header_block),
+                    headers=headers.parse_headers(header_block),
                     structure=None if uid in self.unreadable else structure_of(parsed),
                 )
             )
@@ -167,6 +172,11 @@ class FakeMailbox:
                     self.whole_fetches.append((uid, section))
                 result[(uid, section)] = data[:max_bytes] if max_bytes else data
         return result
+
+    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        self._call("fetch_messages")
+        self.whole_mails.extend(uid for uid in uids if uid in self.mails)
+        return {uid: self.mails[uid].raw for uid in uids if uid in self.mails}
 
     def close(self) -> None:
         self.calls.append("close")

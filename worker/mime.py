@@ -19,28 +19,18 @@ Nothing here does I/O or imports imapclient. The rules, in one place:
 from __future__ import annotations
 
 import binascii
-import codecs
-import email.errors
 import re
-import unicodedata
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
-from email import policy
-from email.header import decode_header
-from email.headerregistry import AddressHeader, BaseHeader
-from email.message import Message
-from email.parser import Parser
-from email.utils import decode_rfc2231, parsedate_to_datetime
+from email.utils import decode_rfc2231
 
-from worker.models import BodyPart, Candidate, MailHeaders
+from worker.headers import decode_encoded_words, decode_octets, strip_controls
+from worker.models import BodyPart, Candidate
 
 PDF_CONTENT_TYPES = frozenset({"application/pdf", "application/x-pdf", "application/acrobat"})
 PDF_MAGIC = b"%PDF-"
 PROBE_OCTETS = 64  # how many raw octets the pipeline fetches to probe an unlabelled part
 FILENAME_MAX_CHARS = 255
-SUBJECT_MAX_CHARS = 998
-HEADER_MAX_CHARS = 500
 
 _MAX_DEPTH = 40  # deeper nesting is hostile; Dovecot itself stops well before this
 _MAGIC_WINDOW = 1024  # leading whitespace tolerated before %PDF-
@@ -48,19 +38,6 @@ _ASCII_WHITESPACE = b" \t\r\n\x0b\x0c"
 _MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
 _BASE64_ALPHABET = re.compile(rb"[A-Za-z0-9+/=]*")
 _BASE64_INVALID = re.compile(rb"[^A-Za-z0-9+/=]")
-# Characters that must never reach a filename, subject or log line: C0/C1 controls,
-# line/paragraph separators and the bidi controls used to disguise extensions.
-_INVISIBLE = frozenset(
-    "\u2028\u2029\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-)
-_HEADER_PARSE_ERRORS = (
-    ValueError,
-    IndexError,
-    TypeError,
-    AttributeError,
-    LookupError,
-    email.errors.MessageError,
-)
 
 
 # --- BODYSTRUCTURE --------------------------------------------------------------------
@@ -220,7 +197,7 @@ def decode_filename(part: BodyPart) -> str | None:
     for params, base in ((part.disposition_params, "filename"), (part.params, "name")):
         value = _rfc2231_value(params, base)
         if value is None and base in params:
-            value = _decode_encoded_words(params[base])
+            value = decode_encoded_words(params[base])
         if value is not None:
             cleaned = _clean_filename(value)
             if cleaned:
@@ -260,33 +237,11 @@ def _decode_extended(segments: list[tuple[str, bool]]) -> str:
             declared, _language, value = decode_rfc2231(segment)
             charset = declared or "utf-8"
         octets += urllib.parse.unquote_to_bytes(value)
-    return _decode_octets(bytes(octets), charset)
-
-
-def _decode_octets(octets: bytes, charset: str | None) -> str:
-    try:
-        codecs.lookup(charset or "utf-8")
-        return octets.decode(charset or "utf-8", "replace")
-    except (LookupError, ValueError, TypeError):
-        # unknown charset, or a codec that is not a text encoding ("base64", "rot13")
-        return octets.decode("utf-8", "replace")
-
-
-def _decode_encoded_words(value: str) -> str:
-    if "=?" not in value:
-        return value
-    try:
-        pieces = decode_header(value)
-    except _HEADER_PARSE_ERRORS:
-        return value
-    return "".join(
-        piece if isinstance(piece, str) else _decode_octets(piece, charset)
-        for piece, charset in pieces
-    )
+    return decode_octets(bytes(octets), charset)
 
 
 def _clean_filename(value: str) -> str | None:
-    name = _strip_controls(value, breaks="").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    name = strip_controls(value, breaks="").replace("\\", "/").rsplit("/", 1)[-1].strip()
     if name in ("", ".", ".."):
         return None
     if len(name) > FILENAME_MAX_CHARS:
@@ -296,19 +251,6 @@ def _clean_filename(value: str) -> str | None:
         else:
             name = name[:FILENAME_MAX_CHARS]
     return name
-
-
-def _strip_controls(value: str, *, breaks: str = " ") -> str:
-    """Tabs and line breaks become `breaks`; other control and bidi characters vanish."""
-    kept: list[str] = []
-    for char in value:
-        if char in "\t\r\n":
-            kept.append(breaks)
-        elif char in _INVISIBLE or unicodedata.category(char) in ("Cc", "Cs"):
-            continue
-        else:
-            kept.append(char)
-    return "".join(kept)
 
 
 # --- candidates -----------------------------------------------------------------------
@@ -348,6 +290,30 @@ def _collect(part: BodyPart, into: list[Candidate]) -> None:
                 certain=certain,
             )
         )
+
+
+def structure_limit(root: BodyPart, *, max_parts: int, max_depth: int) -> str | None:
+    """Why the mail `root` describes is too large a tree to handle, or None.
+
+    Parts are all nodes of the tree, containers and the root included (a single-part
+    mail has 1, a text and a PDF in multipart/mixed 3). Depth counts the steps from the
+    root to the deepest node: 0 for a single-part mail, 1 for a PDF in multipart/mixed,
+    3 for a PDF in a forwarded mail (mixed, message/rfc822, mixed, PDF). Counting stops
+    at the first limit passed; the reason names the setting.
+    """
+    parts = 0
+    deepest = 0
+    pending: list[tuple[BodyPart, int]] = [(root, 0)]
+    while pending:
+        part, depth = pending.pop()
+        parts += 1
+        deepest = max(deepest, depth)
+        if parts > max_parts:
+            return f"too many MIME parts: more than {max_parts} (INVOICE_RELAY_MAX_PARTS)"
+        if deepest > max_depth:
+            return f"MIME nesting too deep: more than {max_depth} levels (INVOICE_RELAY_MAX_DEPTH)"
+        pending.extend((child, depth + 1) for child in part.children)
+    return None
 
 
 # --- transfer encodings and the PDF test ------------------------------------------------
@@ -408,103 +374,3 @@ def probe_is_pdf(prefix: bytes, encoding: str) -> bool:
 def is_pdf_bytes(data: bytes) -> bool:
     """Whether decoded bytes start with `%PDF-`, after optional ASCII whitespace."""
     return data[:_MAGIC_WINDOW].lstrip(_ASCII_WHITESPACE).startswith(PDF_MAGIC)
-
-
-# --- headers ----------------------------------------------------------------------------
-
-
-def parse_headers(raw: bytes) -> MailHeaders:
-    """The headers the relay reads, from a raw header block; never raises.
-
-    8-bit header bytes are read as UTF-8, or Latin-1 when they are not valid UTF-8.
-    `sender_address` is set only when From holds exactly one well-formed address and
-    the parser found no defect; otherwise `sender_defect` says why.
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    # NUL, bare CR and other controls inside a line survive parsing: _clean removes them.
-    message = Parser(policy=policy.default).parsestr(text, headersonly=True)
-    sender, sender_address, sender_defect = _sender(message)
-    return MailHeaders(
-        message_id=_header_text(message, "Message-ID", HEADER_MAX_CHARS),
-        sender=sender,
-        sender_address=sender_address,
-        sender_defect=sender_defect,
-        subject=_header_text(message, "Subject", SUBJECT_MAX_CHARS),
-        date=_date(message),
-        auto_submitted=_raw_header(message, "Auto-Submitted"),
-        relay_marker=_raw_header(message, "X-Invoice-Relay"),
-    )
-
-
-def _clean(value: str, limit: int) -> str:
-    return _strip_controls(value).strip()[:limit]
-
-
-def _first_raw(message: Message, name: str) -> str | None:
-    for key, value in message.raw_items():
-        if key.lower() == name.lower():
-            return str(value)
-    return None
-
-
-def _header_text(message: Message, name: str, limit: int) -> str:
-    raw = _first_raw(message, name)
-    if raw is None:
-        return ""
-    try:
-        decoded = str(message[name])
-    except _HEADER_PARSE_ERRORS:
-        decoded = raw
-    return _clean(decoded, limit)
-
-
-def _raw_header(message: Message, name: str) -> str | None:
-    raw = _first_raw(message, name)
-    return None if raw is None else _clean(raw, HEADER_MAX_CHARS)
-
-
-def _sender(message: Message) -> tuple[str, str, str | None]:
-    raw_values = [value for key, value in message.raw_items() if key.lower() == "from"]
-    if not raw_values:
-        return "", "", "no From header"
-    # When From cannot be trusted, show what it claimed rather than the parser's remains.
-    display = _clean(_decode_encoded_words(str(raw_values[0])), HEADER_MAX_CHARS)
-    try:
-        header = message["From"]
-        if len(raw_values) > 1:
-            return display, "", "several From headers"
-        if not isinstance(header, AddressHeader):
-            return display, "", "From is not an address header"
-        defects = header.defects if isinstance(header, BaseHeader) else ()
-        if defects:
-            return display, "", f"malformed From: {_clean(str(defects[0]), 100)}"
-        addresses = header.addresses
-        if len(addresses) != 1:
-            reason = "several From addresses" if addresses else "From has no address"
-            return display, "", reason
-        address = addresses[0]
-        if not address.username or not address.domain:
-            return display, "", "From address lacks a user or domain"
-        addr_spec = address.addr_spec
-        parsed_display = _clean(str(header), HEADER_MAX_CHARS)
-    except _HEADER_PARSE_ERRORS as exc:
-        return display, "", f"unparseable From: {type(exc).__name__}"
-    cleaned = _clean(addr_spec, HEADER_MAX_CHARS).lower()
-    if cleaned != addr_spec.lower() or " " in cleaned:
-        return display, "", "From address contains control characters or spaces"
-    return parsed_display, cleaned, None
-
-
-def _date(message: Message) -> datetime | None:
-    raw = _first_raw(message, "Date")
-    if raw is None:
-        return None
-    try:
-        parsed = parsedate_to_datetime(_clean(raw, HEADER_MAX_CHARS))
-    except (ValueError, TypeError, IndexError, OverflowError):
-        return None
-    # RFC 5322 "-0000" (local time unknown) gives a naive value; read it as UTC.
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)

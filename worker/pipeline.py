@@ -14,9 +14,10 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
-from worker.forwarding import Forwarder, ForwardRules
+from worker.faults import Checkpoint, CrashPoint, no_checkpoint
+from worker.forwarding import BackgroundForwarding, Forwarder, ForwardRules
 from worker.intake import Intake, IntakeRules
 from worker.models import (
     DedupMode,
@@ -27,8 +28,9 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.outbox import SendPacer
+from worker.pacer import SendPacer
 from worker.ports import Inspector, Mailbox, Outbox, Store
+from worker.trust import NO_PROOF, TrustPolicy, TxtLookup
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,15 @@ class PipelineConfig:
     allowed_senders: tuple[str, ...] = ()
     max_mail_bytes: int = 50_000_000
     max_pdf_bytes: int = 30_000_000
+    max_parts: int = 100
+    max_depth: int = 10
+    trust: TrustPolicy = NO_PROOF
     max_attempts: int = 10
     error_retries: int = 3
     lease_seconds: float = 3600.0
     batch_size: int = 200
     send_batch: int = 10
+    retry_delay_seconds: float = 60.0  # the first retry's delay; doubles per attempt
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,8 +85,11 @@ class Pipeline:
         rng: random.Random | None = None,
         stop: threading.Event | None = None,
         progress: Callable[[str], None] | None = None,
+        checkpoint: Checkpoint = no_checkpoint,
+        txt_lookup: TxtLookup | None = None,  # DNS for DKIM keys (tests inject keys)
     ) -> None:
         self._config = config
+        self._checkpoint = checkpoint
         self._mailbox = mailbox
         self._store = store
         self._clock = clock
@@ -92,9 +101,13 @@ class Pipeline:
                 allowed_senders=config.allowed_senders,
                 max_mail_bytes=config.max_mail_bytes,
                 max_pdf_bytes=config.max_pdf_bytes,
+                max_parts=config.max_parts,
+                max_depth=config.max_depth,
+                trust=config.trust,
             ),
             mailbox=mailbox,
             inspector=inspector,
+            txt_lookup=txt_lookup,
         )
         self._forwarder = Forwarder(
             rules=ForwardRules(
@@ -104,6 +117,7 @@ class Pipeline:
                 max_attempts=config.max_attempts,
                 lease_seconds=config.lease_seconds,
                 send_batch=config.send_batch,
+                retry_base=timedelta(seconds=config.retry_delay_seconds),
             ),
             outbox=outbox,
             store=store,
@@ -112,6 +126,7 @@ class Pipeline:
             rng=rng or random.Random(),  # noqa: S311 - jitter, not security
             stop=self._stop,
             progress=progress,
+            checkpoint=checkpoint,
         )
 
     # --- the poll -------------------------------------------------------------------
@@ -125,6 +140,7 @@ class Pipeline:
         sightings: Counter[Outcome] = Counter()
         mails_seen = 0
         rescanned = False
+        sending: BackgroundForwarding | None = None
         status = self._mailbox.open()
         try:
             position = self._store.position(config.mailbox)
@@ -144,6 +160,8 @@ class Pipeline:
             # UIDNEXT says whether anything is new without listing the folder.
             if status.uidnext == 0 or status.uidnext - 1 > last_uid:
                 uids = self._mailbox.new_uids(last_uid, config.since)
+                if len(uids) > config.batch_size:  # a backfill: send while reading on
+                    sending = BackgroundForwarding(self._forwarder)
                 highest_known = max(status.uidnext - 1, 0)
                 batches = list(_chunks(uids, config.batch_size)) or [[]]
                 for index, batch in enumerate(batches):
@@ -154,6 +172,8 @@ class Pipeline:
                     recorded = self._process(
                         status.uidvalidity, batch, advance_to=advance_to, retry=False
                     )
+                    if sending is not None:
+                        sending.arrivals.recorded()
                     mails_seen += len({r.uid for r in recorded})
                     sightings.update(_outcome(r) for r in recorded if r.inserted)
                     self._report_progress(f"{mails_seen} of {len(uids)} new mails read")
@@ -161,7 +181,10 @@ class Pipeline:
                 sightings.update(self._retry_errors(status.uidvalidity))
         finally:
             self._mailbox.close()
-        forwarded, retried, failed = self._forwarder.forward_due()
+            if sending is not None:
+                sending.finish()
+        forwarding = sending.result() if sending else self._forwarder.forward_due()
+        forwarded, retried, failed = forwarding
         counts = self._store.state_counts()
         report = PollReport(
             mailbox=config.mailbox,
@@ -236,6 +259,7 @@ class Pipeline:
             keep_pdfs=self._config.keep_pdfs,
             now=self._clock(),
         )
+        self._checkpoint(CrashPoint.AFTER_RECORD)
         for sighting in recorded:
             _log_sighting(sighting, retry=retry)
         return recorded

@@ -47,6 +47,10 @@ class Mailbox(Protocol):
         Sections the server does not return are absent from the result.
         """
 
+    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """Whole raw mails (BODY.PEEK[]), batched; for DKIM. The caller bounds the sizes.
+        Mails the server does not return are absent from the result."""
+
     def close(self) -> None:
         """Log out; never raises."""
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import unicodedata
-from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given
@@ -20,16 +18,15 @@ from imapclient.response_parser import parse_fetch_response
 
 from worker.mime import (
     FILENAME_MAX_CHARS,
-    SUBJECT_MAX_CHARS,
     decode_filename,
     decode_transfer,
     find_candidates,
     is_pdf_bytes,
     parse_bodystructure,
-    parse_headers,
     probe_is_pdf,
+    structure_limit,
 )
-from worker.models import BodyPart, MailHeaders
+from worker.models import BodyPart
 
 # --- builders in imapclient's shape ----------------------------------------------------
 
@@ -655,141 +652,63 @@ def test_base64_and_qp_round_trip(data: bytes) -> None:
     assert decode_transfer(binascii.b2a_qp(data), "quoted-printable") == data
 
 
-# --- headers ------------------------------------------------------------------------------
+# --- structure limits -------------------------------------------------------------------
 
-BERLIN_WINTER = timezone(timedelta(hours=1))
 
-HEADER_CASES: list[tuple[str, bytes, dict[str, object]]] = [
-    (
-        "plain",
-        b"From: Shop <Invoices@Shop.Example>\r\nSubject: Invoice 1042\r\n"
-        b"Date: Mon, 24 Nov 2025 10:00:00 +0100\r\nMessage-ID:  <abc@shop.example> \r\n\r\n",
-        {
-            "sender": "Shop <Invoices@Shop.Example>",
-            "sender_address": "invoices@shop.example",
-            "sender_defect": None,
-            "subject": "Invoice 1042",
-            "date": datetime(2025, 11, 24, 10, 0, tzinfo=BERLIN_WINTER),
-            "message_id": "<abc@shop.example>",
-        },
-    ),
-    (
-        "encoded subject and name",
-        b"From: =?utf-8?Q?J=C3=B6rg_M=C3=BCller?= <jm@x.example>\r\n"
-        b"Subject: =?utf-8?B?UmVjaG51bmcg4oCTIE5yLiAxMDQy?=\r\n",
-        {
-            "sender": "Jörg Müller <jm@x.example>",
-            "sender_address": "jm@x.example",
-            "subject": "Rechnung \u2013 Nr. 1042",
-        },
-    ),
-    (
-        "folded subject",
-        b"Subject: Invoice\r\n 1042\r\nFrom: a@x.example\r\n",
-        {"subject": "Invoice 1042", "sender_address": "a@x.example"},
-    ),
-    (
-        "several addresses",
-        b"From: a@x.example, b@y.example\r\n",
-        {
-            "sender_address": "",
-            "sender_defect": "several From addresses",
-            "sender": "a@x.example, b@y.example",
-        },
-    ),
-    (
-        "several From headers",
-        b"From: a@x.example\r\nFrom: b@y.example\r\n",
-        {"sender_address": "", "sender_defect": "several From headers"},
-    ),
-    (
-        "group without address",
-        b"From: undisclosed-recipients:;\r\n",
-        {"sender_address": "", "sender_defect": "From has no address"},
-    ),
-    (
-        "no domain",
-        b"From: Joe <joe>\r\n",
-        {"sender_address": "", "sender": "Joe <joe>"},
-    ),
-    (
-        "double at",
-        b"From: Joe <joe@@x.example>\r\n",
-        {"sender_address": "", "sender": "Joe <joe@@x.example>"},
-    ),
-    (
-        "unclosed angle",
-        b"From: <a@x.example\r\n",
-        {"sender_address": ""},
-    ),
-    ("no From", b"Subject: hi\r\n", {"sender": "", "sender_defect": "no From header"}),
-    (
-        "CR LF NUL injection",
-        b"From: a@x.example\r\nSubject: Invoice\x00 10\x1b[2J42\rBcc: evil@x.example\r\n",
-        {"subject": "Invoice 10[2J42", "sender_address": "a@x.example"},
-    ),
-    (
-        "8-bit utf-8",
-        "Subject: Grüße\r\nFrom: Jörg <j@x.example>\r\n".encode(),
-        {"subject": "Grüße", "sender": "Jörg <j@x.example>", "sender_address": "j@x.example"},
-    ),
-    (
-        "8-bit garbage",
-        b"Subject: Caf\xe9 \xff\r\nFrom: \xff@\xfe\r\nDate: \xff\xfe\r\n",
-        {"subject": "Café ÿ", "sender_address": "", "date": None},
-    ),
-    ("unknown charset", b"Subject: =?x-nope?Q?abc?=\r\n", {"subject": "abc"}),
-    (
-        "date without zone",
-        b"Date: Mon, 24 Nov 2025 10:00:00 -0000\r\n",
-        {"date": datetime(2025, 11, 24, 10, 0, tzinfo=UTC)},
-    ),
-    ("date garbage", b"Date: yesterday-ish\r\n", {"date": None}),
-    (
-        "loop markers",
-        b"Auto-Submitted: auto-generated\r\nX-Invoice-Relay: v1; sha256=ab\r\n",
-        {"auto_submitted": "auto-generated", "relay_marker": "v1; sha256=ab"},
-    ),
-    (
-        "markers absent",
-        b"From: a@x.example\r\n",
-        {"auto_submitted": None, "relay_marker": None, "message_id": ""},
-    ),
-    ("long subject", b"Subject: " + b"x" * 5000 + b"\r\n", {"subject": "x" * SUBJECT_MAX_CHARS}),
-    ("empty", b"", {"sender_defect": "no From header", "subject": ""}),
-]
+def leaf(section: str) -> BodyPart:
+    return BodyPart(section=section, content_type="application/pdf", size=10)
+
+
+def chain(depth: int) -> BodyPart:
+    """A PDF `depth` levels below the root: forwarded mails inside forwarded mails."""
+    node = leaf("x")
+    for _ in range(depth):
+        node = BodyPart(section="", content_type="multipart/mixed", children=(node,))
+    return node
+
+
+def wide(count: int) -> BodyPart:
+    children = tuple(leaf(str(number)) for number in range(1, count + 1))
+    return BodyPart(section="", content_type="multipart/mixed", children=children)
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"),
-    [case[1:] for case in HEADER_CASES],
-    ids=[case[0] for case in HEADER_CASES],
+    ("root", "max_parts", "max_depth", "expected"),
+    [
+        (leaf("1"), 1, 0, None),
+        (wide(2), 3, 1, None),
+        (wide(3), 3, 1, "too many MIME parts: more than 3 (INVOICE_RELAY_MAX_PARTS)"),
+        (wide(2), 3, 0, "MIME nesting too deep: more than 0 levels (INVOICE_RELAY_MAX_DEPTH)"),
+        (chain(10), 100, 10, None),
+        (
+            chain(11),
+            100,
+            10,
+            "MIME nesting too deep: more than 10 levels (INVOICE_RELAY_MAX_DEPTH)",
+        ),
+        (chain(11), 5, 10, "too many MIME parts: more than 5 (INVOICE_RELAY_MAX_PARTS)"),
+        (wide(5000), 100, 10, "too many MIME parts: more than 100 (INVOICE_RELAY_MAX_PARTS)"),
+    ],
+    ids=[
+        "single",
+        "two leaves",
+        "three leaves",
+        "flat too deep",
+        "ten deep",
+        "eleven deep",
+        "parts first",
+        "five thousand",
+    ],
 )
-def test_parse_headers(raw: bytes, expected: dict[str, object]) -> None:
-    headers = parse_headers(raw)
-    assert {name: getattr(headers, name) for name in expected} == expected
-    assert (headers.sender_address == "") == (headers.sender_defect is not None)
-    assert_clean(headers)
+def test_structure_limit(
+    root: BodyPart, max_parts: int, max_depth: int, expected: str | None
+) -> None:
+    assert structure_limit(root, max_parts=max_parts, max_depth=max_depth) == expected
 
 
-def assert_clean(headers: MailHeaders) -> None:
-    fields = ("message_id", "sender", "sender_address", "subject", "sender_defect")
-    for name in (*fields, "auto_submitted", "relay_marker"):
-        value: str | None = getattr(headers, name)
-        assert not any(unicodedata.category(char) == "Cc" for char in value or ""), name
-    assert len(headers.subject) <= SUBJECT_MAX_CHARS
-    assert headers.date is None or headers.date.tzinfo is not None
-
-
-HEADER_NAMES = st.sampled_from(
-    [b"From", b"Subject", b"Date", b"Message-ID", b"Auto-Submitted", b"X-Invoice-Relay", b"To"]
-)
-HEADER_LINES = st.lists(
-    st.tuples(HEADER_NAMES, st.binary(max_size=60)).map(lambda item: item[0] + b": " + item[1]),
-    max_size=8,
-).map(b"\r\n".join)
-
-
-@given(st.one_of(st.binary(max_size=400), HEADER_LINES))
-def test_parse_headers_never_raises(raw: bytes) -> None:
-    assert_clean(parse_headers(raw))
+def test_parsed_forwarded_mail_has_depth_three() -> None:
+    forwarded = parse_bodystructure(
+        multipart([text(), message(multipart([text(), PDF], top=False))])
+    )
+    assert structure_limit(forwarded, max_parts=100, max_depth=3) is None
+    assert structure_limit(forwarded, max_parts=100, max_depth=2) is not None
