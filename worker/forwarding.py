@@ -12,12 +12,14 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from worker.errors import SendRejected, SessionRefused
-from worker.outbox import SendPacer, build_forward
+from worker.faults import Checkpoint, CrashPoint, no_checkpoint
+from worker.outbox import build_forward
+from worker.pacer import SendPacer
 from worker.ports import Outbox, Store
-from worker.retry import out_of_attempts, retry_delay
+from worker.retry import BASE_DELAY, out_of_attempts, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,64 @@ class ForwardRules:
     max_attempts: int = 10
     lease_seconds: float = 3600.0
     send_batch: int = 10
+    retry_base: timedelta = BASE_DELAY
+
+
+class Arrivals:
+    """Tells a Forwarder running beside the reading of mail that more was recorded."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._batches = self._seen = 0
+        self._ended = False
+
+    def recorded(self) -> None:
+        with self._changed:
+            self._batches += 1
+            self._changed.notify_all()
+
+    def ended(self) -> None:
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for_more(self, stop: threading.Event) -> bool:
+        """Block until a batch was recorded since the last call (True) or reading
+        ended with nothing new (False)."""
+        with self._changed:
+            while self._batches == self._seen and not self._ended and not stop.is_set():
+                self._changed.wait(0.5)  # wakes for `stop` too
+            news = self._batches != self._seen
+            self._seen = self._batches
+            return news and not stop.is_set()
+
+
+class BackgroundForwarding:
+    """`Forwarder.forward_due` in a thread of its own while the poll reads mail, so
+    sending overlaps reading; each document is still sent only once it is recorded."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.arrivals = Arrivals()
+        self._result: tuple[int, int, int] | BaseException = (0, 0, 0)
+        self._thread = threading.Thread(target=self._run, args=(forwarder,), name="forwarding")
+        self._thread.start()
+
+    def _run(self, forwarder: Forwarder) -> None:
+        try:
+            self._result = forwarder.forward_due(self.arrivals)
+        except BaseException as exc:  # noqa: BLE001 - handed to the poll's thread by result()
+            self._result = exc
+
+    def finish(self) -> None:
+        """Reading has ended: send what is left, then stop."""
+        self.arrivals.ended()
+        self._thread.join()
+
+    def result(self) -> tuple[int, int, int]:
+        """(forwarded, retried later, failed), or what the thread raised."""
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
 
 
 class Forwarder:
@@ -46,6 +106,7 @@ class Forwarder:
         rng: random.Random,
         stop: threading.Event,
         progress: Callable[[str], None] | None = None,
+        checkpoint: Checkpoint = no_checkpoint,
     ) -> None:
         self._config = rules
         self._outbox = outbox
@@ -55,9 +116,13 @@ class Forwarder:
         self._rng = rng
         self._stop = stop
         self._progress = progress
+        self._checkpoint = checkpoint
 
-    def forward_due(self) -> tuple[int, int, int]:
-        """Send every due document. Returns (forwarded, retried later, failed)."""
+    def forward_due(self, arrivals: Arrivals | None = None) -> tuple[int, int, int]:
+        """Send every due document. Returns (forwarded, retried later, failed).
+
+        With `arrivals`, it runs beside the reading of mail: when nothing is due it
+        waits for the next recorded batch, and returns once reading has ended."""
         config = self._config
         forwarded = retried = failed = 0
         opened = False
@@ -67,7 +132,10 @@ class Forwarder:
                     now=self._clock(), limit=config.send_batch, lease_seconds=config.lease_seconds
                 )
                 if not claimed:
+                    if arrivals is not None and arrivals.wait_for_more(self._stop):
+                        continue
                     break
+                self._checkpoint(CrashPoint.AFTER_CLAIM)
                 for index, document in enumerate(claimed):
                     if self._stop.is_set():
                         for rest in claimed[index:]:
@@ -82,11 +150,16 @@ class Forwarder:
                             document, forward_to=config.forward_to, forward_from=config.forward_from
                         )
                         answer = self._outbox.send(message)
+                        self._checkpoint(CrashPoint.AFTER_SEND)
                     except SessionRefused:
                         for rest in claimed[index:]:
                             self._store.release(rest.document_id)
                         raise
                     except SendRejected as refusal:
+                        # The outbox may have dropped a session that died mid-send (or
+                        # answered 421): the next document starts a fresh one.
+                        self._outbox.close()
+                        opened = False
                         answer_text = str(refusal)
                         attempts = document.attempts + 1
                         if refusal.permanent:
@@ -107,7 +180,7 @@ class Forwarder:
                                 document.document_id,
                                 answer=answer_text,
                                 next_attempt_at=self._clock()
-                                + retry_delay(attempts, rng=self._rng),
+                                + retry_delay(attempts, base=config.retry_base, rng=self._rng),
                                 failed=False,
                             )
                             retried += 1
@@ -125,6 +198,7 @@ class Forwarder:
                         now=self._clock(),
                         keep_pdf=config.keep_pdfs,
                     )
+                    self._checkpoint(CrashPoint.AFTER_MARK)
                     forwarded += 1
                     log.info(
                         "forwarded %s",

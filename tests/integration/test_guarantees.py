@@ -1,0 +1,169 @@
+"""The promises of docs/guarantees.md, measured: SIGKILLs at random moments during a
+backfill, SMTP servers that refuse at random, and a mailbox that people change.
+
+Run `scripts/test tests/integration/test_guarantees.py -s` to see the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+from tests.integration.guarantee_tools import (
+    document_states,
+    invoices,
+    relay_command,
+    run_once,
+    run_until_done,
+    sql_rows,
+    tally,
+)
+from tests.integration.test_relay import relay_env
+from tests.servers.dovecot import DovecotServer
+from tests.servers.smtp_sink import SmtpSink
+from tests.servers.tls import TestCA
+
+BACKFILL = 300
+KILLS = 10
+KILL_SEED = 20261124
+
+
+def test_sigkill_during_a_backfill_loses_nothing(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    batch = invoices(BACKFILL, first=10_000)
+    imap.append_many(invoice.mail for invoice in batch)
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca, INVOICE_RELAY_TEST_LEASE_SECONDS="1")
+    draw = random.Random(KILL_SEED)
+    phases: Counter[str] = Counter()
+    kills = finished = 0
+    started = time.monotonic()
+    while kills < KILLS:
+        # Its own process group: the kill takes the PDF workers with it.
+        process = subprocess.Popen(
+            relay_command("once"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        # A random moment: mostly right after the sink accepted one of the next 1..40
+        # mails (the sending phase, and the window after acceptance); sometimes a random
+        # time after start-up (reading mail, or start-up itself).
+        by_time = draw.random() < 0.3
+        deadline = time.monotonic() + (draw.uniform(0.3, 3.0) if by_time else 60.0)
+        target = len(smtp.messages) + draw.randint(1, 40)
+        while (
+            process.poll() is None and time.monotonic() < deadline and len(smtp.messages) < target
+        ):
+            time.sleep(0.002)
+        if process.poll() is not None:
+            finished += 1
+            continue
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        kills += 1
+        states = Counter(document_states(database_url).values())
+        phases["reading mail" if sum(states.values()) < BACKFILL else "sending"] += 1
+    runs = run_until_done(env, database_url, max_runs=6, pause=1.1)
+    seconds = time.monotonic() - started
+    figures = tally([invoice.sha256 for invoice in batch], smtp.messages, database_url)
+    print(
+        f"\nkill test: {BACKFILL} invoices, {kills} SIGKILLs ({dict(phases)}), "
+        f"{finished} runs ended on their own, {len(runs)} runs to finish, {seconds:.0f}s\n"
+        + figures.row("after the kills")
+    )
+    assert figures.lost == 0
+    assert figures.stuck == 0
+    assert figures.foreign == 0
+    assert figures.duplicated <= kills  # each kill can repeat only the mail in flight
+    assert figures.duplicates_share_message_id
+    (counts,) = sql_rows(
+        database_url,
+        "SELECT (SELECT count(*) FROM documents) AS documents,"
+        " (SELECT count(*) FROM sightings) AS sightings",
+    )
+    assert counts == {"documents": BACKFILL, "sightings": BACKFILL}
+
+
+def test_smtp_refusals_retry_4xx_once_and_fail_5xx_with_the_answer(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    batch = invoices(36, first=8000)
+    refused = invoices(4, first=8900, subject="REFUSE")
+    imap.append_many(invoice.mail for invoice in batch + refused)
+    smtp.fail_matching(
+        lambda message: "REFUSE" in str(message["Subject"]), 550, "5.7.1 content refused"
+    )
+    smtp.fail_rate(0.1, 421, seed=4, text="4.3.2 closing, try later")
+    smtp.fail_rate(0.2, 451, seed=5, text="4.3.0 try again later")
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca, INVOICE_RELAY_RETRY_DELAY="0.05s")
+    runs = run_until_done(env, database_url, max_runs=20, pause=0.2)
+    refusals = Counter(code for _, code in smtp.refusals)
+    accepted = [m for m in smtp.messages if "REFUSE" not in str(m.message["Subject"])]
+    figures = tally([invoice.sha256 for invoice in batch], accepted, database_url)
+    print(
+        f"\nSMTP errors: {len(batch)} invoices answered 421/451 at random "
+        f"({refusals[421]} x 421, {refusals[451]} x 451), {len(refused)} answered 550 "
+        f"({refusals[550]} x 550); {len(runs)} runs\n" + figures.row("4xx, eventually")
+    )
+    assert refusals[421] + refusals[451] > 0
+    assert (figures.lost, figures.duplicated, figures.stuck) == (0, 0, 0)
+    assert refusals[550] == len(refused)  # a permanent answer is never retried
+    failed = sql_rows(
+        database_url, "SELECT subject, reason, attempts FROM audit_log WHERE outcome = 'failed'"
+    )
+    assert sorted(str(row["subject"]) for row in failed) == sorted(
+        f"REFUSE {invoice.number}" for invoice in refused
+    )
+    for row in failed:
+        assert "550" in str(row["reason"]) and "5.7.1" in str(row["reason"])
+        assert row["attempts"] == 1
+
+
+def test_uidvalidity_change_and_deleted_mail_forward_nothing_twice(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    first, later, extra = invoices(3, first=9100), invoices(2, first=9200), invoices(1, first=9300)
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca)
+    imap.append_many(invoice.mail for invoice in first)
+    assert run_once(env).returncode == 0
+    assert len(smtp.messages) == 3
+
+    # A new UIDVALIDITY (the folder deleted and re-created): the same mails come back
+    # under new UIDs, plus one that is new.
+    old_uidvalidity = imap.uidvalidity()
+    imap.recreate_folder()
+    imap.append_many(invoice.mail for invoice in [*first, *later])
+    rescan = run_once(env)
+    assert rescan.returncode == 0, rescan.stderr[-2000:]
+    assert len(smtp.messages) == 5
+
+    # Deleted by a person between polls: one mail never seen, one seen and then gone.
+    uids = imap.append_many(invoice.mail for invoice in extra)
+    imap.delete_uids(uids)
+    assert run_once(env).returncode == 0
+    imap.delete_uids(range(1, 4))
+    assert run_once(env).returncode == 0
+
+    # An emptied mailbox: nothing to do, nothing breaks, the position holds.
+    imap.recreate_folder()
+    emptied = run_once(env)
+    assert emptied.returncode == 0, emptied.stderr[-2000:]
+    imap.append_many(invoice.mail for invoice in later)
+    assert run_once(env).returncode == 0
+
+    figures = tally([i.sha256 for i in [*first, *later]], smtp.messages, database_url)
+    print("\nUIDVALIDITY and mailbox changes:\n" + figures.row("after five changes"))
+    assert (figures.lost, figures.duplicated, figures.stuck, figures.foreign) == (0, 0, 0, 0)
+    rows = sql_rows(database_url, "SELECT uidvalidity, outcome FROM audit_log")
+    after = Counter(str(row["outcome"]) for row in rows if row["uidvalidity"] != old_uidvalidity)
+    assert after == Counter(duplicate=5, forwarded=2)

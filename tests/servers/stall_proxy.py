@@ -1,0 +1,231 @@
+"""A loopback TCP proxy that can stall or cut a connection mid-stream.
+
+Put it between the relay and a real server (Dovecot, the SMTP sink) and script a
+`Fault`: once the bytes in one direction contain `after_pattern` (matched without
+regard to case, so `b"data\\r\\n"` finds smtplib's DATA), let `after_bytes` more
+through, then stop forwarding that direction (`stall`: the peer waits for bytes
+that never come, while the connection stays open), close both sides (`drop`: a cut
+line) or pause until `release()` (`hold`: for a test to act at that exact moment).
+Plain protocols only: a pattern cannot be found inside TLS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["to_server", "to_client"]
+Action = Literal["stall", "drop", "hold"]
+CHUNK = 4096
+
+
+@dataclass(slots=True, kw_only=True)
+class Fault:
+    """One scripted fault; it hits the next `connections` connections, then is used up."""
+
+    direction: Direction
+    action: Action
+    after_pattern: bytes = b""
+    after_bytes: int = 0
+    connections: int = 1
+
+
+class _Pump:
+    """Copies one direction of one connection, applying its fault."""
+
+    def __init__(
+        self,
+        source: socket.socket,
+        target: socket.socket,
+        *,
+        fault: Fault | None,
+        on_fault: threading.Event,
+        cut: threading.Event,
+        released: threading.Event,
+    ) -> None:
+        self._source = source
+        self._target = target
+        self._fault = fault
+        self._on_fault = on_fault
+        self._cut = cut
+        self._released = released
+        self._seen = b""  # a tail of what passed, to find a pattern split across reads
+        self._allowance: int | None = None if fault and fault.after_pattern else self._start()
+        self._stalled = False
+
+    def _start(self) -> int | None:
+        return self._fault.after_bytes if self._fault is not None else None
+
+    def run(self) -> None:
+        try:
+            while not self._cut.is_set():
+                data = self._source.recv(CHUNK)
+                if not data:
+                    break
+                self._forward(data)
+        except OSError:
+            pass
+        finally:
+            if not self._stalled:
+                self._cut.set()
+                _close(self._source)
+                _close(self._target)
+
+    def _forward(self, data: bytes) -> None:
+        if self._stalled:
+            return  # swallowed: the other side waits for bytes that never come
+        fault = self._fault
+        if fault is None:
+            self._target.sendall(data)
+            return
+        if self._allowance is None:
+            pattern = fault.after_pattern.lower()
+            window = self._seen + data
+            at = window.lower().find(pattern)
+            if at < 0:
+                self._seen = window[-len(pattern) :]
+                self._target.sendall(data)
+                return
+            # Up to the end of the pattern passes; the allowance counts from there.
+            end = at + len(pattern) - len(self._seen)
+            self._target.sendall(data[:end])
+            data = data[end:]
+            self._allowance = fault.after_bytes
+        passing = data[: self._allowance]
+        if passing:
+            self._target.sendall(passing)
+        self._allowance -= len(passing)
+        if self._allowance == 0:
+            self._trip(fault)
+            if fault.action == "hold":
+                self._fault = None  # released: from now on a plain copy
+                self._target.sendall(data[len(passing) :])
+
+    def _trip(self, fault: Fault) -> None:
+        self._on_fault.set()
+        if fault.action == "hold":
+            # Stop reading: what the source sends next waits in the kernel's buffers.
+            while not self._released.wait(0.05):
+                if self._cut.is_set():
+                    return
+        elif fault.action == "drop":
+            self._cut.set()
+            _abort(self._source)
+            _abort(self._target)
+        else:
+            self._stalled = True
+
+
+class StallProxy:
+    """Listens on a free loopback port and forwards to `target_port`."""
+
+    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1") -> None:
+        self.host = "127.0.0.1"
+        self._target = (target_host, target_port)
+        self._listener = socket.create_server((self.host, 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self.tripped = threading.Event()  # set when a fault fired
+        self._released = threading.Event()
+        self.connections = 0
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+
+    def add_fault(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def release(self) -> None:
+        """Let every held connection go on."""
+        self._released.set()
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _take(self) -> dict[Direction, Fault]:
+        taken: dict[Direction, Fault] = {}
+        with self._lock:
+            for fault in self._faults:
+                if fault.connections > 0 and fault.direction not in taken:
+                    fault.connections -= 1
+                    taken[fault.direction] = fault
+        return taken
+
+    def start(self) -> None:
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            server.settimeout(None)
+            faults = self._take()
+            cut = threading.Event()
+            with self._lock:
+                self.connections += 1
+                self._sockets.extend((client, server))
+            routes: tuple[tuple[socket.socket, socket.socket, Direction], ...] = (
+                (client, server, "to_server"),
+                (server, client, "to_client"),
+            )
+            for source, target, direction in routes:
+                pump = _Pump(
+                    source,
+                    target,
+                    fault=faults.get(direction),
+                    on_fault=self.tripped,
+                    cut=cut,
+                    released=self._released,
+                )
+                thread = threading.Thread(target=pump.run, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._closed.set()
+        self._released.set()
+        _close(self._listener)
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _abort(sock)
+        for thread in [self._acceptor, *self._threads]:
+            if thread.is_alive():
+                thread.join(timeout=5)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def _abort(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    _close(sock)
+
+
+@contextlib.contextmanager
+def running_proxy(target_port: int) -> Iterator[StallProxy]:
+    """A started proxy to `target_port` on loopback; every connection is cut afterwards."""
+    proxy = StallProxy(target_port)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
