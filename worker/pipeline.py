@@ -149,12 +149,19 @@ class Pipeline:
                 last_uid = position.last_uid
             else:
                 rescanned = position is not None
-                if rescanned:
+                if position is not None:
                     log.warning(
                         "UIDVALIDITY changed from %s to %s: reading the folder again",
-                        position.uidvalidity if position else None,
+                        position.uidvalidity,
                         status.uidvalidity,
                         extra={"action": "uidvalidity_changed", "mailbox": config.mailbox},
+                    )
+                    # Old UIDs mean nothing now; the rescan reads those mails afresh.
+                    self._store.abandon_errors(
+                        mailbox=config.mailbox,
+                        uidvalidity=position.uidvalidity,
+                        uids=None,
+                        reason="UIDVALIDITY changed: the folder was read again",
                     )
                 self._store.reset_position(config.mailbox, status.uidvalidity)
             # UIDNEXT says whether anything is new without listing the folder.
@@ -244,6 +251,16 @@ class Pipeline:
         for batch in _chunks(uids, config.batch_size):
             recorded = self._process(uidvalidity, batch, advance_to=None, retry=True)
             result.update(_outcome(r) for r in recorded if r.inserted)
+            # A mail a person deleted or moved cannot be read again; retrying it on
+            # every poll would keep it `error` forever.
+            vanished = sorted(set(batch) - {r.uid for r in recorded})
+            if vanished:
+                self._store.abandon_errors(
+                    mailbox=config.mailbox,
+                    uidvalidity=uidvalidity,
+                    uids=vanished,
+                    reason="the mail left the mailbox before it could be read again",
+                )
         return result
 
     def _process(

@@ -108,6 +108,12 @@ class Store(Protocol):
     def error_uids(self, *, mailbox: str, uidvalidity: int, max_tries: int) -> list[int]:
         """UIDs with ERROR sightings tried fewer than `max_tries` times."""
 
+    def abandon_errors(
+        self, *, mailbox: str, uidvalidity: int, uids: Sequence[int] | None, reason: str
+    ) -> int:
+        """ERROR sightings of these UIDs (None: all under `uidvalidity`) that can never be
+        read again become REJECTED with `reason`; returns how many."""
+
     def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
         """ERROR sightings tried `max_tries` times become REJECTED; returns how many."""
 

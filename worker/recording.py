@@ -329,6 +329,28 @@ class MailRecorder(SqlBase):
             ).scalars()
             return [int(uid) for uid in uids]
 
+    def abandon_errors(
+        self, *, mailbox: str, uidvalidity: int, uids: Sequence[int] | None, reason: str
+    ) -> int:
+        conditions = [
+            sightings.c.mailbox == mailbox,
+            sightings.c.uidvalidity == uidvalidity,
+            sightings.c.kind == SightingKind.ERROR.value,
+        ]
+        if uids is not None:
+            conditions.append(sightings.c.uid.in_(list(uids)))
+        with self._write() as connection:
+            result = connection.execute(
+                sa.update(sightings)
+                .where(*conditions)
+                .values(
+                    kind=SightingKind.REJECTED.value,
+                    reason=sa.literal(reason + "; before: ")
+                    + sa.func.coalesce(sightings.c.reason, ""),
+                )
+            )
+            return result.rowcount
+
     def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
         reason = (
             sa.literal("gave up after ")

@@ -397,3 +397,32 @@ def test_dry_run_records_and_sends_nothing(relay: Relay) -> None:
     ]
     assert relay.audit() == []
     assert relay.outbox.sent == []
+
+
+def test_an_error_mail_deleted_by_a_person_is_not_retried_forever(relay: Relay) -> None:
+    relay.inspector.crash_on.add(PDF_A)
+    uid = relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
+    relay.poll()
+    assert relay.outcomes() == [(uid, "a.pdf", "error")]
+
+    del relay.mailbox.mails[uid]  # a person deleted it between polls
+    relay.poll()
+    row = relay.audit()[0]
+    assert row.outcome is Outcome.REJECTED
+    assert "left the mailbox" in (row.reason or "")
+    assert "PDF check failed" in (row.reason or "")  # the original reason is kept
+
+
+def test_errors_under_an_old_uidvalidity_do_not_linger(relay: Relay) -> None:
+    relay.inspector.crash_on.add(PDF_A)
+    relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
+    relay.poll()
+    relay.inspector.crash_on.clear()
+    relay.mailbox.uidvalidity += 1
+    relay.poll()
+    rows = relay.audit()
+    assert [(r.uidvalidity, r.outcome) for r in rows] == [
+        (1000, Outcome.REJECTED),
+        (1001, Outcome.FORWARDED),
+    ]
+    assert "UIDVALIDITY changed" in (rows[0].reason or "")
