@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -426,3 +426,27 @@ def test_errors_under_an_old_uidvalidity_do_not_linger(relay: Relay) -> None:
         (1001, Outcome.FORWARDED),
     ]
     assert "UIDVALIDITY changed" in (rows[0].reason or "")
+
+
+class VanishingMailbox(FakeMailbox):
+    """A person deletes each mail after its structure was read, before its PDF is."""
+
+    def fetch_sections(
+        self, wanted: Mapping[int, Sequence[str]], *, max_bytes: int | None = None
+    ) -> dict[tuple[int, str], bytes]:
+        if max_bytes is None:
+            for uid in wanted:
+                self.mails.pop(uid, None)
+        return super().fetch_sections(wanted, max_bytes=max_bytes)
+
+
+def test_a_mail_deleted_during_a_poll_is_recorded_not_lost(relay: Relay) -> None:
+    relay.mailbox = VanishingMailbox()
+    relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
+    relay.poll()
+    # Recorded as an error, retried at the end of the poll, found gone for good.
+    assert relay.outcomes() == [(1, "a.pdf", "rejected")]
+    reason = relay.audit()[0].reason or ""
+    assert "vanished" in reason
+    assert "left the mailbox" in reason
+    assert relay.outbox.sent == []
