@@ -3,8 +3,8 @@
 `build_forward` is pure: one `OutgoingDocument` to one `EmailMessage`. `SmtpOutbox` is
 the adapter behind `worker.ports.Outbox`: it turns every smtplib, socket and TLS failure
 into `SessionRefused` (the session is unusable, nothing counts) or `SendRejected` (this
-one mail was refused; `code` says temporary or permanent). `SendPacer` enforces
-`INVOICE_RELAY_MAX_SENDS_PER_MINUTE`.
+one mail was refused; `code` says temporary or permanent).
+(`worker.pacer.SendPacer` enforces `INVOICE_RELAY_MAX_SENDS_PER_MINUTE`.)
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ import re
 import smtplib
 import socket
 import ssl
-import time
 import unicodedata
-from collections import deque
-from collections.abc import Callable
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
@@ -149,55 +146,6 @@ def build_forward(
         document.content, maintype="application", subtype="pdf", filename=filename
     )
     return message
-
-
-# --- pure: the send rate cap ------------------------------------------------------------
-
-
-class SendPacer:
-    """Keeps every 60-second window at or under `max_per_minute` sends (None: no cap).
-
-    Call `wait()` right before each send; it sleeps just long enough.
-    """
-
-    WINDOW_SECONDS = 60.0
-
-    def __init__(
-        self,
-        max_per_minute: int | None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if max_per_minute is not None and max_per_minute < 1:
-            raise ValueError(f"max_per_minute must be at least 1, got {max_per_minute}")
-        self._limit = max_per_minute
-        self._clock = clock
-        self._sleep = sleep
-        self._sent_at: deque[float] = deque()
-
-    def delay(self) -> float:
-        """Seconds `wait()` would sleep now (0.0 when a send may go at once)."""
-        if self._limit is None:
-            return 0.0
-        now = self._clock()
-        self._forget_before(now)
-        if len(self._sent_at) < self._limit:
-            return 0.0
-        return max(0.0, self._sent_at[0] + self.WINDOW_SECONDS - now)
-
-    def wait(self) -> None:
-        if self._limit is None:
-            return
-        # A loop, not one sleep: a clock or sleep that falls short must not let a
-        # send through early.
-        while (pause := self.delay()) > 0:
-            self._sleep(pause)
-        self._sent_at.append(self._clock())
-
-    def _forget_before(self, now: float) -> None:
-        while self._sent_at and self._sent_at[0] <= now - self.WINDOW_SECONDS:
-            self._sent_at.popleft()
 
 
 # --- the SMTP adapter -------------------------------------------------------------------
@@ -388,7 +336,7 @@ class SmtpOutbox:
             raise self._refused(f"connection lost before sending: {reason}") from exc
 
         try:
-            code, answer = smtp.data(content)
+            code, answer = _data(smtp, content)
         except smtplib.SMTPDataError as exc:
             # The server refused the DATA command itself: an answer about this mail.
             self._reset_or_drop()
@@ -438,6 +386,34 @@ class SmtpOutbox:
     def _drop(self) -> None:
         smtp, self._smtp = self._smtp, None
         _discard(smtp)
+
+
+_DATA_CHUNK = 1 << 20
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _data(smtp: smtplib.SMTP, content: bytes) -> tuple[int, bytes]:
+    """`smtp.data(content)` without its three whole-message copies (100 MB for a 25 MB
+    PDF): 1 MiB slices, each ending after a line break, dot-stuffed one by one."""
+    smtp.putcmd("data")
+    code, answer = smtp.getreply()
+    if code != 354:
+        raise smtplib.SMTPDataError(code, answer)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"  # the terminating dot must start a line
+    start = 0
+    view = memoryview(content)
+    while start < len(content):
+        end = content.find(b"\n", min(start + _DATA_CHUNK, len(content)) - 1)
+        end = len(content) if end < 0 else end + 1
+        piece = _LEADING_DOT.sub(b"..", view[start:end].tobytes())
+        if end == len(content):
+            # With the last slice, not after it: a lone small write waits on Nagle's
+            # algorithm and the receiver's delayed ACK (40 ms a mail).
+            piece += b".\r\n"
+        smtp.send(piece)
+        start = end
+    return smtp.getreply()
 
 
 def _discard(smtp: smtplib.SMTP | None) -> None:

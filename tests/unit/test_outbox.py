@@ -15,12 +15,12 @@ from worker.models import OutgoingDocument
 from worker.outbox import (
     FILENAME_LIMIT,
     SUBJECT_LIMIT,
-    SendPacer,
     build_forward,
     clean_filename,
     clean_text,
     forward_message_id,
 )
+from worker.pacer import SendPacer
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 NOW = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
