@@ -104,6 +104,7 @@ class FakeMailbox:
         self.opened = False
         self.whole_fetches: list[tuple[int, str]] = []  # sections fetched without a limit
         self.unreadable: set[int] = set()  # UIDs whose structure the server cannot describe
+        self.hostile_structure: set[int] = set()  # UIDs whose structure is nested absurdly
         self.whole_mails: list[int] = []  # UIDs fetched whole (BODY.PEEK[])
 
     def add(self, raw: bytes, *, received: datetime | None = None) -> int:
@@ -147,7 +148,12 @@ class FakeMailbox:
                     size=len(mail.raw),
                     internaldate=mail.received,
                     headers=headers.parse_headers(header_block),
-                    structure=None if uid in self.unreadable else structure_of(parsed),
+                    structure=None
+                    if uid in self.unreadable | self.hostile_structure
+                    else structure_of(parsed),
+                    structure_problem="nested more than 40 levels deep"
+                    if uid in self.hostile_structure
+                    else None,
                 )
             )
         return result

@@ -193,10 +193,16 @@ class Intake:
             )
             return plan
         if summary.structure is None:
+            # What the server says of a mail's structure does not change, so a structure
+            # the relay cannot read (hostile nesting, say) is rejected at once; only a
+            # mail the server did not describe at all is an error worth retrying.
+            problem = summary.structure_problem
             plan.verdict = PartRecord(
                 part="",
-                kind=SightingKind.ERROR,
-                reason="the server could not describe the mail's MIME structure",
+                kind=SightingKind.REJECTED if problem else SightingKind.ERROR,
+                reason=f"unreadable MIME structure: {problem}"
+                if problem
+                else "the server could not describe the mail's MIME structure",
             )
             return plan
         limit = mime.structure_limit(

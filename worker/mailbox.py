@@ -343,16 +343,19 @@ def _summary(uid: int, data: Mapping[bytes, Any]) -> MailSummary:
     else:
         internaldate = None
     raw_structure = data.get(b"BODYSTRUCTURE")
+    structure_problem: str | None = None
     try:
         structure = mime.parse_bodystructure(raw_structure) if raw_structure else None
-    except ValueError:
+    except ValueError as exc:
         logger.warning(
             "unreadable BODYSTRUCTURE",
             extra={"action": "bodystructure_unreadable", "uid": uid},
             exc_info=True,
         )
         structure = None
+        structure_problem = str(exc)
     return MailSummary(
+        structure_problem=structure_problem,
         uid=uid,
         size=int(data[b"RFC822.SIZE"]),
         internaldate=internaldate,

@@ -113,6 +113,7 @@ class MailSummary:
     internaldate: datetime | None
     headers: MailHeaders
     structure: BodyPart | None  # None when the server could not describe it
+    structure_problem: str | None = None  # why the structure could not be read
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -450,3 +450,13 @@ def test_a_mail_deleted_during_a_poll_is_recorded_not_lost(relay: Relay) -> None
     assert "vanished" in reason
     assert "left the mailbox" in reason
     assert relay.outbox.sent == []
+
+
+def test_an_unreadable_structure_is_rejected_at_once(relay: Relay) -> None:
+    uid = relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
+    relay.mailbox.hostile_structure.add(uid)
+    relay.poll()
+    row = relay.audit()[0]
+    assert row.outcome is Outcome.REJECTED
+    assert "nested more than 40 levels" in (row.reason or "")
+    assert relay.mailbox.whole_fetches == []
