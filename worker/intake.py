@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from worker import mime
-from worker.errors import PdfCheckFailed
+from worker.errors import InfrastructureError, PdfCheckFailed
 from worker.models import (
     Candidate,
     MailRecord,
@@ -26,6 +28,8 @@ from worker.ports import Inspector, Mailbox
 from worker.trust import NO_PROOF, DkimVerifier, Proof, SenderProof, TrustPolicy, TxtLookup
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 PROBE_BYTES = 64
 
@@ -113,7 +117,14 @@ class Intake:
         """Fetch what is needed of `uids` and decide every part's kind. Infrastructure
         errors propagate (the poll ends, nothing of this batch is recorded); anything
         else is caught per mail and recorded as that mail's `error`."""
-        plans = [self._plan_mail(summary) for summary in self._mailbox.summaries(uids)]
+        plans = [
+            per_mail(
+                summary.uid,
+                partial(self._plan_mail, summary),
+                partial(_failed_plan, summary),
+            )
+            for summary in self._mailbox.summaries(uids)
+        ]
 
         probe_wanted = {p.summary.uid: [c.section for c in p.probed] for p in plans if p.probed}
         prefixes = (
@@ -168,15 +179,11 @@ class Intake:
         records: list[MailRecord] = []
         for plan in plans:
             uid = plan.summary.uid
-            try:
-                parts = self._parts_of(plan, to_fetch.get(uid, []), decoded, reports)
-            except Exception as exc:
-                log.exception(
-                    "could not handle mail %s",
-                    uid,
-                    extra={"action": "mail_error", "uid": uid},
-                )
-                parts = [PartRecord(part="", kind=SightingKind.ERROR, reason=describe(exc))]
+            parts = per_mail(
+                uid,
+                partial(self._parts_of, plan, to_fetch.get(uid, []), decoded, reports),
+                _as_parts,
+            )
             records.append(MailRecord(uid=uid, headers=plan.summary.headers, parts=tuple(parts)))
         return records
 
@@ -211,12 +218,7 @@ class Intake:
         if limit is not None:
             plan.verdict = PartRecord(part="", kind=SightingKind.REJECTED, reason=limit)
             return plan
-        try:
-            candidates = mime.find_candidates(summary.structure)
-        except Exception as exc:
-            log.exception("bad structure in mail %s", summary.uid, extra={"action": "mail_error"})
-            plan.verdict = PartRecord(part="", kind=SightingKind.ERROR, reason=describe(exc))
-            return plan
+        candidates = mime.find_candidates(summary.structure)
         refusal = loop_reason(summary, config.forward_from)
         if refusal is None and not sender_allowed(
             summary.headers.sender_address, config.allowed_senders
@@ -350,6 +352,28 @@ def _too_large(candidate: Candidate, limit: int) -> PartRecord:
         filename=candidate.filename,
         size_bytes=estimated_decoded_size(candidate),
     )
+
+
+def _failed_plan(summary: MailSummary, error: PartRecord) -> _MailPlan:
+    return _MailPlan(summary=summary, verdict=error)
+
+
+def _as_parts(error: PartRecord) -> list[PartRecord]:
+    return [error]
+
+
+def per_mail(uid: int, step: Callable[[], _T], on_error: Callable[[PartRecord], _T]) -> _T:
+    """The relay's one broad catch: whatever goes wrong with one mail (a bug, a parser
+    surprise) becomes that mail's `error` row, logged with its traceback, and the poll
+    goes on. A server or the database failing is not the mail's fault: that ends the
+    poll, and nothing of the batch is recorded."""
+    try:
+        return step()
+    except InfrastructureError:
+        raise
+    except Exception as exc:  # recorded as the mail's error, with the traceback logged
+        log.exception("could not handle mail %s", uid, extra={"action": "mail_error", "uid": uid})
+        return on_error(PartRecord(part="", kind=SightingKind.ERROR, reason=describe(exc)))
 
 
 def describe(exc: BaseException) -> str:
