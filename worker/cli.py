@@ -20,7 +20,7 @@ from typing import TextIO
 from worker import audit, checks
 from worker.errors import ConfigError, InfrastructureError, RelayError
 from worker.logs import configure_logging, register_secret, register_secrets
-from worker.models import AuditFilter, Outcome, PollReport
+from worker.models import AuditFilter, Outcome, PollReport, SightingKind
 from worker.settings import Settings, database_url_from_env
 
 log = logging.getLogger(__name__)
@@ -166,12 +166,16 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if command == "run":
         return commands.run_service(settings)
     if args.dry_run:
-        for item in commands.dry_run(settings):
+        planned = commands.dry_run(settings)
+        for item in planned:
+            verb = "would forward" if item.kind is SightingKind.DOCUMENT else item.kind.value
             print(
-                f"uid {item.uid} part {item.part or '-'}: {item.kind.value}"
+                f"uid {item.uid} part {item.part or '-'}: {verb}"
                 f"{' ' + item.filename if item.filename else ''}"
                 f"{' (' + item.reason + ')' if item.reason else ''}"
             )
+        forwards = sum(item.kind is SightingKind.DOCUMENT for item in planned)
+        print(f"dry run: {forwards} PDF(s) would be forwarded; nothing was recorded or sent")
         return EXIT_OK
     progress = _progress_printer(sys.stderr)
     report = commands.once(settings, progress=progress)

@@ -216,7 +216,9 @@ class Pipeline:
         return report
 
     def plan(self) -> list[PlannedSighting]:
-        """A dry run: what a poll would record now, without writing or sending anything."""
+        """A dry run: what a poll would record now, without writing or sending anything.
+        Accepted PDFs whose key is known already (or seen earlier in this run) are shown
+        as duplicates, so the DOCUMENT entries are exactly what would be forwarded."""
         status = self._mailbox.open()
         try:
             position = self._store.position(self._config.mailbox)
@@ -224,9 +226,10 @@ class Pipeline:
             if position is not None and position.uidvalidity == status.uidvalidity:
                 last_uid = position.last_uid
             planned: list[PlannedSighting] = []
+            seen: set[str] = set()
             for batch in _chunks(self._mailbox.new_uids(last_uid, self._config.since), 200):
                 for mail in self._intake.build_records(batch):
-                    planned.extend(self._planned(mail))
+                    planned.extend(self._planned(mail, seen))
             return planned
         finally:
             self._mailbox.close()
@@ -281,13 +284,26 @@ class Pipeline:
             _log_sighting(sighting, retry=retry)
         return recorded
 
-    def _planned(self, mail: MailRecord) -> Iterator[PlannedSighting]:
+    def _planned(self, mail: MailRecord, seen: set[str]) -> Iterator[PlannedSighting]:
         for part in mail.parts:
+            kind, reason = part.kind, part.reason
+            if kind is SightingKind.DOCUMENT and part.sha256 is not None:
+                content_key = part.fingerprint if self._config.dedup is DedupMode.CONTENT else None
+                keys = {part.sha256} | ({content_key} if content_key else set())
+                known = self._store.known_key(sha256=part.sha256, content_key=content_key)
+                if known is not None or keys & seen:
+                    kind = SightingKind.DUPLICATE
+                    reason = (
+                        f"same {known} as a recorded invoice"
+                        if known
+                        else ("same invoice as an earlier mail in this run")
+                    )
+                seen.update(keys)
             yield PlannedSighting(
                 uid=mail.uid,
                 part=part.part,
-                kind=part.kind,
-                reason=part.reason,
+                kind=kind,
+                reason=reason,
                 filename=part.filename,
                 sha256=part.sha256,
             )

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
-from email.message import EmailMessage
 from typing import Protocol
 
+from worker.forward_mail import ForwardMail
 from worker.models import (
     AuditFilter,
     AuditRow,
@@ -61,7 +61,7 @@ class Outbox(Protocol):
     def open(self) -> None:
         """Connect, TLS, log in. Raises `SessionRefused`."""
 
-    def send(self, message: EmailMessage) -> str:
+    def send(self, message: ForwardMail) -> str:
         """Send one mail; returns the server's answer text. Raises `SendRejected`."""
 
     def close(self) -> None:
@@ -145,5 +145,8 @@ class Store(Protocol):
         """Queue a forwarded document again on purpose (needs its kept bytes)."""
 
     def state_counts(self) -> dict[DocumentState, int]: ...
+
+    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
+        """Read-only, for a dry run: which key of a PDF is known already, or None."""
 
     def audit(self, query: AuditFilter) -> list[AuditRow]: ...

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.db import advisory_key, audit_log, make_engine, translated
+from worker.db import advisory_key, audit_log, documents, make_engine, translated
 from worker.models import AuditFilter, AuditRow, Outcome
 from worker.queue import DocumentQueue
 from worker.recording import MailRecorder
@@ -65,6 +65,23 @@ class SqlStore(MailRecorder, DocumentQueue):
         with self._read() as connection:
             rows = connection.execute(statement).all()
         return [_audit_row(row) for row in rows]
+
+    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
+        """For a dry run only (it decides nothing): which key of a PDF is already known,
+        "sha256" or "content fingerprint", or None."""
+        with self._read() as connection:
+            if connection.execute(
+                sa.select(documents.c.id).where(documents.c.sha256 == sha256)
+            ).first():
+                return "sha256"
+            if (
+                content_key is not None
+                and connection.execute(
+                    sa.select(documents.c.id).where(documents.c.content_key == content_key)
+                ).first()
+            ):
+                return "content fingerprint"
+        return None
 
     # --- locking -------------------------------------------------------------------------
 

@@ -216,12 +216,23 @@ def test_dry_run_changes_nothing(
 ) -> None:
     database = tmp_path / "relay.db"
     imap.append(samples.invoice_mail(pdfs=[("Invoice 1042.pdf", PDF_1042)]))
+    imap.append(samples.invoice_mail(pdfs=[("Invoice 1042.pdf", PDF_1042)]))
     env = relay_env(imap, smtp, f"sqlite:///{database}", smtp_ca=smtp_ca)
     result = run_relay(env, "once", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "Invoice 1042.pdf" in result.stdout
+    assert "uid 1 part 2: would forward Invoice 1042.pdf" in result.stdout
+    assert "uid 2 part 2: duplicate Invoice 1042.pdf" in result.stdout
+    assert "1 PDF(s) would be forwarded" in result.stdout
     assert smtp.messages == []
     assert not database.exists()
+
+    # After a real poll, a dry run knows what was forwarded already.
+    assert run_relay(env, "once").returncode == 0
+    imap.append(samples.invoice_mail(pdfs=[("again.pdf", PDF_1042)]))
+    again = run_relay(env, "once", "--dry-run")
+    assert "duplicate again.pdf (same sha256 as a recorded invoice)" in again.stdout
+    assert "0 PDF(s) would be forwarded" in again.stdout
+    assert len(smtp.messages) == 1
 
 
 def test_unreachable_imap_exits_1_with_one_line(

@@ -390,10 +390,12 @@ def test_stop_takes_no_new_work(relay: Relay) -> None:
 def test_dry_run_records_and_sends_nothing(relay: Relay) -> None:
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
     relay.mailbox.add(samples.plain_mail())
+    relay.mailbox.add(samples.invoice_mail(pdfs=[("again.pdf", PDF_A)]))
     planned = relay.pipeline().plan()
     assert [(p.uid, p.kind.value, p.filename) for p in planned] == [
         (1, "document", "a.pdf"),
         (2, "no_pdf", None),
+        (3, "duplicate", "again.pdf"),
     ]
     assert relay.audit() == []
     assert relay.outbox.sent == []
