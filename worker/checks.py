@@ -90,6 +90,10 @@ def _check_smtp(settings: Settings) -> str:
 
 def _check_database(settings: Settings) -> str:
     url = settings.database_url.reveal()
+    path = settings.sqlite_path()
+    if path is not None and not path.exists():
+        # A check changes nothing: the first poll creates the file.
+        return f"no database at {path} yet; the first poll creates it"
     if db.is_up_to_date(url):
         return "reachable, migrations up to date"
     return "reachable; migrations pending (applied at start-up, or run `invoice-relay db upgrade`)"

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TextIO
 
 from worker import audit, checks
-from worker.errors import ConfigError, InfrastructureError, RelayError
+from worker.errors import ConfigError, ConfigProblems, InfrastructureError, RelayError
 from worker.logs import configure_logging, register_secret, register_secrets
 from worker.models import AuditFilter, Outcome, PollReport, SightingKind
 from worker.settings import Settings, database_url_from_env
@@ -44,6 +44,16 @@ def _iso_date(text: str) -> datetime:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these outcomes (repeatable)",
     )
     audit_cmd.add_argument("--invoice", help="only rows with this invoice number")
-    audit_cmd.add_argument("--limit", type=int, default=None, help="at most this many rows")
+    audit_cmd.add_argument(
+        "--limit", type=_positive_int, default=None, help="at most this many rows"
+    )
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -98,8 +110,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args, environ)
+    except ConfigProblems as exc:
+        for problem in exc.problems:  # one clear line per problem
+            _fail(f"configuration error: {problem.variable}: {problem.problem}")
+        return EXIT_USAGE
     except ConfigError as exc:
-        _fail(f"configuration error: {exc}")
+        _fail(f"configuration error: {exc.variable}: {exc.problem}")
         return EXIT_USAGE
     except InfrastructureError as exc:
         _fail(str(exc))

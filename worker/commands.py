@@ -107,7 +107,12 @@ def prepared_store(settings: Settings) -> SqlStore:
     """The store, with its SQLite folder created and migrations applied."""
     path = settings.sqlite_path()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the folder {path.parent}: {exc.strerror or exc}"
+            ) from exc
     url = settings.database_url.reveal()
     db.upgrade_database(url)
     return SqlStore(url)

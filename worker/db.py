@@ -287,8 +287,20 @@ def parse_url(url: str) -> URL:
     return parsed
 
 
+def _passwords(url: URL) -> list[str]:
+    """Every password the URL carries: in its user info and in its query string."""
+    found = [str(url.password)] if url.password else []
+    for key, value in url.query.items():
+        if key.lower() == "password":
+            found.extend([value] if isinstance(value, str) else list(value))
+    return [password for password in found if password]
+
+
 def describe(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+    """The URL for messages: every password masked, the query string's included."""
+    masked = {key: "MASKED" for key in url.query if key.lower() == "password"}
+    text = url.update_query_dict(masked).render_as_string(hide_password=True)
+    return text.replace(":***@", ":****@", 1).replace("MASKED", "****")
 
 
 def translate(exc: SQLAlchemyError, url: URL) -> StoreError:
@@ -299,8 +311,8 @@ def translate(exc: SQLAlchemyError, url: URL) -> StoreError:
     else:
         # SQLAlchemy's own text may quote statements and parameters (PDF bytes).
         detail = type(exc).__name__
-    if url.password:
-        detail = detail.replace(str(url.password), "****")
+    for password in _passwords(url):
+        detail = detail.replace(password, "****")
     return StoreError(f"{describe(url)}: {detail}")
 
 

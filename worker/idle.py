@@ -116,6 +116,16 @@ class IdleWatcher:
                 if self._stop.wait(delay):
                     break
                 delay = next_backoff(delay, self._timing)
+            except Exception:  # a bug must not end the watcher unseen; logged, retried
+                log.exception(
+                    "IDLE watcher failed, restarting in %.0f s",
+                    delay,
+                    extra={"action": "idle_failed"},
+                )
+                reconnecting = True
+                if self._stop.wait(delay):
+                    break
+                delay = next_backoff(delay, self._timing)
             finally:
                 self._mailbox.close()
         return IdleEnd.STOPPED

@@ -29,12 +29,6 @@ MASK = "****"
 MB = 1024 * 1024
 
 _T = TypeVar("_T")
-_E = TypeVar("_E", bound=enum.Enum)
-
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-_LOCAL_PART = re.compile(r"[^\s@<>()\[\],;:\"\\]+")
-_DOMAIN = re.compile(r"(?:[\w-]+\.)*[\w-]+")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
 

@@ -93,6 +93,12 @@ def timezone(text: str) -> str:
 def host(text: str) -> str:
     if any(char.isspace() or not char.isprintable() for char in text) or "/" in text:
         raise ValueError(f"{text!r} is not a host name")
+    try:
+        # The socket layer encodes names with IDNA; a name it cannot encode ("a..b")
+        # would otherwise fail at connect time with a traceback.
+        text.encode("idna")
+    except UnicodeError as exc:
+        raise ValueError(f"{text!r} is not a host name") from exc
     return text
 
 
@@ -108,6 +114,10 @@ def address(text: str) -> str:
     pairs = getaddresses([text])
     if len(pairs) != 1 or not is_address(pairs[0][1]):
         raise ValueError(f"{text!r} is not one email address")
+    if not pairs[0][1].isascii():
+        # SMTP without SMTPUTF8 carries ASCII addresses only; use the domain's
+        # punycode form (xn--...) instead.
+        raise ValueError(f"{text!r} is not an ASCII address (write the domain as xn--...)")
     return pairs[0][1]
 
 

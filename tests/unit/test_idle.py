@@ -173,6 +173,25 @@ def test_a_dropped_connection_reconnects_with_backoff_and_polls_once_back() -> N
     assert mailbox.calls.count("close") == 4
 
 
+def test_a_bug_in_the_watcher_is_logged_and_the_watcher_restarts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stop = _NoWaitEvent()
+    mailbox = ScriptedMailbox(stop=stop, script=[KeyError("surprise"), False])
+    watcher = IdleWatcher(
+        mailbox=mailbox, on_new_mail=lambda: None, stop=stop, timing=TIMING, clock=mailbox.clock
+    )
+
+    with caplog.at_level(logging.ERROR):
+        end = watcher.run()
+
+    assert end is IdleEnd.STOPPED
+    assert mailbox.calls.count("open") == 2  # it came back after the failure
+    assert stop.waits == [1.0]
+    (record,) = [r for r in caplog.records if getattr(r, "action", "") == "idle_failed"]
+    assert record.exc_info is not None
+
+
 # --- PollRequests ----------------------------------------------------------------------
 
 

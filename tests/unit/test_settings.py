@@ -121,6 +121,8 @@ def test_explicit_ports_win() -> None:
         ("IMAP_SECURITY", "tls", "not one of ssl, starttls, none"),
         ("SMTP_SECURITY", "yes", "not one of ssl, starttls, none"),
         ("IMAP_HOST", "imap example", "not a host name"),
+        ("SMTP_HOST", "a..b", "not a host name"),
+        ("FORWARD_TO", "rechnung@müller.example", "not an ASCII address"),
         ("FORWARD_TO", "not-an-address", "not one email address"),
         ("FORWARD_TO", "a@example.com, b@example.com", "not one email address"),
         ("FORWARD_TO", "a@example.com\r\nBcc: x@example.com", "control characters"),
