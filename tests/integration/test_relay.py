@@ -361,3 +361,35 @@ def test_audit_never_creates_a_database(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "no database" in result.stderr
     assert not missing.parent.exists()
+
+
+def test_retry_and_resend_commands(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    imap.append(samples.invoice_mail(pdfs=[("a.pdf", PDF_1042)]))
+    smtp.fail_next(550, "5.7.1 content rejected")
+    env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca, INVOICE_RELAY_KEEP_PDFS="true")
+    assert run_relay(env, "once").returncode == 0
+    (row,) = audit_rows(database_url)
+    assert row["outcome"] == "failed"
+    sha256 = str(row["sha256"])
+
+    unknown = run_relay(env, "retry", "0" * 64)
+    assert unknown.returncode == 1
+    retried = run_relay(env, "retry", "--all")
+    assert retried.returncode == 0, retried.stderr
+    assert "1 document(s) queued again" in retried.stdout
+    assert run_relay(env, "once").returncode == 0
+    assert [r["outcome"] for r in audit_rows(database_url)] == ["forwarded"]
+    first_id = str(smtp.messages[0].message["Message-ID"])
+
+    resent = run_relay(env, "resend", sha256)
+    assert resent.returncode == 0, resent.stderr
+    assert run_relay(env, "once").returncode == 0
+    assert len(smtp.messages) == 2
+    second_id = str(smtp.messages[1].message["Message-ID"])
+    assert second_id != first_id  # a deliberate resend is a new mail, recognisably so
+    (row,) = audit_rows(database_url)
+    assert row["outcome"] == "forwarded"
+    assert row["forwarded_message_id"] == second_id
