@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import shlex
 import shutil
 import smtplib
 import statistics
@@ -64,7 +65,7 @@ class Bench:
         return env
 
     def once(self, env: dict[str, str], name: str) -> Measured:
-        result = run_measured([*RELAY, "once"], env=env, log=self.scratch / f"{name}.log")
+        result = run_measured([*self.relay, "once"], env=env, log=self.scratch / f"{name}.log")
         if result.status != 0:
             raise RuntimeError(
                 f"`invoice-relay once` ({name}) exited {result.status}:\n" + result.stderr[-3000:]
@@ -237,7 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (scratch / "dovecot").mkdir()
     try:
         with running_dovecot(scratch / "dovecot", tls=False) as server:
-            bench = Bench(server=server, scratch=scratch)
+            # BENCH_WRAP (e.g. "py-spy record -o /tmp/p.txt --format raw --") runs each
+            # `once` under a profiler.
+            wrap = tuple(shlex.split(os.environ.get("BENCH_WRAP", "")))
+            bench = Bench(server=server, scratch=scratch, relay=(*wrap, *RELAY))
             bench.say(
                 f"# invoice-relay bench, {dt.date.today().isoformat()}, "
                 f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "

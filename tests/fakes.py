@@ -12,6 +12,7 @@ from email.message import EmailMessage, Message
 
 from worker import headers
 from worker.errors import MailboxError, PdfCheckFailed, SendRejected, SessionRefused
+from worker.forward_mail import ForwardMail
 from worker.models import BodyPart, FolderStatus, MailSummary, PdfReport
 
 
@@ -179,6 +180,12 @@ class FakeMailbox:
                 result[(uid, section)] = data[:max_bytes] if max_bytes else data
         return result
 
+    def fetch_range(self, uid: int, section: str, *, offset: int, length: int) -> bytes | None:
+        """`length` raw octets of one section from `offset` (`worker.ranged.RangedFetch`)."""
+        self._call("fetch_range")
+        whole = self.fetch_sections({uid: [section]}).get((uid, section))
+        return None if whole is None else whole[offset : offset + length]
+
     def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
         self._call("fetch_messages")
         self.whole_mails.extend(uid for uid in uids if uid in self.mails)
@@ -204,12 +211,17 @@ class FakeOutbox:
             raise SessionRefused("connection refused", host="fake", port=25)
         self.opened += 1
 
-    def send(self, message: EmailMessage) -> str:
-        if self.answers:
-            answer = self.answers.pop(0)
-            if answer is not None:
-                raise answer
-        self.sent.append(message)
+    def send(
+        self, message: ForwardMail, *, before_end: Callable[[], None] | None = None
+    ) -> str:
+        answer = self.answers.pop(0) if self.answers else None
+        if isinstance(answer, SessionRefused):  # refused before the content
+            raise answer
+        if before_end is not None:
+            before_end()
+        if answer is not None:
+            raise answer
+        self.sent.append(message.parsed())
         return "250 2.0.0 queued"
 
     def close(self) -> None:

@@ -11,12 +11,14 @@ import logging
 import random
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from worker.errors import SendRejected, SessionRefused
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
-from worker.outbox import build_forward
+from worker.forward_mail import build_forward
+from worker.models import OutgoingDocument
 from worker.pacer import SendPacer
 from worker.ports import Outbox, Store
 from worker.retry import BASE_DELAY, out_of_attempts, retry_delay
@@ -122,12 +124,19 @@ class Forwarder:
         """Send every due document. Returns (forwarded, retried later, failed).
 
         With `arrivals`, it runs beside the reading of mail: when nothing is due it
-        waits for the next recorded batch, and returns once reading has ended."""
+        waits for the next recorded batch, and returns once reading has ended.
+
+        A document accepted by the server is marked forwarded in a second thread while
+        the next one goes out; that mark is committed before the next mail's terminating
+        dot (`Outbox.send(before_end=...)`), so at any moment at most one accepted mail
+        is not yet marked, as if the marks were made in line."""
         config = self._config
-        forwarded = retried = failed = 0
+        tally = _Tally()
         opened = False
+        marks = _Marks(self._mark_forwarded, tally, self._marked)
         try:
             while not self._stop.is_set():
+                marks.settle()
                 claimed = self._store.claim_due(
                     now=self._clock(), limit=config.send_batch, lease_seconds=config.lease_seconds
                 )
@@ -138,9 +147,10 @@ class Forwarder:
                 self._checkpoint(CrashPoint.AFTER_CLAIM)
                 for index, document in enumerate(claimed):
                     if self._stop.is_set():
+                        marks.settle()
                         for rest in claimed[index:]:
                             self._store.release(rest.document_id)
-                        return forwarded, retried, failed
+                        return tally.result()
                     try:
                         if not opened:
                             self._outbox.open()
@@ -149,68 +159,127 @@ class Forwarder:
                         message = build_forward(
                             document, forward_to=config.forward_to, forward_from=config.forward_from
                         )
-                        answer = self._outbox.send(message)
+                        answer = self._outbox.send(message, before_end=marks.settle)
                         self._checkpoint(CrashPoint.AFTER_SEND)
                     except SessionRefused:
+                        marks.settle()
                         for rest in claimed[index:]:
                             self._store.release(rest.document_id)
                         raise
                     except SendRejected as refusal:
+                        marks.settle()
                         # The outbox may have dropped a session that died mid-send (or
                         # answered 421): the next document starts a fresh one.
                         self._outbox.close()
                         opened = False
-                        answer_text = str(refusal)
-                        attempts = document.attempts + 1
-                        if refusal.permanent:
-                            self._store.mark_failed(document.document_id, answer=answer_text)
-                            failed += 1
-                            action = "pdf_failed"
-                        elif out_of_attempts(attempts, config.max_attempts):
-                            self._store.mark_retry(
-                                document.document_id,
-                                answer=answer_text,
-                                next_attempt_at=self._clock(),
-                                failed=True,
-                            )
-                            failed += 1
-                            action = "pdf_failed"
-                        else:
-                            self._store.mark_retry(
-                                document.document_id,
-                                answer=answer_text,
-                                next_attempt_at=self._clock()
-                                + retry_delay(attempts, base=config.retry_base, rng=self._rng),
-                                failed=False,
-                            )
-                            retried += 1
-                            action = "pdf_retry_later"
-                        log.warning(
-                            "forward refused: %s",
-                            answer_text,
-                            extra={"action": action, "sha256": document.sha256},
-                        )
+                        self._refused(document, refusal, tally)
                         continue
-                    self._store.mark_forwarded(
-                        document.document_id,
-                        message_id=str(message["Message-ID"]),
-                        answer=answer,
-                        now=self._clock(),
-                        keep_pdf=config.keep_pdfs,
-                    )
-                    self._checkpoint(CrashPoint.AFTER_MARK)
-                    forwarded += 1
-                    log.info(
-                        "forwarded %s",
-                        document.filename,
-                        extra={"action": "pdf_forwarded", "sha256": document.sha256},
-                    )
-                    self._report_progress(f"{forwarded} forwarded")
+                    marks.start(document, message.message_id, answer)
+            marks.settle()
         finally:
+            marks.close()
             if opened:
                 self._outbox.close()
-        return forwarded, retried, failed
+        return tally.result()
+
+    def _refused(self, document: OutgoingDocument, refusal: SendRejected, tally: _Tally) -> None:
+        config = self._config
+        answer_text = str(refusal)
+        attempts = document.attempts + 1
+        if refusal.permanent:
+            self._store.mark_failed(document.document_id, answer=answer_text)
+            tally.failed += 1
+            action = "pdf_failed"
+        elif out_of_attempts(attempts, config.max_attempts):
+            self._store.mark_retry(
+                document.document_id,
+                answer=answer_text,
+                next_attempt_at=self._clock(),
+                failed=True,
+            )
+            tally.failed += 1
+            action = "pdf_failed"
+        else:
+            self._store.mark_retry(
+                document.document_id,
+                answer=answer_text,
+                next_attempt_at=self._clock()
+                + retry_delay(attempts, base=config.retry_base, rng=self._rng),
+                failed=False,
+            )
+            tally.retried += 1
+            action = "pdf_retry_later"
+        log.warning(
+            "forward refused: %s",
+            answer_text,
+            extra={"action": action, "sha256": document.sha256},
+        )
+
+    def _mark_forwarded(self, document: OutgoingDocument, message_id: str, answer: str) -> None:
+        self._store.mark_forwarded(
+            document.document_id,
+            message_id=message_id,
+            answer=answer,
+            now=self._clock(),
+            keep_pdf=self._config.keep_pdfs,
+        )
+
+    def _marked(self, document: OutgoingDocument, forwarded: int) -> None:
+        self._checkpoint(CrashPoint.AFTER_MARK)
+        log.info(
+            "forwarded %s",
+            document.filename,
+            extra={"action": "pdf_forwarded", "sha256": document.sha256},
+        )
+        self._report_progress(f"{forwarded} forwarded")
 
     def _report_progress(self, text: str) -> None:
         if self._progress is not None:
             self._progress(text)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Tally:
+    """What one `forward_due` did so far."""
+
+    forwarded: int = 0
+    retried: int = 0
+    failed: int = 0
+
+    def result(self) -> tuple[int, int, int]:
+        return self.forwarded, self.retried, self.failed
+
+
+class _Marks:
+    """At most one `mark_forwarded` in flight, in a thread of its own; `settle` waits
+    for it and raises what it raised."""
+
+    def __init__(
+        self,
+        mark: Callable[[OutgoingDocument, str, str], None],
+        tally: _Tally,
+        marked: Callable[[OutgoingDocument, int], None] | None = None,
+    ) -> None:
+        self._mark = mark
+        self._tally = tally
+        self._marked = marked
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marks")
+        self._pending: tuple[Future[None], OutgoingDocument] | None = None
+
+    def start(self, document: OutgoingDocument, message_id: str, answer: str) -> None:
+        self.settle()
+        future = self._executor.submit(self._mark, document, message_id, answer)
+        self._pending = (future, document)
+
+    def settle(self) -> None:
+        if self._pending is None:
+            return
+        (future, document), self._pending = self._pending, None
+        future.result()
+        self._tally.forwarded += 1
+        if self._marked is not None:
+            self._marked(document, self._tally.forwarded)
+
+    def close(self) -> None:
+        """Wait for a mark still in flight (an exception is on its way already)."""
+        self._executor.shutdown(wait=True)

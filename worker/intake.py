@@ -25,6 +25,7 @@ from worker.models import (
     SightingKind,
 )
 from worker.ports import Inspector, Mailbox
+from worker.ranged import LARGE_PART, RangedFetch, fetch_decoded
 from worker.trust import NO_PROOF, DkimVerifier, Proof, SenderProof, TrustPolicy, TxtLookup
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ def loop_reason(summary: MailSummary, forward_from: str) -> str | None:
     if auto and auto != "no" and headers.sender_address == forward_from.lower():
         return "loop: Auto-Submitted mail from INVOICE_RELAY_FORWARD_FROM"
     return None
+
+
+def _large(candidate: Candidate) -> bool:
+    return candidate.encoding.strip().lower() == "base64" and candidate.size >= LARGE_PART
 
 
 def estimated_decoded_size(candidate: Candidate) -> int:
@@ -149,15 +154,31 @@ class Intake:
                     plan.rejected_parts.append(_too_large(candidate, self._config.max_pdf_bytes))
                 else:
                     to_fetch.setdefault(uid, []).append(candidate)
-        wanted = {uid: [c.section for c in cands] for uid, cands in to_fetch.items()}
-        bodies = self._mailbox.fetch_sections(wanted) if wanted else {}
+        # A large part comes range by range from a mailbox that can (worker.ranged).
+        ranging = self._mailbox if isinstance(self._mailbox, RangedFetch) else None
+        wanted = {
+            uid: [c.section for c in cands if not (ranging is not None and _large(c))]
+            for uid, cands in to_fetch.items()
+        }
+        bodies = self._mailbox.fetch_sections(wanted) if any(wanted.values()) else {}
 
         # Decode every fetched part, then check all PDFs of the batch in one go so the
         # worker processes run in parallel.
         decoded: dict[tuple[int, str], bytes | Exception] = {}
         for uid, cands in to_fetch.items():
             for candidate in cands:
-                raw = bodies.get((uid, candidate.section))
+                if ranging is not None and _large(candidate):
+                    try:
+                        large = fetch_decoded(ranging, uid, candidate.section)
+                    except ValueError as exc:
+                        decoded[(uid, candidate.section)] = exc
+                        continue
+                    decoded[(uid, candidate.section)] = (
+                        LookupError("part vanished from the server") if large is None else large
+                    )
+                    continue
+                # Popped: each raw part is freed once decoded.
+                raw = bodies.pop((uid, candidate.section), None)
                 if raw is None:
                     decoded[(uid, candidate.section)] = LookupError("part vanished from the server")
                     continue

@@ -40,7 +40,7 @@ HEADER_FIELDS = (
 )
 _HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (" + " ".join(HEADER_FIELDS) + ")]"
 _SUMMARY_ITEMS = ("UID", "RFC822.SIZE", "INTERNALDATE", "BODYSTRUCTURE", _HEADER_ITEM)
-# What the server answers for BODY.PEEK[<section>] and BODY.PEEK[<section>]<0.n>.
+# What the server answers for BODY.PEEK[<section>] and BODY.PEEK[<section>]<offset.n>.
 _SECTION_KEY = re.compile(rb"^BODY\[([^\]]*)\](?:<\d+>)?$")
 
 
@@ -196,7 +196,11 @@ class ImapMailbox:
         return result
 
     def fetch_sections(
-        self, wanted: Mapping[int, Sequence[str]], *, max_bytes: int | None = None
+        self,
+        wanted: Mapping[int, Sequence[str]],
+        *,
+        max_bytes: int | None = None,
+        offset: int = 0,
     ) -> dict[tuple[int, str], bytes]:
         client = self._require_client()
         # Mails that want the same sections share one FETCH with a UID set.
@@ -206,7 +210,7 @@ class ImapMailbox:
                 groups[tuple(sorted(set(sections)))].append(uid)
         result: dict[tuple[int, str], bytes] = {}
         for sections, group in groups.items():
-            partial = f"<0.{max_bytes}>" if max_bytes is not None else ""
+            partial = f"<{offset}.{max_bytes}>" if max_bytes is not None else ""
             items = [f"BODY.PEEK[{section}]{partial}" for section in sections]
             for batch in _batches(sorted(group), self.batch_size):
                 with self._translated("UID FETCH"):
@@ -217,6 +221,13 @@ class ImapMailbox:
                         if section in sections and isinstance(value, bytes):
                             result[(uid, section)] = value
         return result
+
+    def fetch_range(self, uid: int, section: str, *, offset: int, length: int) -> bytes | None:
+        """`BODY.PEEK[section]<offset.length>`: one range of a large part
+        (`worker.ranged.RangedFetch`); empty past the end, None when the mail is gone."""
+        return self.fetch_sections({uid: [section]}, max_bytes=length, offset=offset).get(
+            (uid, section)
+        )
 
     def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
         client = self._require_client()

@@ -1,9 +1,9 @@
-"""Building and sending forwarded mail; the only module that speaks SMTP.
+"""Sending forwarded mail; the only module that speaks SMTP.
 
-`build_forward` is pure: one `OutgoingDocument` to one `EmailMessage`. `SmtpOutbox` is
-the adapter behind `worker.ports.Outbox`: it turns every smtplib, socket and TLS failure
-into `SessionRefused` (the session is unusable, nothing counts) or `SendRejected` (this
-one mail was refused; `code` says temporary or permanent).
+`SmtpOutbox` is the adapter behind `worker.ports.Outbox`: it turns every smtplib, socket
+and TLS failure into `SessionRefused` (the session is unusable, nothing counts) or
+`SendRejected` (this one mail was refused; `code` says temporary or permanent). The mail
+itself is built by `worker.forward_mail`.
 (`worker.pacer.SendPacer` enforces `INVOICE_RELAY_MAX_SENDS_PER_MINUTE`.)
 """
 
@@ -14,138 +14,22 @@ import re
 import smtplib
 import socket
 import ssl
-import unicodedata
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator
 from email import policy
 from email.message import EmailMessage
-from email.utils import format_datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from worker.errors import SendRejected, SessionRefused
-from worker.models import OutgoingDocument, Security
+from worker.forward_mail import RELAY_HEADER, ForwardMail, clean_text
+from worker.models import Security
+
+__all__ = ["LOST_DURING_SEND", "SmtpOutbox", "clean_text"]  # clean_text: for worker.notify
 
 logger = logging.getLogger(__name__)
 
-RELAY_HEADER = "X-Invoice-Relay"
-DEFAULT_RELAY_ID = "invoice-relay"
-SUBJECT_LIMIT = 200
-FILENAME_LIMIT = 200
-BODY_FIELD_LIMIT = 300
 LOST_DURING_SEND = 451  # the code a send gets when the connection died mid-DATA
-
-_WHITESPACE = re.compile(r"\s+")
-_HEX = re.compile(r"[0-9a-f]+")
-_RELAY_ID = re.compile(r"[A-Za-z0-9.-]+")
-_PATH_SEPARATORS = str.maketrans({"/": " ", "\\": " "})
-
-
-# --- pure: the forwarded mail -----------------------------------------------------------
-
-
-def _drop_controls(value: str) -> str:
-    # Cc covers CR, LF, NUL, TAB and DEL; Zl/Zp are the Unicode line and paragraph
-    # separators, which some readers treat as line breaks too. They become spaces so
-    # that words on either side stay apart.
-    return "".join(
-        " " if unicodedata.category(char) in {"Cc", "Zl", "Zp"} else char for char in value
-    )
-
-
-def clean_text(value: str, limit: int) -> str:
-    """One line of text: control characters removed, whitespace collapsed, at most `limit`."""
-    collapsed = _WHITESPACE.sub(" ", _drop_controls(value)).strip()
-    return collapsed[:limit].rstrip()
-
-
-def clean_filename(value: str, limit: int = FILENAME_LIMIT) -> str:
-    """An attachment name with no control characters and no path; "invoice.pdf" when empty.
-
-    A name cut at `limit` keeps its `.pdf` ending so the receiver still sees a PDF.
-    """
-    name = clean_text(value.translate(_PATH_SEPARATORS), limit=len(value) + 1)
-    name = name.lstrip(". ")  # no hidden files, no "..": the name is a leaf, never a path
-    if not name:
-        return "invoice.pdf"
-    if len(name) <= limit:
-        return name
-    suffix = ".pdf" if name.lower().endswith(".pdf") else ""
-    return name[: limit - len(suffix)].rstrip() + suffix
-
-
-def forward_message_id(sha256: str, resend_count: int, *, relay_id: str = DEFAULT_RELAY_ID) -> str:
-    """The forwarded mail's Message-ID: the same for every retry of one send.
-
-    A deliberate resend (`resend_count` > 0) gets a new one, so the receiver does not
-    discard it as a copy of the first.
-    """
-    digest = sha256.lower()
-    if not _HEX.fullmatch(digest):
-        raise ValueError(f"sha256 must be hexadecimal, got {sha256!r}")
-    if resend_count < 0:
-        raise ValueError(f"resend_count must not be negative, got {resend_count}")
-    if not _RELAY_ID.fullmatch(relay_id):
-        raise ValueError(f"relay_id must be a plain domain-like word, got {relay_id!r}")
-    return f"<{digest[:32]}.{resend_count}@{relay_id}>"
-
-
-def _describe_date(value: datetime | None) -> str:
-    if value is None:
-        return "unknown"
-    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    return format_datetime(aware)
-
-
-def _body(document: OutgoingDocument, filename: str) -> str:
-    def field(value: str) -> str:
-        return clean_text(value, BODY_FIELD_LIMIT) or "unknown"
-
-    return (
-        "invoice-relay forwarded this invoice.\n"
-        "\n"
-        f"Original sender: {field(document.original_sender)}\n"
-        f"Original date: {_describe_date(document.original_date)}\n"
-        f"Original Message-ID: {field(document.original_message_id)}\n"
-        f"File: {filename}\n"
-        f"SHA-256: {document.sha256.lower()}\n"
-    )
-
-
-def build_forward(
-    document: OutgoingDocument,
-    *,
-    forward_to: str,
-    forward_from: str,
-    relay_id: str = DEFAULT_RELAY_ID,
-    now: datetime | None = None,
-) -> EmailMessage:
-    """The mail that forwards one document (DESIGN.md, "Forwarded mail").
-
-    `now` is the Date header (the current time when None). Raises ValueError for a
-    `sha256` that is not hexadecimal or an address that cannot be a header.
-    """
-    message_id = forward_message_id(document.sha256, document.resend_count, relay_id=relay_id)
-    filename = clean_filename(document.filename)
-    subject = clean_text(document.original_subject, SUBJECT_LIMIT) or f"Invoice {filename}"
-    sent_at = now if now is not None else datetime.now(UTC)
-
-    message = EmailMessage(policy=policy.SMTP)
-    message["From"] = forward_from
-    message["To"] = forward_to
-    message["Subject"] = subject
-    message["Date"] = format_datetime(
-        sent_at if sent_at.tzinfo is not None else sent_at.replace(tzinfo=UTC)
-    )
-    message["Message-ID"] = message_id
-    message["Auto-Submitted"] = "auto-generated"
-    message[RELAY_HEADER] = document.sha256.lower()
-    # Quoted-printable keeps the whole mail 7-bit: no 8BITMIME needed from the server.
-    message.set_content(_body(document, filename), cte="quoted-printable")
-    message.add_attachment(
-        document.content, maintype="application", subtype="pdf", filename=filename
-    )
-    return message
 
 
 # --- the SMTP adapter -------------------------------------------------------------------
@@ -289,13 +173,21 @@ class SmtpOutbox:
                 # A server may quote what it was sent; the password never goes further.
                 reason = reason.replace(self._password, "****")
             raise self._refused(reason) from exc
+        if smtp.sock is not None:
+            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._smtp = smtp
         logger.info(
             "smtp session open",
             extra={"action": "smtp_opened", "host": self._host, "port": self._port},
         )
 
-    def send(self, message: EmailMessage, *, recipient: str | None = None) -> str:
+    def send(
+        self,
+        message: ForwardMail | EmailMessage,
+        *,
+        recipient: str | None = None,
+        before_end: Callable[[], None] | None = None,
+    ) -> str:
         """Send one mail to FORWARD_TO (or `recipient`, for `check --send-test`).
 
         Returns the server's acceptance, e.g. "250 OK ...".
@@ -309,8 +201,12 @@ class SmtpOutbox:
         smtp = self._smtp
         if smtp is None:
             raise self._refused("the session is not open")
-        sha256 = str(message.get(RELAY_HEADER, ""))
-        content = message.as_bytes(policy=policy.SMTP)
+        if isinstance(message, ForwardMail):
+            sha256 = message.sha256
+            pieces = _forward_pieces(message)
+        else:
+            sha256 = str(message.get(RELAY_HEADER, ""))
+            pieces = _stuffed_slices(message.as_bytes(policy=policy.SMTP))
 
         # Envelope first: a refusal here concerns the session (sender, recipient,
         # connection), never this mail's content.
@@ -336,13 +232,18 @@ class SmtpOutbox:
             raise self._refused(f"connection lost before sending: {reason}") from exc
 
         try:
-            code, answer = _data(smtp, content)
+            code, answer = _data(smtp, pieces, before_end)
         except smtplib.SMTPDataError as exc:
             # The server refused the DATA command itself: an answer about this mail.
             self._reset_or_drop()
             raise SendRejected(
                 _answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
             ) from exc
+        except _Abandoned as abandoned:
+            # `before_end` raised: the mail is abandoned without its terminating dot, so
+            # the server drops what it received with the connection.
+            self._drop()
+            raise abandoned.cause from None
         except (smtplib.SMTPException, OSError) as exc:
             # Part or all of the mail went out and no answer came back: the server may
             # have accepted it. Temporary, so it is retried under the same Message-ID.
@@ -392,27 +293,70 @@ _DATA_CHUNK = 1 << 20
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
-def _data(smtp: smtplib.SMTP, content: bytes) -> tuple[int, bytes]:
-    """`smtp.data(content)` without its three whole-message copies (100 MB for a 25 MB
-    PDF): 1 MiB slices, each ending after a line break, dot-stuffed one by one."""
+def _stuffed(text: bytes) -> bytes:
+    return _LEADING_DOT.sub(b"..", text)
+
+
+def _forward_pieces(mail: ForwardMail) -> Iterator[bytes]:
+    """A forwarded mail for DATA: base64 lines never start with a dot, so only the head
+    and the tail are dot-stuffed; the attachment is encoded 1 MiB at a time."""
+    yield _stuffed(mail.head)
+    yield from mail.attachment_slices(_DATA_CHUNK)
+    yield _stuffed(mail.tail)
+
+
+def _stuffed_slices(content: bytes) -> Iterator[bytes]:
+    """Any other mail for DATA: 1 MiB slices, each ending after a line break,
+    dot-stuffed one by one (smtplib's `data()` would make three whole copies)."""
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"  # the terminating dot must start a line
+    view = memoryview(content)
+    start = 0
+    while start < len(content):
+        end = content.find(b"\n", min(start + _DATA_CHUNK, len(content)) - 1)
+        end = len(content) if end < 0 else end + 1
+        yield _stuffed(view[start:end].tobytes())
+        start = end
+
+
+class _Abandoned(Exception):  # a carrier, never seen outside this module
+    """What `before_end` raised, carried past the handlers of SMTP failures."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _data(
+    smtp: smtplib.SMTP, pieces: Iterable[bytes], before_end: Callable[[], None] | None
+) -> tuple[int, bytes]:
+    """DATA with the content in `pieces` (dot-stuffed, together ending in CRLF), gathered
+    into writes of about 1 MiB. Without `before_end` the terminating dot goes in the
+    last write; with it, it runs once the content went out and the dot follows on its
+    own (the socket has TCP_NODELAY: a small write after another would otherwise wait on
+    Nagle's algorithm and the receiver's delayed ACK, 40 ms a mail)."""
     smtp.putcmd("data")
     code, answer = smtp.getreply()
     if code != 354:
         raise smtplib.SMTPDataError(code, answer)
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"  # the terminating dot must start a line
-    start = 0
-    view = memoryview(content)
-    while start < len(content):
-        end = content.find(b"\n", min(start + _DATA_CHUNK, len(content)) - 1)
-        end = len(content) if end < 0 else end + 1
-        piece = _LEADING_DOT.sub(b"..", view[start:end].tobytes())
-        if end == len(content):
-            # With the last slice, not after it: a lone small write waits on Nagle's
-            # algorithm and the receiver's delayed ACK (40 ms a mail).
-            piece += b".\r\n"
-        smtp.send(piece)
-        start = end
+    gathered: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        if gathered and size + len(piece) > _DATA_CHUNK:
+            smtp.send(b"".join(gathered))
+            gathered, size = [], 0
+        gathered.append(piece)
+        size += len(piece)
+    if before_end is None:
+        gathered.append(b".\r\n")
+        smtp.send(b"".join(gathered))
+        return smtp.getreply()
+    smtp.send(b"".join(gathered))
+    try:
+        before_end()
+    except Exception as exc:
+        raise _Abandoned(exc) from exc
+    smtp.send(b".\r\n")
     return smtp.getreply()
 
 

@@ -34,6 +34,8 @@ from worker.trust import NO_PROOF, TrustPolicy, TxtLookup
 
 log = logging.getLogger(__name__)
 
+_FIRST_BACKFILL_BATCH = 25
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PipelineConfig:
@@ -170,7 +172,8 @@ class Pipeline:
                 if len(uids) > config.batch_size:  # a backfill: send while reading on
                     sending = BackgroundForwarding(self._forwarder)
                 highest_known = max(status.uidnext - 1, 0)
-                batches = list(_chunks(uids, config.batch_size)) or [[]]
+                first = _FIRST_BACKFILL_BATCH if sending is not None else None
+                batches = list(_chunks(uids, config.batch_size, first=first)) or [[]]
                 for index, batch in enumerate(batches):
                     if self._stop.is_set():
                         break
@@ -333,6 +336,11 @@ def _log_sighting(sighting: RecordedSighting, *, retry: bool) -> None:
         log.info("new invoice recorded", extra={"action": "pdf_recorded", **extra})
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+def _chunks(items: Sequence[int], size: int, *, first: int | None = None) -> Iterator[list[int]]:
+    """Batches of `size`; with `first`, they start at `first` and double up to `size`, so
+    a backfill's sending thread gets its first documents after a few mails, not 200."""
+    start, step = 0, min(first or size, size)
+    while start < len(items):
+        yield list(items[start : start + step])
+        start += step
+        step = min(step * 2, size)

@@ -6,7 +6,7 @@ implement them; `tests/fakes.py` has in-memory fakes for unit tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Protocol
 
@@ -61,8 +61,14 @@ class Outbox(Protocol):
     def open(self) -> None:
         """Connect, TLS, log in. Raises `SessionRefused`."""
 
-    def send(self, message: ForwardMail) -> str:
-        """Send one mail; returns the server's answer text. Raises `SendRejected`."""
+    def send(
+        self, message: ForwardMail, *, before_end: Callable[[], None] | None = None
+    ) -> str:
+        """Send one mail; returns the server's answer text. Raises `SendRejected`.
+
+        `before_end` runs once the content went out, before the terminating dot that
+        lets the server accept it; whatever it raises abandons the mail (the session is
+        dropped) and propagates."""
 
     def close(self) -> None:
         """QUIT; never raises."""

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Row
 
 from worker.db import documents, sightings
 from worker.models import DocumentState, OutgoingDocument, SightingKind
-from worker.sql import SqlBase
+from worker.sql import LARGE_BLOB, SqlBase
 
 DEFAULT_FILENAME = "invoice.pdf"
 
@@ -48,11 +48,18 @@ class DocumentQueue(SqlBase):
                 .where(documents.c.id.in_(ids))
                 .values(lease_until=now + timedelta(seconds=lease_seconds))
             )
+            length = sa.func.length(documents.c.content)
+            # Large SQLite blobs are read through blob I/O below, without a second copy.
+            content = (
+                documents.c.content
+                if self._postgresql
+                else sa.case((length < LARGE_BLOB, documents.c.content), else_=sa.null())
+            )
             rows = connection.execute(
                 sa.select(
                     documents.c.id,
                     documents.c.sha256,
-                    documents.c.content,
+                    content.label("content"),
                     documents.c.filename,
                     documents.c.attempts,
                     documents.c.resend_count,
@@ -65,7 +72,15 @@ class DocumentQueue(SqlBase):
                 .where(documents.c.id.in_(ids))
                 .order_by(documents.c.id)
             ).all()
-        return [_outgoing(row) for row in rows]
+            return [
+                _outgoing(
+                    row,
+                    row.content
+                    if row.content is not None
+                    else self._read_blob(connection, documents, "content", row.id),
+                )
+                for row in rows
+            ]
 
     def mark_forwarded(
         self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
@@ -160,11 +175,11 @@ class DocumentQueue(SqlBase):
         return counts
 
 
-def _outgoing(row: Row[*tuple[Any, ...]]) -> OutgoingDocument:
+def _outgoing(row: Row[*tuple[Any, ...]], content: bytes) -> OutgoingDocument:
     return OutgoingDocument(
         document_id=row.id,
         sha256=row.sha256,
-        content=bytes(row.content),
+        content=bytes(content),
         filename=row.filename or DEFAULT_FILENAME,
         attempts=row.attempts,
         resend_count=row.resend_count,

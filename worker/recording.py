@@ -4,6 +4,7 @@ claimed by INSERT ... ON CONFLICT so the database decides what is new."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,15 @@ from worker.sql import SqlBase
 _LOCATION = ("mailbox", "uidvalidity", "uid", "part")
 # Kept from the first sighting when an ERROR row is replaced on a later try.
 _KEPT_ON_RETRY = {*_LOCATION, "received_at", "tries"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Statements:
+    """The statements `record_mails` runs once per part, built once per batch."""
+
+    sighting: sa.Executable
+    claim: sa.Executable
+    link: sa.Executable
 
 
 class MailRecorder(SqlBase):
@@ -93,15 +103,28 @@ class MailRecorder(SqlBase):
         # The bytes of a new document are stored whatever `keep_pdfs` says: a retry must
         # not depend on the mailbox. `keep_pdfs` only matters once it is forwarded.
         del keep_pdfs
+        for mail in mails:
+            for part in mail.parts:
+                if part.kind is SightingKind.DOCUMENT and (
+                    part.sha256 is None or part.content is None
+                ):
+                    raise ValueError(
+                        f"uid {mail.uid} part {part.part!r}: a DOCUMENT needs sha256 and bytes"
+                    )
         recorded: list[RecordedSighting] = []
+        # One statement each for the whole batch, executed with each part's parameters:
+        # building and compiling a statement per part cost more than running it.
+        statements = self._statements()
         with self._write() as connection:
+            whole = [mail.uid for mail in mails if all(part.part for part in mail.parts)]
+            if whole:
+                self._drop_mail_level_errors(connection, mailbox, uidvalidity, whole)
             for mail in mails:
-                if all(part.part for part in mail.parts):
-                    self._drop_mail_level_error(connection, mailbox, uidvalidity, mail.uid)
                 for part in mail.parts:
                     recorded.append(
                         self._record_part(
                             connection,
+                            statements,
                             mailbox=mailbox,
                             uidvalidity=uidvalidity,
                             mail=mail,
@@ -114,8 +137,30 @@ class MailRecorder(SqlBase):
                 self._advance(connection, mailbox, uidvalidity, advance_to, now)
         return recorded
 
-    def _drop_mail_level_error(
-        self, connection: Connection, mailbox: str, uidvalidity: int, uid: int
+    def _statements(self) -> _Statements:
+        upsert = self._insert(sightings)
+        replaced: dict[str, Any] = {
+            column.name: upsert.excluded[column.name]
+            for column in sightings.c
+            if column.name not in {"id", *_KEPT_ON_RETRY}
+        }
+        replaced["tries"] = sightings.c.tries + 1
+        claim = self._insert(documents).on_conflict_do_nothing().returning(documents.c.id)
+        return _Statements(
+            sighting=upsert.on_conflict_do_update(
+                index_elements=[sightings.c[name] for name in _LOCATION],
+                set_=replaced,
+                where=sightings.c.kind == SightingKind.ERROR.value,
+            ).returning(sightings.c.id),
+            # No conflict target: a clash on sha256 or on content_key both mean "known".
+            claim=claim,
+            link=sa.update(sightings)
+            .where(sightings.c.id == sa.bindparam("sighting_id"))
+            .values(document_id=sa.bindparam("new_document_id")),
+        )
+
+    def _drop_mail_level_errors(
+        self, connection: Connection, mailbox: str, uidvalidity: int, uids: Sequence[int]
     ) -> None:
         """A mail that failed as a whole has one ERROR row at part "". Once a retry reads
         its parts, that placeholder gives way to one row per part."""
@@ -123,7 +168,7 @@ class MailRecorder(SqlBase):
             sa.delete(sightings).where(
                 sightings.c.mailbox == mailbox,
                 sightings.c.uidvalidity == uidvalidity,
-                sightings.c.uid == uid,
+                sightings.c.uid.in_(list(uids)),
                 sightings.c.part == "",
                 sightings.c.kind == SightingKind.ERROR.value,
             )
@@ -132,6 +177,7 @@ class MailRecorder(SqlBase):
     def _record_part(
         self,
         connection: Connection,
+        statements: _Statements,
         *,
         mailbox: str,
         uidvalidity: int,
@@ -140,10 +186,6 @@ class MailRecorder(SqlBase):
         dedup: DedupMode,
         now: datetime,
     ) -> RecordedSighting:
-        if part.kind is SightingKind.DOCUMENT and (part.sha256 is None or part.content is None):
-            raise ValueError(
-                f"uid {mail.uid} part {part.part!r}: a DOCUMENT needs sha256 and bytes"
-            )
         values: dict[str, Any] = {
             "mailbox": mailbox,
             "uidvalidity": uidvalidity,
@@ -165,17 +207,7 @@ class MailRecorder(SqlBase):
             "duplicate_of": None,
             "tries": 1,
         }
-        statement = self._insert(sightings).values(values)
-        replaced: dict[str, Any] = {
-            name: statement.excluded[name] for name in values if name not in _KEPT_ON_RETRY
-        }
-        replaced["tries"] = sightings.c.tries + 1
-        upsert = statement.on_conflict_do_update(
-            index_elements=[sightings.c[name] for name in _LOCATION],
-            set_=replaced,
-            where=sightings.c.kind == SightingKind.ERROR.value,
-        ).returning(sightings.c.id)
-        sighting_id = connection.execute(upsert).scalar_one_or_none()
+        sighting_id = connection.execute(statements.sighting, values).scalar_one_or_none()
         if sighting_id is None:
             return self._existing_sighting(connection, mailbox, uidvalidity, mail.uid, part.part)
         if part.kind is not SightingKind.DOCUMENT:
@@ -190,7 +222,13 @@ class MailRecorder(SqlBase):
                 inserted=True,
             )
         return self._claim_document(
-            connection, sighting_id=sighting_id, uid=mail.uid, part=part, dedup=dedup, now=now
+            connection,
+            statements,
+            sighting_id=sighting_id,
+            uid=mail.uid,
+            part=part,
+            dedup=dedup,
+            now=now,
         )
 
     def _existing_sighting(
@@ -224,6 +262,7 @@ class MailRecorder(SqlBase):
     def _claim_document(
         self,
         connection: Connection,
+        statements: _Statements,
         *,
         sighting_id: int,
         uid: int,
@@ -232,31 +271,28 @@ class MailRecorder(SqlBase):
         now: datetime,
     ) -> RecordedSighting:
         content_key = part.fingerprint if dedup is DedupMode.CONTENT else None
-        # No conflict target: a clash on sha256 or on content_key both mean "known".
-        claim = (
-            self._insert(documents)
-            .values(
-                sha256=part.sha256,
-                fingerprint=part.fingerprint,
-                content_key=content_key,
-                state=DocumentState.PENDING.value,
-                attempts=0,
-                next_attempt_at=now,
-                content=part.content,
-                filename=part.filename,
-                size_bytes=part.size_bytes,
-                resend_count=0,
-                created_at=now,
-            )
-            .on_conflict_do_nothing()
-            .returning(documents.c.id)
-        )
-        document_id = connection.execute(claim).scalar_one_or_none()
+        streamed = self._streams_blob(part.content)
+        document_id = connection.execute(
+            statements.claim,
+            {
+                "sha256": part.sha256,
+                "fingerprint": part.fingerprint,
+                "content_key": content_key,
+                "state": DocumentState.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "content": None if streamed else part.content,
+                "filename": part.filename,
+                "size_bytes": part.size_bytes,
+                "resend_count": 0,
+                "created_at": now,
+            },
+        ).scalar_one_or_none()
         if document_id is not None:
+            if streamed and part.content is not None:
+                self._write_blob(connection, documents, "content", document_id, part.content)
             connection.execute(
-                sa.update(sightings)
-                .where(sightings.c.id == sighting_id)
-                .values(document_id=document_id)
+                statements.link, {"sighting_id": sighting_id, "new_document_id": document_id}
             )
             return RecordedSighting(
                 sighting_id=sighting_id,

@@ -19,6 +19,7 @@ from tests.servers.dovecot import DovecotServer, free_port, running_dovecot
 from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
 from worker.mailbox import ImapMailbox
 from worker.models import BodyPart, Security
+from worker.ranged import fetch_decoded
 
 pytestmark = pytest.mark.integration
 
@@ -304,6 +305,29 @@ def test_fetch_sections_returns_the_attachment_and_probes(
     assert set(bodies) == {(uid, part) for uid in uids for part in (section, "1")}
     # Mails wanting the same sections share one command.
     assert _commands(caplog).count("UID FETCH") == 2
+
+
+def test_fetch_range_reads_a_part_piece_by_piece(
+    dovecot: DovecotServer, folder: str, connect: OpenMailbox
+) -> None:
+    pdf = samples.invoice_pdf(number="2001")
+    [uid] = dovecot.append_many([samples.invoice_mail(pdfs=[("a.pdf", pdf)])], folder=folder)
+    mailbox = connect()
+    mailbox.open()
+    [summary] = mailbox.summaries([uid])
+    assert summary.structure is not None
+    section = _pdf_parts(summary.structure)[0].section
+    whole = mailbox.fetch_sections({uid: [section]})[(uid, section)]
+
+    pieces = [
+        mailbox.fetch_range(uid, section, offset=offset, length=1000)
+        for offset in range(0, len(whole) + 1000, 1000)
+    ]
+
+    assert b"".join(piece or b"" for piece in pieces) == whole
+    assert pieces[-1] == b""  # past the end: empty, not absent
+    assert fetch_decoded(mailbox, uid, section, range_bytes=4096) == pdf
+    assert mailbox.fetch_range(uid + 1, section, offset=0, length=10) is None
 
 
 def test_reading_changes_no_flag(dovecot: DovecotServer, folder: str, connect: OpenMailbox) -> None:

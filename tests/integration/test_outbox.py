@@ -13,8 +13,9 @@ import pytest
 from tests.servers.smtp_sink import SmtpSink, free_port, running_sink
 from tests.servers.tls import TestCA, make_ca
 from worker.errors import SendRejected, SessionRefused
+from worker.forward_mail import ForwardMail, build_forward
 from worker.models import OutgoingDocument, Security
-from worker.outbox import SmtpOutbox, build_forward
+from worker.outbox import SmtpOutbox
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def document(number: int) -> OutgoingDocument:
     )
 
 
-def mail(number: int) -> EmailMessage:
+def mail(number: int) -> ForwardMail:
     return build_forward(document(number), forward_to=FORWARD_TO, forward_from=FORWARD_FROM)
 
 
@@ -100,7 +101,7 @@ def test_plain_send_delivers_the_mail(sink: SmtpSink) -> None:
     [received] = sink.messages
     assert received.mail_from == FORWARD_FROM
     assert received.rcpt_tos == (FORWARD_TO,)
-    assert received.message["Message-ID"] == message["Message-ID"]
+    assert received.message["Message-ID"] == message.message_id
     assert received.message["Bcc"] is None
     [attachment] = received.message.iter_attachments()
     assert isinstance(attachment, EmailMessage)
@@ -338,5 +339,37 @@ def test_resend_carries_a_new_message_id(sink: SmtpSink) -> None:
         outbox.send(first)
         outbox.send(again)
     ids = [received.message["Message-ID"] for received in sink.messages]
-    assert ids == [first["Message-ID"], again["Message-ID"]]
+    assert ids == [first.message_id, again.message_id]
     assert ids[0] != ids[1]
+
+
+def test_before_end_runs_before_the_mail_is_accepted(sink: SmtpSink) -> None:
+    seen: list[int] = []
+    with outbox_for(sink) as outbox:
+        outbox.send(mail(70), before_end=lambda: seen.append(len(sink.messages)))
+    assert seen == [0]  # the server had not accepted the mail yet
+    assert relayed(sink) == [document(70).sha256]
+
+
+def test_a_failing_before_end_abandons_the_mail(sink: SmtpSink) -> None:
+    def fail() -> None:
+        raise RuntimeError("the mark of the last mail failed")
+
+    with outbox_for(sink) as outbox:
+        with pytest.raises(RuntimeError, match="mark of the last mail"):
+            outbox.send(mail(71), before_end=fail)
+        assert not outbox.is_open  # mid-DATA: the session is dropped, never QUIT
+        outbox.open()
+        outbox.send(mail(72))
+    assert relayed(sink) == [document(72).sha256]
+
+
+def test_a_large_mail_goes_out_in_slices_and_arrives_whole(sink: SmtpSink) -> None:
+    content = b"%PDF-1.7\n" + bytes(range(256)) * 12_000 + b"\n%%EOF\n"  # 3 MB
+    large = replace(document(73), content=content)
+    with outbox_for(sink) as outbox:
+        outbox.send(build_forward(large, forward_to=FORWARD_TO, forward_from=FORWARD_FROM))
+    [received] = sink.messages
+    [attachment] = received.message.iter_attachments()
+    assert isinstance(attachment, EmailMessage)
+    assert attachment.get_content() == content

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -11,15 +12,16 @@ from email.parser import BytesParser
 
 import pytest
 
-from worker.models import OutgoingDocument
-from worker.outbox import (
+from worker.forward_mail import (
     FILENAME_LIMIT,
     SUBJECT_LIMIT,
+    ForwardMail,
     build_forward,
     clean_filename,
     clean_text,
     forward_message_id,
 )
+from worker.models import OutgoingDocument
 from worker.pacer import SendPacer
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -57,14 +59,16 @@ def make_document(**changes: object) -> OutgoingDocument:
     return replace(document, **changes)  # type: ignore[arg-type]
 
 
-def forward(document: OutgoingDocument) -> EmailMessage:
+def forward(document: OutgoingDocument) -> ForwardMail:
     return build_forward(document, forward_to=FORWARD_TO, forward_from=FORWARD_FROM, now=NOW)
 
 
-def round_trip(message: EmailMessage) -> tuple[bytes, EmailMessage]:
+def round_trip(mail: ForwardMail) -> tuple[bytes, EmailMessage]:
     """Serialise as it goes on the wire and parse it back, as a receiver would."""
-    raw = message.as_bytes(policy=policy.SMTP)
-    return raw, BytesParser(policy=policy.default).parsebytes(raw)
+    raw = mail.as_bytes()
+    parsed = BytesParser(policy=policy.default).parsebytes(raw)
+    assert isinstance(parsed, EmailMessage)
+    return raw, parsed
 
 
 def only_attachment(message: EmailMessage) -> EmailMessage:
@@ -111,7 +115,7 @@ def test_relay_id_names_the_message_id_domain() -> None:
     message = build_forward(
         make_document(), forward_to=FORWARD_TO, forward_from=FORWARD_FROM, relay_id="relay.test"
     )
-    assert message["Message-ID"] == f"<{SHA[:32]}.0@relay.test>"
+    assert message.message_id == f"<{SHA[:32]}.0@relay.test>"
 
 
 def test_date_defaults_to_now() -> None:
@@ -254,6 +258,67 @@ def test_naive_original_date_is_taken_as_utc() -> None:
     assert "Original date: Tue, 02 Jan 2024 03:04:05 +0000" in body_text(parsed).splitlines()
 
 
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "ä" * 150 + ".pdf",
+        "Rechnung " + "Müller " * 30 + ".pdf",
+        "請求書" * 60 + ".pdf",
+        'quote " and back\\slash ' + "x" * 120 + ".pdf",
+    ],
+)
+def test_long_filenames_survive_the_round_trip(filename: str) -> None:
+    raw, parsed = round_trip(forward(make_document(filename=filename)))
+    assert only_attachment(parsed).get_filename() == clean_filename(filename)
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Rechnung " * 30,
+        "ü" * 200,
+        "Invoice =?utf-8?b?SGk=?= literal",
+        "請求書 " * 40,
+        "a" * 150 + " " + "b" * 10,
+    ],
+)
+def test_long_and_encoded_subjects_survive_the_round_trip(subject: str) -> None:
+    raw, parsed = round_trip(forward(make_document(original_subject=subject)))
+    assert parsed["Subject"] == clean_text(subject, SUBJECT_LIMIT)
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    assert raw.isascii()
+
+
+@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 57 * 1000, 57 * 1000 + 5, 300_001])
+@pytest.mark.parametrize("slice_size", [78, 1000, 1 << 20])
+def test_attachment_slices_are_the_pdf_in_base64_lines(size: int, slice_size: int) -> None:
+    content = bytes(range(256)) * (size // 256 + 1)
+    mail = forward(make_document(content=content[:size]))
+    encoded = b"".join(mail.attachment_slices(slice_size))
+    lines = encoded.split(b"\r\n")
+    assert lines[-1] == b""  # every line ends in CRLF
+    assert all(len(line) == 76 for line in lines[:-2])
+    assert base64.b64decode(b"".join(lines)) == content[:size]
+    _, parsed = round_trip(mail)
+    assert only_attachment(parsed).get_content() == content[:size]
+
+
+def test_text_part_lines_are_short_and_a_leading_dot_is_kept() -> None:
+    document = make_document(original_sender="." + "x" * 299, original_message_id=".<a@b>")
+    raw, parsed = round_trip(forward(document))
+    assert "Original Message-ID: .<a@b>" in body_text(parsed).splitlines()
+    text = raw.split(b"quoted-printable\r\n\r\n", 1)[1].split(b"\r\n--", 1)[0]
+    assert max(len(line) for line in text.split(b"\r\n")) <= 76
+
+
+def test_addresses_that_cannot_be_headers_are_refused() -> None:
+    with pytest.raises(ValueError, match="From"):
+        build_forward(make_document(), forward_to=FORWARD_TO, forward_from="a@b\r\nBcc: c@d")
+    with pytest.raises(ValueError, match="To"):
+        build_forward(make_document(), forward_to="", forward_from=FORWARD_FROM)
+
+
 # --- Message-ID -----------------------------------------------------------------------
 
 
@@ -265,19 +330,17 @@ def test_message_id_is_deterministic() -> None:
         forward_from=FORWARD_FROM,
         now=NOW + timedelta(hours=2),
     )
-    assert first["Message-ID"] == retry["Message-ID"]
+    assert first.message_id == retry.message_id
 
 
 def test_message_id_differs_with_resend_count() -> None:
-    ids = {forward(make_document(resend_count=count))["Message-ID"] for count in range(4)}
+    ids = {forward(make_document(resend_count=count)).message_id for count in range(4)}
     assert len(ids) == 4
 
 
 def test_message_id_differs_with_the_pdf() -> None:
     other = "0" * 64
-    assert (
-        forward(make_document())["Message-ID"] != forward(make_document(sha256=other))["Message-ID"]
-    )
+    assert forward(make_document()).message_id != forward(make_document(sha256=other)).message_id
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,151 @@
+"""The mark of a forwarded mail runs beside the next send, and is committed before the
+next mail's terminating dot: at most one accepted mail is ever unmarked."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.fakes import FakeOutbox
+from worker import db
+from worker.errors import StoreError
+from worker.forward_mail import ForwardMail
+from worker.forwarding import Forwarder, ForwardRules
+from worker.models import DocumentState
+from worker.pacer import SendPacer
+from worker.store import SqlStore
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+class SlowMarks(SqlStore):
+    """A store whose marks take a while, or fail on the n-th."""
+
+    def __init__(self, url: str, *, delay: float = 0.0, fail_on: int | None = None) -> None:
+        super().__init__(url)
+        self.delay = delay
+        self.fail_on = fail_on
+        self.marks = 0
+
+    def mark_forwarded(
+        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+    ) -> None:
+        self.marks += 1
+        time.sleep(self.delay)
+        if self.marks == self.fail_on:
+            raise StoreError("disk I/O error")
+        super().mark_forwarded(
+            document_id, message_id=message_id, answer=answer, now=now, keep_pdf=keep_pdf
+        )
+
+
+class WatchingOutbox(FakeOutbox):
+    """Counts, at the moment each mail would be accepted, the accepted mails not yet marked."""
+
+    def __init__(self, unmarked: Callable[[], int]) -> None:
+        super().__init__()
+        self.unmarked = unmarked
+        self.unmarked_at_end: list[int] = []
+
+    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+        def end() -> None:
+            if before_end is not None:
+                before_end()
+            self.unmarked_at_end.append(self.unmarked())
+
+        return super().send(message, before_end=end)
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    store = SqlStore(url)
+    db.create_schema(store.engine)
+    store.close()
+    yield url
+
+
+def add_documents(store: SqlStore, count: int) -> list[str]:
+    hashes = [hashlib.sha256(f"pdf {n}".encode()).hexdigest() for n in range(count)]
+    with store.engine.begin() as connection:
+        connection.execute(
+            sa.insert(db.documents),
+            [
+                {
+                    "sha256": sha256,
+                    "state": DocumentState.PENDING.value,
+                    "attempts": 0,
+                    "next_attempt_at": NOW,
+                    "content": b"%PDF-1.4 " + sha256.encode(),
+                    "filename": "invoice.pdf",
+                    "resend_count": 0,
+                    "created_at": NOW,
+                }
+                for sha256 in hashes
+            ],
+        )
+    return hashes
+
+
+def forwarded(store: SqlStore) -> int:
+    with store.engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.select(sa.func.count()).where(
+                    db.documents.c.state == DocumentState.FORWARDED.value
+                )
+            ).scalar_one()
+        )
+
+
+def forwarder(store: SqlStore, outbox: FakeOutbox) -> Forwarder:
+    return Forwarder(
+        rules=ForwardRules(
+            forward_to="inbox@getmyinvoices.example",
+            forward_from="relay@shop.example",
+            send_batch=3,
+            retry_base=timedelta(seconds=10),
+        ),
+        outbox=outbox,
+        store=store,
+        pacer=SendPacer(None),
+        clock=lambda: NOW,
+        rng=random.Random(3),
+        stop=threading.Event(),
+    )
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02])
+def test_at_most_one_accepted_mail_is_unmarked(url: str, delay: float) -> None:
+    store = SlowMarks(url, delay=delay)
+    add_documents(store, 7)
+    outbox = WatchingOutbox(lambda: len(outbox.sent) - forwarded(store))
+
+    assert forwarder(store, outbox).forward_due() == (7, 0, 0)
+
+    # Before each mail's end, every earlier accepted mail is marked already.
+    assert outbox.unmarked_at_end == [0] * 7
+    assert forwarded(store) == 7
+    store.close()
+
+
+def test_a_failed_mark_abandons_the_next_mail(url: str) -> None:
+    store = SlowMarks(url, fail_on=2)
+    add_documents(store, 4)
+    outbox = FakeOutbox()
+
+    with pytest.raises(StoreError, match="disk I/O"):
+        forwarder(store, outbox).forward_due()
+
+    # The second mail was accepted and its mark failed; the third never ended.
+    assert len(outbox.sent) == 2
+    assert forwarded(store) == 1
+    store.close()
