@@ -1,6 +1,6 @@
 """Alembic environment for invoice-relay.
 
-Programmatic runs (`worker.db.upgrade_database`) hand in their engine through
+Programmatic runs (`worker.migrate.upgrade_database`) hand in their engine through
 `config.attributes["engine"]`; the `alembic` command line takes the URL from
 `-x url=...` (see alembic.ini). On PostgreSQL the upgrade runs under a session-level
 advisory lock so that replicas starting together apply each migration once.

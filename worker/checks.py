@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import TextIO
 
-from worker import db
+from worker import migrate
 from worker.commands import imap_mailbox, smtp_outbox
 from worker.errors import (
     MailboxError,
@@ -94,7 +94,7 @@ def _check_database(settings: Settings) -> str:
     if path is not None and not path.exists():
         # A check changes nothing: the first poll creates the file.
         return f"no database at {path} yet; the first poll creates it"
-    if db.is_up_to_date(url):
+    if migrate.is_up_to_date(url):
         return "reachable, migrations up to date"
     return "reachable; migrations pending (applied at start-up, or run `invoice-relay db upgrade`)"
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from worker import db
+from worker import db, migrate
 from worker.errors import StoreError
 from worker.faults import checkpoint_for
 from worker.idle import IdleWatcher, PollRequests
@@ -114,7 +114,7 @@ def prepared_store(settings: Settings) -> SqlStore:
                 f"cannot create the folder {path.parent}: {exc.strerror or exc}"
             ) from exc
     url = settings.database_url.reveal()
-    db.upgrade_database(url)
+    migrate.upgrade_database(url)
     return SqlStore(url)
 
 
@@ -200,7 +200,7 @@ def dry_run(settings: Settings) -> list[PlannedSighting]:
     path = settings.sqlite_path()
     try:
         # Opening a missing SQLite file would create it: a dry run must not.
-        up_to_date = (path is None or path.exists()) and db.is_up_to_date(url)
+        up_to_date = (path is None or path.exists()) and migrate.is_up_to_date(url)
     except StoreError:
         up_to_date = False
     if up_to_date:
@@ -271,7 +271,7 @@ def _existing_database(url: str) -> SqlStore:
     location = parsed.database if parsed.get_backend_name() == "sqlite" else None
     if location and not Path(location).exists():
         raise StoreError(f"no database at {location} yet (run `invoice-relay once` first)")
-    if db.current_revision(url) is None:
+    if migrate.current_revision(url) is None:
         raise StoreError(
             "the database holds no relay tables yet (run `invoice-relay db upgrade` or a poll)"
         )
@@ -287,7 +287,7 @@ def audit_rows(url: str, query: AuditFilter) -> list[AuditRow]:
 
 
 def upgrade(url: str) -> None:
-    db.upgrade_database(url)
+    migrate.upgrade_database(url)
 
 
 def retry(url: str, sha256: str | None) -> int:

@@ -1,13 +1,13 @@
-"""Tables, the `audit_log` view, engines and migrations.
+"""Tables, the `audit_log` view and engines (migrations: worker/migrate.py).
 
-With `store.py`, the only module that imports SQLAlchemy. The table and column names are
+With the store modules (`store`, `sql`, `recording`, `queue`, `notices`, `migrate`), the
+only code that imports SQLAlchemy. The table and column names are
 public: the accountant queries them (and above all the `audit_log` view) with plain SQL.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
@@ -364,66 +360,3 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
 
 # --- migrations ----------------------------------------------------------------------
-
-
-def migrations_directory() -> Path:
-    """The Alembic scripts: shipped inside the package when installed, else the checkout's."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "migrations", here.parent / "migrations"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise StoreError("the migration scripts are missing from this installation")
-
-
-def _alembic_config(engine: Engine | None = None) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(migrations_directory()).replace("%", "%%"))
-    config.set_main_option("path_separator", "os")
-    if engine is not None:
-        config.attributes["engine"] = engine
-    return config
-
-
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    if head is None:
-        raise StoreError("the migration scripts have no head revision")
-    return head
-
-
-# Alembic's `context` is module-global: one migration command at a time per process.
-_alembic_lock = threading.Lock()
-
-
-def upgrade_database(url: str, revision: str = "head") -> None:
-    """Apply migrations up to `revision`; on PostgreSQL under an advisory lock (env.py)."""
-    engine = make_engine(url)
-    try:
-        with _alembic_lock, translated(engine.url):
-            command.upgrade(_alembic_config(engine), revision)
-    finally:
-        engine.dispose()
-
-
-def downgrade_database(url: str, revision: str = "base") -> None:
-    engine = make_engine(url)
-    try:
-        with _alembic_lock, translated(engine.url):
-            command.downgrade(_alembic_config(engine), revision)
-    finally:
-        engine.dispose()
-
-
-def current_revision(url: str) -> str | None:
-    """The database's migration revision; None for an empty database."""
-    engine = make_engine(url)
-    try:
-        with translated(engine.url), engine.connect() as connection:
-            connection.execution_options(**{READ_ONLY_OPTION: True})
-            return MigrationContext.configure(connection).get_current_revision()
-    finally:
-        engine.dispose()
-
-
-def is_up_to_date(url: str) -> bool:
-    return current_revision(url) == head_revision()

@@ -29,7 +29,7 @@ from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
 from tests.unit.test_dockerfile import DOCKERFILE, parse_dockerfile
-from worker import db
+from worker import migrate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,7 +142,7 @@ def test_check_and_once_from_the_installed_wheel(
     (mail,) = smtp.messages
     assert mail.rcpt_tos == (FORWARD_TO,)
     # The migrations came inside the wheel: the new database is at the checkout's head.
-    assert db.current_revision(database_url) == db.head_revision()
+    assert migrate.current_revision(database_url) == migrate.head_revision()
     engine = sa.create_engine(database_url)
     try:
         with engine.connect() as connection:

@@ -23,7 +23,7 @@ from tests.integration.test_relay import relay_env, run_relay
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
-from worker import db
+from worker import migrate
 from worker.models import AuditFilter, AuditRow, DedupMode, Outcome
 from worker.pdf import inspect_pdf
 from worker.pipeline import Pipeline, PipelineConfig
@@ -48,7 +48,7 @@ BYTES_ONLY = "deduplicated by SHA-256 only"
 
 @pytest.fixture
 def store(database_url: str) -> Iterator[SqlStore]:
-    db.upgrade_database(database_url)
+    migrate.upgrade_database(database_url)
     store = SqlStore(database_url)
     yield store
     store.close()

@@ -23,7 +23,7 @@ from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import temporary_database
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
-from worker import db
+from worker import db, migrate
 from worker.models import DocumentState
 from worker.store import SqlStore
 
@@ -57,7 +57,7 @@ def test_three_replicas_on_postgresql_forward_each_pdf_once(
     sent: list[str] = []
     locked = 0
     with temporary_database() as database_url:
-        db.upgrade_database(database_url)  # as the image's start-up does, once
+        migrate.upgrade_database(database_url)  # as the image's start-up does, once
         env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca)
         for round_number in range(rounds):
             batch = invoices(per_round, first=20_000 + 1000 * round_number)
@@ -95,7 +95,7 @@ def test_two_processes_on_one_sqlite_file(
 
 def test_concurrent_claims_never_lease_a_document_twice(database_url: str) -> None:
     """Four senders claim from one queue at once: every document is claimed once."""
-    db.upgrade_database(database_url)
+    migrate.upgrade_database(database_url)
     store = SqlStore(database_url)
     now = datetime.now(UTC)
     count, senders = 120, 4

@@ -15,7 +15,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from worker import db
+from worker import db, migrate
 from worker.models import AuditFilter, DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
 from worker.store import SqlStore
 
@@ -64,11 +64,11 @@ def table_names(url: str) -> set[str]:
 
 
 def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
-    assert db.current_revision(empty_database) is None
-    assert not db.is_up_to_date(empty_database)
-    db.upgrade_database(empty_database)
-    assert db.current_revision(empty_database) == db.head_revision()
-    assert db.is_up_to_date(empty_database)
+    assert migrate.current_revision(empty_database) is None
+    assert not migrate.is_up_to_date(empty_database)
+    migrate.upgrade_database(empty_database)
+    assert migrate.current_revision(empty_database) == migrate.head_revision()
+    assert migrate.is_up_to_date(empty_database)
     assert table_names(empty_database) == {
         "alembic_version",
         "mailbox_state",
@@ -78,12 +78,12 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "notifications",
         "notified_documents",
     }
-    db.upgrade_database(empty_database)  # a second start-up changes nothing
-    assert db.is_up_to_date(empty_database)
+    migrate.upgrade_database(empty_database)  # a second start-up changes nothing
+    assert migrate.is_up_to_date(empty_database)
 
 
 def test_models_and_migrations_agree(empty_database: str) -> None:
-    db.upgrade_database(empty_database)
+    migrate.upgrade_database(empty_database)
     engine = db.make_engine(empty_database)
     try:
         with engine.connect() as connection:
@@ -96,7 +96,7 @@ def test_models_and_migrations_agree(empty_database: str) -> None:
 
 
 def test_the_view_has_exactly_the_design_columns(empty_database: str, tmp_path: Path) -> None:
-    db.upgrade_database(empty_database)
+    migrate.upgrade_database(empty_database)
     assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
     assert list(db.AUDIT_COLUMNS) == DESIGN_AUDIT_COLUMNS
     assert [column.name for column in db.audit_log.columns] == DESIGN_AUDIT_COLUMNS
@@ -121,7 +121,7 @@ def _insert_bogus(table: str) -> sa.Insert:
 
 @pytest.mark.parametrize("table", ["documents", "sightings"])
 def test_check_constraints_refuse_unknown_states(empty_database: str, table: str) -> None:
-    db.upgrade_database(empty_database)
+    migrate.upgrade_database(empty_database)
     engine = db.make_engine(empty_database)
     try:
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
@@ -131,7 +131,7 @@ def test_check_constraints_refuse_unknown_states(empty_database: str, table: str
 
 
 def test_the_store_works_on_a_migrated_database(empty_database: str) -> None:
-    db.upgrade_database(empty_database)
+    migrate.upgrade_database(empty_database)
     store = SqlStore(empty_database)
     try:
         (recorded,) = store.record_mails(
@@ -158,7 +158,9 @@ def test_the_store_works_on_a_migrated_database(empty_database: str) -> None:
 
 def test_replicas_upgrading_together_do_not_race(empty_database: str) -> None:
     # Replicas are processes: start three at once, each running the start-up upgrade.
-    script = "import sys; from worker.db import upgrade_database; upgrade_database(sys.argv[1])"
+    script = (
+        "import sys; from worker.migrate import upgrade_database; upgrade_database(sys.argv[1])"
+    )
     replicas = [
         subprocess.Popen(
             [sys.executable, "-c", script, empty_database],
@@ -170,7 +172,7 @@ def test_replicas_upgrading_together_do_not_race(empty_database: str) -> None:
     ]
     outcomes = [replica.communicate(timeout=120) for replica in replicas]
     assert [replica.returncode for replica in replicas] == [0, 0, 0], outcomes
-    assert db.is_up_to_date(empty_database)
+    assert migrate.is_up_to_date(empty_database)
 
 
 def test_in_process_upgrades_are_serialised(empty_database: str) -> None:
@@ -180,7 +182,7 @@ def test_in_process_upgrades_are_serialised(empty_database: str) -> None:
     def upgrade() -> None:
         try:
             barrier.wait()
-            db.upgrade_database(empty_database)
+            migrate.upgrade_database(empty_database)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             failures.append(exc)
 
@@ -190,19 +192,19 @@ def test_in_process_upgrades_are_serialised(empty_database: str) -> None:
     for thread in threads:
         thread.join(timeout=120)
     assert failures == []
-    assert db.is_up_to_date(empty_database)
+    assert migrate.is_up_to_date(empty_database)
 
 
 def test_downgrade_to_base_removes_everything(empty_database: str) -> None:
-    db.upgrade_database(empty_database)
-    db.downgrade_database(empty_database, "base")
-    assert db.current_revision(empty_database) is None
+    migrate.upgrade_database(empty_database)
+    migrate.downgrade_database(empty_database, "base")
+    assert migrate.current_revision(empty_database) is None
     assert table_names(empty_database) == {"alembic_version"}
-    db.upgrade_database(empty_database)
+    migrate.upgrade_database(empty_database)
     assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
 
 
 def test_the_alembic_ini_finds_the_same_scripts() -> None:
     config = Config(str(REPO / "alembic.ini"))
-    assert ScriptDirectory.from_config(config).get_current_head() == db.head_revision()
-    assert db.migrations_directory() == REPO / "migrations"
+    assert ScriptDirectory.from_config(config).get_current_head() == migrate.head_revision()
+    assert migrate.migrations_directory() == REPO / "migrations"
