@@ -211,9 +211,7 @@ class FakeOutbox:
             raise SessionRefused("connection refused", host="fake", port=25)
         self.opened += 1
 
-    def send(
-        self, message: ForwardMail, *, before_end: Callable[[], None] | None = None
-    ) -> str:
+    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
         answer = self.answers.pop(0) if self.answers else None
         if isinstance(answer, SessionRefused):  # refused before the content
             raise answer

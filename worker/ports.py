@@ -61,9 +61,7 @@ class Outbox(Protocol):
     def open(self) -> None:
         """Connect, TLS, log in. Raises `SessionRefused`."""
 
-    def send(
-        self, message: ForwardMail, *, before_end: Callable[[], None] | None = None
-    ) -> str:
+    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
         """Send one mail; returns the server's answer text. Raises `SendRejected`.
 
         `before_end` runs once the content went out, before the terminating dot that
