@@ -17,13 +17,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import corpus, maildir
 from bench.latency import measure_latency
-from bench.measure import Measured, run_measured
+from bench.measure import Measured, bench_process_cpu_seconds, run_measured, server_cpu
 from bench.proxy import counting_proxy
 from tests.servers.dovecot import DovecotServer, running_dovecot
 from tests.servers.smtp_sink import SmtpSink, running_sink
@@ -41,6 +41,7 @@ class Bench:
     scratch: Path
     lines: list[str] = field(default_factory=list)
     relay: tuple[str, ...] = RELAY
+    cpu_watch: dict[str, Callable[[], float]] = field(default_factory=dict)
 
     def env(self, sink: SmtpSink, folder: str, database: Path, **extra: str) -> dict[str, str]:
         env = {
@@ -65,7 +66,12 @@ class Bench:
         return env
 
     def once(self, env: dict[str, str], name: str) -> Measured:
-        result = run_measured([*self.relay, "once"], env=env, log=self.scratch / f"{name}.log")
+        result = run_measured(
+            [*self.relay, "once"],
+            env=env,
+            log=self.scratch / f"{name}.log",
+            watch=self.cpu_watch,
+        )
         if result.status != 0:
             raise RuntimeError(
                 f"`invoice-relay once` ({name}) exited {result.status}:\n" + result.stderr[-3000:]
@@ -95,13 +101,13 @@ def _verdict(ok: bool) -> str:
 class BackfillRun:
     """One side-by-side round: the naive script and the relay on fresh folders."""
 
-    naive: float
+    naive: Measured
     relay: Measured
     floor: float
 
     @property
     def ratio(self) -> float:
-        return self.relay.seconds / self.naive if self.naive else float("nan")
+        return self.relay.seconds / self.naive.seconds if self.naive.seconds else float("nan")
 
 
 def _backfill_round(
@@ -125,6 +131,7 @@ def _backfill_round(
                 [sys.executable, "-m", "bench.naive_relay"],
                 env=env,
                 log=bench.scratch / f"naive-{index}.log",
+                watch=bench.cpu_watch,
             )
             return measured, len(sink.messages)
 
@@ -153,7 +160,7 @@ def _backfill_round(
             f"forwarded {len(forwarded)} (relay), {naive_sent} (naive), "
             f"expected {expected}:\n{naive.stderr[-2000:]}"
         )
-    return BackfillRun(naive=naive.seconds, relay=relay, floor=floor)
+    return BackfillRun(naive=naive, relay=relay, floor=floor)
 
 
 def backfill(bench: Bench, count: int, repeat: int = 1) -> Measured:
@@ -167,10 +174,10 @@ def backfill(bench: Bench, count: int, repeat: int = 1) -> Measured:
         if repeat > 1:
             first = "naive first" if index % 2 == 0 else "relay first"
             bench.say(
-                f"  round {index + 1} ({first}): naive {run.naive:6.2f} s   relay "
+                f"  round {index + 1} ({first}): naive {run.naive.seconds:6.2f} s   relay "
                 f"{run.relay.seconds:6.2f} s   ratio {run.ratio:.2f}   floor {run.floor:5.2f} s"
             )
-    naive_s = statistics.median(run.naive for run in runs)
+    naive_s = statistics.median(run.naive.seconds for run in runs)
     relay_s = statistics.median(run.relay.seconds for run in runs)
     floor_s = statistics.median(run.floor for run in runs)
     ratio = statistics.median(run.ratio for run in runs)
@@ -183,7 +190,32 @@ def backfill(bench: Bench, count: int, repeat: int = 1) -> Measured:
     bench.say(
         f"SMTP sink floor          {floor_s:8.2f} s   relay / floor {_ratio(relay_s, floor_s)}"
     )
+    _cpu_lines(bench, runs)
     return runs[-1].relay
+
+
+def _cpu_lines(bench: Bench, runs: Sequence[BackfillRun]) -> None:
+    """What bounds the wall time: the CPU all processes of a run need (the relay or the
+    naive script, Dovecot, the sink in the bench's process, the rest: the relay's PDF
+    workers and the kernel) on the machine's cores. Medians over the rounds."""
+    cores = os.cpu_count() or 1
+    bench.say(f"CPU seconds (all {cores} cores)  machine = own + Dovecot + sink + rest")
+    for name, measured in (
+        ("naive", [run.naive for run in runs]),
+        ("relay", [run.relay for run in runs]),
+    ):
+        machine = statistics.median(m.machine_cpu_seconds for m in measured)
+        own = statistics.median(m.cpu_seconds for m in measured)
+        parts = {
+            key: statistics.median(m.watched_cpu_seconds.get(key, 0.0) for m in measured)
+            for key in bench.cpu_watch
+        }
+        rest = machine - own - sum(parts.values())
+        shown = "  ".join(f"{key} {value:5.2f}" for key, value in parts.items())
+        bench.say(
+            f"  {name:<6} {machine:6.2f} = own {own:5.2f}  {shown}  rest {rest:5.2f}   "
+            f"wall >= {machine / cores:.2f} s"
+        )
 
 
 def idle_polls(bench: Bench, large: int, small: int, repeats: int) -> None:
@@ -296,7 +328,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # BENCH_WRAP (e.g. "py-spy record -o /tmp/p.txt --format raw --") runs each
             # `once` under a profiler.
             wrap = tuple(shlex.split(os.environ.get("BENCH_WRAP", "")))
-            bench = Bench(server=server, scratch=scratch, relay=(*wrap, *RELAY))
+            bench = Bench(
+                server=server,
+                scratch=scratch,
+                relay=(*wrap, *RELAY),
+                cpu_watch={
+                    "Dovecot": server_cpu(server.config_file),
+                    "sink": bench_process_cpu_seconds,
+                },
+            )
             bench.say(
                 f"# invoice-relay bench, {dt.date.today().isoformat()}, "
                 f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "

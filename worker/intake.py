@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from worker import mime
 from worker.errors import InfrastructureError, PdfCheckFailed
@@ -26,6 +26,7 @@ from worker.models import (
 )
 from worker.ports import Inspector, Mailbox
 from worker.ranged import LARGE_PART, RangedFetch, fetch_decoded
+from worker.reportcache import ReportCache
 from worker.trust import NO_PROOF, DkimVerifier, Proof, SenderProof, TrustPolicy, TxtLookup
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,22 @@ class _MailPlan:
     rejected_parts: list[PartRecord] = field(default_factory=list)
     certain: list[Candidate] = field(default_factory=list)
     probed: list[Candidate] = field(default_factory=list)
+
+
+@runtime_checkable
+class Prestartable(Protocol):
+    """An inspector whose workers can be started ahead of the first check."""
+
+    def prestart(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchedBatch:
+    """What `Intake.fetch` read of one batch, waiting for `Intake.decide`."""
+
+    plans: list[_MailPlan]
+    to_fetch: dict[int, list[Candidate]]  # the PDF parts fetched, per UID
+    decoded: dict[tuple[int, str], bytes | Exception]  # (uid, section): the part's bytes
 
 
 def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
@@ -117,11 +134,25 @@ class Intake:
             verifier=DkimVerifier(lookup=txt_lookup),
             batch_bytes=rules.max_mail_bytes,
         )
+        self._reports = ReportCache(inspector)  # resends are not checked again
 
     def build_records(self, uids: Sequence[int]) -> list[MailRecord]:
         """Fetch what is needed of `uids` and decide every part's kind. Infrastructure
         errors propagate (the poll ends, nothing of this batch is recorded); anything
         else is caught per mail and recorded as that mail's `error`."""
+        return self.decide(self.fetch(uids))
+
+    def prestart(self) -> None:
+        """New mail is coming: let an inspector that can start its workers do so now."""
+        if isinstance(self._inspector, Prestartable):
+            self._inspector.prestart()
+
+    def fetch(self, uids: Sequence[int]) -> FetchedBatch:
+        """The IMAP half of `build_records`: summaries, probes, sender proof and the PDF
+        parts, decoded. Uses the mailbox and nothing else, so a poll may run it for the
+        next batch in a thread of its own while `decide` checks this one."""
+        if not uids:
+            return FetchedBatch(plans=[], to_fetch={}, decoded={})
         plans = [
             per_mail(
                 summary.uid,
@@ -162,8 +193,7 @@ class Intake:
         }
         bodies = self._mailbox.fetch_sections(wanted) if any(wanted.values()) else {}
 
-        # Decode every fetched part, then check all PDFs of the batch in one go so the
-        # worker processes run in parallel.
+        # Decode every fetched part; `decide` checks them.
         decoded: dict[tuple[int, str], bytes | Exception] = {}
         for uid, cands in to_fetch.items():
             for candidate in cands:
@@ -188,13 +218,15 @@ class Intake:
                     )
                 except ValueError as exc:
                     decoded[(uid, candidate.section)] = exc
-        files = [(key, data) for key, data in decoded.items() if isinstance(data, bytes)]
-        reports = dict(
-            zip(
-                [key for key, _ in files],
-                self._inspector.inspect_many(data for _, data in files),
-                strict=True,
-            )
+        return FetchedBatch(plans=plans, to_fetch=to_fetch, decoded=decoded)
+
+    def decide(self, batch: FetchedBatch) -> list[MailRecord]:
+        """The PDF half of `build_records`: checks every fetched PDF of the batch in one
+        go (the worker processes run in parallel) and builds one MailRecord per mail.
+        Uses the inspector only, never the mailbox."""
+        plans, to_fetch, decoded = batch.plans, batch.to_fetch, batch.decoded
+        reports = self._reports.check(
+            {key: data for key, data in decoded.items() if isinstance(data, bytes)}
         )
 
         records: list[MailRecord] = []

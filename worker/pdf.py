@@ -31,11 +31,9 @@ import zlib
 from typing import Any, Final
 
 from pypdf import PasswordType, PdfReader, apply_configuration
-from pypdf.errors import DependencyError, PyPdfError
+from pypdf.errors import DependencyError
 from pypdf.generic import (
     ArrayObject,
-    ContentStream,
-    DecodedStreamObject,
     DictionaryObject,
     NameObject,
     NullObject,
@@ -44,6 +42,13 @@ from pypdf.generic import (
 )
 
 from worker.models import PdfReport
+from worker.pdfcontent import (
+    READ_ERRORS,
+    Unparseable,
+    canonical_operations,
+    short,
+    text_content,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +83,6 @@ _TEXT_LIMIT: Final = 20_000
 _MAX_XOBJECT_DEPTH: Final = 8
 _MAX_XOBJECTS: Final = 1_000
 _SUBSET_TAG = re.compile(r"^[A-Z]{6}\+")
-_READ_ERRORS: Final = (PyPdfError, ValueError, KeyError, TypeError, AttributeError, zlib.error)
-
-
-class _Unparseable(Exception):
-    """The file is damaged: the reason becomes the report's."""
 
 
 def inspect_pdf(
@@ -107,12 +107,12 @@ def inspect_pdf(
     with apply_configuration(**_PYPDF_LIMITS):
         try:
             return _inspect(data, invoice_pattern or _default_pattern(), fingerprint=walker)
-        except _Unparseable as exc:
+        except Unparseable as exc:
             return PdfReport(accepted=False, reason=f"unparseable PDF: {exc}")
         except RecursionError:
             return PdfReport(accepted=False, reason="unparseable PDF: nested too deeply")
-        except _READ_ERRORS as exc:
-            return PdfReport(accepted=False, reason=f"unparseable PDF: {_short(exc)}")
+        except READ_ERRORS as exc:
+            return PdfReport(accepted=False, reason=f"unparseable PDF: {short(exc)}")
 
 
 def bytes_only_note(why: str) -> str:
@@ -132,20 +132,15 @@ def _describe_start(data: bytes, head: bytes) -> str:
     return f"starts with {head[:8]!r}"
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
-
-
 def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint) -> PdfReport:
     if b"%%EOF" not in data[-_EOF_WINDOW:]:
-        raise _Unparseable("no %%EOF marker at the end (truncated?)")
+        raise Unparseable("no %%EOF marker at the end (truncated?)")
     reader = PdfReader(io.BytesIO(data), strict=False)
     encrypted = reader.is_encrypted
     if encrypted:
         try:
             opened = reader.decrypt("") != PasswordType.NOT_DECRYPTED
-        except (*_READ_ERRORS, DependencyError, NotImplementedError):
+        except (*READ_ERRORS, DependencyError, NotImplementedError):
             opened = False
         if not opened:
             return PdfReport(
@@ -155,19 +150,19 @@ def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint
                 fingerprint_note=bytes_only_note("encrypted with a password"),
             )
     if not isinstance(reader.trailer.get("/Root", NullObject()).get_object(), DictionaryObject):
-        raise _Unparseable("no document catalog")
+        raise Unparseable("no document catalog")
     page_count = len(reader.pages)
     if page_count == 0:
-        raise _Unparseable("no pages")
+        raise Unparseable("no pages")
     for number, page in enumerate(reader.pages, start=1):
         try:
             fingerprint.add_page(reader, page, number)
-        except _Unparseable:
+        except Unparseable:
             raise
-        except _READ_ERRORS as exc:
-            raise _Unparseable(f"page {number}: {_short(exc)}") from exc
+        except READ_ERRORS as exc:
+            raise Unparseable(f"page {number}: {short(exc)}") from exc
         except (DependencyError, NotImplementedError, RecursionError) as exc:
-            fingerprint.give_up(f"page {number}: {_short(exc)}")
+            fingerprint.give_up(f"page {number}: {short(exc)}")
     return PdfReport(
         accepted=True,
         encrypted=encrypted,
@@ -214,7 +209,7 @@ class _Fingerprint:
             self._feed(repr([round(float(value), 2) for value in box]).encode())
         rotate = _value(page, "/Rotate") or 0
         if not isinstance(rotate, int | float):
-            raise _Unparseable(f"page {number}: /Rotate is not a number")
+            raise Unparseable(f"page {number}: /Rotate is not a number")
         self._feed(b" rotate %d\n" % int(rotate))
         self._add_content(
             reader=reader,
@@ -222,6 +217,7 @@ class _Fingerprint:
             resources=_dictionary(page, "/Resources", f"page {number} resources"),
             where=f"page {number}",
             depth=0,
+            page=page if number <= _TEXT_PAGES else None,
         )
 
     def _add_content(
@@ -232,9 +228,18 @@ class _Fingerprint:
         resources: DictionaryObject,
         where: str,
         depth: int,
+        page: DictionaryObject | None = None,
     ) -> None:
         if self._in_time():
-            self._feed(_canonical_operations(reader, data, where))
+            if page is None:
+                self._feed(canonical_operations(reader, data, where))
+            else:
+                # The page's text is read later (`_invoice_number`): parsed the way
+                # pypdf's text extraction parses it, and left under /Contents (in memory
+                # only, nothing is written back), so that parse is shared.
+                content = text_content(reader, data, where)
+                self._feed(canonical_operations(reader, data, where, parsed=content))
+                page[NameObject("/Contents")] = content
         fonts = _dictionary(resources, "/Font", f"{where} fonts")
         for name in sorted(fonts):
             font = _dictionary(fonts, name, f"{where} font {name}")
@@ -257,7 +262,7 @@ class _Fingerprint:
         self, *, reader: PdfReader, xobject: PdfObject | None, what: str, depth: int
     ) -> None:
         if not isinstance(xobject, StreamObject):
-            raise _Unparseable(f"{what} is missing")
+            raise Unparseable(f"{what} is missing")
         self._in_time()
         subtype = _value(xobject, "/Subtype")
         self._feed(f"xobject {what} {subtype}\n".encode())
@@ -303,7 +308,7 @@ def _lookup(container: DictionaryObject, key: str, what: str) -> PdfObject | Non
         return None
     resolved: PdfObject | None = container.raw_get(key).get_object()
     if resolved is None or isinstance(resolved, NullObject):
-        raise _Unparseable(f"{what} is missing")
+        raise Unparseable(f"{what} is missing")
     return resolved
 
 
@@ -312,14 +317,14 @@ def _dictionary(container: DictionaryObject, key: str, what: str) -> DictionaryO
     if resolved is None:
         return DictionaryObject()
     if not isinstance(resolved, DictionaryObject):
-        raise _Unparseable(f"{what} is not a dictionary")
+        raise Unparseable(f"{what} is not a dictionary")
     return resolved
 
 
 def _decoded(stream: PdfObject | None, what: str) -> bytes:
-    """The stream's decoded bytes; raises `_Unparseable` when the stream is damaged."""
+    """The stream's decoded bytes; raises `Unparseable` when the stream is damaged."""
     if not isinstance(stream, StreamObject):
-        raise _Unparseable(f"{what} is missing")
+        raise Unparseable(f"{what} is missing")
     filters = stream.get("/Filter")
     first = filters[0] if isinstance(filters, ArrayObject) and filters else filters
     if first in ("/FlateDecode", "/Fl"):
@@ -328,8 +333,8 @@ def _decoded(stream: PdfObject | None, what: str) -> bytes:
         return stream.get_data()
     except (DependencyError, NotImplementedError):
         raise
-    except _READ_ERRORS as exc:
-        raise _Unparseable(f"{what}: {_short(exc)}") from exc
+    except READ_ERRORS as exc:
+        raise Unparseable(f"{what}: {short(exc)}") from exc
 
 
 def _check_flate(raw: bytes, what: str) -> None:
@@ -339,11 +344,11 @@ def _check_flate(raw: bytes, what: str) -> None:
         zlib.decompressobj().decompress(raw, limit)
     except zlib.error as exc:
         if "header" not in str(exc):
-            raise _Unparseable(f"{what}: corrupt compressed data ({exc})") from exc
+            raise Unparseable(f"{what}: corrupt compressed data ({exc})") from exc
         try:  # some writers omit the zlib header: raw deflate data
             zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, limit)
         except zlib.error as raw_exc:
-            raise _Unparseable(f"{what}: corrupt compressed data ({raw_exc})") from raw_exc
+            raise Unparseable(f"{what}: corrupt compressed data ({raw_exc})") from raw_exc
 
 
 def _image_bytes(image: PdfObject | None, what: str) -> bytes:
@@ -355,30 +360,6 @@ def _image_bytes(image: PdfObject | None, what: str) -> bytes:
         return bytes(getattr(image, "_data", b""))
 
 
-def _canonical_operations(reader: PdfReader, data: bytes, where: str) -> bytes:
-    """The content stream written back in one canonical form, whatever wrote it first."""
-    stream = DecodedStreamObject()
-    stream.set_data(data)
-    try:
-        operations = ContentStream(stream, reader).operations
-    except _READ_ERRORS as exc:
-        raise _Unparseable(f"{where}: content stream: {_short(exc)}") from exc
-    out = io.BytesIO()
-    for operands, operator in operations:
-        if operator == b"INLINE IMAGE":
-            operands["settings"].write_to_stream(out)
-            out.write(b" ID ")
-            out.write(operands["data"])
-            out.write(b" EI\n")
-            continue
-        for operand in operands:
-            operand.write_to_stream(out)
-            out.write(b" ")
-        out.write(operator)
-        out.write(b"\n")
-    return out.getvalue()
-
-
 def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
     text = ""
     try:
@@ -386,7 +367,7 @@ def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
             text += page.extract_text() + "\n"
             if len(text) >= _TEXT_LIMIT:
                 break
-    except (*_READ_ERRORS, DependencyError, NotImplementedError, RecursionError):
+    except (*READ_ERRORS, DependencyError, NotImplementedError, RecursionError):
         logger.debug("text extraction failed", exc_info=True)
     match = pattern.search(text[:_TEXT_LIMIT])
     if match is None:

@@ -7,12 +7,12 @@ hang nor crash a poll. They start on first use and are reused between polls.
 
 from __future__ import annotations
 
-import functools
 import logging
 import multiprocessing
 import re
 import resource
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +24,6 @@ from typing import Final, Literal, Self
 
 from worker.errors import PdfCheckFailed
 from worker.models import PdfReport
-from worker.pdf import inspect_pdf
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +33,26 @@ FINGERPRINT_SHARE: Final = 0.5
 
 Check = Callable[[bytes], PdfReport]
 _Reply = tuple[Literal["ok"], PdfReport] | tuple[Literal["error", "fatal"], str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _InspectPdf:
+    """The default check, `worker.pdf.inspect_pdf`. Imported in the workers only (the
+    forkserver preloads it): the poll's own process never needs pypdf."""
+
+    invoice_pattern: re.Pattern[str] | None
+    fingerprint: bool
+    fingerprint_budget_seconds: float
+
+    def __call__(self, data: bytes) -> PdfReport:
+        from worker.pdf import inspect_pdf  # here, not at the top: see the docstring
+
+        return inspect_pdf(
+            data,
+            invoice_pattern=self.invoice_pattern,
+            fingerprint=self.fingerprint,
+            fingerprint_budget_seconds=self.fingerprint_budget_seconds,
+        )
 
 
 def _child_main(connection: Connection, check: Check, memory_limit_bytes: int | None) -> None:
@@ -95,7 +114,7 @@ class PdfInspector:
         max_tasks_per_worker: int = 200,
         invoice_pattern: str | None = None,
         fingerprint: bool = True,
-        check: Check = inspect_pdf,
+        check: Check | None = None,  # None: `worker.pdf.inspect_pdf`
     ) -> None:
         if workers < 1 or timeout_seconds <= 0 or max_tasks_per_worker < 1:
             raise ValueError("workers, timeout_seconds and max_tasks_per_worker must be positive")
@@ -105,25 +124,24 @@ class PdfInspector:
                 compiled = re.compile(invoice_pattern)
             except re.error as exc:
                 raise ValueError(f"invalid invoice number pattern: {exc}") from exc
-            if check is not inspect_pdf:
+            if check is not None:
                 raise ValueError("invoice_pattern applies to the default check only")
-        if check is inspect_pdf:
-            check = functools.partial(
-                inspect_pdf,
-                invoice_pattern=compiled,
-                fingerprint=fingerprint,
-                fingerprint_budget_seconds=timeout_seconds * FINGERPRINT_SHARE,
-            )
-        self._check = check
+        self._check: Check = check or _InspectPdf(
+            invoice_pattern=compiled,
+            fingerprint=fingerprint,
+            fingerprint_budget_seconds=timeout_seconds * FINGERPRINT_SHARE,
+        )
         self._size = workers
         self._timeout = timeout_seconds
         self._memory_limit = memory_limit_bytes
         self._max_tasks = max_tasks_per_worker
         self._context = multiprocessing.get_context("forkserver")
         # Workers forked from a server that already imported pypdf start in milliseconds.
-        self._context.set_forkserver_preload(["worker.pdfpool"])
+        self._context.set_forkserver_preload(["worker.pdf", "worker.pdfpool"])
         self._idle: list[_Worker] = []
         self._closed = False
+        self._warming: threading.Thread | None = None
+        self._warmed: list[_Worker] = []
 
     def __enter__(self) -> Self:
         return self
@@ -136,9 +154,35 @@ class PdfInspector:
     ) -> None:
         self.close()
 
+    def prestart(self) -> None:
+        """Start the worker processes now, in a thread, so that their start-up (the
+        forkserver's, the first time) overlaps the poll's IMAP work instead of delaying
+        the first batch's checks. Does nothing when workers are running already."""
+        if self._closed or self._warming is not None or self._idle:
+            return
+        self._warming = threading.Thread(
+            target=self._warm, name="invoice-relay-pdf-start", daemon=True
+        )
+        self._warming.start()
+
+    def _warm(self) -> None:
+        try:
+            for _ in range(self._size):
+                self._warmed.append(self._start())
+        except OSError:  # no worker now: inspect_many starts (and reports) them itself
+            logger.debug("could not start PDF workers ahead", exc_info=True)
+
+    def _join_warm(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+            self._idle.extend(self._warmed)
+            self._warmed = []
+
     def inspect_many(self, files: Iterable[bytes]) -> list[PdfReport | Exception]:
         if self._closed:
             raise RuntimeError("PdfInspector is closed")
+        self._join_warm()
         queue = deque(_Task(index=index, data=data) for index, data in enumerate(files))
         results: list[PdfReport | Exception | None] = [None] * len(queue)
         busy: dict[Connection, tuple[_Worker, _Task, float]] = {}
@@ -164,6 +208,7 @@ class PdfInspector:
 
     def close(self) -> None:
         """Stop every worker process; the inspector cannot be used afterwards."""
+        self._join_warm()
         self._closed = True
         idle, self._idle = self._idle, []
         for worker in idle:

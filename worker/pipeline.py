@@ -13,12 +13,13 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.forwarding import BackgroundForwarding, Forwarder, ForwardRules
-from worker.intake import Intake, IntakeRules
+from worker.intake import FetchedBatch, Intake, IntakeRules
 from worker.models import (
     DedupMode,
     DocumentState,
@@ -168,25 +169,41 @@ class Pipeline:
                 self._store.reset_position(config.mailbox, status.uidvalidity)
             # UIDNEXT says whether anything is new without listing the folder.
             if status.uidnext == 0 or status.uidnext - 1 > last_uid:
+                self._intake.prestart()  # the PDF workers start while the UIDs are listed
                 uids = self._mailbox.new_uids(last_uid, config.since)
                 if len(uids) > config.batch_size:  # a backfill: send while reading on
                     sending = BackgroundForwarding(self._forwarder)
                 highest_known = max(status.uidnext - 1, 0)
                 first = _FIRST_BACKFILL_BATCH if sending is not None else None
                 batches = list(_chunks(uids, config.batch_size, first=first)) or [[]]
-                for index, batch in enumerate(batches):
-                    if self._stop.is_set():
-                        break
-                    is_last = index == len(batches) - 1
-                    advance_to = max([*batch, highest_known if is_last else 0, last_uid])
-                    recorded = self._process(
-                        status.uidvalidity, batch, advance_to=advance_to, retry=False
-                    )
-                    if sending is not None:
-                        sending.arrivals.recorded()
-                    mails_seen += len({r.uid for r in recorded})
-                    sightings.update(_outcome(r) for r in recorded if r.inserted)
-                    self._report_progress(f"{mails_seen} of {len(uids)} new mails read")
+                # While the PDF workers check (and the store records) one batch, a
+                # thread of its own fetches the next one: only it uses the mailbox then.
+                # Nothing is recorded out of order: batch N+1 is recorded after batch N.
+                with ThreadPoolExecutor(1, thread_name_prefix="imap-prefetch") as prefetch:
+                    fetching: Future[FetchedBatch] | None
+                    fetching = prefetch.submit(self._intake.fetch, batches[0])
+                    for index, batch in enumerate(batches):
+                        if self._stop.is_set() or fetching is None:
+                            break
+                        # No reference to a batch's PDFs may outlive its recording:
+                        # the forwarding reads them back from the store (a 25 MB PDF
+                        # would otherwise be held twice while it is sent).
+                        fetched, fetching = fetching.result(), None
+                        is_last = index == len(batches) - 1
+                        if not is_last:
+                            fetching = prefetch.submit(self._intake.fetch, batches[index + 1])
+                        advance_to = max([*batch, highest_known if is_last else 0, last_uid])
+                        mails = self._intake.decide(fetched)
+                        del fetched
+                        recorded = self._record(
+                            status.uidvalidity, mails, advance_to=advance_to, retry=False
+                        )
+                        del mails
+                        if sending is not None:
+                            sending.arrivals.recorded()
+                        mails_seen += len({r.uid for r in recorded})
+                        sightings.update(_outcome(r) for r in recorded if r.inserted)
+                        self._report_progress(f"{mails_seen} of {len(uids)} new mails read")
             if not self._stop.is_set():
                 sightings.update(self._retry_errors(status.uidvalidity))
         finally:
@@ -273,6 +290,16 @@ class Pipeline:
         self, uidvalidity: int, uids: Sequence[int], *, advance_to: int | None, retry: bool
     ) -> list[RecordedSighting]:
         mails = self._intake.build_records(uids) if uids else []
+        return self._record(uidvalidity, mails, advance_to=advance_to, retry=retry)
+
+    def _record(
+        self,
+        uidvalidity: int,
+        mails: Sequence[MailRecord],
+        *,
+        advance_to: int | None,
+        retry: bool,
+    ) -> list[RecordedSighting]:
         recorded = self._store.record_mails(
             mailbox=self._config.mailbox,
             uidvalidity=uidvalidity,

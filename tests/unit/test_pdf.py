@@ -360,3 +360,25 @@ def test_empty_input_starts_no_worker() -> None:
 def test_invalid_pattern_is_refused_up_front() -> None:
     with pytest.raises(ValueError, match="invoice number pattern"):
         PdfInspector(invoice_pattern="(unclosed")
+
+
+def test_prestart_starts_the_workers_once_and_inspect_many_uses_them() -> None:
+    with PdfInspector(workers=2, check=pid_check) as inspector:
+        inspector.prestart()
+        inspector.prestart()  # a second call while they start adds none
+        results = inspector.inspect_many([b"0.2"] * 4)
+        assert len(multiprocessing.active_children()) == 2
+        inspector.prestart()  # running already: nothing new
+        again = inspector.inspect_many([b"0"] * 2)
+    pids = {r.invoice_number for r in [*results, *again] if isinstance(r, PdfReport)}
+    assert len(pids) == 2
+    assert _no_children_left()
+
+
+def test_close_right_after_prestart_leaves_no_child_processes() -> None:
+    inspector = PdfInspector(workers=2)
+    inspector.prestart()
+    inspector.close()
+    assert _no_children_left()
+    inspector.prestart()  # closed: does nothing
+    assert _no_children_left()
