@@ -7,7 +7,6 @@ recorded); anything else that goes wrong with one mail becomes that mail's
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from functools import partial
 from typing import Protocol, TypeVar, runtime_checkable
 
 from worker import mime
-from worker.errors import InfrastructureError, PdfCheckFailed
+from worker.errors import InfrastructureError
 from worker.models import (
     Candidate,
     MailRecord,
@@ -28,6 +27,15 @@ from worker.ports import Inspector, Mailbox
 from worker.ranged import LARGE_PART, RangedFetch, fetch_decoded
 from worker.reportcache import ReportCache
 from worker.trust import NO_PROOF, DkimVerifier, Proof, SenderProof, TrustPolicy, TxtLookup
+from worker.verdicts import (
+    checked_part,
+    describe,
+    estimated_decoded_size,
+    loop_reason,
+    section_key,
+    sender_allowed,
+    too_large,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,42 +84,8 @@ class FetchedBatch:
     decoded: dict[tuple[int, str], bytes | Exception]  # (uid, section): the part's bytes
 
 
-def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
-    """Whether `address` matches the allowlist (empty allowlist: anyone)."""
-    if not allowed:
-        return True
-    if not address:
-        return False
-    domain = "@" + address.rpartition("@")[2]
-    return address in allowed or domain in allowed
-
-
-# Our own failure notice (worker.notify) come back; notices leave these rows out, or a
-# notice sent to the polled mailbox would cause the next one.
-NOTICE_LOOP_REASON = "loop: an invoice-relay failure notice (X-Invoice-Relay-Notice)"
-
-
-def loop_reason(summary: MailSummary, forward_from: str) -> str | None:
-    """Why this mail is our own forwarded mail (or failure notice) coming back, or None."""
-    headers = summary.headers
-    if headers.notice_marker is not None:
-        return NOTICE_LOOP_REASON
-    if headers.relay_marker is not None:
-        return "loop: carries the X-Invoice-Relay header of a forwarded mail"
-    auto = (headers.auto_submitted or "").strip().lower()
-    if auto and auto != "no" and headers.sender_address == forward_from.lower():
-        return "loop: Auto-Submitted mail from INVOICE_RELAY_FORWARD_FROM"
-    return None
-
-
 def _large(candidate: Candidate) -> bool:
     return candidate.encoding.strip().lower() == "base64" and candidate.size >= LARGE_PART
-
-
-def estimated_decoded_size(candidate: Candidate) -> int:
-    if candidate.encoding == "base64":
-        return candidate.size * 3 // 4
-    return candidate.size
 
 
 class Intake:
@@ -182,7 +156,7 @@ class Intake:
             uid = plan.summary.uid
             for candidate in sorted(chosen[uid], key=lambda c: section_key(c.section)):
                 if estimated_decoded_size(candidate) > self._config.max_pdf_bytes:
-                    plan.rejected_parts.append(_too_large(candidate, self._config.max_pdf_bytes))
+                    plan.rejected_parts.append(too_large(candidate, self._config.max_pdf_bytes))
                 else:
                     to_fetch.setdefault(uid, []).append(candidate)
         # A large part comes range by range from a mailbox that can (worker.ranged).
@@ -354,57 +328,10 @@ class Intake:
                     )
                 )
                 continue
-            parts.append(_checked_part(candidate.section, filename, data, reports[key]))
+            parts.append(checked_part(candidate.section, filename, data, reports[key]))
         if not parts:
             parts.append(PartRecord(part="", kind=SightingKind.NO_PDF))
         return sorted(parts, key=lambda p: section_key(p.part))
-
-
-def _checked_part(
-    section: str, filename: str, data: bytes, report: PdfReport | Exception
-) -> PartRecord:
-    sha256 = hashlib.sha256(data).hexdigest()
-    reason: str | None
-    if isinstance(report, Exception):
-        reason = (
-            f"PDF check failed: {report}"
-            if isinstance(report, PdfCheckFailed)
-            else describe(report)
-        )
-        kind = SightingKind.ERROR
-    elif not report.accepted:
-        kind, reason = SightingKind.REJECTED, report.reason
-    else:
-        return PartRecord(
-            part=section,
-            kind=SightingKind.DOCUMENT,
-            reason=report.fingerprint_note,
-            filename=filename,
-            size_bytes=len(data),
-            sha256=sha256,
-            fingerprint=report.fingerprint,
-            invoice_number=report.invoice_number,
-            content=data,
-        )
-    return PartRecord(
-        part=section,
-        kind=kind,
-        reason=reason,
-        filename=filename,
-        size_bytes=len(data),
-        sha256=sha256,
-    )
-
-
-def _too_large(candidate: Candidate, limit: int) -> PartRecord:
-    return PartRecord(
-        part=candidate.section,
-        kind=SightingKind.REJECTED,
-        reason=f"PDF too large: about {estimated_decoded_size(candidate)} bytes, limit {limit}"
-        " (INVOICE_RELAY_MAX_PDF_BYTES)",
-        filename=candidate.filename,
-        size_bytes=estimated_decoded_size(candidate),
-    )
 
 
 def _failed_plan(summary: MailSummary, error: PartRecord) -> _MailPlan:
@@ -427,13 +354,3 @@ def per_mail(uid: int, step: Callable[[], _T], on_error: Callable[[PartRecord], 
     except Exception as exc:  # recorded as the mail's error, with the traceback logged
         log.exception("could not handle mail %s", uid, extra={"action": "mail_error", "uid": uid})
         return on_error(PartRecord(part="", kind=SightingKind.ERROR, reason=describe(exc)))
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming the exception, for an audit row's reason."""
-    text = str(exc).replace("\n", " ").strip()
-    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
-
-
-def section_key(section: str) -> tuple[int, ...]:
-    return tuple(int(piece) for piece in section.split(".") if piece.isdigit())

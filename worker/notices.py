@@ -9,10 +9,10 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from worker.db import documents, notifications, notified_documents, sightings
-from worker.intake import NOTICE_LOOP_REASON
 from worker.models import DocumentState, SightingKind
 from worker.notify import NoticeMark, Problem, ProblemKind
 from worker.sql import SqlBase
+from worker.verdicts import NOTICE_LOOP_REASON
 
 _SIGHTING_PROBLEMS = {
     SightingKind.REJECTED.value: ProblemKind.REJECTED,

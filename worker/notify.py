@@ -5,7 +5,7 @@ At most one notice per INVOICE_RELAY_NOTIFY_INTERVAL, never about the same rows 
 (what was notified is kept in the database, `worker.notices`). The mail carries no PDF
 and no mail body: audit ids, outcomes, file names and reasons only. It is
 `Auto-Submitted` and carries `X-Invoice-Relay-Notice`, which the loop guard
-(`worker.intake.loop_reason`) rejects should a notice land in the polled mailbox.
+(`worker.verdicts.loop_reason`) rejects should a notice land in the polled mailbox.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import pytest
 
 from worker.db import create_schema, make_engine
 from worker.errors import SendRejected, SessionRefused, StoreError
-from worker.intake import NOTICE_LOOP_REASON, loop_reason
 from worker.models import DedupMode, MailHeaders, MailRecord, MailSummary, PartRecord, SightingKind
 from worker.notices import SqlNoticeLog
 from worker.notify import (
@@ -31,6 +30,7 @@ from worker.notify import (
     notice_subject,
 )
 from worker.store import SqlStore
+from worker.verdicts import NOTICE_LOOP_REASON, loop_reason
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 HOUR = 3600.0

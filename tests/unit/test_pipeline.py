@@ -16,10 +16,10 @@ from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from worker import db
 from worker.errors import MailboxError, SendRejected, SessionRefused
-from worker.intake import loop_reason, sender_allowed
 from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome, PdfReport
 from worker.pipeline import Pipeline, PipelineConfig
 from worker.store import SqlStore
+from worker.verdicts import loop_reason, sender_allowed
 
 FORWARD_TO = "inbox-123@getmyinvoices.example"
 FORWARD_FROM = "relay@shop.example"
