@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.db import advisory_key, audit_log, documents, make_engine, translated
+from worker.errorrows import ErrorRows
 from worker.models import AuditFilter, AuditRow, Outcome
 from worker.queue import DocumentQueue
 from worker.recording import MailRecorder
@@ -25,7 +26,7 @@ from worker.recording import MailRecorder
 log = logging.getLogger(__name__)
 
 
-class SqlStore(MailRecorder, DocumentQueue):
+class SqlStore(MailRecorder, ErrorRows, DocumentQueue):
     """The relay's SQL store. Every method raises `StoreError` when the database fails."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
