@@ -3,7 +3,6 @@ next mail's terminating dot: at most one accepted mail is ever unmarked."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.documents import add_pending_documents
 from tests.fakes import FakeOutbox
 from worker import db
 from worker.errors import StoreError
@@ -73,28 +73,6 @@ def url(tmp_path: Path) -> Iterator[str]:
     yield url
 
 
-def add_documents(store: SqlStore, count: int) -> list[str]:
-    hashes = [hashlib.sha256(f"pdf {n}".encode()).hexdigest() for n in range(count)]
-    with store.engine.begin() as connection:
-        connection.execute(
-            sa.insert(db.documents),
-            [
-                {
-                    "sha256": sha256,
-                    "state": DocumentState.PENDING.value,
-                    "attempts": 0,
-                    "next_attempt_at": NOW,
-                    "content": b"%PDF-1.4 " + sha256.encode(),
-                    "filename": "invoice.pdf",
-                    "resend_count": 0,
-                    "created_at": NOW,
-                }
-                for sha256 in hashes
-            ],
-        )
-    return hashes
-
-
 def forwarded(store: SqlStore) -> int:
     with store.engine.connect() as connection:
         return int(
@@ -126,7 +104,7 @@ def forwarder(store: SqlStore, outbox: FakeOutbox) -> Forwarder:
 @pytest.mark.parametrize("delay", [0.0, 0.02])
 def test_at_most_one_accepted_mail_is_unmarked(url: str, delay: float) -> None:
     store = SlowMarks(url, delay=delay)
-    add_documents(store, 7)
+    add_pending_documents(store, 7, now=NOW)
     outbox = WatchingOutbox(lambda: len(outbox.sent) - forwarded(store))
 
     assert forwarder(store, outbox).forward_due() == (7, 0, 0)
@@ -139,7 +117,7 @@ def test_at_most_one_accepted_mail_is_unmarked(url: str, delay: float) -> None:
 
 def test_a_failed_mark_abandons_the_next_mail(url: str) -> None:
     store = SlowMarks(url, fail_on=2)
-    add_documents(store, 4)
+    add_pending_documents(store, 4, now=NOW)
     outbox = FakeOutbox()
 
     with pytest.raises(StoreError, match="disk I/O"):

@@ -4,56 +4,23 @@ test-only crash hook itself."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from tests.documents import add_pending_documents
 from tests.fakes import FakeOutbox
 from worker import db
 from worker.errors import SendRejected
 from worker.faults import CRASH_EXIT_STATUS, CrashAt, CrashHook, CrashPoint, checkpoint_for
 from worker.forwarding import Forwarder, ForwardRules
-from worker.models import DocumentState
 from worker.pacer import SendPacer
 from worker.store import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    store = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    db.create_schema(store.engine)
-    yield store
-    store.close()
-
-
-def add_documents(store: SqlStore, count: int) -> list[str]:
-    hashes = [hashlib.sha256(f"pdf {n}".encode()).hexdigest() for n in range(count)]
-    with store.engine.begin() as connection:
-        connection.execute(
-            sa.insert(db.documents),
-            [
-                {
-                    "sha256": sha256,
-                    "state": DocumentState.PENDING.value,
-                    "attempts": 0,
-                    "next_attempt_at": NOW,
-                    "content": b"%PDF-1.4 " + sha256.encode(),
-                    "filename": "invoice.pdf",
-                    "resend_count": 0,
-                    "created_at": NOW,
-                }
-                for sha256 in hashes
-            ],
-        )
-    return hashes
 
 
 def states(store: SqlStore) -> dict[str, tuple[str, int]]:
@@ -93,7 +60,7 @@ def forwarder(
 
 
 def test_each_step_happens_in_the_order_the_guarantees_need(store: SqlStore) -> None:
-    first, second, third = add_documents(store, 3)
+    first, second, third = add_pending_documents(store, 3, now=NOW)
     outbox = FakeOutbox()
     record: list[tuple[CrashPoint, dict[str, tuple[str, int]]]] = []
     assert forwarder(store, outbox, record=record).forward_due() == (3, 0, 0)
@@ -115,7 +82,7 @@ def test_each_step_happens_in_the_order_the_guarantees_need(store: SqlStore) -> 
 
 
 def test_a_refused_mail_is_retried_later_over_a_fresh_session(store: SqlStore) -> None:
-    first, second = add_documents(store, 2)
+    first, second = add_pending_documents(store, 2, now=NOW)
     outbox = FakeOutbox()
     outbox.answers = [SendRejected("451 4.3.0 try later", code=451), None]
     assert forwarder(store, outbox).forward_due() == (1, 1, 0)

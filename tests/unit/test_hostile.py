@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
-from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -33,7 +32,6 @@ from hypothesis import strategies as st
 from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from tests.hostile import injected_headers, injection_mails
-from worker import db
 from worker.intake import Intake, IntakeRules
 from worker.mime import FILENAME_MAX_CHARS
 from worker.models import AuditFilter, DedupMode, Outcome, SightingKind
@@ -68,14 +66,6 @@ def report_examples(request: pytest.FixtureRequest) -> Iterator[None]:
 # --- header injection, end to end -----------------------------------------------------
 
 INJECTIONS = injection_mails()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    store = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    db.create_schema(store.engine)
-    yield store
-    store.close()
 
 
 def poll(store: SqlStore, mailbox: FakeMailbox) -> FakeOutbox:

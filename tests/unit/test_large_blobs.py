@@ -4,26 +4,13 @@ as bound parameters. The same records, either way."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
-import pytest
-
-from worker import db
 from worker.models import DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
 from worker.sql import LARGE_BLOB
 from worker.store import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    store = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    db.create_schema(store.engine)
-    yield store
-    store.close()
 
 
 def pdf(size: int, seed: int) -> bytes:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
-from worker import db
 from worker.errors import MailboxError, SendRejected, SessionRefused
 from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome, PdfReport
 from worker.pipeline import Pipeline, PipelineConfig
@@ -31,14 +29,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    store = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    db.create_schema(store.engine)
-    yield store
-    store.close()
 
 
 class Relay:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from tests.signing import KeyServer, sign, signing_key
-from worker import db, values
+from worker import values
 from worker.headers import parse_headers
 from worker.models import AuditFilter, AuditRow, DedupMode, MailSummary, Outcome
 from worker.pipeline import Pipeline, PipelineConfig
@@ -393,14 +391,6 @@ def test_no_policy_no_verdicts() -> None:
 
 
 # --- a poll against fakes ---------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    store = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    db.create_schema(store.engine)
-    yield store
-    store.close()
 
 
 def poll(

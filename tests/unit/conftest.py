@@ -1,0 +1,20 @@
+"""Fixtures shared by the unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker import db
+from worker.store import SqlStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    """A real store on a fresh SQLite file (embedded: it needs no server)."""
+    store = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
+    db.create_schema(store.engine)
+    yield store
+    store.close()
