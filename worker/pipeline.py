@@ -23,6 +23,8 @@ from worker.intake import FetchedBatch, Intake, IntakeRules
 from worker.models import (
     DedupMode,
     DocumentState,
+    FolderStatus,
+    MailboxPosition,
     MailRecord,
     Outcome,
     PollReport,
@@ -147,26 +149,10 @@ class Pipeline:
         status = self._mailbox.open()
         try:
             position = self._store.position(config.mailbox)
-            last_uid = 0
-            if position is not None and position.uidvalidity == status.uidvalidity:
-                last_uid = position.last_uid
-            else:
+            last_uid = _last_uid(position, status)
+            if position is None or position.uidvalidity != status.uidvalidity:
                 rescanned = position is not None
-                if position is not None:
-                    log.warning(
-                        "UIDVALIDITY changed from %s to %s: reading the folder again",
-                        position.uidvalidity,
-                        status.uidvalidity,
-                        extra={"action": "uidvalidity_changed", "mailbox": config.mailbox},
-                    )
-                    # Old UIDs mean nothing now; the rescan reads those mails afresh.
-                    self._store.abandon_errors(
-                        mailbox=config.mailbox,
-                        uidvalidity=position.uidvalidity,
-                        uids=None,
-                        reason="UIDVALIDITY changed: the folder was read again",
-                    )
-                self._store.reset_position(config.mailbox, status.uidvalidity)
+                self._start_over(position, status)
             # UIDNEXT says whether anything is new without listing the folder.
             if status.uidnext == 0 or status.uidnext - 1 > last_uid:
                 self._intake.prestart()  # the PDF workers start while the UIDs are listed
@@ -241,13 +227,11 @@ class Pipeline:
         as duplicates, so the DOCUMENT entries are exactly what would be forwarded."""
         status = self._mailbox.open()
         try:
-            position = self._store.position(self._config.mailbox)
-            last_uid = 0
-            if position is not None and position.uidvalidity == status.uidvalidity:
-                last_uid = position.last_uid
+            last_uid = _last_uid(self._store.position(self._config.mailbox), status)
             planned: list[PlannedSighting] = []
             seen: set[str] = set()
-            for batch in _chunks(self._mailbox.new_uids(last_uid, self._config.since), 200):
+            uids = self._mailbox.new_uids(last_uid, self._config.since)
+            for batch in _chunks(uids, self._config.batch_size):
                 for mail in self._intake.build_records(batch):
                     planned.extend(self._planned(mail, seen))
             return planned
@@ -255,6 +239,25 @@ class Pipeline:
             self._mailbox.close()
 
     # --- reading mail -----------------------------------------------------------------
+
+    def _start_over(self, position: MailboxPosition | None, status: FolderStatus) -> None:
+        """First poll, or a changed UIDVALIDITY: read the folder from UID 1 again."""
+        mailbox = self._config.mailbox
+        if position is not None:
+            log.warning(
+                "UIDVALIDITY changed from %s to %s: reading the folder again",
+                position.uidvalidity,
+                status.uidvalidity,
+                extra={"action": "uidvalidity_changed", "mailbox": mailbox},
+            )
+            # Old UIDs mean nothing now; the rescan reads those mails afresh.
+            self._store.abandon_errors(
+                mailbox=mailbox,
+                uidvalidity=position.uidvalidity,
+                uids=None,
+                reason="UIDVALIDITY changed: the folder was read again",
+            )
+        self._store.reset_position(mailbox, status.uidvalidity)
 
     def _retry_errors(self, uidvalidity: int) -> Counter[Outcome]:
         config = self._config
@@ -341,6 +344,13 @@ class Pipeline:
     def _report_progress(self, text: str) -> None:
         if self._progress is not None:
             self._progress(text)
+
+
+def _last_uid(position: MailboxPosition | None, status: FolderStatus) -> int:
+    """Every UID up to this one is recorded; 0 when the folder must be read from the start."""
+    if position is not None and position.uidvalidity == status.uidvalidity:
+        return position.last_uid
+    return 0
 
 
 def _outcome(sighting: RecordedSighting) -> Outcome:
