@@ -82,6 +82,26 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
     assert migrate.is_up_to_date(empty_database)
 
 
+def test_the_head_constant_is_the_scripts_head() -> None:
+    assert migrate.head_revision() == migrate.HEAD_REVISION
+
+
+def test_a_current_database_is_checked_without_importing_alembic(empty_database: str) -> None:
+    migrate.upgrade_database(empty_database)
+    script = (
+        "import sys; from worker.migrate import upgrade_database; "
+        "upgrade_database(sys.argv[1]); print('alembic' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, empty_database],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == "False"
+
+
 def test_models_and_migrations_agree(empty_database: str) -> None:
     migrate.upgrade_database(empty_database)
     engine = db.make_engine(empty_database)
