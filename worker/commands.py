@@ -26,8 +26,6 @@ from worker.trust import TrustPolicy
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_BUDGET_SECONDS = 8.0
-
 
 def mailbox_name(settings: Settings) -> str:
     """The audit's name for the polled folder; stable across port or TLS changes."""

@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-PROBE_BYTES = 64
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IntakeRules:
@@ -138,7 +136,7 @@ class Intake:
 
         probe_wanted = {p.summary.uid: [c.section for c in p.probed] for p in plans if p.probed}
         prefixes = (
-            self._mailbox.fetch_sections(probe_wanted, max_bytes=PROBE_BYTES)
+            self._mailbox.fetch_sections(probe_wanted, max_bytes=mime.PROBE_OCTETS)
             if probe_wanted
             else {}
         )
