@@ -26,6 +26,7 @@ from worker.mime import (
     probe_is_pdf,
     structure_limit,
 )
+from worker.mime import _lenient_base64 as lenient_base64
 from worker.models import BodyPart
 
 # --- builders in imapclient's shape ----------------------------------------------------
@@ -644,6 +645,19 @@ def test_decode_transfer_raises_only_value_error(raw: bytes, encoding: str) -> N
         return
     assert isinstance(decoded, bytes)
     assert isinstance(probe_is_pdf(raw[:64], encoding), bool)
+
+
+BASE64_TEXT = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=", max_size=80
+)
+
+
+@given(BASE64_TEXT)
+def test_well_formed_fast_path_agrees_with_the_lenient_decoder(text: str) -> None:
+    # decode_transfer tries binascii's strict mode first; wherever that accepts the
+    # text, the answer must be the one the lenient decoder gives.
+    compact = text.encode()
+    assert decode_transfer(compact, "base64") == lenient_base64(compact)
 
 
 @given(st.binary(max_size=300))
