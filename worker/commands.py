@@ -35,10 +35,11 @@ def mailbox_name(settings: Settings) -> str:
 def pipeline_config(settings: Settings) -> PipelineConfig:
     # The lease outlasts the whole send of every document claimed with it (see
     # worker.retry.lease_seconds); a small batch keeps it, and a crashed sender's wait, short.
+    # A batch is claimed while the one before it is sent, so its lease covers both.
     send_batch = 5
     lease = lease_seconds(
         timeout_seconds=settings.timeout_seconds,
-        send_batch=send_batch,
+        send_batch=2 * send_batch,
         max_sends_per_minute=settings.max_sends_per_minute,
     )
     return PipelineConfig(

@@ -134,12 +134,11 @@ class Forwarder:
         tally = _Tally()
         opened = False
         marks = _Marks(self._mark_forwarded, tally, self._marked)
+        claims = _Claims(self._claim)
         try:
             while not self._stop.is_set():
                 marks.settle()
-                claimed = self._store.claim_due(
-                    now=self._clock(), limit=config.send_batch, lease_seconds=config.lease_seconds
-                )
+                claimed = claims.take()
                 if not claimed:
                     if arrivals is not None and arrivals.wait_for_more(self._stop):
                         continue
@@ -148,8 +147,7 @@ class Forwarder:
                 for index, document in enumerate(claimed):
                     if self._stop.is_set():
                         marks.settle()
-                        for rest in claimed[index:]:
-                            self._store.release(rest.document_id)
+                        self._release([*claimed[index:], *claims.drop()])
                         return tally.result()
                     try:
                         if not opened:
@@ -163,8 +161,7 @@ class Forwarder:
                         self._checkpoint(CrashPoint.AFTER_SEND)
                     except SessionRefused:
                         marks.settle()
-                        for rest in claimed[index:]:
-                            self._store.release(rest.document_id)
+                        self._release([*claimed[index:], *claims.drop()])
                         raise
                     except SendRejected as refusal:
                         marks.settle()
@@ -178,9 +175,20 @@ class Forwarder:
             marks.settle()
         finally:
             marks.close()
+            claims.close()
             if opened:
                 self._outbox.close()
         return tally.result()
+
+    def _claim(self) -> list[OutgoingDocument]:
+        config = self._config
+        return self._store.claim_due(
+            now=self._clock(), limit=config.send_batch, lease_seconds=config.lease_seconds
+        )
+
+    def _release(self, documents: list[OutgoingDocument]) -> None:
+        for document in documents:
+            self._store.release(document.document_id)
 
     def _refused(self, document: OutgoingDocument, refusal: SendRejected, tally: _Tally) -> None:
         config = self._config
@@ -248,6 +256,40 @@ class _Tally:
 
     def result(self) -> tuple[int, int, int]:
         return self.forwarded, self.retried, self.failed
+
+
+class _Claims:
+    """Claims the next batch in a thread of its own while this one is sent, so the
+    claim's write transaction is off the sending path. The lease of a batch claimed
+    ahead covers the batch sent before it too (`worker.retry.lease_seconds`)."""
+
+    def __init__(self, claim: Callable[[], list[OutgoingDocument]]) -> None:
+        self._claim = claim
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claims")
+        self._ahead: Future[list[OutgoingDocument]] | None = None
+
+    def take(self) -> list[OutgoingDocument]:
+        """The batch claimed ahead, or, when there is none or it came back empty (more
+        may have been recorded since), a batch claimed now; then the next is claimed
+        ahead."""
+        ahead, self._ahead = self._ahead, None
+        batch = ahead.result() if ahead is not None else []
+        if not batch:
+            batch = self._claim()
+        if batch:
+            self._ahead = self._executor.submit(self._claim)
+        return batch
+
+    def drop(self) -> list[OutgoingDocument]:
+        """The documents claimed ahead and not taken: the caller releases them."""
+        ahead, self._ahead = self._ahead, None
+        return ahead.result() if ahead is not None else []
+
+    def close(self) -> None:
+        """Wait for a claim in flight. Documents it leased and nobody took (an exception
+        is on its way) stay leased until their lease runs out, like the rest of the
+        batch being sent."""
+        self._executor.shutdown(wait=True)
 
 
 class _Marks:

@@ -14,8 +14,15 @@ import sqlalchemy as sa
 from tests.documents import add_pending_documents
 from tests.fakes import FakeOutbox
 from worker import db
-from worker.errors import SendRejected
-from worker.faults import CRASH_EXIT_STATUS, CrashAt, CrashHook, CrashPoint, checkpoint_for
+from worker.errors import SendRejected, SessionRefused
+from worker.faults import (
+    CRASH_EXIT_STATUS,
+    Checkpoint,
+    CrashAt,
+    CrashHook,
+    CrashPoint,
+    checkpoint_for,
+)
 from worker.forwarding import Forwarder, ForwardRules
 from worker.pacer import SendPacer
 from worker.store import SqlStore
@@ -35,8 +42,9 @@ def forwarder(
     store: SqlStore,
     outbox: FakeOutbox,
     *,
-    checkpoint: CrashHook | None = None,
+    checkpoint: Checkpoint | None = None,
     record: list[tuple[CrashPoint, dict[str, tuple[str, int]]]] | None = None,
+    stop: threading.Event | None = None,
 ) -> Forwarder:
     def seen(point: CrashPoint) -> None:
         if record is not None:
@@ -54,7 +62,7 @@ def forwarder(
         pacer=SendPacer(None),
         clock=lambda: NOW,
         rng=random.Random(3),
-        stop=threading.Event(),
+        stop=stop or threading.Event(),
         checkpoint=checkpoint or seen,
     )
 
@@ -93,6 +101,45 @@ def test_a_refused_mail_is_retried_later_over_a_fresh_session(store: SqlStore) -
             sa.select(db.documents.c.next_attempt_at).where(db.documents.c.sha256 == first)
         ).scalar_one()
     assert timedelta(seconds=8) <= due - NOW <= timedelta(seconds=12)  # base, +-20 %
+
+
+def leased(store: SqlStore) -> list[str]:
+    with store.engine.connect() as connection:
+        return list(
+            connection.execute(
+                sa.select(db.documents.c.sha256).where(db.documents.c.lease_until.is_not(None))
+            ).scalars()
+        )
+
+
+def test_a_stop_releases_the_batch_claimed_ahead_too(store: SqlStore) -> None:
+    hashes = add_pending_documents(store, 5, now=NOW)
+    outbox = FakeOutbox()
+    stop = threading.Event()
+
+    def stop_after_first_send(point: CrashPoint) -> None:
+        if point is CrashPoint.AFTER_SEND:
+            stop.set()
+
+    relay = forwarder(store, outbox, checkpoint=stop_after_first_send, stop=stop)
+    assert relay.forward_due() == (1, 0, 0)
+    assert outbox.sent_hashes() == hashes[:1]
+    # The rest of the first batch and the whole batch claimed ahead are free again, so
+    # the next poll (or another replica) sends them without waiting for the lease.
+    assert leased(store) == []
+    assert sorted(s for s, (state, _) in states(store).items() if state == "pending") == sorted(
+        hashes[1:]
+    )
+
+
+def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: SqlStore) -> None:
+    hashes = add_pending_documents(store, 5, now=NOW)
+    outbox = FakeOutbox()
+    outbox.answers = [None, SessionRefused("421 closing", host="fake", port=25)]
+    with pytest.raises(SessionRefused):
+        forwarder(store, outbox).forward_due()
+    assert outbox.sent_hashes() == hashes[:1]
+    assert leased(store) == []
 
 
 @pytest.mark.parametrize(
