@@ -77,7 +77,6 @@ documents = sa.Table(
     sa.Column("forwarded_message_id", sa.Text, nullable=True),
     sa.Column("forwarded_at", UtcDateTime(), nullable=True),
     sa.Column("last_answer", sa.Text, nullable=True),
-    sa.Column("content", sa.LargeBinary, nullable=True),
     sa.Column("filename", sa.Text, nullable=True),
     sa.Column("size_bytes", sa.BigInteger, nullable=True),
     sa.Column("resend_count", sa.Integer, nullable=False, server_default=sa.text("0")),
@@ -86,6 +85,23 @@ documents = sa.Table(
     sa.UniqueConstraint("content_key", name="uq_documents_content_key"),
     sa.CheckConstraint("state IN ('pending', 'forwarded', 'failed')", name="ck_documents_state"),
     sa.Index("ix_documents_state_next_attempt_at", "state", "next_attempt_at"),
+)
+
+# A document's PDF while it is still needed (until forwarded, unless KEEP_PDFS). Apart
+# from `documents`, so that changing a document's state never rewrites its bytes (SQLite
+# rewrites a whole row, blob included), and so that a large PDF is written through
+# SQLite's blob I/O into a row whose last column is the blob (zeroblob then stays lazy).
+document_contents = sa.Table(
+    "document_contents",
+    metadata,
+    sa.Column(
+        "document_id",
+        sa.Integer,
+        sa.ForeignKey("documents.id", name="fk_document_contents_document_id_documents"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("content", sa.LargeBinary, nullable=False),
 )
 
 sightings = sa.Table(

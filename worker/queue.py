@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
-from worker.db import documents, sightings
+from worker.db import document_contents, documents, sightings
 from worker.models import DocumentState, OutgoingDocument, SightingKind
 from worker.sql import LARGE_BLOB, SqlBase
 
@@ -28,7 +28,7 @@ class DocumentQueue(SqlBase):
                 documents.c.state == DocumentState.PENDING.value,
                 documents.c.next_attempt_at <= now,
                 sa.or_(documents.c.lease_until.is_(None), documents.c.lease_until <= now),
-                documents.c.content.is_not(None),
+                _has_content(),
             )
             .order_by(documents.c.id)
             .limit(limit)
@@ -48,12 +48,12 @@ class DocumentQueue(SqlBase):
                 .where(documents.c.id.in_(ids))
                 .values(lease_until=now + timedelta(seconds=lease_seconds))
             )
-            length = sa.func.length(documents.c.content)
+            stored = document_contents.c.content
             # Large SQLite blobs are read through blob I/O below, without a second copy.
             content = (
-                documents.c.content
+                stored
                 if self._postgresql
-                else sa.case((length < LARGE_BLOB, documents.c.content), else_=sa.null())
+                else sa.case((sa.func.length(stored) < LARGE_BLOB, stored), else_=sa.null())
             )
             rows = connection.execute(
                 sa.select(
@@ -68,7 +68,11 @@ class DocumentQueue(SqlBase):
                     sightings.c.mail_date,
                     sightings.c.message_id,
                 )
-                .select_from(documents.outerjoin(sightings, introducing))
+                .select_from(
+                    documents.join(
+                        document_contents, document_contents.c.document_id == documents.c.id
+                    ).outerjoin(sightings, introducing)
+                )
                 .where(documents.c.id.in_(ids))
                 .order_by(documents.c.id)
             ).all()
@@ -77,7 +81,7 @@ class DocumentQueue(SqlBase):
                     row,
                     row.content
                     if row.content is not None
-                    else self._read_blob(connection, documents, "content", row.id),
+                    else self._read_content(connection, row.id),
                 )
                 for row in rows
             ]
@@ -93,9 +97,16 @@ class DocumentQueue(SqlBase):
             "forwarded_at": now,
             "last_answer": answer,
         }
-        if not keep_pdf:
-            values["content"] = None
-        self._update_document(document_id, values)
+        with self._write() as connection:
+            connection.execute(
+                sa.update(documents).where(documents.c.id == document_id).values(values)
+            )
+            if not keep_pdf:
+                connection.execute(
+                    sa.delete(document_contents).where(
+                        document_contents.c.document_id == document_id
+                    )
+                )
 
     def mark_retry(
         self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
@@ -153,7 +164,7 @@ class DocumentQueue(SqlBase):
             .where(
                 documents.c.sha256 == sha256,
                 documents.c.state == DocumentState.FORWARDED.value,
-                documents.c.content.is_not(None),
+                _has_content(),
             )
             .values(
                 state=DocumentState.PENDING.value,
@@ -173,6 +184,15 @@ class DocumentQueue(SqlBase):
             ):
                 counts[DocumentState(state)] = int(count)
         return counts
+
+
+def _has_content() -> sa.ColumnElement[bool]:
+    """The document's PDF is still stored (not dropped after forwarding)."""
+    return (
+        sa.select(document_contents.c.document_id)
+        .where(document_contents.c.document_id == documents.c.id)
+        .exists()
+    )
 
 
 def _outgoing(row: Row[*tuple[Any, ...]], content: bytes) -> OutgoingDocument:

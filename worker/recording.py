@@ -271,7 +271,6 @@ class MailRecorder(SqlBase):
         now: datetime,
     ) -> RecordedSighting:
         content_key = part.fingerprint if dedup is DedupMode.CONTENT else None
-        streamed = self._streams_blob(part.content)
         document_id = connection.execute(
             statements.claim,
             {
@@ -281,7 +280,6 @@ class MailRecorder(SqlBase):
                 "state": DocumentState.PENDING.value,
                 "attempts": 0,
                 "next_attempt_at": now,
-                "content": None if streamed else part.content,
                 "filename": part.filename,
                 "size_bytes": part.size_bytes,
                 "resend_count": 0,
@@ -289,8 +287,8 @@ class MailRecorder(SqlBase):
             },
         ).scalar_one_or_none()
         if document_id is not None:
-            if streamed and part.content is not None:
-                self._write_blob(connection, documents, "content", document_id, part.content)
+            if part.content is not None:
+                self._store_content(connection, document_id, part.content)
             connection.execute(
                 statements.link, {"sighting_id": sighting_id, "new_document_id": document_id}
             )

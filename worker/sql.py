@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from worker.db import READ_ONLY_OPTION, translated
+from worker.db import READ_ONLY_OPTION, document_contents, translated
 
 Insert = postgresql.Insert | sqlite.Insert
 
@@ -36,27 +36,34 @@ class SqlBase:
     def _insert(self, table: sa.Table) -> Insert:
         return postgresql.insert(table) if self._postgresql else sqlite.insert(table)
 
-    def _streams_blob(self, data: bytes | None) -> bool:
-        """Whether `data` goes through `_write_blob` instead of a bound parameter."""
-        return not self._postgresql and data is not None and len(data) >= LARGE_BLOB
+    def _streams_blob(self, data: bytes) -> bool:
+        """Whether `data` goes through SQLite's blob I/O instead of a bound parameter."""
+        return not self._postgresql and len(data) >= LARGE_BLOB
 
-    def _write_blob(
-        self, connection: Connection, table: sa.Table, column: str, rowid: int, data: bytes
-    ) -> None:
-        """Store `data` in one SQLite row's column, 1 MiB at a time, in this transaction."""
+    def _store_content(self, connection: Connection, document_id: int, data: bytes) -> None:
+        """A document's PDF into `document_contents`, in this transaction. Large ones go
+        into SQLite 1 MiB at a time through blob I/O: the row is inserted with a zeroblob
+        as its last column, which SQLite keeps lazy, so the PDF is never copied whole."""
+        streamed = self._streams_blob(data)
         connection.execute(
-            sa.update(table)
-            .where(table.c.id == rowid)
-            .values({column: sa.func.zeroblob(len(data))})
+            sa.insert(document_contents).values(
+                document_id=document_id,
+                content=sa.func.zeroblob(len(data)) if streamed else data,
+            )
         )
-        with _sqlite(connection).blobopen(table.name, column, rowid) as blob:
-            view = memoryview(data)
-            for start in range(0, len(view), _BLOB_SLICE):
-                blob.write(view[start : start + _BLOB_SLICE])
+        if streamed:
+            with _sqlite(connection).blobopen(
+                document_contents.name, "content", document_id
+            ) as blob:
+                view = memoryview(data)
+                for start in range(0, len(view), _BLOB_SLICE):
+                    blob.write(view[start : start + _BLOB_SLICE])
 
-    def _read_blob(self, connection: Connection, table: sa.Table, column: str, rowid: int) -> bytes:
-        """One SQLite blob read straight into the bytes returned."""
-        with _sqlite(connection).blobopen(table.name, column, rowid, readonly=True) as blob:
+    def _read_content(self, connection: Connection, document_id: int) -> bytes:
+        """A document's PDF read from SQLite's blob I/O straight into the bytes returned."""
+        with _sqlite(connection).blobopen(
+            document_contents.name, "content", document_id, readonly=True
+        ) as blob:
             return blob.read()
 
     @contextmanager

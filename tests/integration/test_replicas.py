@@ -8,22 +8,20 @@ locked" (WAL, busy_timeout, BEGIN IMMEDIATE).
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import threading
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-import sqlalchemy as sa
-
+from tests.documents import add_pending_documents
 from tests.integration.guarantee_tools import invoices, relay_command, tally
 from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import temporary_database
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
-from worker import db, migrate
+from worker import migrate
 from worker.models import DocumentState
 from worker.store import SqlStore
 
@@ -99,22 +97,7 @@ def test_concurrent_claims_never_lease_a_document_twice(database_url: str) -> No
     store = SqlStore(database_url)
     now = datetime.now(UTC)
     count, senders = 120, 4
-    with store.engine.begin() as connection:
-        connection.execute(
-            sa.insert(db.documents),
-            [
-                {
-                    "sha256": hashlib.sha256(str(n).encode()).hexdigest(),
-                    "state": DocumentState.PENDING.value,
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "content": b"%PDF-1.4 " + str(n).encode(),
-                    "resend_count": 0,
-                    "created_at": now,
-                }
-                for n in range(count)
-            ],
-        )
+    add_pending_documents(store, count, now=now)
     claims: Counter[int] = Counter()
     lock = threading.Lock()
     start = threading.Barrier(senders)

@@ -73,6 +73,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "alembic_version",
         "mailbox_state",
         "documents",
+        "document_contents",
         "sightings",
         "audit_log",
         "notifications",
@@ -222,6 +223,50 @@ def test_downgrade_to_base_removes_everything(empty_database: str) -> None:
     assert table_names(empty_database) == {"alembic_version"}
     migrate.upgrade_database(empty_database)
     assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
+
+
+def test_stored_pdfs_move_to_their_own_table_and_back(empty_database: str) -> None:
+    # 0003 moves documents.content into document_contents; nothing kept may be lost,
+    # and a forwarded document whose PDF was dropped gets no row.
+    migrate.upgrade_database(empty_database, "0002_notifications")
+    kept, large = b"%PDF-1.7 kept", b"%PDF-1.7 " + bytes(range(256)) * 8192
+    engine = db.make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            for number, content in enumerate([kept, None, large], start=1):
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO documents (id, sha256, state, attempts, next_attempt_at,"
+                        " content, resend_count, created_at) VALUES (:id, :sha256, :state, 0,"
+                        " :now, :content, 0, :now)"
+                    ),
+                    {
+                        "id": number,
+                        "sha256": f"sha-{number}",
+                        "state": "forwarded" if content is None else "pending",
+                        "now": datetime(2026, 11, 24, tzinfo=UTC),
+                        "content": content,
+                    },
+                )
+        migrate.upgrade_database(empty_database)
+        with engine.connect() as connection:
+            moved = connection.execute(
+                sa.select(db.document_contents).order_by(db.document_contents.c.document_id)
+            ).all()
+        assert [(row.document_id, bytes(row.content)) for row in moved] == [(1, kept), (3, large)]
+
+        migrate.downgrade_database(empty_database, "0002_notifications")
+        with engine.connect() as connection:
+            back = connection.execute(
+                sa.text("SELECT id, content FROM documents ORDER BY id")
+            ).all()
+        assert [(row.id, row.content and bytes(row.content)) for row in back] == [
+            (1, kept),
+            (2, None),
+            (3, large),
+        ]
+    finally:
+        engine.dispose()
 
 
 def test_the_alembic_ini_finds_the_same_scripts() -> None:

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.servers.postgres import postgres_server, temporary_database
-from worker.db import create_schema, documents, make_engine, sightings
+from worker.db import create_schema, document_contents, make_engine, sightings
 from worker.errors import StoreError
 from worker.models import (
     AuditFilter,
@@ -142,8 +142,10 @@ def sighting_tries(store: SqlStore, sighting_id: int) -> int:
 def document_content(store: SqlStore, document_id: int) -> bytes | None:
     with store.engine.connect() as connection:
         value = connection.execute(
-            sa.select(documents.c.content).where(documents.c.id == document_id)
-        ).scalar_one()
+            sa.select(document_contents.c.content).where(
+                document_contents.c.document_id == document_id
+            )
+        ).scalar_one_or_none()
         return None if value is None else bytes(value)
 
 
