@@ -216,6 +216,17 @@ def _cpu_lines(bench: Bench, runs: Sequence[BackfillRun]) -> None:
             f"  {name:<6} {machine:6.2f} = own {own:5.2f}  {shown}  rest {rest:5.2f}   "
             f"wall >= {machine / cores:.2f} s"
         )
+    # No schedule runs the relay's work in less than its CPU over the cores: the lowest
+    # ratio that work allows against the naive script, and how busy the relay kept them.
+    bound = statistics.median(
+        run.relay.machine_cpu_seconds / cores / run.naive.seconds for run in runs
+    )
+    busy = statistics.median(
+        run.relay.machine_cpu_seconds / (cores * run.relay.seconds) for run in runs
+    )
+    bench.say(
+        f"  lowest ratio the relay's CPU allows {bound:.2f}; its run kept the cores {busy:.0%} busy"
+    )
 
 
 def idle_polls(bench: Bench, large: int, small: int, repeats: int) -> None:
