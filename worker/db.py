@@ -8,6 +8,8 @@ public: the accountant queries them (and above all the `audit_log` view) with pl
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from worker.errors import StoreError
+from worker.retry import DATABASE_WAIT_SECONDS
 
 SUPPORTED_BACKENDS: Final = ("sqlite", "postgresql")
 
@@ -341,11 +344,29 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA busy_timeout = 30000")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA busy_timeout = {int(DATABASE_WAIT_SECONDS * 1000)}")
+        _enter_wal(cursor)
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
+
+
+def _enter_wal(cursor: sqlite3.Cursor) -> None:
+    """WAL mode, waiting as long as any statement would. Two processes opening a fresh
+    file at once both need its exclusive lock to switch the mode; SQLite sees that
+    waiting could deadlock and answers "database is locked" at once instead of using
+    the busy timeout. One of them switches; the other, trying again, finds WAL set."""
+    deadline = time.monotonic() + DATABASE_WAIT_SECONDS
+    pause = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 def _sqlite_on_begin(connection: Connection) -> None:

@@ -42,7 +42,8 @@ SESSION_WAITS = 8
 # One send: MAIL, RCPT, DATA, the content (sendall is bounded as a whole), the final
 # answer, and RSET after a refusal.
 SEND_WAITS = 6
-# Recording one send's outcome may queue behind another writer: SQLite's busy_timeout.
+# How long a statement waits for another writer (SQLite's busy_timeout, worker.db);
+# recording one send's outcome may queue that long.
 DATABASE_WAIT_SECONDS = 30.0
 PACER_WINDOW_SECONDS = 60.0
 
