@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from worker.errors import SendRejected, SessionRefused
+from worker.errors import SendRejected, SessionRefused, StoreError
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.forward_mail import build_forward
 from worker.models import OutgoingDocument
@@ -147,7 +147,7 @@ class Forwarder:
                 for index, document in enumerate(claimed):
                     if self._stop.is_set():
                         marks.settle()
-                        self._release([*claimed[index:], *claims.drop()])
+                        self._release(claimed[index:])
                         return tally.result()
                     try:
                         if not opened:
@@ -161,7 +161,7 @@ class Forwarder:
                         self._checkpoint(CrashPoint.AFTER_SEND)
                     except SessionRefused:
                         marks.settle()
-                        self._release([*claimed[index:], *claims.drop()])
+                        self._release(claimed[index:])
                         raise
                     except SendRejected as refusal:
                         marks.settle()
@@ -175,6 +175,9 @@ class Forwarder:
             marks.settle()
         finally:
             marks.close()
+            # A batch claimed ahead and not sent (a stop, a refused session, an error):
+            # free it for the next poll instead of leaving it to its lease.
+            self._release_quietly(claims.drop())
             claims.close()
             if opened:
                 self._outbox.close()
@@ -189,6 +192,19 @@ class Forwarder:
     def _release(self, documents: list[OutgoingDocument]) -> None:
         for document in documents:
             self._store.release(document.document_id)
+
+    def _release_quietly(self, documents: list[OutgoingDocument]) -> None:
+        """`_release` on the way out, perhaps with an error already on its way: a
+        failure here leaves the documents to their lease and does not replace it."""
+        try:
+            self._release(documents)
+        except StoreError as exc:
+            log.warning(
+                "%d documents claimed ahead stay leased until their lease expires: %s",
+                len(documents),
+                exc,
+                extra={"action": "release_failed"},
+            )
 
     def _refused(self, document: OutgoingDocument, refusal: SendRejected, tally: _Tally) -> None:
         config = self._config
@@ -281,14 +297,19 @@ class _Claims:
         return batch
 
     def drop(self) -> list[OutgoingDocument]:
-        """The documents claimed ahead and not taken: the caller releases them."""
+        """The documents claimed ahead and not taken, for the caller to release. A claim
+        that failed leased nothing (its transaction rolled back): none, and its error
+        is only logged, since the loop is ending for a reason of its own."""
         ahead, self._ahead = self._ahead, None
-        return ahead.result() if ahead is not None else []
+        if ahead is None:
+            return []
+        try:
+            return ahead.result()
+        except StoreError as exc:
+            log.warning("claiming the next batch failed: %s", exc, extra={"action": "claim_failed"})
+            return []
 
     def close(self) -> None:
-        """Wait for a claim in flight. Documents it leased and nobody took (an exception
-        is on its way) stay leased until their lease runs out, like the rest of the
-        batch being sent."""
         self._executor.shutdown(wait=True)
 
 

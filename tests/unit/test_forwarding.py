@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from tests.documents import add_pending_documents
 from tests.fakes import FakeOutbox
 from worker import db
-from worker.errors import SendRejected, SessionRefused
+from worker.errors import SendRejected, SessionRefused, StoreError
 from worker.faults import (
     CRASH_EXIT_STATUS,
     Checkpoint,
@@ -24,6 +25,7 @@ from worker.faults import (
     checkpoint_for,
 )
 from worker.forwarding import Forwarder, ForwardRules
+from worker.models import OutgoingDocument
 from worker.pacer import SendPacer
 from worker.store import SqlStore
 
@@ -112,28 +114,57 @@ def leased(store: SqlStore) -> list[str]:
         )
 
 
-def test_a_stop_releases_the_batch_claimed_ahead_too(store: SqlStore) -> None:
+@pytest.mark.parametrize("sent", [1, 2], ids=["mid-batch", "between batches"])
+def test_a_stop_releases_the_batch_claimed_ahead_too(store: SqlStore, sent: int) -> None:
     hashes = add_pending_documents(store, 5, now=NOW)
     outbox = FakeOutbox()
     stop = threading.Event()
+    sends = 0
 
-    def stop_after_first_send(point: CrashPoint) -> None:
+    def stop_after_a_send(point: CrashPoint) -> None:
+        nonlocal sends
         if point is CrashPoint.AFTER_SEND:
-            stop.set()
+            sends += 1
+            if sends == sent:
+                stop.set()
 
-    relay = forwarder(store, outbox, checkpoint=stop_after_first_send, stop=stop)
-    assert relay.forward_due() == (1, 0, 0)
-    assert outbox.sent_hashes() == hashes[:1]
-    # The rest of the first batch and the whole batch claimed ahead are free again, so
-    # the next poll (or another replica) sends them without waiting for the lease.
+    relay = forwarder(store, outbox, checkpoint=stop_after_a_send, stop=stop)
+    assert relay.forward_due() == (sent, 0, 0)
+    assert outbox.sent_hashes() == hashes[:sent]
+    # The rest of the first batch (send_batch is 2) and the whole batch claimed ahead
+    # are free again: the next poll, or another replica, sends them without waiting
+    # for their lease to run out.
     assert leased(store) == []
     assert sorted(s for s, (state, _) in states(store).items() if state == "pending") == sorted(
-        hashes[1:]
+        hashes[sent:]
     )
 
 
 def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: SqlStore) -> None:
     hashes = add_pending_documents(store, 5, now=NOW)
+    outbox = FakeOutbox()
+    outbox.answers = [None, SessionRefused("421 closing", host="fake", port=25)]
+    with pytest.raises(SessionRefused):
+        forwarder(store, outbox).forward_due()
+    assert outbox.sent_hashes() == hashes[:1]
+    assert leased(store) == []
+
+
+def test_a_failed_claim_ahead_neither_hides_a_refusal_nor_keeps_leases(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashes = add_pending_documents(store, 5, now=NOW)
+    claim_due = store.claim_due
+    claims = 0
+
+    def second_claim_fails(**arguments: Any) -> list[OutgoingDocument]:
+        nonlocal claims
+        claims += 1
+        if claims == 2:
+            raise StoreError("database is locked")
+        return claim_due(**arguments)
+
+    monkeypatch.setattr(store, "claim_due", second_claim_fails)
     outbox = FakeOutbox()
     outbox.answers = [None, SessionRefused("421 closing", host="fake", port=25)]
     with pytest.raises(SessionRefused):
