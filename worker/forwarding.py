@@ -166,11 +166,14 @@ class Forwarder:
                     except SendRejected as refusal:
                         marks.settle()
                         # The outbox may have dropped a session that died mid-send (or
-                        # answered 421): the next document starts a fresh one.
+                        # answered 421): the next document starts a fresh one. A lease
+                        # is sized for one session opening (worker.retry.lease_seconds),
+                        # so the rest are released and claimed again with fresh leases.
                         self._outbox.close()
                         opened = False
                         self._refused(document, refusal, tally)
-                        continue
+                        self._release([*claimed[index + 1 :], *claims.drop()])
+                        break
                     marks.start(document, message.message_id, answer)
             marks.settle()
         finally:

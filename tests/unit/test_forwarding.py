@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ from worker.faults import (
     CrashPoint,
     checkpoint_for,
 )
+from worker.forward_mail import ForwardMail
 from worker.forwarding import Forwarder, ForwardRules
 from worker.models import OutgoingDocument
 from worker.pacer import SendPacer
@@ -148,6 +150,68 @@ def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: SqlStore)
         forwarder(store, outbox).forward_due()
     assert outbox.sent_hashes() == hashes[:1]
     assert leased(store) == []
+
+
+class RecordingOutbox(FakeOutbox):
+    """A FakeOutbox that writes each session opening and each send into `events`."""
+
+    def __init__(self, events: list[tuple[str, ...]]) -> None:
+        super().__init__()
+        self.events = events
+
+    def open(self) -> None:
+        super().open()
+        self.events.append(("open",))
+
+    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+        try:
+            answer = super().send(message, before_end=before_end)
+        except SendRejected:
+            self.events.append(("refused", message.sha256))
+            raise
+        self.events.append(("sent", message.sha256))
+        return answer
+
+
+def test_after_a_refusal_the_rest_is_claimed_again_before_a_new_session(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lease is sized for one session opening; a refusal drops the session, so what is
+    # sent over the next one must have been claimed (leased afresh) after the refusal.
+    hashes = add_pending_documents(store, 5, now=NOW)
+    events: list[tuple[str, ...]] = []
+    claim_due = store.claim_due
+
+    def recording_claim(**arguments: Any) -> list[OutgoingDocument]:
+        claimed = claim_due(**arguments)
+        events.append(("claim", *(document.sha256 for document in claimed)))
+        return claimed
+
+    monkeypatch.setattr(store, "claim_due", recording_claim)
+    outbox = RecordingOutbox(events)
+    later = SendRejected("451 4.3.0 try later", code=451)
+    outbox.answers = [later, None, later, None, None]
+    assert forwarder(store, outbox).forward_due() == (3, 2, 0)
+    assert outbox.opened == 3
+    sent_after_refusal = 0
+    for position, event in enumerate(events):
+        if event[0] != "sent":
+            continue
+        refusals = [at for at, seen in enumerate(events[:position]) if seen[0] == "refused"]
+        if not refusals:
+            continue
+        claimed_since = {
+            sha256
+            for seen in events[refusals[-1] : position]
+            if seen[0] == "claim"
+            for sha256 in seen[1:]
+        }
+        assert event[1] in claimed_since, events
+        sent_after_refusal += 1
+    assert sent_after_refusal == 3
+    assert sorted(event[1] for event in events if event[0] == "sent") == sorted(
+        [hashes[1], hashes[3], hashes[4]]
+    )
 
 
 def test_a_failed_claim_ahead_neither_hides_a_refusal_nor_keeps_leases(
