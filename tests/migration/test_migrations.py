@@ -177,23 +177,30 @@ def test_the_store_works_on_a_migrated_database(empty_database: str) -> None:
         store.close()
 
 
-def test_replicas_upgrading_together_do_not_race(empty_database: str) -> None:
-    # Replicas are processes: start three at once, each running the start-up upgrade.
+def upgrade_together(url: str, processes: int) -> None:
+    """`processes` processes started at once, each running the start-up upgrade of `url`;
+    every one must succeed."""
     script = (
         "import sys; from worker.migrate import upgrade_database; upgrade_database(sys.argv[1])"
     )
-    replicas = [
+    started = [
         subprocess.Popen(
-            [sys.executable, "-c", script, empty_database],
+            [sys.executable, "-c", script, url],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            text=True,
         )
-        for _ in range(3)
+        for _ in range(processes)
     ]
-    outcomes = [replica.communicate(timeout=120) for replica in replicas]
-    assert [replica.returncode for replica in replicas] == [0, 0, 0], outcomes
-    assert migrate.is_up_to_date(empty_database)
+    errors = [process.communicate(timeout=120)[1] for process in started]
+    assert [process.returncode for process in started] == [0] * processes, errors
+    assert migrate.is_up_to_date(url)
+
+
+def test_replicas_upgrading_together_do_not_race(empty_database: str) -> None:
+    # Replicas are processes: start three at once, each running the start-up upgrade.
+    upgrade_together(empty_database, 3)
 
 
 def test_processes_opening_a_fresh_sqlite_file_at_once_all_start(tmp_path: Path) -> None:
@@ -201,24 +208,8 @@ def test_processes_opening_a_fresh_sqlite_file_at_once_all_start(tmp_path: Path)
     # answers "database is locked" at once rather than risk a deadlock. Fifteen rounds
     # of two processes (two start closer together than three on two cores): before the
     # retry in worker.db, about a fifth of the processes failed.
-    script = (
-        "import sys; from worker.migrate import upgrade_database; upgrade_database(sys.argv[1])"
-    )
     for round_number in range(15):
-        url = f"sqlite:///{tmp_path / f'relay-{round_number}.db'}"
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-c", script, url],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        errors = [process.communicate(timeout=120)[1] for process in processes]
-        assert [process.returncode for process in processes] == [0, 0], errors
-        assert migrate.is_up_to_date(url)
+        upgrade_together(f"sqlite:///{tmp_path / f'relay-{round_number}.db'}", 2)
 
 
 def test_in_process_upgrades_are_serialised(empty_database: str) -> None:

@@ -142,14 +142,19 @@ def test_a_stop_releases_the_batch_claimed_ahead_too(store: SqlStore, sent: int)
     )
 
 
-def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: SqlStore) -> None:
-    hashes = add_pending_documents(store, 5, now=NOW)
+def assert_a_refused_session_leaves_nothing_leased(store: SqlStore, hashes: list[str]) -> None:
+    """The second send meets a refused session: the first mail went out, and neither
+    the rest of its batch nor the batch claimed ahead stays leased."""
     outbox = FakeOutbox()
     outbox.answers = [None, SessionRefused("421 closing", host="fake", port=25)]
     with pytest.raises(SessionRefused):
         forwarder(store, outbox).forward_due()
     assert outbox.sent_hashes() == hashes[:1]
     assert leased(store) == []
+
+
+def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: SqlStore) -> None:
+    assert_a_refused_session_leaves_nothing_leased(store, add_pending_documents(store, 5, now=NOW))
 
 
 class RecordingOutbox(FakeOutbox):
@@ -229,12 +234,7 @@ def test_a_failed_claim_ahead_neither_hides_a_refusal_nor_keeps_leases(
         return claim_due(**arguments)
 
     monkeypatch.setattr(store, "claim_due", second_claim_fails)
-    outbox = FakeOutbox()
-    outbox.answers = [None, SessionRefused("421 closing", host="fake", port=25)]
-    with pytest.raises(SessionRefused):
-        forwarder(store, outbox).forward_due()
-    assert outbox.sent_hashes() == hashes[:1]
-    assert leased(store) == []
+    assert_a_refused_session_leaves_nothing_leased(store, hashes)
 
 
 @pytest.mark.parametrize(
