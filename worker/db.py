@@ -344,29 +344,35 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(f"PRAGMA busy_timeout = {int(DATABASE_WAIT_SECONDS * 1000)}")
-        _enter_wal(cursor)
+        _enter_wal(cursor)  # leaves busy_timeout at DATABASE_WAIT_SECONDS
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
 
 
 def _enter_wal(cursor: sqlite3.Cursor) -> None:
-    """WAL mode, waiting as long as any statement would. Two processes opening a fresh
-    file at once both need its exclusive lock to switch the mode; SQLite sees that
+    """WAL mode, waiting at most as long as any statement would. Two processes opening a
+    fresh file at once both need its exclusive lock to switch the mode; SQLite sees that
     waiting could deadlock and answers "database is locked" at once instead of using
-    the busy timeout. One of them switches; the other, trying again, finds WAL set."""
+    the busy timeout. One of them switches; the other, trying again, finds WAL set. Each
+    try may also wait in the busy handler: it gets only what is left of the wait."""
+    full = int(DATABASE_WAIT_SECONDS * 1000)
     deadline = time.monotonic() + DATABASE_WAIT_SECONDS
     pause = 0.01
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
-                raise
-        time.sleep(pause)
-        pause = min(pause * 2, 0.5)
+    try:
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            cursor.execute(f"PRAGMA busy_timeout = {max(left, 0)}")
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout = {full}")
 
 
 def _sqlite_on_begin(connection: Connection) -> None:

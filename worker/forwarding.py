@@ -135,6 +135,7 @@ class Forwarder:
         opened = False
         marks = _Marks(self._mark_forwarded, tally, self._marked)
         claims = _Claims(self._claim)
+        untouched: list[OutgoingDocument] = []  # claimed, and not one step taken yet
         try:
             while not self._stop.is_set():
                 marks.settle()
@@ -143,12 +144,15 @@ class Forwarder:
                     if arrivals is not None and arrivals.wait_for_more(self._stop):
                         continue
                     break
+                untouched = claimed
                 self._checkpoint(CrashPoint.AFTER_CLAIM)
                 for index, document in enumerate(claimed):
                     if self._stop.is_set():
                         marks.settle()
+                        untouched = []
                         self._release(claimed[index:])
                         return tally.result()
+                    untouched = claimed[index + 1 :]
                     try:
                         if not opened:
                             self._outbox.open()
@@ -161,6 +165,7 @@ class Forwarder:
                         self._checkpoint(CrashPoint.AFTER_SEND)
                     except SessionRefused:
                         marks.settle()
+                        untouched = []
                         self._release(claimed[index:])
                         raise
                     except SendRejected as refusal:
@@ -172,15 +177,18 @@ class Forwarder:
                         self._outbox.close()
                         opened = False
                         self._refused(document, refusal, tally)
+                        untouched = []
                         self._release([*claimed[index + 1 :], *claims.drop()])
                         break
                     marks.start(document, message.message_id, answer)
             marks.settle()
         finally:
             marks.close()
-            # A batch claimed ahead and not sent (a stop, a refused session, an error):
-            # free it for the next poll instead of leaving it to its lease.
-            self._release_quietly(claims.drop())
+            # Documents claimed and not yet begun, here or ahead (an error is on its
+            # way, or a stop came between batches): free for the next poll instead of
+            # left to their lease. The document being sent keeps its lease: the server
+            # may have accepted it.
+            self._release_quietly([*untouched, *claims.drop()])
             claims.close()
             if opened:
                 self._outbox.close()

@@ -1,11 +1,18 @@
-"""Database URLs in messages never show a password, wherever the URL carries it."""
+"""Database URLs in messages never show a password, wherever the URL carries it; each
+SQLite connection gets WAL, the busy timeout and foreign keys, even on a file another
+connection is writing when it opens."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from pathlib import Path
+
 import pytest
 
-from worker.db import describe, parse_url, translate
+from worker.db import describe, make_engine, parse_url, translate
 from worker.errors import StoreError
+from worker.retry import DATABASE_WAIT_SECONDS
 
 
 @pytest.mark.parametrize(
@@ -36,3 +43,28 @@ def test_translated_errors_mask_query_passwords() -> None:
     assert isinstance(error, StoreError)
     assert "Sekr3t" not in str(error)
     assert "****" in str(error)
+
+
+def test_a_sqlite_connection_opens_while_another_holds_the_write_lock(tmp_path: Path) -> None:
+    # A fresh file still in rollback-journal mode, with a writer holding its RESERVED
+    # lock: switching to WAL is refused at once ("database is locked", no busy wait),
+    # so the connection must try again until the writer is done.
+    path = tmp_path / "relay.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (1)")
+    done = threading.Timer(0.3, writer.execute, args=("COMMIT",))
+    done.start()
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as connection:
+            settings = [
+                connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "busy_timeout", "foreign_keys")
+            ]
+    finally:
+        engine.dispose()
+        done.join()
+        writer.close()
+    assert settings == ["wal", int(DATABASE_WAIT_SECONDS * 1000), 1]

@@ -157,6 +157,23 @@ def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: SqlStore)
     assert_a_refused_session_leaves_nothing_leased(store, add_pending_documents(store, 5, now=NOW))
 
 
+def test_an_unexpected_error_keeps_only_the_document_in_hand_leased(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Something other than SMTP or the database goes wrong while the first mail is
+    # prepared: that document keeps its lease (it might have gone out), the rest of its
+    # batch and the batch claimed ahead are free for the next poll.
+    hashes = add_pending_documents(store, 5, now=NOW)
+
+    def broken_build(*_: object, **__: object) -> ForwardMail:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("worker.forwarding.build_forward", broken_build)
+    with pytest.raises(RuntimeError, match="a bug"):
+        forwarder(store, FakeOutbox()).forward_due()
+    assert leased(store) == hashes[:1]
+
+
 class RecordingOutbox(FakeOutbox):
     """A FakeOutbox that writes each session opening and each send into `events`."""
 
