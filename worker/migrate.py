@@ -64,23 +64,21 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     """Apply migrations up to `revision`; on PostgreSQL under an advisory lock (env.py)."""
     if revision == "head" and current_revision(url) == HEAD_REVISION:
         return
-    from alembic import command
-
-    engine = make_engine(url)
-    try:
-        with _alembic_lock, translated(engine.url):
-            command.upgrade(_alembic_config(engine), revision)
-    finally:
-        engine.dispose()
+    _run_alembic(url, revision, downgrade=False)
 
 
 def downgrade_database(url: str, revision: str = "base") -> None:
+    _run_alembic(url, revision, downgrade=True)
+
+
+def _run_alembic(url: str, revision: str, *, downgrade: bool) -> None:
     from alembic import command
 
     engine = make_engine(url)
     try:
         with _alembic_lock, translated(engine.url):
-            command.downgrade(_alembic_config(engine), revision)
+            step = command.downgrade if downgrade else command.upgrade
+            step(_alembic_config(engine), revision)
     finally:
         engine.dispose()
 
