@@ -1,14 +1,21 @@
-"""Pending documents written straight into a store, for tests of the send loop."""
+"""Pending documents written straight into a store, and the send loop that sends them,
+for tests of forwarding."""
 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+import random
+import threading
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
 from worker import db
+from worker.faults import Checkpoint, no_checkpoint
+from worker.forwarding import Forwarder, ForwardRules
 from worker.models import DocumentState
+from worker.pacer import SendPacer
+from worker.ports import Outbox, Store
 from worker.store import SqlStore
 
 
@@ -36,3 +43,30 @@ def add_pending_documents(store: SqlStore, count: int, *, now: datetime) -> list
                 )
             )
     return hashes
+
+
+def send_loop(
+    store: Store,
+    outbox: Outbox,
+    *,
+    now: datetime,
+    send_batch: int,
+    stop: threading.Event | None = None,
+    checkpoint: Checkpoint = no_checkpoint,
+) -> Forwarder:
+    """A `Forwarder` for tests: a fixed clock, no pacing, retries 10 s apart (±20 %)."""
+    return Forwarder(
+        rules=ForwardRules(
+            forward_to="inbox@getmyinvoices.example",
+            forward_from="relay@shop.example",
+            send_batch=send_batch,
+            retry_base=timedelta(seconds=10),
+        ),
+        outbox=outbox,
+        store=store,
+        pacer=SendPacer(None),
+        clock=lambda: now,
+        rng=random.Random(3),
+        stop=stop or threading.Event(),
+        checkpoint=checkpoint,
+    )

@@ -3,24 +3,21 @@ next mail's terminating dot: at most one accepted mail is ever unmarked."""
 
 from __future__ import annotations
 
-import random
-import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from tests.documents import add_pending_documents
+from tests.documents import add_pending_documents, send_loop
 from tests.fakes import FakeOutbox
 from worker import db
 from worker.errors import StoreError
 from worker.forward_mail import ForwardMail
-from worker.forwarding import Forwarder, ForwardRules
+from worker.forwarding import Forwarder
 from worker.models import DocumentState
-from worker.pacer import SendPacer
 from worker.store import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -85,20 +82,7 @@ def forwarded(store: SqlStore) -> int:
 
 
 def forwarder(store: SqlStore, outbox: FakeOutbox) -> Forwarder:
-    return Forwarder(
-        rules=ForwardRules(
-            forward_to="inbox@getmyinvoices.example",
-            forward_from="relay@shop.example",
-            send_batch=3,
-            retry_base=timedelta(seconds=10),
-        ),
-        outbox=outbox,
-        store=store,
-        pacer=SendPacer(None),
-        clock=lambda: NOW,
-        rng=random.Random(3),
-        stop=threading.Event(),
-    )
+    return send_loop(store, outbox, now=NOW, send_batch=3)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.02])

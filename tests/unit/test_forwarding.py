@@ -4,7 +4,6 @@ test-only crash hook itself."""
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.documents import add_pending_documents
+from tests.documents import add_pending_documents, send_loop
 from tests.fakes import FakeOutbox
 from worker import db
 from worker.errors import SendRejected, SessionRefused, StoreError
@@ -26,9 +25,8 @@ from worker.faults import (
     checkpoint_for,
 )
 from worker.forward_mail import ForwardMail
-from worker.forwarding import Forwarder, ForwardRules
+from worker.forwarding import Forwarder
 from worker.models import OutgoingDocument
-from worker.pacer import SendPacer
 from worker.store import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -54,21 +52,7 @@ def forwarder(
         if record is not None:
             record.append((point, states(store)))
 
-    return Forwarder(
-        rules=ForwardRules(
-            forward_to="inbox@getmyinvoices.example",
-            forward_from="relay@shop.example",
-            send_batch=2,
-            retry_base=timedelta(seconds=10),
-        ),
-        outbox=outbox,
-        store=store,
-        pacer=SendPacer(None),
-        clock=lambda: NOW,
-        rng=random.Random(3),
-        stop=stop or threading.Event(),
-        checkpoint=checkpoint or seen,
-    )
+    return send_loop(store, outbox, now=NOW, send_batch=2, stop=stop, checkpoint=checkpoint or seen)
 
 
 def test_each_step_happens_in_the_order_the_guarantees_need(store: SqlStore) -> None:
