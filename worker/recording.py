@@ -334,19 +334,30 @@ class MailRecorder(SqlBase):
     def _conflicting_document(
         self, connection: Connection, sha256: str | None, content_key: str | None
     ) -> tuple[int, str]:
-        """Which document the claim collided with, and by which key (sha256 first)."""
-        by_sha = connection.execute(
-            sa.select(documents.c.id).where(documents.c.sha256 == sha256)
+        """Which document the claim collided with, and by which key."""
+        known = known_document(connection, sha256, content_key)
+        if known is None:
+            raise StoreError(f"document {sha256} conflicted with no visible document")
+        return known
+
+
+def known_document(
+    connection: Connection, sha256: str | None, content_key: str | None
+) -> tuple[int, str] | None:
+    """The document that already has this SHA-256 or content key, and which key matched
+    ("sha256" first, then "content fingerprint"); None when neither is known."""
+    by_sha = connection.execute(
+        sa.select(documents.c.id).where(documents.c.sha256 == sha256)
+    ).scalar_one_or_none()
+    if by_sha is not None:
+        return by_sha, "sha256"
+    if content_key is not None:
+        by_content = connection.execute(
+            sa.select(documents.c.id).where(documents.c.content_key == content_key)
         ).scalar_one_or_none()
-        if by_sha is not None:
-            return by_sha, "sha256"
-        if content_key is not None:
-            by_content = connection.execute(
-                sa.select(documents.c.id).where(documents.c.content_key == content_key)
-            ).scalar_one_or_none()
-            if by_content is not None:
-                return by_content, "content fingerprint"
-        raise StoreError(f"document {sha256} conflicted with no visible document")
+        if by_content is not None:
+            return by_content, "content fingerprint"
+    return None
 
 
 def _now() -> datetime:

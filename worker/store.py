@@ -17,11 +17,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.db import advisory_key, audit_log, documents, make_engine, translated
+from worker.db import advisory_key, audit_log, make_engine, translated
 from worker.errorrows import ErrorRows
 from worker.models import AuditFilter, AuditRow, Outcome
 from worker.queue import DocumentQueue
-from worker.recording import MailRecorder
+from worker.recording import MailRecorder, known_document
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,8 @@ class SqlStore(MailRecorder, ErrorRows, DocumentQueue):
         """For a dry run only (it decides nothing): which key of a PDF is already known,
         "sha256" or "content fingerprint", or None."""
         with self._read() as connection:
-            if connection.execute(
-                sa.select(documents.c.id).where(documents.c.sha256 == sha256)
-            ).first():
-                return "sha256"
-            if (
-                content_key is not None
-                and connection.execute(
-                    sa.select(documents.c.id).where(documents.c.content_key == content_key)
-                ).first()
-            ):
-                return "content fingerprint"
-        return None
+            known = known_document(connection, sha256, content_key)
+        return None if known is None else known[1]
 
     # --- locking -------------------------------------------------------------------------
 
