@@ -97,16 +97,7 @@ class DocumentQueue(SqlBase):
             "forwarded_at": now,
             "last_answer": answer,
         }
-        with self._write() as connection:
-            connection.execute(
-                sa.update(documents).where(documents.c.id == document_id).values(values)
-            )
-            if not keep_pdf:
-                connection.execute(
-                    sa.delete(document_contents).where(
-                        document_contents.c.document_id == document_id
-                    )
-                )
+        self._update_document(document_id, values, drop_content=not keep_pdf)
 
     def mark_retry(
         self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
@@ -135,11 +126,20 @@ class DocumentQueue(SqlBase):
     def release(self, document_id: int) -> None:
         self._update_document(document_id, {"lease_until": None})
 
-    def _update_document(self, document_id: int, values: dict[str, Any]) -> None:
+    def _update_document(
+        self, document_id: int, values: dict[str, Any], *, drop_content: bool = False
+    ) -> None:
+        """One document's new values, and its PDF dropped with them when asked."""
         with self._write() as connection:
             connection.execute(
                 sa.update(documents).where(documents.c.id == document_id).values(values)
             )
+            if drop_content:
+                connection.execute(
+                    sa.delete(document_contents).where(
+                        document_contents.c.document_id == document_id
+                    )
+                )
 
     def requeue(self, *, sha256: str | None, now: datetime) -> int:
         """FAILED documents back to PENDING with a fresh count of attempts."""
