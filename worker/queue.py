@@ -11,7 +11,7 @@ from sqlalchemy.engine import Row
 
 from worker.db import document_contents, documents, sightings
 from worker.models import DocumentState, OutgoingDocument, SightingKind
-from worker.sql import LARGE_BLOB, SqlBase
+from worker.sql import SqlBase
 
 DEFAULT_FILENAME = "invoice.pdf"
 
@@ -48,18 +48,11 @@ class DocumentQueue(SqlBase):
                 .where(documents.c.id.in_(ids))
                 .values(lease_until=now + timedelta(seconds=lease_seconds))
             )
-            stored = document_contents.c.content
-            # Large SQLite blobs are read through blob I/O below, without a second copy.
-            content = (
-                stored
-                if self._postgresql
-                else sa.case((sa.func.length(stored) < LARGE_BLOB, stored), else_=sa.null())
-            )
             rows = connection.execute(
                 sa.select(
                     documents.c.id,
                     documents.c.sha256,
-                    content.label("content"),
+                    self._selected_content().label("content"),
                     documents.c.filename,
                     documents.c.attempts,
                     documents.c.resend_count,

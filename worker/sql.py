@@ -36,15 +36,11 @@ class SqlBase:
     def _insert(self, table: sa.Table) -> Insert:
         return postgresql.insert(table) if self._postgresql else sqlite.insert(table)
 
-    def _streams_blob(self, data: bytes) -> bool:
-        """Whether `data` goes through SQLite's blob I/O instead of a bound parameter."""
-        return not self._postgresql and len(data) >= LARGE_BLOB
-
     def _store_content(self, connection: Connection, document_id: int, data: bytes) -> None:
         """A document's PDF into `document_contents`, in this transaction. Large ones go
         into SQLite 1 MiB at a time through blob I/O: the row is inserted with a zeroblob
         as its last column, which SQLite keeps lazy, so the PDF is never copied whole."""
-        streamed = self._streams_blob(data)
+        streamed = not self._postgresql and len(data) >= LARGE_BLOB
         connection.execute(
             sa.insert(document_contents).values(
                 document_id=document_id,
@@ -58,6 +54,14 @@ class SqlBase:
                 view = memoryview(data)
                 for start in range(0, len(view), _BLOB_SLICE):
                     blob.write(view[start : start + _BLOB_SLICE])
+
+    def _selected_content(self) -> sa.ColumnElement[bytes | None]:
+        """`document_contents.content` for a SELECT: on SQLite NULL from LARGE_BLOB on,
+        for `_read_content` to read without the copy `sqlite3` makes of a column."""
+        stored = document_contents.c.content
+        if self._postgresql:
+            return stored
+        return sa.case((sa.func.length(stored) < LARGE_BLOB, stored), else_=sa.null())
 
     def _read_content(self, connection: Connection, document_id: int) -> bytes:
         """A document's PDF read from SQLite's blob I/O straight into the bytes returned."""
