@@ -222,6 +222,11 @@ def _plain(generator: Generator) -> bytes:
     return generator()
 
 
+def resaved(name: str, resave: Callable[[bytes], bytes]) -> Pair:
+    """The invoice against the same file re-saved by another tool: same fingerprint."""
+    return Pair(name=name, original=_plain, copy=lambda g: resave(g()), same=True)
+
+
 PAIRS: tuple[Pair, ...] = (
     Pair(
         name="re-rendered (date, /ID, producer)",
@@ -229,32 +234,12 @@ PAIRS: tuple[Pair, ...] = (
         copy=lambda g: g(rerender=True),
         same=True,
     ),
-    Pair(name="re-saved by pypdf", original=_plain, copy=lambda g: pypdf_resave(g()), same=True),
-    Pair(
-        name="qpdf: object streams, recompressed",
-        original=_plain,
-        copy=lambda g: qpdf_object_streams(g()),
-        same=True,
-    ),
-    Pair(
-        name="qpdf: no object streams, uncompressed",
-        original=_plain,
-        copy=lambda g: qpdf_plain(g()),
-        same=True,
-    ),
-    Pair(
-        name="qpdf: normalised content",
-        original=_plain,
-        copy=lambda g: qpdf_normalised(g()),
-        same=True,
-    ),
-    Pair(name="qpdf: linearized", original=_plain, copy=lambda g: qpdf_linearized(g()), same=True),
-    Pair(
-        name="qpdf: content streams coalesced",
-        original=_plain,
-        copy=lambda g: qpdf_coalesced(g()),
-        same=True,
-    ),
+    resaved("re-saved by pypdf", pypdf_resave),
+    resaved("qpdf: object streams, recompressed", qpdf_object_streams),
+    resaved("qpdf: no object streams, uncompressed", qpdf_plain),
+    resaved("qpdf: normalised content", qpdf_normalised),
+    resaved("qpdf: linearized", qpdf_linearized),
+    resaved("qpdf: content streams coalesced", qpdf_coalesced),
     Pair(
         name="re-rendered, then re-saved by qpdf and pypdf",
         original=lambda g: qpdf_plain(g()),
