@@ -53,8 +53,10 @@ def send_loop(
     send_batch: int,
     stop: threading.Event | None = None,
     checkpoint: Checkpoint = no_checkpoint,
+    pacer: SendPacer | None = None,
 ) -> Forwarder:
-    """A `Forwarder` for tests: a fixed clock, no pacing, retries 10 s apart (±20 %)."""
+    """A `Forwarder` for tests: a fixed clock, no pacing unless given, retries 10 s
+    apart (±20 %)."""
     return Forwarder(
         rules=ForwardRules(
             forward_to="inbox@getmyinvoices.example",
@@ -64,7 +66,7 @@ def send_loop(
         ),
         outbox=outbox,
         store=store,
-        pacer=SendPacer(None),
+        pacer=pacer or SendPacer(None),
         clock=lambda: now,
         rng=random.Random(3),
         stop=stop or threading.Event(),

@@ -5,9 +5,9 @@ test-only crash hook itself."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -27,6 +27,7 @@ from worker.faults import (
 from worker.forward_mail import ForwardMail
 from worker.forwarding import Forwarder
 from worker.models import OutgoingDocument
+from worker.pacer import SendPacer
 from worker.store import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -141,21 +142,50 @@ def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: SqlStore)
     assert_a_refused_session_leaves_nothing_leased(store, add_pending_documents(store, 5, now=NOW))
 
 
-def test_an_unexpected_error_keeps_only_the_document_in_hand_leased(
-    store: SqlStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Something other than SMTP or the database goes wrong while the first mail is
-    # prepared: that document keeps its lease (it might have gone out), the rest of its
-    # batch and the batch claimed ahead are free for the next poll.
+def test_an_unexpected_error_keeps_only_the_document_in_hand_leased(store: SqlStore) -> None:
+    # Something other than SMTP or the database goes wrong before the second mail of a
+    # batch of three goes out (here the pacer): that document keeps its lease (it might
+    # have gone out), the rest of its batch and the batch claimed ahead are free for the
+    # next poll.
     hashes = add_pending_documents(store, 5, now=NOW)
 
-    def broken_build(*_: object, **__: object) -> ForwardMail:
+    def broken_sleep(seconds: float) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("worker.forwarding.build_forward", broken_build)
+    pacer = SendPacer(1, sleep=broken_sleep)  # the second send of a minute must sleep
+    relay = send_loop(store, FakeOutbox(), now=NOW, send_batch=3, pacer=pacer)
     with pytest.raises(RuntimeError, match="a bug"):
-        forwarder(store, FakeOutbox()).forward_due()
-    assert leased(store) == hashes[:1]
+        relay.forward_due()
+    assert leased(store) == hashes[1:2]
+
+
+class WatchedClaims(SqlStore):
+    """A real store that writes each claim into `events`; claim number `fail_on`
+    raises StoreError instead, as a locked database would."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.events: list[tuple[str, ...]] = []
+        self.fail_on: int | None = None
+        self._claims = 0
+
+    def claim_due(
+        self, *, now: datetime, limit: int, lease_seconds: float
+    ) -> list[OutgoingDocument]:
+        self._claims += 1
+        if self._claims == self.fail_on:
+            raise StoreError("database is locked")
+        claimed = super().claim_due(now=now, limit=limit, lease_seconds=lease_seconds)
+        self.events.append(("claim", *(document.sha256 for document in claimed)))
+        return claimed
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[WatchedClaims]:
+    store = WatchedClaims(f"sqlite:///{tmp_path / 'watched.db'}")
+    db.create_schema(store.engine)
+    yield store
+    store.close()
 
 
 class RecordingOutbox(FakeOutbox):
@@ -180,24 +210,16 @@ class RecordingOutbox(FakeOutbox):
 
 
 def test_after_a_refusal_the_rest_is_claimed_again_before_a_new_session(
-    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+    watched: WatchedClaims,
 ) -> None:
     # A lease is sized for one session opening; a refusal drops the session, so what is
     # sent over the next one must have been claimed (leased afresh) after the refusal.
-    hashes = add_pending_documents(store, 5, now=NOW)
-    events: list[tuple[str, ...]] = []
-    claim_due = store.claim_due
-
-    def recording_claim(**arguments: Any) -> list[OutgoingDocument]:
-        claimed = claim_due(**arguments)
-        events.append(("claim", *(document.sha256 for document in claimed)))
-        return claimed
-
-    monkeypatch.setattr(store, "claim_due", recording_claim)
+    hashes = add_pending_documents(watched, 5, now=NOW)
+    events = watched.events
     outbox = RecordingOutbox(events)
     later = SendRejected("451 4.3.0 try later", code=451)
     outbox.answers = [later, None, later, None, None]
-    assert forwarder(store, outbox).forward_due() == (3, 2, 0)
+    assert forwarder(watched, outbox).forward_due() == (3, 2, 0)
     assert outbox.opened == 3
     sent_after_refusal = 0
     for position, event in enumerate(events):
@@ -221,21 +243,11 @@ def test_after_a_refusal_the_rest_is_claimed_again_before_a_new_session(
 
 
 def test_a_failed_claim_ahead_neither_hides_a_refusal_nor_keeps_leases(
-    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+    watched: WatchedClaims,
 ) -> None:
-    hashes = add_pending_documents(store, 5, now=NOW)
-    claim_due = store.claim_due
-    claims = 0
-
-    def second_claim_fails(**arguments: Any) -> list[OutgoingDocument]:
-        nonlocal claims
-        claims += 1
-        if claims == 2:
-            raise StoreError("database is locked")
-        return claim_due(**arguments)
-
-    monkeypatch.setattr(store, "claim_due", second_claim_fails)
-    assert_a_refused_session_leaves_nothing_leased(store, hashes)
+    hashes = add_pending_documents(watched, 5, now=NOW)
+    watched.fail_on = 2  # the first claim made ahead
+    assert_a_refused_session_leaves_nothing_leased(watched, hashes)
 
 
 @pytest.mark.parametrize(
