@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import samples
 from tests.unit.test_fingerprint import reportlab_invoice
-from worker.pdf import inspect_pdf
-from worker.pdfpool import PdfInspector
+from worker.pdf.inspection import inspect_pdf
+from worker.pdf.pool import PdfInspector
 
 
 def invoices(count: int) -> list[bytes]:

@@ -1,6 +1,6 @@
 """Alembic environment for invoice-relay.
 
-Programmatic runs (`worker.migrate.upgrade_database`) hand in their engine through
+Programmatic runs (`worker.store.migrate.upgrade_database`) hand in their engine through
 `config.attributes["engine"]`; the `alembic` command line takes the URL from
 `-x url=...` (see alembic.ini). On PostgreSQL the upgrade runs under a session-level
 advisory lock so that replicas starting together apply each migration once.
@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.db import MIGRATION_LOCK_KEY, make_engine, metadata
+from worker.store.schema import MIGRATION_LOCK_KEY, make_engine, metadata
 
 config = context.config
 
@@ -37,7 +37,7 @@ def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
-        # SQLite can roll back DDL too once BEGIN is ours (see worker.db.make_engine).
+        # SQLite can roll back DDL too once BEGIN is ours (see worker.store.schema.make_engine).
         transactional_ddl=True,
         compare_type=True,
     )

@@ -4,7 +4,7 @@ Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 
-Migrations are frozen history: never import the current tables or view from worker.db here.
+Migrations are frozen history: never import the current tables or view from worker.store.schema here.
 """
 
 from __future__ import annotations

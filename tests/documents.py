@@ -10,13 +10,13 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from worker import db
 from worker.faults import Checkpoint, no_checkpoint
-from worker.forwarding import Forwarder, ForwardRules
 from worker.models import DocumentState
-from worker.pacer import SendPacer
-from worker.ports import Outbox, Store
-from worker.store import SqlStore
+from worker.relay.forwarding import Forwarder, ForwardRules
+from worker.relay.pacer import SendPacer
+from worker.relay.ports import Outbox, Store
+from worker.store import schema
+from worker.store.sqlstore import SqlStore
 
 
 def add_pending_documents(store: SqlStore, count: int, *, now: datetime) -> list[str]:
@@ -25,7 +25,7 @@ def add_pending_documents(store: SqlStore, count: int, *, now: datetime) -> list
     with store.engine.begin() as connection:
         for sha256 in hashes:
             document_id = connection.execute(
-                sa.insert(db.documents)
+                sa.insert(schema.documents)
                 .values(
                     sha256=sha256,
                     state=DocumentState.PENDING.value,
@@ -35,10 +35,10 @@ def add_pending_documents(store: SqlStore, count: int, *, now: datetime) -> list
                     resend_count=0,
                     created_at=now,
                 )
-                .returning(db.documents.c.id)
+                .returning(schema.documents.c.id)
             ).scalar_one()
             connection.execute(
-                sa.insert(db.document_contents).values(
+                sa.insert(schema.document_contents).values(
                     document_id=document_id, content=b"%PDF-1.4 " + sha256.encode()
                 )
             )

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.message import EmailMessage, Message
 
-from worker import headers
+from worker.delivery.message import ForwardMail
 from worker.errors import MailboxError, PdfCheckFailed, SendRejected, SessionRefused
-from worker.forward_mail import ForwardMail
+from worker.mail import headers
 from worker.models import BodyPart, FolderStatus, MailSummary, PdfReport
 
 
@@ -181,7 +181,7 @@ class FakeMailbox:
         return result
 
     def fetch_range(self, uid: int, section: str, *, offset: int, length: int) -> bytes | None:
-        """`length` raw octets of one section from `offset` (`worker.ranged.RangedFetch`)."""
+        """`length` raw octets of one section from `offset` (`worker.mail.ranged.RangedFetch`)."""
         self._call("fetch_range")
         whole = self.fetch_sections({uid: [section]}).get((uid, section))
         return None if whole is None else whole[offset : offset + length]

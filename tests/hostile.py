@@ -10,7 +10,7 @@ from email.message import EmailMessage
 
 from tests import samples
 
-# What a forwarded mail carries, and nothing else (worker.forward_mail.build_forward).
+# What a forwarded mail carries, and nothing else (worker.delivery.message.build_forward).
 FORWARD_HEADERS = frozenset(
     {
         "from",

@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-01-01
 
-Migrations are frozen history: never import the current tables or view from worker.db here.
+Migrations are frozen history: never import the current tables or view from worker.store.schema here.
 """
 
 from __future__ import annotations

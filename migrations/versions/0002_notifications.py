@@ -8,7 +8,7 @@ Create Date: 2026-11-24
 highest `rejected`/`error` sighting id it covered; `notified_documents` the `failed`
 documents it covered (a document is notified once).
 
-Migrations are frozen history: never import the current tables from worker.db here.
+Migrations are frozen history: never import the current tables from worker.store.schema here.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ still kept). SQLite rewrites a whole row on every UPDATE, so each lease and each
 change of a document used to copy its PDF; and a large PDF could not be written through
 blob I/O without SQLite building the whole row in memory first.
 
-Migrations are frozen history: never import the current tables from worker.db here.
+Migrations are frozen history: never import the current tables from worker.store.schema here.
 """
 
 from __future__ import annotations

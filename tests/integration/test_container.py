@@ -29,7 +29,7 @@ from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
 from tests.unit.test_dockerfile import DOCKERFILE, parse_dockerfile
-from worker import migrate
+from worker.store import migrate
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -23,11 +23,11 @@ from tests.integration.test_relay import relay_env, run_relay
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
-from worker import migrate
 from worker.models import AuditFilter, AuditRow, DedupMode, Outcome
-from worker.pdf import inspect_pdf
-from worker.pipeline import Pipeline, PipelineConfig
-from worker.store import SqlStore
+from worker.pdf.inspection import inspect_pdf
+from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.store import migrate
+from worker.store.sqlstore import SqlStore
 
 FORWARD_TO = "inbox-4711@getmyinvoices.example"
 FORWARD_FROM = "relay@shop.example"

@@ -31,10 +31,10 @@ from tests.integration.test_relay import audit_rows, relay_env
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
-from worker import headers, mime
-from worker.intake import Intake, IntakeRules
+from worker.mail import headers, mime
 from worker.models import FolderStatus, MailSummary
-from worker.pdfpool import PdfInspector
+from worker.pdf.pool import PdfInspector
+from worker.relay.intake import Intake, IntakeRules
 
 PDF_TIMEOUT_SECONDS = 10
 PDF_MEMORY_MB = 512

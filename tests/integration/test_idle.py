@@ -18,9 +18,9 @@ from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
-from worker.idle import IdleTiming, IdleWatcher
-from worker.mailbox import ImapMailbox
+from worker.imap.mailbox import ImapMailbox
 from worker.models import Security
+from worker.service.idle import IdleTiming, IdleWatcher
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""worker.mailbox.ImapMailbox against a real Dovecot on loopback."""
+"""worker.imap.mailbox.ImapMailbox against a real Dovecot on loopback."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 from tests import samples
 from tests.servers.dovecot import DovecotServer, free_port, running_dovecot
 from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
-from worker.mailbox import ImapMailbox
+from worker.imap.mailbox import ImapMailbox
+from worker.mail.ranged import fetch_decoded
 from worker.models import BodyPart, Security
-from worker.ranged import fetch_decoded
 
 pytestmark = pytest.mark.integration
 

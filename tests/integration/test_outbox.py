@@ -12,10 +12,10 @@ import pytest
 
 from tests.servers.smtp_sink import SmtpSink, free_port, running_sink
 from tests.servers.tls import TestCA, make_ca
+from worker.delivery.message import ForwardMail, build_forward
+from worker.delivery.smtp import SmtpOutbox
 from worker.errors import SendRejected, SessionRefused
-from worker.forward_mail import ForwardMail, build_forward
 from worker.models import OutgoingDocument, Security
-from worker.outbox import SmtpOutbox
 
 pytestmark = pytest.mark.integration
 

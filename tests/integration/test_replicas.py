@@ -21,9 +21,9 @@ from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import temporary_database
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
-from worker import migrate
 from worker.models import DocumentState
-from worker.store import SqlStore
+from worker.store import migrate
+from worker.store.sqlstore import SqlStore
 
 LOCKED_LINE = "another replica is polling this mailbox"
 

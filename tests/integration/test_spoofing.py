@@ -1,6 +1,6 @@
 """Spoofing against real servers: Dovecot holds the mails, the aiosmtpd sink counts
 what was forwarded. The relay runs in-process with its real adapters (built by
-`worker.commands` from settings), so DKIM keys can be injected through dkimpy's DNS
+`worker.cli.commands` from settings), so DKIM keys can be injected through dkimpy's DNS
 hook: no network. Each test prints its figures."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
 from tests.signing import KeyServer, sign, signing_key
-from worker import commands
+from worker.cli import commands
+from worker.config.settings import Settings
 from worker.models import AuditFilter, AuditRow, Outcome
-from worker.pipeline import Pipeline
-from worker.settings import Settings
+from worker.relay.pipeline import Pipeline
 
 SHOP = signing_key("shop.example")
 SHOP_PARENT_SIGNER = signing_key("example.org")  # signs for billing.example.org

@@ -1,4 +1,4 @@
-"""Alembic migrations: upgrade, agreement with worker.db's tables and view, downgrade."""
+"""Alembic migrations: upgrade, agreement with worker.store.schema's tables and view, downgrade."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from worker import db, migrate
 from worker.models import AuditFilter, DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
-from worker.store import SqlStore
+from worker.store import migrate, schema
+from worker.store.sqlstore import SqlStore
 
 REPO = Path(__file__).resolve().parents[2]
 DESIGN_AUDIT_COLUMNS = [
@@ -45,7 +45,7 @@ DESIGN_AUDIT_COLUMNS = [
 
 
 def view_columns(url: str) -> list[str]:
-    engine = db.make_engine(url)
+    engine = schema.make_engine(url)
     try:
         with engine.connect() as connection:
             result = connection.exec_driver_sql("SELECT * FROM audit_log WHERE 1 = 0")
@@ -55,7 +55,7 @@ def view_columns(url: str) -> list[str]:
 
 
 def table_names(url: str) -> set[str]:
-    engine = db.make_engine(url)
+    engine = schema.make_engine(url)
     try:
         inspector = sa.inspect(engine)
         return set(inspector.get_table_names()) | set(inspector.get_view_names())
@@ -90,7 +90,7 @@ def test_the_head_constant_is_the_scripts_head() -> None:
 def test_a_current_database_is_checked_without_importing_alembic(empty_database: str) -> None:
     migrate.upgrade_database(empty_database)
     script = (
-        "import sys; from worker.migrate import upgrade_database; "
+        "import sys; from worker.store.migrate import upgrade_database; "
         "upgrade_database(sys.argv[1]); print('alembic' in sys.modules)"
     )
     result = subprocess.run(
@@ -105,13 +105,13 @@ def test_a_current_database_is_checked_without_importing_alembic(empty_database:
 
 def test_models_and_migrations_agree(empty_database: str) -> None:
     migrate.upgrade_database(empty_database)
-    engine = db.make_engine(empty_database)
+    engine = schema.make_engine(empty_database)
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(
                 connection, opts={"compare_type": True, "compare_server_default": True}
             )
-            assert compare_metadata(context, db.metadata) == []
+            assert compare_metadata(context, schema.metadata) == []
     finally:
         engine.dispose()
 
@@ -119,12 +119,12 @@ def test_models_and_migrations_agree(empty_database: str) -> None:
 def test_the_view_has_exactly_the_design_columns(empty_database: str, tmp_path: Path) -> None:
     migrate.upgrade_database(empty_database)
     assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
-    assert list(db.AUDIT_COLUMNS) == DESIGN_AUDIT_COLUMNS
-    assert [column.name for column in db.audit_log.columns] == DESIGN_AUDIT_COLUMNS
-    # The current definition in worker.db (create_all in tests) yields the same columns.
+    assert list(schema.AUDIT_COLUMNS) == DESIGN_AUDIT_COLUMNS
+    assert [column.name for column in schema.audit_log.columns] == DESIGN_AUDIT_COLUMNS
+    # The current definition in worker.store.schema (create_all in tests) yields the same columns.
     current = f"sqlite:///{tmp_path / 'current.db'}"
-    engine = db.make_engine(current)
-    db.create_schema(engine)
+    engine = schema.make_engine(current)
+    schema.create_schema(engine)
     engine.dispose()
     assert view_columns(current) == DESIGN_AUDIT_COLUMNS
 
@@ -132,10 +132,10 @@ def test_the_view_has_exactly_the_design_columns(empty_database: str, tmp_path: 
 def _insert_bogus(table: str) -> sa.Insert:
     now = datetime(2025, 1, 1, tzinfo=UTC)
     if table == "documents":
-        return sa.insert(db.documents).values(
+        return sa.insert(schema.documents).values(
             sha256="x", state="bogus", next_attempt_at=now, created_at=now
         )
-    return sa.insert(db.sightings).values(
+    return sa.insert(schema.sightings).values(
         mailbox="m", uidvalidity=1, uid=1, part="", received_at=now, kind="bogus"
     )
 
@@ -143,7 +143,7 @@ def _insert_bogus(table: str) -> sa.Insert:
 @pytest.mark.parametrize("table", ["documents", "sightings"])
 def test_check_constraints_refuse_unknown_states(empty_database: str, table: str) -> None:
     migrate.upgrade_database(empty_database)
-    engine = db.make_engine(empty_database)
+    engine = schema.make_engine(empty_database)
     try:
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
             connection.execute(_insert_bogus(table))
@@ -181,7 +181,8 @@ def upgrade_together(url: str, processes: int) -> None:
     """`processes` processes started at once, each running the start-up upgrade of `url`;
     every one must succeed."""
     script = (
-        "import sys; from worker.migrate import upgrade_database; upgrade_database(sys.argv[1])"
+        "import sys; from worker.store.migrate import upgrade_database; "
+        "upgrade_database(sys.argv[1])"
     )
     started = [
         subprocess.Popen(
@@ -207,7 +208,7 @@ def test_processes_opening_a_fresh_sqlite_file_at_once_all_start(tmp_path: Path)
     # Each must switch the new file to WAL, which takes its exclusive lock; SQLite
     # answers "database is locked" at once rather than risk a deadlock. Fifteen rounds
     # of two processes (two start closer together than three on two cores): before the
-    # retry in worker.db, about a fifth of the processes failed.
+    # retry in worker.store.schema, about a fifth of the processes failed.
     for round_number in range(15):
         upgrade_together(f"sqlite:///{tmp_path / f'relay-{round_number}.db'}", 2)
 
@@ -246,7 +247,7 @@ def test_stored_pdfs_move_to_their_own_table_and_back(empty_database: str) -> No
     # and a forwarded document whose PDF was dropped gets no row.
     migrate.upgrade_database(empty_database, "0002_notifications")
     kept, large = b"%PDF-1.7 kept", b"%PDF-1.7 " + bytes(range(256)) * 8192
-    engine = db.make_engine(empty_database)
+    engine = schema.make_engine(empty_database)
     try:
         with engine.begin() as connection:
             for number, content in enumerate([kept, None, large], start=1):
@@ -267,7 +268,7 @@ def test_stored_pdfs_move_to_their_own_table_and_back(empty_database: str) -> No
         migrate.upgrade_database(empty_database)
         with engine.connect() as connection:
             moved = connection.execute(
-                sa.select(db.document_contents).order_by(db.document_contents.c.document_id)
+                sa.select(schema.document_contents).order_by(schema.document_contents.c.document_id)
             ).all()
         assert [(row.document_id, bytes(row.content)) for row in moved] == [(1, kept), (3, large)]
 

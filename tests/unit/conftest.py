@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from worker import db
-from worker.store import SqlStore
+from worker.store import schema
+from worker.store.sqlstore import SqlStore
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqlStore]:
     """A real store on a fresh SQLite file (embedded: it needs no server)."""
     store = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    db.create_schema(store.engine)
+    schema.create_schema(store.engine)
     yield store
     store.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.checks import advice
+from worker.cli.checks import advice
 from worker.errors import (
     MailboxError,
     MailboxFolderError,

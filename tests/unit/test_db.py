@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.db import describe, make_engine, parse_url, translate
 from worker.errors import StoreError
-from worker.retry import DATABASE_WAIT_SECONDS
+from worker.relay.retry import DATABASE_WAIT_SECONDS
+from worker.store.schema import describe, make_engine, parse_url, translate
 
 
 @pytest.mark.parametrize(

@@ -25,11 +25,11 @@ from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen.canvas import Canvas
 
 from tests import samples
-from worker.commands import pdf_inspector
+from worker.cli.commands import pdf_inspector
+from worker.config.settings import Settings
 from worker.models import PdfReport
-from worker.pdf import inspect_pdf
-from worker.pdfpool import PdfInspector
-from worker.settings import Settings
+from worker.pdf.inspection import inspect_pdf
+from worker.pdf.pool import PdfInspector
 
 # --- the two generators -----------------------------------------------------------------
 

@@ -13,12 +13,12 @@ import sqlalchemy as sa
 
 from tests.documents import add_pending_documents, send_loop
 from tests.fakes import FakeOutbox
-from worker import db
+from worker.delivery.message import ForwardMail
 from worker.errors import StoreError
-from worker.forward_mail import ForwardMail
-from worker.forwarding import Forwarder
 from worker.models import DocumentState
-from worker.store import SqlStore
+from worker.relay.forwarding import Forwarder
+from worker.store import schema
+from worker.store.sqlstore import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -65,7 +65,7 @@ class WatchingOutbox(FakeOutbox):
 def url(tmp_path: Path) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'relay.db'}"
     store = SqlStore(url)
-    db.create_schema(store.engine)
+    schema.create_schema(store.engine)
     store.close()
     yield url
 
@@ -75,7 +75,7 @@ def forwarded(store: SqlStore) -> int:
         return int(
             connection.execute(
                 sa.select(sa.func.count()).where(
-                    db.documents.c.state == DocumentState.FORWARDED.value
+                    schema.documents.c.state == DocumentState.FORWARDED.value
                 )
             ).scalar_one()
         )

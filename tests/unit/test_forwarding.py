@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from tests.documents import add_pending_documents, send_loop
 from tests.fakes import FakeOutbox
-from worker import db
+from worker.delivery.message import ForwardMail
 from worker.errors import SendRejected, SessionRefused, StoreError
 from worker.faults import (
     CRASH_EXIT_STATUS,
@@ -24,11 +24,11 @@ from worker.faults import (
     CrashPoint,
     checkpoint_for,
 )
-from worker.forward_mail import ForwardMail
-from worker.forwarding import Forwarder
 from worker.models import OutgoingDocument
-from worker.pacer import SendPacer
-from worker.store import SqlStore
+from worker.relay.forwarding import Forwarder
+from worker.relay.pacer import SendPacer
+from worker.store import schema
+from worker.store.sqlstore import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -36,7 +36,9 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 def states(store: SqlStore) -> dict[str, tuple[str, int]]:
     with store.engine.connect() as connection:
         rows = connection.execute(
-            sa.select(db.documents.c.sha256, db.documents.c.state, db.documents.c.attempts)
+            sa.select(
+                schema.documents.c.sha256, schema.documents.c.state, schema.documents.c.attempts
+            )
         )
         return {sha256: (state, attempts) for sha256, state, attempts in rows}
 
@@ -87,7 +89,7 @@ def test_a_refused_mail_is_retried_later_over_a_fresh_session(store: SqlStore) -
     assert states(store) == {first: ("pending", 1), second: ("forwarded", 1)}
     with store.engine.connect() as connection:
         due = connection.execute(
-            sa.select(db.documents.c.next_attempt_at).where(db.documents.c.sha256 == first)
+            sa.select(schema.documents.c.next_attempt_at).where(schema.documents.c.sha256 == first)
         ).scalar_one()
     assert timedelta(seconds=8) <= due - NOW <= timedelta(seconds=12)  # base, +-20 %
 
@@ -96,7 +98,9 @@ def leased(store: SqlStore) -> list[str]:
     with store.engine.connect() as connection:
         return list(
             connection.execute(
-                sa.select(db.documents.c.sha256).where(db.documents.c.lease_until.is_not(None))
+                sa.select(schema.documents.c.sha256).where(
+                    schema.documents.c.lease_until.is_not(None)
+                )
             ).scalars()
         )
 
@@ -183,7 +187,7 @@ class WatchedClaims(SqlStore):
 @pytest.fixture
 def watched(tmp_path: Path) -> Iterator[WatchedClaims]:
     store = WatchedClaims(f"sqlite:///{tmp_path / 'watched.db'}")
-    db.create_schema(store.engine)
+    schema.create_schema(store.engine)
     yield store
     store.close()
 

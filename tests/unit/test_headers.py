@@ -1,4 +1,4 @@
-"""Tables for worker.headers: the header block to MailHeaders, cleaned and capped."""
+"""Tables for worker.mail.headers: the header block to MailHeaders, cleaned and capped."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.headers import (
+from worker.mail.headers import (
     AUTH_RESULTS_MAX_CHARS,
     AUTH_RESULTS_MAX_COUNT,
     SUBJECT_MAX_CHARS,

@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.commands import healthcheck
+from worker.cli.commands import healthcheck
 from worker.errors import ConfigError, MailboxError
-from worker.health import (
+from worker.service.health import (
     HealthServer,
     HealthSnapshot,
     HealthStatus,

@@ -6,7 +6,7 @@
   candidates, probes, transfer decoding): no exception reaches the broad per-mail catch
   (no `error` row) and every result stays bounded.
 * A real invoice PDF, mutated (bit flips, truncations, insertions, deletions), goes
-  through `worker.pdf.inspect_pdf` in this process under a per-example deadline: it
+  through `worker.pdf.inspection.inspect_pdf` in this process under a per-example deadline: it
   returns a bounded report and never raises.
 
 The example counts are printed (`pytest -s`); derandomized, so CI sees the same ones.
@@ -32,12 +32,12 @@ from hypothesis import strategies as st
 from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from tests.hostile import injected_headers, injection_mails
-from worker.intake import Intake, IntakeRules
-from worker.mime import FILENAME_MAX_CHARS
+from worker.mail.mime import FILENAME_MAX_CHARS
 from worker.models import AuditFilter, DedupMode, Outcome, SightingKind
-from worker.pdf import inspect_pdf
-from worker.pipeline import Pipeline, PipelineConfig
-from worker.store import SqlStore
+from worker.pdf.inspection import inspect_pdf
+from worker.relay.intake import Intake, IntakeRules
+from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.store.sqlstore import SqlStore
 
 PROPERTY_SETTINGS = settings(
     max_examples=300,

@@ -1,4 +1,4 @@
-"""worker.idle: the IDLE watcher's decisions against a scripted mailbox, and PollRequests."""
+"""worker.service.idle: the IDLE watcher against a scripted mailbox, and PollRequests."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import pytest
 
 from worker.errors import MailboxError
-from worker.idle import IdleEnd, IdleTiming, IdleWatcher, PollRequests, next_backoff
 from worker.models import FolderStatus, PollReport
+from worker.service.idle import IdleEnd, IdleTiming, IdleWatcher, PollRequests, next_backoff
 
 TIMING = IdleTiming(
     renew_seconds=10.0, check_seconds=1.0, first_backoff_seconds=1.0, max_backoff_seconds=8.0
@@ -124,7 +124,7 @@ def test_idle_is_reissued_before_the_server_timeout() -> None:
 def test_a_server_without_idle_is_left_to_the_schedule_and_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.idle")
+    caplog.set_level(logging.WARNING, logger="worker.service.idle")
 
     mailbox, events, end, _ = watch([True], idle=False)
 

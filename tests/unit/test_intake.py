@@ -7,8 +7,8 @@ import logging
 import pytest
 
 from worker.errors import MailboxError, StoreError
-from worker.intake import per_mail
 from worker.models import PartRecord, SightingKind
+from worker.relay.intake import per_mail
 
 
 def _explode() -> list[PartRecord]:

@@ -49,7 +49,7 @@ def boom(text: str) -> None:
 def test_json_line_has_the_fields() -> None:
     stream = capture("json")
     before = datetime.now(UTC)
-    logging.getLogger("worker.pipeline").info(
+    logging.getLogger("worker.relay.pipeline").info(
         "forwarded %s to %s",
         "invoice.pdf",
         "inbox@example.com",
@@ -57,7 +57,7 @@ def test_json_line_has_the_fields() -> None:
     )
     [entry] = json_lines(stream)
     assert entry["level"] == "INFO"
-    assert entry["logger"] == "worker.pipeline"
+    assert entry["logger"] == "worker.relay.pipeline"
     assert entry["message"] == "forwarded invoice.pdf to inbox@example.com"
     assert entry["action"] == "pdf_forwarded"
     assert entry["uid"] == 42
@@ -75,7 +75,7 @@ def test_json_carries_the_traceback() -> None:
     try:
         boom("the IMAP server hung up")
     except RuntimeError:
-        logging.getLogger("worker.pipeline").exception("mail failed", extra={"uid": 7})
+        logging.getLogger("worker.relay.pipeline").exception("mail failed", extra={"uid": 7})
     [entry] = json_lines(stream)
     assert entry["level"] == "ERROR"
     assert isinstance(entry["exc"], str)
@@ -93,7 +93,7 @@ def test_json_survives_values_json_cannot_hold() -> None:
 
 def test_text_line() -> None:
     stream = capture("text")
-    logging.getLogger("worker.pipeline").warning(
+    logging.getLogger("worker.relay.pipeline").warning(
         "skipped %d mails",
         3,
         extra={"action": "duplicate_skipped", "uid": 12, "subject": "Invoice 1042", "empty": ""},
@@ -111,7 +111,7 @@ def test_text_line_without_action_and_with_traceback() -> None:
     try:
         boom("disk full")
     except RuntimeError:
-        logging.getLogger("worker.store").exception("write failed")
+        logging.getLogger("worker.store.sqlstore").exception("write failed")
     first, *rest = stream.getvalue().rstrip("\n").split("\n")
     assert re.fullmatch(r"\d\d:\d\d:\d\d ERROR   write failed", first), first
     assert rest[0] == "Traceback (most recent call last):"

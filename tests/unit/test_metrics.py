@@ -9,8 +9,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.errors import MailboxError
-from worker.metrics import CONTENT_TYPE, RelayMetrics
 from worker.models import Outcome, PollReport
+from worker.service.metrics import CONTENT_TYPE, RelayMetrics
 
 NAMED_METRICS = (
     "invoice_relay_polls_total",

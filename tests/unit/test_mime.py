@@ -1,4 +1,4 @@
-"""Tables for worker.mime: body structures, filenames, transfer encodings, headers.
+"""Tables for worker.mail.mime: body structures, filenames, transfer encodings, headers.
 
 The BODYSTRUCTURE tuples are built the way imapclient returns them (its `BodyData`):
 bytes for strings, None for NIL, the children of the top-level multipart wrapped in a
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from imapclient.response_parser import parse_fetch_response
 
-from worker.mime import (
+from worker.mail.mime import (
     FILENAME_MAX_CHARS,
     decode_filename,
     decode_transfer,
@@ -26,7 +26,7 @@ from worker.mime import (
     probe_is_pdf,
     structure_limit,
 )
-from worker.mime import _lenient_base64 as lenient_base64
+from worker.mail.mime import _lenient_base64 as lenient_base64
 from worker.models import BodyPart
 
 # --- builders in imapclient's shape ----------------------------------------------------

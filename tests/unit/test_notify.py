@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.db import create_schema, make_engine
 from worker.errors import SendRejected, SessionRefused, StoreError
+from worker.mail.verdicts import NOTICE_LOOP_REASON, loop_reason
 from worker.models import DedupMode, MailHeaders, MailRecord, MailSummary, PartRecord, SightingKind
-from worker.notices import SqlNoticeLog
-from worker.notify import (
+from worker.relay.notify import (
     LISTED_LIMIT,
     NOTICE_HEADER,
     NoticeMark,
@@ -29,8 +28,9 @@ from worker.notify import (
     notice_due,
     notice_subject,
 )
-from worker.store import SqlStore
-from worker.verdicts import NOTICE_LOOP_REASON, loop_reason
+from worker.store.notices import SqlNoticeLog
+from worker.store.schema import create_schema, make_engine
+from worker.store.sqlstore import SqlStore
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 HOUR = 3600.0

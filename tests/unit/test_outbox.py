@@ -13,7 +13,7 @@ from email.parser import BytesParser
 import pytest
 
 from tests.hostile import FORWARD_HEADERS
-from worker.forward_mail import (
+from worker.delivery.message import (
     FILENAME_LIMIT,
     SUBJECT_LIMIT,
     ForwardMail,
@@ -23,7 +23,7 @@ from worker.forward_mail import (
     forward_message_id,
 )
 from worker.models import OutgoingDocument
-from worker.pacer import SendPacer
+from worker.relay.pacer import SendPacer
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 NOW = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)

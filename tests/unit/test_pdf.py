@@ -11,8 +11,8 @@ import pytest
 from tests import samples
 from worker.errors import PdfCheckFailed
 from worker.models import PdfReport
-from worker.pdf import DEFAULT_INVOICE_NUMBER_PATTERN, inspect_pdf
-from worker.pdfpool import PdfInspector
+from worker.pdf.inspection import DEFAULT_INVOICE_NUMBER_PATTERN, inspect_pdf
+from worker.pdf.pool import PdfInspector
 
 INVOICE = samples.invoice_pdf()
 

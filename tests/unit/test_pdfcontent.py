@@ -11,8 +11,8 @@ from pypdf.generic import NameObject
 
 from tests import samples
 from tests.unit.test_fingerprint import reportlab_invoice
-from worker.pdf import inspect_pdf
-from worker.pdfcontent import Unparseable, canonical_operations, text_content
+from worker.pdf.content import Unparseable, canonical_operations, text_content
+from worker.pdf.inspection import inspect_pdf
 
 
 @pytest.fixture(scope="module")

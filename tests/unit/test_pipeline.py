@@ -14,10 +14,10 @@ import pytest
 from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from worker.errors import MailboxError, SendRejected, SessionRefused
+from worker.mail.verdicts import loop_reason, sender_allowed
 from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome, PdfReport
-from worker.pipeline import Pipeline, PipelineConfig
-from worker.store import SqlStore
-from worker.verdicts import loop_reason, sender_allowed
+from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.store.sqlstore import SqlStore
 
 FORWARD_TO = "inbox-123@getmyinvoices.example"
 FORWARD_FROM = "relay@shop.example"

@@ -13,7 +13,6 @@ import pytest
 
 from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
-from worker import db
 from worker.errors import MailboxError
 from worker.models import (
     DedupMode,
@@ -23,8 +22,9 @@ from worker.models import (
     PdfReport,
     RecordedSighting,
 )
-from worker.pipeline import Pipeline, PipelineConfig
-from worker.store import SqlStore
+from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.store import schema
+from worker.store.sqlstore import SqlStore
 
 MAILBOX = "invoices@imap.example/INBOX"
 WAIT = 5.0  # seconds a test waits for the other thread before it gives up
@@ -141,7 +141,7 @@ class CheckedStore(SqlStore):
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[CheckedStore]:
     store = CheckedStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    db.create_schema(store.engine)
+    schema.create_schema(store.engine)
     yield store
     store.close()
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from tests.fakes import FakeInspector
 from worker.errors import PdfCheckFailed
 from worker.models import PdfReport
-from worker.reportcache import ReportCache
+from worker.relay.reportcache import ReportCache
 
 PDF_A = b"%PDF-1.4\nA\n%%EOF\n"
 PDF_B = b"%PDF-1.4\nB\n%%EOF\n"

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from worker.commands import pipeline_config
-from worker.retry import MAX_DELAY, lease_seconds, out_of_attempts, retry_delay
-from worker.settings import Settings
+from worker.cli.commands import pipeline_config
+from worker.config.settings import Settings
+from worker.relay.retry import MAX_DELAY, lease_seconds, out_of_attempts, retry_delay
 
 MINUTE = timedelta(minutes=1)
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.schedule import (
+from worker.config.schedule import (
     CronSpec,
     IntervalSpec,
     build_trigger,

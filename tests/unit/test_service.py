@@ -27,10 +27,10 @@ from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped,unused-ignore]
 
 from worker.errors import ConfigError, MailboxError, PollLocked
-from worker.health import probe_health
-from worker.metrics import RelayMetrics
 from worker.models import PollReport
-from worker.service import Service, misfire_grace_seconds, stop_on_signals
+from worker.service.health import probe_health
+from worker.service.metrics import RelayMetrics
+from worker.service.runner import Service, misfire_grace_seconds, stop_on_signals
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -262,7 +262,7 @@ def test_healthz_is_starting_until_the_first_poll_finishes_then_ok() -> None:
 def test_healthz_turns_503_when_polls_fail_for_too_long_while_livez_stays_200(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="worker.service")
+    caplog.set_level(logging.INFO, logger="worker.service.runner")
     clock = FakeClock()
     outage = MailboxError("connection refused", host="imap.example", port=993)
     poll = FakePoll([report(pending=2), outage])
@@ -293,7 +293,7 @@ def test_healthz_turns_503_when_polls_fail_for_too_long_while_livez_stays_200(
 def test_an_unexpected_error_is_logged_with_its_traceback_and_polling_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="worker.service")
+    caplog.set_level(logging.INFO, logger="worker.service.runner")
     poll = FakePoll([RuntimeError("password=hunter2"), report()])
     with running_service(poll, interval=1) as running:
         wait_until(lambda: poll.finished >= 2)
@@ -370,7 +370,7 @@ def test_stop_waits_for_the_running_poll_then_returns_0_and_polls_no_more() -> N
 
 
 def test_stop_is_bounded_when_the_running_poll_hangs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="worker.service")
+    caplog.set_level(logging.INFO, logger="worker.service.runner")
     gate = threading.Event()
     poll = FakePoll([report()], gate=gate)
     try:
@@ -387,7 +387,7 @@ def test_stop_is_bounded_when_the_running_poll_hangs(caplog: pytest.LogCaptureFi
 
 
 def test_the_signal_handler_stops_the_service(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="worker.service")
+    caplog.set_level(logging.INFO, logger="worker.service.runner")
     poll = FakePoll([report()])
     with running_service(poll, interval=3600) as running:
         wait_until(lambda: poll.finished == 1)

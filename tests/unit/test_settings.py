@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from worker.config.settings import Secret, Settings, database_url_from_env, http_port_from_env
 from worker.errors import ConfigError, ConfigProblems
 from worker.models import DedupMode, Security
-from worker.settings import Secret, Settings, database_url_from_env, http_port_from_env
 
 IMAP_SECRET = "imap-Pa55-zq81"
 SMTP_SECRET = "smtp-Pa55-kx47"

@@ -12,7 +12,6 @@ import pytest
 import sqlalchemy as sa
 
 from tests.servers.postgres import postgres_server, temporary_database
-from worker.db import create_schema, document_contents, make_engine, sightings
 from worker.errors import StoreError
 from worker.models import (
     AuditFilter,
@@ -25,7 +24,8 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.store import SqlStore
+from worker.store.schema import create_schema, document_contents, make_engine, sightings
+from worker.store.sqlstore import SqlStore
 
 MAILBOX = "relay@example.test/INBOX"
 UIDVALIDITY = 7

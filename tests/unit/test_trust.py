@@ -1,4 +1,4 @@
-"""worker.trust: alignment, trusted Authentication-Results, DKIM with injected keys, and
+"""worker.mail.trust: alignment, trusted Authentication-Results, DKIM with injected keys, and
 the proof step of a poll against fakes. No network: keys come from tests.signing."""
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import pytest
 from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from tests.signing import KeyServer, sign, signing_key
-from worker import values
-from worker.headers import parse_headers
-from worker.models import AuditFilter, AuditRow, DedupMode, MailSummary, Outcome
-from worker.pipeline import Pipeline, PipelineConfig
-from worker.settings import Settings
-from worker.store import SqlStore
-from worker.trust import (
+from worker.config import values
+from worker.config.settings import Settings
+from worker.mail.headers import parse_headers
+from worker.mail.trust import (
     DkimVerifier,
     Proof,
     SenderProof,
@@ -27,6 +24,9 @@ from worker.trust import (
     authserv_id_of,
     check_authentication_results,
 )
+from worker.models import AuditFilter, AuditRow, DedupMode, MailSummary, Outcome
+from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.store.sqlstore import SqlStore
 
 SHOP = signing_key("shop.example")
 PARENT = signing_key("example.net")  # signs for billing.example.net

@@ -1,0 +1,149 @@
+"""`invoice-relay check`: try each server with the real settings, one line per check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import TextIO
+
+from worker.cli.commands import imap_mailbox, smtp_outbox
+from worker.config.settings import Settings
+from worker.errors import (
+    MailboxError,
+    MailboxFolderError,
+    MailboxLoginError,
+    OutboxError,
+    RelayError,
+    SendRejected,
+    StoreError,
+)
+from worker.store import migrate
+
+# What to change, by server and by the kind of failure its message names.
+_IMAP_TLS = "check INVOICE_RELAY_IMAP_SECURITY (ssl, starttls, none) and INVOICE_RELAY_CA_FILE"
+_IMAP_REACH = (
+    "check INVOICE_RELAY_IMAP_HOST and INVOICE_RELAY_IMAP_PORT, and that the server runs "
+    "and a firewall lets the relay reach it"
+)
+_SMTP_TLS = "check INVOICE_RELAY_SMTP_SECURITY (ssl, starttls, none) and INVOICE_RELAY_CA_FILE"
+_SMTP_REACH = (
+    "check INVOICE_RELAY_SMTP_HOST and INVOICE_RELAY_SMTP_PORT, and that the server runs "
+    "and a firewall lets the relay reach it"
+)
+_TLS_WORDS = ("tls", "ssl", "certificate", "handshake")
+
+
+def advice(error: RelayError) -> str:
+    """How to fix what `error` says is wrong: one short clause naming the settings."""
+    # The detail only: a class's own message lists every cause it may have.
+    text = (error.detail or "").lower()
+    if isinstance(error, MailboxLoginError):
+        return (
+            "check INVOICE_RELAY_IMAP_USER and INVOICE_RELAY_IMAP_PASSWORD "
+            "(or INVOICE_RELAY_IMAP_PASSWORD_FILE)"
+        )
+    if isinstance(error, MailboxFolderError):
+        return (
+            "create the folder, or set INVOICE_RELAY_IMAP_FOLDER to an existing one "
+            "(names are case-sensitive; subfolders as the server writes them, e.g. INBOX/Invoices)"
+        )
+    if isinstance(error, MailboxError):
+        return _IMAP_TLS if any(word in text for word in _TLS_WORDS) else _IMAP_REACH
+    if isinstance(error, OutboxError):
+        if "login" in text or "auth" in text:
+            return (
+                "check INVOICE_RELAY_SMTP_USER and INVOICE_RELAY_SMTP_PASSWORD "
+                "(or INVOICE_RELAY_SMTP_PASSWORD_FILE)"
+            )
+        if "sender" in text:
+            return "check INVOICE_RELAY_FORWARD_FROM: the server must let the login send as it"
+        if "recipient" in text:
+            return "check the address the server refused"
+        return _SMTP_TLS if any(word in text for word in _TLS_WORDS) else _SMTP_REACH
+    if isinstance(error, StoreError):
+        return "check INVOICE_RELAY_DATABASE_URL, and that the database server runs"
+    return "see the message above"
+
+
+def _check_imap(settings: Settings) -> str:
+    mailbox = imap_mailbox(settings)
+    try:
+        status = mailbox.open()
+    finally:
+        mailbox.close()
+    return (
+        f"logged in as {settings.imap_user} at {settings.imap_host}:{settings.imap_port}; "
+        f"folder {settings.imap_folder!r} holds {status.exists} mail(s)"
+    )
+
+
+def _check_smtp(settings: Settings) -> str:
+    outbox = smtp_outbox(settings)
+    try:
+        outbox.open()
+    finally:
+        outbox.close()
+    login = f" as {settings.smtp_user}" if settings.smtp_user else ""
+    return f"connected{login} to {settings.smtp_host}:{settings.smtp_port}"
+
+
+def _check_database(settings: Settings) -> str:
+    url = settings.database_url.reveal()
+    path = settings.sqlite_path()
+    if path is not None and not path.exists():
+        # A check changes nothing: the first poll creates the file.
+        return f"no database at {path} yet; the first poll creates it"
+    if migrate.is_up_to_date(url):
+        return "reachable, migrations up to date"
+    return "reachable; migrations pending (applied at start-up, or run `invoice-relay db upgrade`)"
+
+
+def test_message(settings: Settings, address: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = settings.forward_from
+    message["To"] = address
+    message["Subject"] = "invoice-relay test mail"
+    message["Auto-Submitted"] = "auto-generated"
+    message["Date"] = datetime.now(UTC)
+    message.set_content(
+        "This is a test mail from `invoice-relay check --send-test`.\n"
+        "It proves that the relay can send with its SMTP settings.\n"
+    )
+    return message
+
+
+def _send_test(settings: Settings, address: str) -> str:
+    outbox = smtp_outbox(settings)
+    try:
+        outbox.open()
+        answer = outbox.send(test_message(settings, address), recipient=address)
+    except SendRejected as exc:
+        raise RelayError(f"test mail refused: {exc}") from exc
+    finally:
+        outbox.close()
+    return f"test mail to {address} accepted: {answer}"
+
+
+def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int:
+    checks: list[tuple[str, Callable[[Settings], str]]] = [
+        ("imap", _check_imap),
+        ("smtp", _check_smtp),
+        ("database", _check_database),
+    ]
+    failed = 0
+    for name, check in checks:
+        try:
+            detail = check(settings)
+        except RelayError as exc:
+            failed += 1
+            out.write(f"FAIL {name}: {exc}; to fix: {advice(exc)}\n")
+        else:
+            out.write(f"ok   {name}: {detail}\n")
+    if send_test:
+        try:
+            out.write(f"ok   send-test: {_send_test(settings, send_test)}\n")
+        except RelayError as exc:
+            failed += 1
+            out.write(f"FAIL send-test: {exc}; to fix: {advice(exc)}\n")
+    return 1 if failed else 0

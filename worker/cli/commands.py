@@ -1,0 +1,317 @@
+"""The commands behind the CLI: build the adapters from settings and run one job."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from worker.config.settings import Settings, http_port_from_env
+from worker.delivery.smtp import SmtpOutbox
+from worker.errors import StoreError
+from worker.faults import checkpoint_for
+from worker.imap.mailbox import ImapMailbox
+from worker.mail.trust import TrustPolicy
+from worker.models import AuditFilter, AuditRow, PollReport
+from worker.pdf.pool import PdfInspector
+from worker.relay.pacer import SendPacer
+from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
+from worker.relay.retry import lease_seconds
+from worker.service.idle import IdleWatcher, PollRequests
+from worker.store import migrate, schema
+from worker.store.sqlstore import SqlStore
+
+log = logging.getLogger(__name__)
+
+
+def mailbox_name(settings: Settings) -> str:
+    """The audit's name for the polled folder; stable across port or TLS changes."""
+    return f"{settings.imap_user}@{settings.imap_host}/{settings.imap_folder}"
+
+
+def pipeline_config(settings: Settings) -> PipelineConfig:
+    # The lease outlasts the whole send of every document claimed with it (see
+    # worker.relay.retry.lease_seconds); a small batch keeps it, and a crashed sender's wait, short.
+    # A batch is claimed while the one before it is sent, so its lease covers both.
+    send_batch = 5
+    lease = lease_seconds(
+        timeout_seconds=settings.timeout_seconds,
+        send_batch=2 * send_batch,
+        max_sends_per_minute=settings.max_sends_per_minute,
+    )
+    return PipelineConfig(
+        mailbox=mailbox_name(settings),
+        forward_to=settings.forward_to,
+        forward_from=settings.forward_from,
+        since=settings.since,
+        dedup=settings.dedup,
+        keep_pdfs=settings.keep_pdfs,
+        allowed_senders=settings.allowed_senders,
+        max_mail_bytes=settings.max_mail_bytes,
+        max_pdf_bytes=settings.max_pdf_bytes,
+        max_parts=settings.max_parts,
+        max_depth=settings.max_depth,
+        trust=TrustPolicy(
+            require_dkim=settings.require_dkim,
+            dkim_domains=settings.dkim_domains,
+            trusted_authserv_id=settings.trusted_authserv_id,
+        ),
+        max_attempts=settings.max_attempts,
+        error_retries=settings.error_retries,
+        lease_seconds=settings.test_lease_seconds or lease,
+        send_batch=send_batch,
+        retry_delay_seconds=settings.retry_delay_seconds,
+    )
+
+
+def imap_mailbox(settings: Settings) -> ImapMailbox:
+    return ImapMailbox(
+        host=settings.imap_host,
+        port=settings.imap_port,
+        security=settings.imap_security,
+        user=settings.imap_user,
+        password=settings.imap_password.reveal(),
+        folder=settings.imap_folder,
+        ca_file=settings.ca_file,
+        timeout=settings.timeout_seconds,
+    )
+
+
+def smtp_outbox(settings: Settings) -> SmtpOutbox:
+    return SmtpOutbox(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        security=settings.smtp_security,
+        user=settings.smtp_user,
+        password=settings.smtp_password.reveal() if settings.smtp_password else None,
+        forward_from=settings.forward_from,
+        forward_to=settings.forward_to,
+        ca_file=settings.ca_file,
+        timeout=settings.timeout_seconds,
+    )
+
+
+def pdf_inspector(settings: Settings) -> PdfInspector:
+    return PdfInspector(
+        timeout_seconds=settings.pdf_timeout_seconds,
+        memory_limit_bytes=settings.pdf_memory_mb * 1024 * 1024,
+        invoice_pattern=settings.invoice_number_pattern,
+    )
+
+
+def prepared_store(settings: Settings) -> SqlStore:
+    """The store, with its SQLite folder created and migrations applied."""
+    path = settings.sqlite_path()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the folder {path.parent}: {exc.strerror or exc}"
+            ) from exc
+    url = settings.database_url.reveal()
+    migrate.upgrade_database(url)
+    return SqlStore(url)
+
+
+@contextmanager
+def _pipeline(
+    settings: Settings,
+    store: SqlStore,
+    *,
+    stop: threading.Event | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[Pipeline]:
+    inspector = pdf_inspector(settings)
+    try:
+        yield Pipeline(
+            config=pipeline_config(settings),
+            mailbox=imap_mailbox(settings),
+            outbox=smtp_outbox(settings),
+            store=store,
+            inspector=inspector,
+            pacer=SendPacer(settings.max_sends_per_minute),
+            stop=stop,
+            progress=progress,
+            checkpoint=checkpoint_for(settings.test_crash_at),
+        )
+    finally:
+        inspector.close()
+
+
+def poll_once(
+    settings: Settings,
+    store: SqlStore,
+    *,
+    stop: threading.Event | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PollReport:
+    name = mailbox_name(settings)
+    with store.poll_lock(name) as acquired:
+        if not acquired:
+            now = datetime.now(UTC)
+            log.info(
+                "another replica holds the poll lock of %s",
+                name,
+                extra={"action": "poll_locked", "mailbox": name},
+            )
+            return PollReport(mailbox=name, started_at=now, finished_at=now, locked=True)
+        with _pipeline(settings, store, stop=stop, progress=progress) as pipeline:
+            report = pipeline.poll()
+        # Inside the poll lock: no other replica records sightings while it reads them.
+        notify_after_poll(settings, store)
+        return report
+
+
+def notify_after_poll(settings: Settings, store: SqlStore) -> None:
+    """One failure notice to INVOICE_RELAY_NOTIFY_TO when one is due; a failure to send
+    it is logged by the notifier and never fails the poll."""
+    if settings.notify_to is None:
+        return
+    from worker.relay.notify import Notifier
+    from worker.store.notices import SqlNoticeLog
+
+    Notifier(
+        log=SqlNoticeLog(store.engine),
+        sender=lambda: smtp_outbox(settings),
+        notify_to=settings.notify_to,
+        notify_from=settings.forward_from,
+        mailbox=mailbox_name(settings),
+        interval_seconds=settings.notify_interval_seconds,
+    ).after_poll()
+
+
+def once(settings: Settings, *, progress: Callable[[str], None] | None = None) -> PollReport:
+    store = prepared_store(settings)
+    try:
+        return poll_once(settings, store, progress=progress)
+    finally:
+        store.close()
+
+
+def dry_run(settings: Settings) -> list[PlannedSighting]:
+    """What `once` would record now. Writes nothing: on a database that was never
+    migrated, an empty in-memory one stands in for it."""
+    url = settings.database_url.reveal()
+    path = settings.sqlite_path()
+    try:
+        # Opening a missing SQLite file would create it: a dry run must not.
+        up_to_date = (path is None or path.exists()) and migrate.is_up_to_date(url)
+    except StoreError:
+        up_to_date = False
+    if up_to_date:
+        store = SqlStore(url)
+    else:
+        store = SqlStore("sqlite://")
+        schema.create_schema(store.engine)
+    try:
+        with _pipeline(settings, store) as pipeline:
+            return pipeline.plan()
+    finally:
+        store.close()
+
+
+def run_service(settings: Settings) -> int:
+    from worker.config.schedule import build_trigger, interval_hint, parse_schedule
+    from worker.service.metrics import RelayMetrics
+    from worker.service.runner import Service, stop_on_signals
+
+    spec = parse_schedule(settings.schedule, settings.timezone)
+    stop = threading.Event()
+    # Installed before the wait for the database: a SIGTERM then is a clean stop too.
+    with stop_on_signals(stop):
+        store = _store_with_backoff(settings, stop)
+        if store is None:
+            return 0
+        healthy_after = settings.healthy_after_seconds or 3 * interval_hint(spec) + 60
+        try:
+            requests = PollRequests(lambda: poll_once(settings, store, stop=stop))
+            service = Service(
+                poll=requests.poll,
+                trigger=build_trigger(spec),
+                http_port=settings.http_port,
+                healthy_after_seconds=healthy_after,
+                stop_event=stop,
+                metrics=RelayMetrics(),
+            )
+            if settings.idle:  # polls as soon as mail comes; the schedule stays the net
+                requests.connect(service.poll_now)
+                mailbox = imap_mailbox(settings)
+                IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
+            return service.run()
+        finally:
+            store.close()
+
+
+def _store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore | None:
+    """The service waits for its database instead of dying in a restart loop."""
+    delay = 1.0
+    while True:
+        try:
+            return prepared_store(settings)
+        except StoreError as exc:
+            log.warning(
+                "database unavailable, retrying in %.0fs: %s",
+                delay,
+                exc,
+                extra={"action": "database_unavailable"},
+            )
+        if stop.wait(delay):
+            return None
+        delay = min(delay * 2, 60.0)
+
+
+def _existing_database(url: str) -> SqlStore:
+    """Read-only and maintenance commands never create a database by accident."""
+    parsed = schema.parse_url(url)
+    location = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if location and not Path(location).exists():
+        raise StoreError(f"no database at {location} yet (run `invoice-relay once` first)")
+    if migrate.current_revision(url) is None:
+        raise StoreError(
+            "the database holds no relay tables yet (run `invoice-relay db upgrade` or a poll)"
+        )
+    return SqlStore(url)
+
+
+def audit_rows(url: str, query: AuditFilter) -> list[AuditRow]:
+    store = _existing_database(url)
+    try:
+        return store.audit(query)
+    finally:
+        store.close()
+
+
+def upgrade(url: str) -> None:
+    migrate.upgrade_database(url)
+
+
+def retry(url: str, sha256: str | None) -> int:
+    store = _existing_database(url)
+    try:
+        return store.requeue(sha256=sha256, now=datetime.now(UTC))
+    finally:
+        store.close()
+
+
+def resend(url: str, sha256: str) -> bool:
+    store = _existing_database(url)
+    try:
+        return store.resend(sha256=sha256, now=datetime.now(UTC))
+    finally:
+        store.close()
+
+
+def healthcheck(environ: Mapping[str, str], *, ready: bool) -> int:
+    from worker.service.health import probe_health
+
+    port = http_port_from_env(environ)
+    if port == 0:
+        print("the HTTP server is off (INVOICE_RELAY_HTTP_PORT=0): nothing to ask")
+        return 1
+    healthy, detail = probe_health(port, ready=ready)
+    print(detail)
+    return 0 if healthy else 1

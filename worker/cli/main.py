@@ -1,0 +1,238 @@
+"""Composition root: parse the command, build settings, adapters and the pipeline.
+
+Expected failures end as one line on stderr (never a traceback, never a secret) with
+the exit status DESIGN.md promises: 0 done, 1 a server or the database unavailable,
+2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, date, datetime, time
+from importlib.metadata import PackageNotFoundError, version
+from typing import TextIO
+
+from worker.cli import audit, checks
+from worker.config.settings import Settings, database_url_from_env
+from worker.errors import ConfigError, ConfigProblems, InfrastructureError, RelayError
+from worker.logs import configure_logging, register_secret, register_secrets
+from worker.models import AuditFilter, Outcome, PollReport, SightingKind
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE = 0, 1, 2
+
+
+def _version() -> str:
+    try:
+        return version("invoice-relay")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _iso_date(text: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            parsed = datetime.combine(date.fromisoformat(text), time())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="invoice-relay",
+        description="Forward each distinct invoice PDF from a shared mailbox once, "
+        "and keep an audit log.",
+    )
+    parser.add_argument("--version", action="version", version=f"invoice-relay {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    once = commands.add_parser("once", help="one poll-and-forward cycle, then exit")
+    once.add_argument(
+        "--dry-run", action="store_true", help="print what would be forwarded; change nothing"
+    )
+    commands.add_parser("run", help="the service: poll on INVOICE_RELAY_SCHEDULE")
+
+    check = commands.add_parser("check", help="try the IMAP, SMTP and database settings")
+    check.add_argument("--send-test", metavar="ADDRESS", help="also send one test mail there")
+
+    audit_cmd = commands.add_parser("audit", help="print the audit log")
+    audit_cmd.add_argument("--format", choices=sorted(audit.FORMATTERS), default="table")
+    audit_cmd.add_argument("--since", type=_iso_date, help="rows received on or after (ISO)")
+    audit_cmd.add_argument(
+        "--outcome",
+        action="append",
+        choices=[o.value for o in Outcome],
+        help="only these outcomes (repeatable)",
+    )
+    audit_cmd.add_argument("--invoice", help="only rows with this invoice number")
+    audit_cmd.add_argument(
+        "--limit", type=_positive_int, default=None, help="at most this many rows"
+    )
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    db_commands.add_parser("upgrade", help="apply migrations")
+
+    retry = commands.add_parser("retry", help="put failed documents back to pending")
+    target = retry.add_mutually_exclusive_group(required=True)
+    target.add_argument("sha256", nargs="?", help="the document's SHA-256")
+    target.add_argument("--all", action="store_true", help="every failed document")
+
+    resend = commands.add_parser("resend", help="forward one document again, on purpose")
+    resend.add_argument("sha256")
+
+    health = commands.add_parser("healthcheck", help="exit 0 when the local service is alive")
+    health.add_argument("--ready", action="store_true", help="ask /healthz instead of /livez")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args, environ)
+    except ConfigProblems as exc:
+        for problem in exc.problems:  # one clear line per problem
+            _fail(f"configuration error: {problem.variable}: {problem.problem}")
+        return EXIT_USAGE
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc.variable}: {exc.problem}")
+        return EXIT_USAGE
+    except InfrastructureError as exc:
+        _fail(str(exc))
+        return EXIT_UNAVAILABLE
+    except RelayError as exc:
+        _fail(str(exc))
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(line: str) -> None:
+    print(f"invoice-relay: {line}", file=sys.stderr)
+
+
+def _settings(environ: Mapping[str, str]) -> Settings:
+    settings = Settings.from_env(environ, stderr_is_tty=sys.stderr.isatty())
+    configure_logging(settings.log_format)
+    register_secrets(settings.secret_values())
+    for name in settings.unknown_variables:
+        log.warning("unknown setting %s ignored (a typo?)", name, extra={"action": "config"})
+    return settings
+
+
+def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from worker.cli import commands  # the heavy imports wait until a command needs them
+
+    command: str = args.command
+    if command == "healthcheck":
+        return commands.healthcheck(environ, ready=args.ready)
+    if command in ("audit", "db", "retry", "resend"):
+        url = database_url_from_env(environ)
+        configure_logging("text" if sys.stderr.isatty() else "json", level=logging.WARNING)
+        register_secret(url.reveal())
+        if command == "audit":
+            query = AuditFilter(
+                since=args.since,
+                outcomes=tuple(Outcome(o) for o in args.outcome or ()),
+                invoice_number=args.invoice,
+                limit=args.limit,
+            )
+            rows = commands.audit_rows(url.reveal(), query)
+            sys.stdout.write(audit.FORMATTERS[args.format](rows))
+            return EXIT_OK
+        if command == "db":
+            commands.upgrade(url.reveal())
+            print("database is up to date")
+            return EXIT_OK
+        if command == "retry":
+            count = commands.retry(url.reveal(), None if args.all else args.sha256)
+            print(f"{count} document(s) queued again")
+            return EXIT_OK if count or args.all else EXIT_UNAVAILABLE
+        queued = commands.resend(url.reveal(), args.sha256)
+        print(
+            "queued for a deliberate resend"
+            if queued
+            else "no forwarded document with "
+            "that SHA-256 whose bytes are kept (INVOICE_RELAY_KEEP_PDFS)"
+        )
+        return EXIT_OK if queued else EXIT_UNAVAILABLE
+    settings = _settings(environ)
+    if command == "check":
+        return checks.run_checks(settings, send_test=args.send_test, out=sys.stdout)
+    if command == "run":
+        return commands.run_service(settings)
+    if args.dry_run:
+        planned = commands.dry_run(settings)
+        for item in planned:
+            verb = "would forward" if item.kind is SightingKind.DOCUMENT else item.kind.value
+            print(
+                f"uid {item.uid} part {item.part or '-'}: {verb}"
+                f"{' ' + item.filename if item.filename else ''}"
+                f"{' (' + item.reason + ')' if item.reason else ''}"
+            )
+        forwards = sum(item.kind is SightingKind.DOCUMENT for item in planned)
+        print(f"dry run: {forwards} PDF(s) would be forwarded; nothing was recorded or sent")
+        return EXIT_OK
+    progress = _progress_printer(sys.stderr)
+    report = commands.once(settings, progress=progress)
+    if progress is not None:
+        sys.stderr.write("\n")  # end the progress line before the summary
+    print(summary_line(report))
+    return EXIT_OK
+
+
+def _progress_printer(stream: TextIO) -> Callable[[str], None] | None:
+    if not stream.isatty():
+        return None
+    lock = threading.Lock()
+
+    def show(text: str) -> None:
+        with lock:
+            stream.write(f"\r{text:<60}")
+            stream.flush()
+
+    return show
+
+
+_SUMMARY_WORDS = {
+    Outcome.PENDING: "new invoice(s)",
+    Outcome.DUPLICATE: "duplicate(s)",
+    Outcome.REJECTED: "rejected",
+    Outcome.ERROR: "error(s), retried later",
+    Outcome.NO_PDF: "without PDF",
+}
+
+
+def summary_line(report: PollReport) -> str:
+    if report.locked:
+        return "another replica is polling this mailbox; nothing done"
+    found = ", ".join(
+        f"{report.sightings[outcome]} {words}"
+        for outcome, words in _SUMMARY_WORDS.items()
+        if report.sightings.get(outcome)
+    )
+    return (
+        f"read {report.mails_seen} new mail(s){': ' + found if found else ''}; "
+        f"forwarded {report.forwarded}, waiting to be sent {report.pending}, "
+        f"newly failed {report.failed}"
+    )

@@ -1,0 +1,381 @@
+"""The only reader of the environment: frozen settings, validated once, secrets masked.
+
+`Settings.from_env` reads an injected mapping (tests pass a dict, the CLI `os.environ`)
+and checks every variable before it raises, so a user sees all problems at once: one
+`ConfigError` for a single problem, a `ConfigProblems` listing each on its own line for
+several. No message ever contains a password or a database URL.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import date
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import unquote
+
+from worker.config import values
+from worker.config.schedule import parse_duration, parse_schedule
+from worker.errors import ConfigError, ConfigProblems
+from worker.faults import CrashAt
+from worker.models import DedupMode, Security
+
+PREFIX = "INVOICE_RELAY_"
+MASK = "****"
+MB = 1024 * 1024
+
+_T = TypeVar("_T")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Secret:
+    """A string that never prints: `reveal()` is the only way to its value."""
+
+    _value: str
+    _display: str = field(default=MASK, compare=False)
+
+    @classmethod
+    def url(cls, value: str) -> Secret:
+        """A URL that prints with its password masked, and only its password."""
+        return cls(value, _mask_url(value))
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return self._display
+
+    def __str__(self) -> str:
+        return self._display
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    imap_host: str
+    imap_port: int
+    imap_security: Security
+    imap_user: str
+    imap_password: Secret
+    imap_folder: str
+    smtp_host: str
+    smtp_port: int
+    smtp_security: Security
+    smtp_user: str | None
+    smtp_password: Secret | None
+    forward_to: str
+    forward_from: str
+    database_url: Secret
+    schedule: str
+    timezone: str
+    http_port: int
+    since: date | None
+    max_sends_per_minute: int | None
+    allowed_senders: tuple[str, ...]
+    dedup: DedupMode
+    keep_pdfs: bool
+    ca_file: Path | None
+    log_format: str
+    timeout_seconds: float = 60.0
+    max_attempts: int = 10
+    max_mail_bytes: int = 50 * MB
+    max_pdf_bytes: int = 30 * MB
+    pdf_timeout_seconds: float = 30.0
+    pdf_memory_mb: int = 1024
+    error_retries: int = 3
+    healthy_after_seconds: float | None = None  # None: three schedule intervals
+    invoice_number_pattern: str | None = None
+    max_parts: int = 100  # MIME parts per mail (docs/security.md)
+    max_depth: int = 10  # MIME nesting levels
+    require_dkim: bool = False  # a valid aligned DKIM signature proves From
+    dkim_domains: tuple[str, ...] = ()  # signing domains accepted for any From
+    trusted_authserv_id: str | None = None  # Authentication-Results trusted from this server
+    retry_delay_seconds: float = 60.0  # the first retry's delay; doubles per attempt
+    # Test-only (docs/guarantees.md), never set in production: a crash at a named step,
+    # and a lease short enough for a test to outlive.
+    test_crash_at: CrashAt | None = None
+    test_lease_seconds: float | None = None
+    notify_to: str | None = None  # where failure notices go; None: no notices
+    notify_interval_seconds: float = 3600.0  # at most one failure notice this often
+    unknown_variables: tuple[str, ...] = ()  # INVOICE_RELAY_* names nobody reads: typos?
+    idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
+        """Read and check every variable; raise ConfigError naming each one at fault."""
+        env = _Reader(environ)
+        imap_security = env.parse("IMAP_SECURITY", values.enum_of(Security), Security.SSL)
+        smtp_security = env.parse("SMTP_SECURITY", values.enum_of(Security), Security.STARTTLS)
+        settings = cls(
+            imap_host=env.parse("IMAP_HOST", values.host, None, required=True) or "",
+            imap_port=env.parse("IMAP_PORT", values.port(1), _IMAP_PORTS[imap_security]),
+            imap_security=imap_security,
+            imap_user=env.required("IMAP_USER"),
+            imap_password=env.secret("IMAP_PASSWORD", required=True) or Secret(""),
+            imap_folder=env.text("IMAP_FOLDER") or "INBOX",
+            smtp_host=env.parse("SMTP_HOST", values.host, None, required=True) or "",
+            smtp_port=env.parse("SMTP_PORT", values.port(1), _SMTP_PORTS[smtp_security]),
+            smtp_security=smtp_security,
+            smtp_user=env.text("SMTP_USER"),
+            smtp_password=env.secret("SMTP_PASSWORD", required=False),
+            forward_to=env.parse("FORWARD_TO", values.address, None, required=True) or "",
+            forward_from=env.parse("FORWARD_FROM", values.address, None, required=True) or "",
+            database_url=_database_url(env),
+            schedule=env.text("SCHEDULE") or "*/5 * * * *",
+            timezone=env.parse("TIMEZONE", values.timezone, "UTC"),
+            http_port=env.parse("HTTP_PORT", values.port(0), 8080),
+            since=env.parse("SINCE", values.iso_date, None),
+            max_sends_per_minute=env.parse("MAX_SENDS_PER_MINUTE", values.integer(1), None),
+            allowed_senders=env.parse("ALLOWED_SENDERS", values.senders, ()),
+            dedup=env.parse("DEDUP", values.enum_of(DedupMode), DedupMode.CONTENT),
+            keep_pdfs=env.parse("KEEP_PDFS", values.boolean, False),
+            ca_file=env.parse("CA_FILE", values.readable_file, None),
+            log_format=env.parse(
+                "LOG_FORMAT", values.log_format, "text" if stderr_is_tty else "json"
+            ),
+            timeout_seconds=env.parse("TIMEOUT", values.positive_float, 60.0),
+            max_attempts=env.parse("MAX_ATTEMPTS", values.integer(1), 10),
+            max_mail_bytes=env.parse("MAX_MAIL_BYTES", values.integer(1), 50 * MB),
+            max_pdf_bytes=env.parse("MAX_PDF_BYTES", values.integer(1), 30 * MB),
+            pdf_timeout_seconds=env.parse("PDF_TIMEOUT", values.positive_float, 30.0),
+            pdf_memory_mb=env.parse("PDF_MEMORY_MB", values.integer(64), 1024),
+            error_retries=env.parse("ERROR_RETRIES", values.integer(0), 3),
+            healthy_after_seconds=env.parse("HEALTHY_AFTER", parse_duration, None),
+            invoice_number_pattern=env.parse("INVOICE_NUMBER_PATTERN", values.pattern, None),
+            max_parts=env.parse("MAX_PARTS", values.integer(1), 100),
+            max_depth=env.parse("MAX_DEPTH", values.integer(1), 10),
+            require_dkim=env.parse("REQUIRE_DKIM", values.boolean, False),
+            dkim_domains=env.parse("DKIM_DOMAINS", values.domains, ()),
+            trusted_authserv_id=env.parse("TRUSTED_AUTHSERV_ID", values.authserv_id, None),
+            retry_delay_seconds=env.parse("RETRY_DELAY", parse_duration, 60.0),
+            idle=env.parse("IDLE", values.boolean, False),
+            test_crash_at=env.parse("TEST_CRASH_AT", CrashAt.from_text, None),
+            test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),
+            notify_to=env.parse("NOTIFY_TO", values.address, None),
+            notify_interval_seconds=env.parse("NOTIFY_INTERVAL", parse_duration, 3600.0),
+            unknown_variables=env.unknown(),
+        )
+        if (settings.smtp_user is None) != (settings.smtp_password is None):
+            missing = "SMTP_PASSWORD" if settings.smtp_password is None else "SMTP_USER"
+            env.fail(missing, "required when the other half of the SMTP login is set")
+        try:
+            parse_schedule(settings.schedule, settings.timezone)
+        except ValueError as exc:
+            env.fail("SCHEDULE", str(exc))
+        env.raise_problems()
+        return settings
+
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file (the CLI creates its directory); None otherwise."""
+        location = _sqlite_location(self.database_url.reveal())
+        return None if location in (None, "", ":memory:") else Path(location)
+
+    def describe(self) -> dict[str, str]:
+        """Every setting as text, secrets masked: for `check` output and start-up logs."""
+        return {item.name: _describe(getattr(self, item.name)) for item in fields(self)}
+
+    def secret_values(self) -> tuple[str, ...]:
+        """The strings logging must redact: passwords, also inside the database URL."""
+        values = [self.imap_password.reveal()]
+        if self.smtp_password is not None:
+            values.append(self.smtp_password.reveal())
+        for password in _url_passwords(self.database_url.reveal()):
+            values.extend((password, unquote(password)))
+        return tuple(dict.fromkeys(value for value in values if value))
+
+
+def database_url_from_env(environ: Mapping[str, str]) -> Secret:
+    """Only the database URL (with its default), for commands that need nothing else."""
+    env = _Reader(environ)
+    url = _database_url(env)
+    env.raise_problems()
+    return url
+
+
+def http_port_from_env(environ: Mapping[str, str]) -> int:
+    """Only INVOICE_RELAY_HTTP_PORT, for the container's health probe."""
+    env = _Reader(environ)
+    port = env.parse("HTTP_PORT", values.port(0), 8080)
+    env.raise_problems()
+    return port
+
+
+_IMAP_PORTS = {Security.SSL: 993, Security.STARTTLS: 143, Security.NONE: 143}
+_SMTP_PORTS = {Security.SSL: 465, Security.STARTTLS: 587, Security.NONE: 25}
+
+
+class _Reader:
+    """Reads `INVOICE_RELAY_*` variables, collecting problems instead of stopping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self._problems: list[ConfigError] = []
+        self._read: set[str] = set()
+
+    def raw(self, name: str, *, strip: bool = True) -> str | None:
+        """The variable's value; None when unset or empty."""
+        self._read.add(PREFIX + name)
+        value = self._environ.get(PREFIX + name)
+        if value is None or not value.strip():
+            return None
+        return value.strip() if strip else value
+
+    def outside(self, name: str) -> str:
+        """A variable without our prefix, such as HOME; "" when unset."""
+        return self._environ.get(name, "")
+
+    def fail(self, name: str, problem: str) -> None:
+        self._problems.append(ConfigError(PREFIX + name, problem))
+
+    def text(self, name: str) -> str | None:
+        return self.raw(name)
+
+    def required(self, name: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            self.fail(name, "required")
+        return value or ""
+
+    def parse(
+        self, name: str, parser: Callable[[str], _T], default: _T, *, required: bool = False
+    ) -> _T:
+        value = self.raw(name)
+        if value is None:
+            if required:
+                self.fail(name, "required")
+            return default
+        try:
+            return parser(value)
+        except ValueError as exc:
+            self.fail(name, str(exc))
+            return default
+
+    def secret(self, name: str, *, required: bool) -> Secret | None:
+        """A password from `NAME` or from the file `NAME_FILE`; never echoed."""
+        value = self.raw(name, strip=False)
+        path = self.raw(name + "_FILE")
+        if value is not None and path is not None:
+            self.fail(name, f"set either {PREFIX}{name} or {PREFIX}{name}_FILE, not both")
+            return None
+        if path is not None:
+            try:
+                value = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                self.fail(name + "_FILE", f"cannot read {path}: {reason}")
+                return None
+            value = value.removesuffix("\n").removesuffix("\r")
+            if not value:
+                self.fail(name + "_FILE", f"{path} is empty")
+                return None
+        if value is None:
+            if required:
+                self.fail(name, f"required (or {PREFIX}{name}_FILE)")
+            return None
+        return Secret(value)
+
+    def unknown(self) -> tuple[str, ...]:
+        return tuple(
+            sorted(key for key in self._environ if key.startswith(PREFIX) and key not in self._read)
+        )
+
+    def raise_problems(self) -> None:
+        if len(self._problems) == 1:
+            raise self._problems[0]
+        if self._problems:
+            raise ConfigProblems(tuple(self._problems))
+
+
+def _database_url(env: _Reader) -> Secret:
+    url = env.raw("DATABASE_URL")
+    if url is None:
+        return Secret.url(_default_database_url(env))
+    if not _URL.match(url):
+        env.fail(
+            "DATABASE_URL",
+            "not a URL such as sqlite:////var/lib/invoice-relay/relay.db "
+            "or postgresql+psycopg://user:password@host/dbname",
+        )
+    else:
+        location = _sqlite_location(url)
+        if location not in (None, "", ":memory:") and not os.path.isabs(location or ""):
+            env.fail(
+                "DATABASE_URL",
+                "the SQLite path must be absolute, as in sqlite:////var/lib/relay.db "
+                "(four slashes): cron runs from any directory",
+            )
+    return Secret.url(url)
+
+
+def _default_database_url(env: _Reader) -> str:
+    # XDG_DATA_HOME and HOME belong to the environment too: read them from the same mapping.
+    data_home = env.outside("XDG_DATA_HOME")
+    if not os.path.isabs(data_home):
+        home = env.outside("HOME")
+        if not os.path.isabs(home):
+            env.fail(
+                "DATABASE_URL",
+                "not set, and neither XDG_DATA_HOME nor HOME gives a place for the "
+                "default SQLite file: set INVOICE_RELAY_DATABASE_URL",
+            )
+            return "sqlite://"
+        data_home = os.path.join(home, ".local", "share")
+    return "sqlite:///" + os.path.join(data_home, "invoice-relay", "relay.db")
+
+
+def _sqlite_location(url: str) -> str | None:
+    """The database part of a SQLite URL ("" or ":memory:" in memory); None if not SQLite."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or not scheme.lower().startswith("sqlite"):
+        return None
+    rest = rest.partition("?")[0]
+    return rest.removeprefix("/")
+
+
+def _url_passwords(url: str) -> list[str]:
+    passwords = [match[2] for match in _QUERY_PASSWORD.finditer(url)]
+    split = _split_userinfo(url)
+    if split is not None:
+        passwords.insert(0, split[1])
+    return [password for password in passwords if password]
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """(before, password, after) of `scheme://user:password@rest`.
+
+    The last "@" ends the password, so an unescaped "@" or "/" in it is still masked;
+    a URL that only looks like it has a password is masked too much, never too little.
+    """
+    scheme, separator, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not separator or at < 0:
+        return None
+    user, colon, password = rest[:at].partition(":")
+    if not colon:
+        return None
+    return f"{scheme}://{user}:", password, rest[at:]
+
+
+def _mask_url(url: str) -> str:
+    split = _split_userinfo(url)
+    masked = url if split is None else f"{split[0]}{MASK}{split[2]}"
+    return _QUERY_PASSWORD.sub(lambda match: match[1] + MASK, masked)
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)

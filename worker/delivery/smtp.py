@@ -1,0 +1,369 @@
+"""Sending forwarded mail; the only module that speaks SMTP.
+
+`SmtpOutbox` is the adapter behind `worker.relay.ports.Outbox`: it turns every smtplib, socket
+and TLS failure into `SessionRefused` (the session is unusable, nothing counts) or
+`SendRejected` (this one mail was refused; `code` says temporary or permanent). The mail
+itself is built by `worker.delivery.message`.
+(`worker.relay.pacer.SendPacer` enforces `INVOICE_RELAY_MAX_SENDS_PER_MINUTE`.)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable, Iterable, Iterator
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from worker.delivery.message import RELAY_HEADER, ForwardMail, clean_text
+from worker.errors import SendRejected, SessionRefused
+from worker.models import Security
+
+__all__ = ["LOST_DURING_SEND", "SmtpOutbox", "clean_text"]  # clean_text: for worker.relay.notify
+
+logger = logging.getLogger(__name__)
+
+LOST_DURING_SEND = 451  # the code a send gets when the connection died mid-DATA
+
+
+# --- the SMTP adapter -------------------------------------------------------------------
+
+
+def _answer_text(answer: bytes | str) -> str:
+    text = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else answer
+    return clean_text(text, 500)
+
+
+def _answer(code: int, answer: bytes | str) -> str:
+    return f"{code} {_answer_text(answer)}".strip()
+
+
+def _open_failure_reason(exc: Exception, *, timeout: float) -> str:
+    """Why connecting, TLS or login failed, in words a person can act on."""
+    match exc:
+        case ssl.SSLCertVerificationError():
+            why = exc.verify_message or exc.reason or "verification failed"
+            return f"TLS certificate not trusted (set INVOICE_RELAY_CA_FILE): {why}"
+        case ssl.SSLError():
+            return f"TLS handshake failed: {exc.reason or exc}"
+        case smtplib.SMTPAuthenticationError():
+            return (
+                "login refused (check INVOICE_RELAY_SMTP_USER/_PASSWORD): "
+                f"{_answer(exc.smtp_code, exc.smtp_error)}"
+            )
+        case smtplib.SMTPNotSupportedError():
+            return (
+                "the server offers no login (check INVOICE_RELAY_SMTP_USER and "
+                f"INVOICE_RELAY_SMTP_SECURITY): {exc}"
+            )
+        case smtplib.SMTPResponseException():
+            return f"the server refused: {_answer(exc.smtp_code, exc.smtp_error)}"
+        case smtplib.SMTPServerDisconnected():
+            return f"the server closed the connection: {exc}"
+        case smtplib.SMTPException():
+            return f"SMTP error: {exc}"
+        case ConnectionRefusedError():
+            return "connection refused"
+        case TimeoutError():
+            return f"no answer within {timeout:g}s"
+        case socket.gaierror():
+            return f"host name not found: {exc.strerror or exc}"
+        case OSError():
+            return f"connection failed: {exc.strerror or exc}"
+        case _:
+            return f"{type(exc).__name__}: {exc}"
+
+
+class SmtpOutbox:
+    """One SMTP session to the outgoing server (`worker.relay.ports.Outbox`)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        security: Security,
+        user: str | None,
+        password: str | None,
+        forward_from: str,
+        forward_to: str,
+        ca_file: Path | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._security = security
+        self._user = user
+        self._password = password
+        self._forward_from = forward_from
+        self._forward_to = forward_to
+        self._ca_file = ca_file
+        self._timeout = timeout
+        self._smtp: smtplib.SMTP | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"SmtpOutbox(host={self._host!r}, port={self._port}, "
+            f"security={self._security.value!r}, user={self._user!r})"
+        )
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._smtp is not None
+
+    def _refused(self, reason: str) -> SessionRefused:
+        return SessionRefused(reason, host=self._host, port=self._port)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self._ca_file is not None:
+            context.load_verify_locations(cafile=str(self._ca_file))
+        return context
+
+    def open(self) -> None:
+        """Connect, TLS, log in. Raises `SessionRefused`."""
+        self.close()
+        smtp: smtplib.SMTP | None = None
+        try:
+            if self._ca_file is not None and not self._ca_file.is_file():
+                raise self._refused(
+                    f"CA file {self._ca_file} is not readable (check INVOICE_RELAY_CA_FILE)"
+                )
+            if self._security is Security.SSL:
+                smtp = smtplib.SMTP_SSL(
+                    self._host, self._port, timeout=self._timeout, context=self._tls_context()
+                )
+            else:
+                smtp = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
+            smtp.ehlo()
+            if self._security is Security.STARTTLS:
+                if not smtp.has_extn("starttls"):
+                    raise self._refused(
+                        "the server does not offer STARTTLS (check INVOICE_RELAY_SMTP_SECURITY)"
+                    )
+                smtp.starttls(context=self._tls_context())
+                smtp.ehlo()
+            if self._user:
+                smtp.login(self._user, self._password or "")
+        except SessionRefused:
+            _discard(smtp)
+            raise
+        except (smtplib.SMTPException, OSError) as exc:
+            _discard(smtp)
+            reason = _open_failure_reason(exc, timeout=self._timeout)
+            if self._password and isinstance(exc, smtplib.SMTPAuthenticationError):
+                # A server may quote what it was sent; the password never goes further.
+                reason = reason.replace(self._password, "****")
+            raise self._refused(reason) from exc
+        if smtp.sock is not None:
+            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._smtp = smtp
+        logger.info(
+            "smtp session open",
+            extra={"action": "smtp_opened", "host": self._host, "port": self._port},
+        )
+
+    def send(
+        self,
+        message: ForwardMail | EmailMessage,
+        *,
+        recipient: str | None = None,
+        before_end: Callable[[], None] | None = None,
+    ) -> str:
+        """Send one mail to FORWARD_TO (or `recipient`, for `check --send-test`).
+
+        Returns the server's acceptance, e.g. "250 OK ...".
+
+        Raises `SessionRefused` when the session cannot carry any mail (not open,
+        sender or recipient refused, connection lost before the content went out) and
+        `SendRejected` when the server answered this mail's content (4xx temporary,
+        5xx permanent) or the connection died while it went out (451: it may or may
+        not have arrived; the outbox is closed then).
+        """
+        smtp = self._smtp
+        if smtp is None:
+            raise self._refused("the session is not open")
+        if isinstance(message, ForwardMail):
+            sha256 = message.sha256
+            pieces = _forward_pieces(message)
+        else:
+            sha256 = str(message.get(RELAY_HEADER, ""))
+            pieces = _stuffed_slices(message.as_bytes(policy=policy.SMTP))
+
+        # Envelope first: a refusal here concerns the session (sender, recipient,
+        # connection), never this mail's content.
+        try:
+            code, answer = smtp.mail(self._forward_from)
+            if not 200 <= code < 300:
+                self._reset_or_drop()
+                raise self._refused(
+                    f"sender {self._forward_from} refused (check INVOICE_RELAY_FORWARD_FROM): "
+                    f"{_answer(code, answer)}"
+                )
+            to = recipient or self._forward_to
+            code, answer = smtp.rcpt(to)
+            if not 200 <= code < 300:
+                self._reset_or_drop()
+                raise self._refused(
+                    f"recipient {to} refused (check INVOICE_RELAY_FORWARD_TO): "
+                    f"{_answer(code, answer)}"
+                )
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            reason = _open_failure_reason(exc, timeout=self._timeout)
+            raise self._refused(f"connection lost before sending: {reason}") from exc
+
+        try:
+            code, answer = _data(smtp, pieces, before_end)
+        except smtplib.SMTPDataError as exc:
+            # The server refused the DATA command itself: an answer about this mail.
+            self._reset_or_drop()
+            raise SendRejected(
+                _answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
+            ) from exc
+        except _Abandoned as abandoned:
+            # `before_end` raised: the mail is abandoned without its terminating dot, so
+            # the server drops what it received with the connection.
+            self._drop()
+            raise abandoned.cause from None
+        except (smtplib.SMTPException, OSError) as exc:
+            # Part or all of the mail went out and no answer came back: the server may
+            # have accepted it. Temporary, so it is retried under the same Message-ID.
+            self._drop()
+            raise SendRejected(
+                f"connection lost during send: {_open_failure_reason(exc, timeout=self._timeout)}",
+                code=LOST_DURING_SEND,
+                sha256=sha256,
+            ) from exc
+
+        if 200 <= code < 300:
+            return _answer(code, answer)
+        self._reset_or_drop()
+        # Neither 2xx, 4xx nor 5xx after the content is a broken server; retry later.
+        rejected_code = code if 400 <= code < 600 else LOST_DURING_SEND
+        raise SendRejected(_answer(code, answer), code=rejected_code, sha256=sha256)
+
+    def close(self) -> None:
+        """QUIT; never raises."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            _discard(smtp)
+
+    def _reset_or_drop(self) -> None:
+        """RSET so the session can carry the next mail; drop it if even that fails."""
+        smtp = self._smtp
+        if smtp is None:
+            return
+        try:
+            code, _ = smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self._drop()
+            return
+        if not 200 <= code < 300:
+            self._drop()
+
+    def _drop(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        _discard(smtp)
+
+
+_DATA_CHUNK = 1 << 20
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _stuffed(text: bytes) -> bytes:
+    return _LEADING_DOT.sub(b"..", text)
+
+
+def _forward_pieces(mail: ForwardMail) -> Iterator[bytes]:
+    """A forwarded mail for DATA: base64 lines never start with a dot, so only the head
+    and the tail are dot-stuffed; the attachment is encoded 1 MiB at a time."""
+    yield _stuffed(mail.head)
+    yield from mail.attachment_slices(_DATA_CHUNK)
+    yield _stuffed(mail.tail)
+
+
+def _stuffed_slices(content: bytes) -> Iterator[bytes]:
+    """Any other mail for DATA: 1 MiB slices, each ending after a line break,
+    dot-stuffed one by one (smtplib's `data()` would make three whole copies)."""
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"  # the terminating dot must start a line
+    view = memoryview(content)
+    start = 0
+    while start < len(content):
+        end = content.find(b"\n", min(start + _DATA_CHUNK, len(content)) - 1)
+        end = len(content) if end < 0 else end + 1
+        yield _stuffed(view[start:end].tobytes())
+        start = end
+
+
+class _Abandoned(Exception):  # a carrier, never seen outside this module
+    """What `before_end` raised, carried past the handlers of SMTP failures."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _data(
+    smtp: smtplib.SMTP, pieces: Iterable[bytes], before_end: Callable[[], None] | None
+) -> tuple[int, bytes]:
+    """DATA with the content in `pieces` (dot-stuffed, together ending in CRLF), gathered
+    into writes of about 1 MiB. Without `before_end` the terminating dot goes in the
+    last write; with it, it runs once the content went out and the dot follows on its
+    own (the socket has TCP_NODELAY: a small write after another would otherwise wait on
+    Nagle's algorithm and the receiver's delayed ACK, 40 ms a mail)."""
+    smtp.putcmd("data")
+    code, answer = smtp.getreply()
+    if code != 354:
+        raise smtplib.SMTPDataError(code, answer)
+    gathered: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        if gathered and size + len(piece) > _DATA_CHUNK:
+            smtp.send(b"".join(gathered))
+            gathered, size = [], 0
+        gathered.append(piece)
+        size += len(piece)
+    if before_end is None:
+        gathered.append(b".\r\n")
+        smtp.send(b"".join(gathered))
+        return smtp.getreply()
+    smtp.send(b"".join(gathered))
+    try:
+        before_end()
+    except Exception as exc:
+        raise _Abandoned(exc) from exc
+    smtp.send(b".\r\n")
+    return smtp.getreply()
+
+
+def _discard(smtp: smtplib.SMTP | None) -> None:
+    if smtp is None:
+        return
+    try:
+        smtp.close()
+    except OSError:
+        logger.debug("closing the smtp socket failed", exc_info=True)

@@ -1,0 +1,383 @@
+"""The IMAP adapter: one folder, opened read-only. The only module that imports imapclient.
+
+imapclient's untyped results are turned into `worker.models` values at once, and its
+errors (and those of `ssl` and `socket` below it) are translated once into
+`worker.errors.MailboxError` and its subclasses. The relay never changes the mailbox:
+the folder is EXAMINEd (read-only) and bodies are fetched with BODY.PEEK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from imapclient import IMAPClient  # type: ignore[import-untyped,unused-ignore]
+from imapclient import exceptions as imap_errors  # type: ignore[import-untyped,unused-ignore]
+
+from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
+from worker.mail import headers, mime
+from worker.models import FolderStatus, MailSummary, Security
+
+logger = logging.getLogger(__name__)
+
+HEADER_FIELDS = (
+    "FROM",
+    "SUBJECT",
+    "DATE",
+    "MESSAGE-ID",
+    "AUTO-SUBMITTED",
+    "X-INVOICE-RELAY",
+    "X-INVOICE-RELAY-NOTICE",
+    "AUTHENTICATION-RESULTS",  # every one of them, in mail order (worker.mail.trust)
+)
+_HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (" + " ".join(HEADER_FIELDS) + ")]"
+_SUMMARY_ITEMS = ("UID", "RFC822.SIZE", "INTERNALDATE", "BODYSTRUCTURE", _HEADER_ITEM)
+# What the server answers for BODY.PEEK[<section>] and BODY.PEEK[<section>]<offset.n>.
+_SECTION_KEY = re.compile(rb"^BODY\[([^\]]*)\](?:<\d+>)?$")
+
+
+class ImapMailbox:
+    """`worker.relay.ports.Mailbox` over imapclient. Not thread-safe: one poll at a time."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        security: Security,
+        user: str,
+        password: str,
+        folder: str = "INBOX",
+        ca_file: Path | None = None,
+        timeout: float = 60.0,
+        batch_size: int = 200,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.host = host
+        self.port = port
+        self.security = security
+        self.user = user
+        self._password = password
+        self.folder = folder
+        self.ca_file = ca_file
+        self.timeout = timeout
+        self.batch_size = batch_size
+        self._client: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ImapMailbox(host={self.host!r}, port={self.port}, security={self.security.value}, "
+            f"user={self.user!r}, password='****', folder={self.folder!r})"
+        )
+
+    # --- the session -----------------------------------------------------------------
+
+    def open(self) -> FolderStatus:
+        """Connect, (STARTTLS,) log in and EXAMINE the folder.
+
+        On Dovecot this costs LOGIN and EXAMINE over plain or implicit TLS; STARTTLS
+        adds the STARTTLS command and the CAPABILITY that imaplib sends after it.
+        """
+        self.close()
+        client = self._connect()
+        try:
+            self._login(client)
+            status = self._examine(client)
+        except MailboxError:
+            _quietly_logout(client)
+            raise
+        self._client = client
+        logger.debug(
+            "IMAP folder opened",
+            extra={"action": "mailbox_opened", "folder": self.folder, "exists": status.exists},
+        )
+        return status
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            _quietly_logout(client)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self.ca_file is not None:
+            try:
+                # Added to the system store, not replacing it.
+                context.load_verify_locations(cafile=str(self.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise MailboxError(
+                    f"cannot read CA file {self.ca_file} (INVOICE_RELAY_CA_FILE): {exc}",
+                    host=self.host,
+                    port=self.port,
+                ) from exc
+        return context
+
+    def _connect(self) -> Any:
+        context = self._tls_context() if self.security is not Security.NONE else None
+        with self._translated("connect"):
+            client = IMAPClient(
+                self.host,
+                port=self.port,
+                ssl=self.security is Security.SSL,
+                ssl_context=context,
+                timeout=self.timeout,
+            )
+        client.normalise_times = False  # aware datetimes, in the server's offset
+        if self.security is Security.STARTTLS:
+            try:
+                with self._translated("STARTTLS"):
+                    client.starttls(context)
+                    # The wrapped socket must keep the timeout of the plain one.
+                    client.socket().settimeout(self.timeout)
+            except MailboxError:
+                _quietly_logout(client)
+                raise
+        return client
+
+    def _login(self, client: Any) -> None:
+        try:
+            with self._translated("LOGIN"):
+                client.login(self.user, self._password)
+        except UnicodeError:
+            # The codec error would quote a character of the password: do not chain it.
+            raise MailboxLoginError(
+                "user or password has characters IMAP LOGIN cannot send",
+                host=self.host,
+                port=self.port,
+            ) from None
+
+    def _examine(self, client: Any) -> FolderStatus:
+        with self._translated(f"EXAMINE {self.folder}", folder=True):
+            response = client.select_folder(self.folder, readonly=True)
+            uidvalidity = response.get(b"UIDVALIDITY")
+            uidnext = response.get(b"UIDNEXT")
+            if uidvalidity is None or uidnext is None:
+                # Older servers leave them out of SELECT; STATUS always has them.
+                status = client.folder_status(self.folder, ("UIDVALIDITY", "UIDNEXT"))
+                uidvalidity = status[b"UIDVALIDITY"]
+                uidnext = status[b"UIDNEXT"]
+        return FolderStatus(
+            uidvalidity=int(uidvalidity),
+            uidnext=int(uidnext),
+            exists=int(response.get(b"EXISTS", 0)),
+        )
+
+    # --- reading ---------------------------------------------------------------------
+
+    def new_uids(self, after_uid: int, since: date | None) -> list[int]:
+        criteria: list[object] = ["UID", f"{after_uid + 1}:*"]
+        if since is not None:
+            criteria += ["SINCE", since]
+        client = self._require_client()
+        with self._translated("UID SEARCH"):
+            found = client.search(criteria)
+        # `n:*` always includes the highest UID, even when it is below n.
+        return sorted(uid for uid in (int(value) for value in found) if uid > after_uid)
+
+    def summaries(self, uids: Sequence[int]) -> list[MailSummary]:
+        client = self._require_client()
+        result: list[MailSummary] = []
+        for batch in _batches(sorted(set(uids)), self.batch_size):
+            with self._translated("UID FETCH"):
+                response = client.fetch(batch, _SUMMARY_ITEMS)
+            for uid in batch:
+                data = response.get(uid)
+                if data is not None and b"RFC822.SIZE" in data:
+                    result.append(_summary(uid, data))
+        return result
+
+    def fetch_sections(
+        self,
+        wanted: Mapping[int, Sequence[str]],
+        *,
+        max_bytes: int | None = None,
+        offset: int = 0,
+    ) -> dict[tuple[int, str], bytes]:
+        client = self._require_client()
+        # Mails that want the same sections share one FETCH with a UID set.
+        groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for uid, sections in wanted.items():
+            if sections:
+                groups[tuple(sorted(set(sections)))].append(uid)
+        result: dict[tuple[int, str], bytes] = {}
+        for sections, group in groups.items():
+            partial = f"<{offset}.{max_bytes}>" if max_bytes is not None else ""
+            items = [f"BODY.PEEK[{section}]{partial}" for section in sections]
+            for batch in _batches(sorted(group), self.batch_size):
+                with self._translated("UID FETCH"):
+                    response = client.fetch(batch, items)
+                for uid in batch:
+                    for key, value in response.get(uid, {}).items():
+                        section = _section_of(key)
+                        if section in sections and isinstance(value, bytes):
+                            result[(uid, section)] = value
+        return result
+
+    def fetch_range(self, uid: int, section: str, *, offset: int, length: int) -> bytes | None:
+        """`BODY.PEEK[section]<offset.length>`: one range of a large part
+        (`worker.mail.ranged.RangedFetch`); empty past the end, None when the mail is gone."""
+        return self.fetch_sections({uid: [section]}, max_bytes=length, offset=offset).get(
+            (uid, section)
+        )
+
+    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        client = self._require_client()
+        result: dict[int, bytes] = {}
+        for batch in _batches(sorted(set(uids)), self.batch_size):
+            with self._translated("UID FETCH"):
+                response = client.fetch(batch, ["BODY.PEEK[]"])
+            for uid in batch:
+                value = response.get(uid, {}).get(b"BODY[]")
+                if isinstance(value, bytes):
+                    result[uid] = value
+        return result
+
+    # --- IDLE (RFC 2177), on a connection of its own ----------------------------------
+
+    def supports_idle(self) -> bool:
+        client = self._require_client()
+        with self._translated("CAPABILITY"):
+            return bool(client.has_capability("IDLE"))
+
+    def idle_start(self) -> None:
+        with self._translated("IDLE"):
+            self._require_client().idle()
+
+    def idle_wait(self, timeout: float) -> bool:
+        """Wait in IDLE up to `timeout` seconds; True when the server announced mail."""
+        client = self._require_client()
+        started = time.monotonic()
+        with self._translated("IDLE"):
+            responses = client.idle_check(timeout=timeout)
+        if not responses and time.monotonic() - started < timeout / 2:
+            # imapclient returns nothing, at once, when the server has hung up.
+            raise MailboxError("connection dropped during IDLE", host=self.host, port=self.port)
+        return _announces_mail(responses)
+
+    def idle_done(self) -> bool:
+        """Leave IDLE; True when mail was announced since the last `idle_wait`."""
+        with self._translated("IDLE DONE"):
+            _, responses = self._require_client().idle_done()
+        return _announces_mail(responses)
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _require_client(self) -> Any:
+        if self._client is None:
+            raise MailboxError("not connected (open() first)", host=self.host, port=self.port)
+        return self._client
+
+    @contextlib.contextmanager
+    def _translated(self, action: str, *, folder: bool = False) -> Iterator[None]:
+        """Turn imapclient, ssl and socket errors during `action` into MailboxError."""
+        try:
+            yield
+        except MailboxError:
+            raise
+        except imap_errors.LoginError as exc:
+            self._fail(MailboxLoginError, f"login refused: {_server_text(exc)}", exc)
+        except imap_errors.CapabilityError as exc:
+            self._fail(MailboxError, f"{action} not offered by the server", exc)
+        except imap_errors.IMAPClientAbortError as exc:
+            self._fail(MailboxError, f"connection dropped during {action}: {exc}", exc)
+        except imap_errors.IMAPClientError as exc:
+            if folder:
+                self._fail(MailboxFolderError, f"{self.folder}: {_server_text(exc)}", exc)
+            self._fail(MailboxError, f"{action} failed: {_server_text(exc)}", exc)
+        except ssl.SSLCertVerificationError as exc:
+            self._fail(
+                MailboxError,
+                f"TLS certificate not trusted (set INVOICE_RELAY_CA_FILE): {exc.verify_message}",
+                exc,
+            )
+        except ssl.SSLError as exc:
+            self._fail(MailboxError, f"TLS failed during {action}: {exc.reason or exc}", exc)
+        except TimeoutError as exc:
+            self._fail(MailboxError, f"timed out after {self.timeout:g}s during {action}", exc)
+        except ConnectionRefusedError as exc:
+            self._fail(MailboxError, "connection refused", exc)
+        except OSError as exc:
+            self._fail(MailboxError, f"network error during {action}: {exc}", exc)
+
+    def _fail(self, kind: type[MailboxError], detail: str, exc: BaseException) -> NoReturn:
+        # Servers do not echo the password; this is a guard, not a expected path.
+        if len(self._password) >= 4:
+            detail = detail.replace(self._password, "****")
+        raise kind(detail, host=self.host, port=self.port) from exc
+
+
+def _batches(uids: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(uids), size):
+        yield list(uids[start : start + size])
+
+
+def _announces_mail(responses: Sequence[object]) -> bool:
+    """Whether IDLE responses such as `(3, b'EXISTS')` tell of mail (EXISTS or RECENT)."""
+    return any(
+        isinstance(response, tuple) and len(response) >= 2 and response[1] in (b"EXISTS", b"RECENT")
+        for response in responses
+    )
+
+
+def _server_text(exc: BaseException) -> str:
+    return str(exc).removeprefix("b'").removesuffix("'")
+
+
+def _section_of(key: object) -> str | None:
+    if not isinstance(key, bytes):
+        return None
+    match = _SECTION_KEY.match(key.upper())
+    return match.group(1).decode("ascii") if match else None
+
+
+def _summary(uid: int, data: Mapping[bytes, Any]) -> MailSummary:
+    header_bytes = b""
+    for key, value in data.items():
+        if key.upper().startswith(b"BODY[HEADER.FIELDS") and isinstance(value, bytes):
+            header_bytes = value
+    internaldate = data.get(b"INTERNALDATE")
+    if isinstance(internaldate, datetime):
+        internaldate = (
+            internaldate.astimezone(UTC)
+            if internaldate.tzinfo
+            else internaldate.replace(tzinfo=UTC)
+        )
+    else:
+        internaldate = None
+    raw_structure = data.get(b"BODYSTRUCTURE")
+    structure_problem: str | None = None
+    try:
+        structure = mime.parse_bodystructure(raw_structure) if raw_structure else None
+    except ValueError as exc:
+        logger.warning(
+            "unreadable BODYSTRUCTURE",
+            extra={"action": "bodystructure_unreadable", "uid": uid},
+            exc_info=True,
+        )
+        structure = None
+        structure_problem = str(exc)
+    return MailSummary(
+        structure_problem=structure_problem,
+        uid=uid,
+        size=int(data[b"RFC822.SIZE"]),
+        internaldate=internaldate,
+        headers=headers.parse_headers(header_bytes),
+        structure=structure,
+    )
+
+
+def _quietly_logout(client: Any) -> None:
+    try:
+        client.logout()
+    except (imap_errors.IMAPClientError, OSError):
+        with contextlib.suppress(imap_errors.IMAPClientError, OSError):
+            client.shutdown()

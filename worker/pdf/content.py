@@ -1,0 +1,98 @@
+"""Content streams: parsed once, written back in one canonical form for the fingerprint.
+
+Also the errors `worker.pdf.inspection` reports a damaged file with.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from typing import Any, Final
+
+from pypdf import PdfReader
+from pypdf.errors import PyPdfError
+from pypdf.generic import (
+    ArrayObject,
+    ByteStringObject,
+    ContentStream,
+    DecodedStreamObject,
+    DictionaryObject,
+    create_string_object,
+)
+
+READ_ERRORS: Final = (PyPdfError, ValueError, KeyError, TypeError, AttributeError, zlib.error)
+
+
+class Unparseable(Exception):
+    """The file is damaged: the reason becomes the report's."""
+
+
+def short(exc: BaseException) -> str:
+    """The exception's type and the first line of its message, for a reason."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
+def text_content(reader: PdfReader, data: bytes, where: str) -> ContentStream:
+    """The decoded content stream `data` parsed as pypdf's text extraction does: every
+    string operand a `ByteStringObject` of its raw bytes (`forced_encoding="bytes"`)."""
+    stream = DecodedStreamObject()
+    stream.set_data(data)
+    try:
+        content = ContentStream(stream, reader, "bytes")
+        content.operations  # noqa: B018 - parses now, so damage is reported here
+    except READ_ERRORS as exc:
+        raise Unparseable(f"{where}: content stream: {short(exc)}") from exc
+    return content
+
+
+def _as_parsed_plain(operand: Any) -> Any:
+    """An operand of a `forced_encoding="bytes"` parse as a plain parse would have read
+    it: `create_string_object` of the raw bytes, which is what the plain parse calls.
+    Keeps the fingerprint of a shared parse identical to that of its own parse."""
+    if isinstance(operand, ByteStringObject):
+        return create_string_object(bytes(operand))
+    if isinstance(operand, ArrayObject):
+        return ArrayObject(_as_parsed_plain(item) for item in operand)
+    if isinstance(operand, DictionaryObject):
+        plain = DictionaryObject()
+        for key, value in operand.items():
+            plain[key] = _as_parsed_plain(value)
+        return plain
+    return operand
+
+
+def canonical_operations(
+    reader: PdfReader, data: bytes, where: str, *, parsed: ContentStream | None = None
+) -> bytes:
+    """The content stream written back in one canonical form, whatever wrote it first.
+    With `parsed` (see `text_content`), its operations are used instead of parsing."""
+    operations: list[tuple[Any, bytes]]
+    if parsed is not None:
+        operations = [
+            (operands, operator)
+            if operator == b"INLINE IMAGE"  # its settings were read without forcing
+            else ([_as_parsed_plain(operand) for operand in operands], operator)
+            for operands, operator in parsed.operations
+        ]
+    else:
+        stream = DecodedStreamObject()
+        stream.set_data(data)
+        try:
+            operations = ContentStream(stream, reader).operations
+        except READ_ERRORS as exc:
+            raise Unparseable(f"{where}: content stream: {short(exc)}") from exc
+    out = io.BytesIO()
+    for operands, operator in operations:
+        if operator == b"INLINE IMAGE":
+            operands["settings"].write_to_stream(out)
+            out.write(b" ID ")
+            out.write(operands["data"])
+            out.write(b" EI\n")
+            continue
+        for operand in operands:
+            operand.write_to_stream(out)
+            out.write(b" ")
+        out.write(operator)
+        out.write(b"\n")
+    return out.getvalue()

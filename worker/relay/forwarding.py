@@ -1,0 +1,359 @@
+"""Forwarding: lease due documents, send each, record what the server answered.
+
+A document is leased before it is sent and marked forwarded only after the SMTP
+server accepted it; a refused session releases every lease without counting an
+attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from worker.delivery.message import build_forward
+from worker.errors import SendRejected, SessionRefused, StoreError
+from worker.faults import Checkpoint, CrashPoint, no_checkpoint
+from worker.models import OutgoingDocument
+from worker.relay.pacer import SendPacer
+from worker.relay.ports import Outbox, Store
+from worker.relay.retry import BASE_DELAY, out_of_attempts, retry_delay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardRules:
+    forward_to: str
+    forward_from: str
+    keep_pdfs: bool = False
+    max_attempts: int = 10
+    lease_seconds: float = 3600.0
+    send_batch: int = 10
+    retry_base: timedelta = BASE_DELAY
+
+
+class Arrivals:
+    """Tells a Forwarder running beside the reading of mail that more was recorded."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._batches = self._seen = 0
+        self._ended = False
+
+    def recorded(self) -> None:
+        with self._changed:
+            self._batches += 1
+            self._changed.notify_all()
+
+    def ended(self) -> None:
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for_more(self, stop: threading.Event) -> bool:
+        """Block until a batch was recorded since the last call (True) or reading
+        ended with nothing new (False)."""
+        with self._changed:
+            while self._batches == self._seen and not self._ended and not stop.is_set():
+                self._changed.wait(0.5)  # wakes for `stop` too
+            news = self._batches != self._seen
+            self._seen = self._batches
+            return news and not stop.is_set()
+
+
+class BackgroundForwarding:
+    """`Forwarder.forward_due` in a thread of its own while the poll reads mail, so
+    sending overlaps reading; each document is still sent only once it is recorded."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.arrivals = Arrivals()
+        self._result: tuple[int, int, int] | BaseException = (0, 0, 0)
+        self._thread = threading.Thread(target=self._run, args=(forwarder,), name="forwarding")
+        self._thread.start()
+
+    def _run(self, forwarder: Forwarder) -> None:
+        try:
+            self._result = forwarder.forward_due(self.arrivals)
+        except BaseException as exc:  # noqa: BLE001 - handed to the poll's thread by result()
+            self._result = exc
+
+    def finish(self) -> None:
+        """Reading has ended: send what is left, then stop."""
+        self.arrivals.ended()
+        self._thread.join()
+
+    def result(self) -> tuple[int, int, int]:
+        """(forwarded, retried later, failed), or what the thread raised."""
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+
+class Forwarder:
+    """Sends every due document over one SMTP session per call."""
+
+    def __init__(
+        self,
+        *,
+        rules: ForwardRules,
+        outbox: Outbox,
+        store: Store,
+        pacer: SendPacer,
+        clock: Callable[[], datetime],
+        rng: random.Random,
+        stop: threading.Event,
+        progress: Callable[[str], None] | None = None,
+        checkpoint: Checkpoint = no_checkpoint,
+    ) -> None:
+        self._config = rules
+        self._outbox = outbox
+        self._store = store
+        self._pacer = pacer
+        self._clock = clock
+        self._rng = rng
+        self._stop = stop
+        self._progress = progress
+        self._checkpoint = checkpoint
+
+    def forward_due(self, arrivals: Arrivals | None = None) -> tuple[int, int, int]:
+        """Send every due document. Returns (forwarded, retried later, failed).
+
+        With `arrivals`, it runs beside the reading of mail: when nothing is due it
+        waits for the next recorded batch, and returns once reading has ended.
+
+        A document accepted by the server is marked forwarded in a second thread while
+        the next one goes out; that mark is committed before the next mail's terminating
+        dot (`Outbox.send(before_end=...)`), so at any moment at most one accepted mail
+        is not yet marked, as if the marks were made in line."""
+        config = self._config
+        tally = _Tally()
+        opened = False
+        marks = _Marks(self._mark_forwarded, tally, self._marked)
+        claims = _Claims(self._claim)
+        untouched: list[OutgoingDocument] = []  # claimed, and not one step taken yet
+        try:
+            while not self._stop.is_set():
+                marks.settle()
+                claimed = claims.take()
+                if not claimed:
+                    if arrivals is not None and arrivals.wait_for_more(self._stop):
+                        continue
+                    break
+                untouched = claimed
+                self._checkpoint(CrashPoint.AFTER_CLAIM)
+                for index, document in enumerate(claimed):
+                    if self._stop.is_set():
+                        marks.settle()
+                        untouched = []
+                        self._release(claimed[index:])
+                        return tally.result()
+                    untouched = claimed[index + 1 :]
+                    try:
+                        if not opened:
+                            self._outbox.open()
+                            opened = True
+                        self._pacer.wait()
+                        message = build_forward(
+                            document, forward_to=config.forward_to, forward_from=config.forward_from
+                        )
+                        answer = self._outbox.send(message, before_end=marks.settle)
+                        self._checkpoint(CrashPoint.AFTER_SEND)
+                    except SessionRefused:
+                        marks.settle()
+                        untouched = []
+                        self._release(claimed[index:])
+                        raise
+                    except SendRejected as refusal:
+                        marks.settle()
+                        # The outbox may have dropped a session that died mid-send (or
+                        # answered 421): the next document starts a fresh one. A lease
+                        # is sized for one session opening (worker.relay.retry.lease_seconds),
+                        # so the rest are released and claimed again with fresh leases.
+                        self._outbox.close()
+                        opened = False
+                        self._refused(document, refusal, tally)
+                        untouched = []
+                        self._release([*claimed[index + 1 :], *claims.drop()])
+                        break
+                    marks.start(document, message.message_id, answer)
+            marks.settle()
+        finally:
+            marks.close()
+            # Documents claimed and not yet begun, here or ahead (an error is on its
+            # way, or a stop came between batches): free for the next poll instead of
+            # left to their lease. The document being sent keeps its lease: the server
+            # may have accepted it.
+            self._release_quietly([*untouched, *claims.drop()])
+            claims.close()
+            if opened:
+                self._outbox.close()
+        return tally.result()
+
+    def _claim(self) -> list[OutgoingDocument]:
+        config = self._config
+        return self._store.claim_due(
+            now=self._clock(), limit=config.send_batch, lease_seconds=config.lease_seconds
+        )
+
+    def _release(self, documents: list[OutgoingDocument]) -> None:
+        for document in documents:
+            self._store.release(document.document_id)
+
+    def _release_quietly(self, documents: list[OutgoingDocument]) -> None:
+        """`_release` on the way out, perhaps with an error already on its way: a
+        failure here leaves the documents to their lease and does not replace it."""
+        try:
+            self._release(documents)
+        except StoreError as exc:
+            log.warning(
+                "%d documents claimed ahead stay leased until their lease expires: %s",
+                len(documents),
+                exc,
+                extra={"action": "release_failed"},
+            )
+
+    def _refused(self, document: OutgoingDocument, refusal: SendRejected, tally: _Tally) -> None:
+        config = self._config
+        answer_text = str(refusal)
+        attempts = document.attempts + 1
+        if refusal.permanent:
+            self._store.mark_failed(document.document_id, answer=answer_text)
+            tally.failed += 1
+            action = "pdf_failed"
+        elif out_of_attempts(attempts, config.max_attempts):
+            self._store.mark_retry(
+                document.document_id,
+                answer=answer_text,
+                next_attempt_at=self._clock(),
+                failed=True,
+            )
+            tally.failed += 1
+            action = "pdf_failed"
+        else:
+            self._store.mark_retry(
+                document.document_id,
+                answer=answer_text,
+                next_attempt_at=self._clock()
+                + retry_delay(attempts, base=config.retry_base, rng=self._rng),
+                failed=False,
+            )
+            tally.retried += 1
+            action = "pdf_retry_later"
+        log.warning(
+            "forward refused: %s",
+            answer_text,
+            extra={"action": action, "sha256": document.sha256},
+        )
+
+    def _mark_forwarded(self, document: OutgoingDocument, message_id: str, answer: str) -> None:
+        self._store.mark_forwarded(
+            document.document_id,
+            message_id=message_id,
+            answer=answer,
+            now=self._clock(),
+            keep_pdf=self._config.keep_pdfs,
+        )
+
+    def _marked(self, document: OutgoingDocument, forwarded: int) -> None:
+        self._checkpoint(CrashPoint.AFTER_MARK)
+        log.info(
+            "forwarded %s",
+            document.filename,
+            extra={"action": "pdf_forwarded", "sha256": document.sha256},
+        )
+        self._report_progress(f"{forwarded} forwarded")
+
+    def _report_progress(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress(text)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Tally:
+    """What one `forward_due` did so far."""
+
+    forwarded: int = 0
+    retried: int = 0
+    failed: int = 0
+
+    def result(self) -> tuple[int, int, int]:
+        return self.forwarded, self.retried, self.failed
+
+
+class _Claims:
+    """Claims the next batch in a thread of its own while this one is sent, so the
+    claim's write transaction is off the sending path. The lease of a batch claimed
+    ahead covers the batch sent before it too (`worker.relay.retry.lease_seconds`)."""
+
+    def __init__(self, claim: Callable[[], list[OutgoingDocument]]) -> None:
+        self._claim = claim
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claims")
+        self._ahead: Future[list[OutgoingDocument]] | None = None
+
+    def take(self) -> list[OutgoingDocument]:
+        """The batch claimed ahead, or, when there is none or it came back empty (more
+        may have been recorded since), a batch claimed now; then the next is claimed
+        ahead."""
+        ahead, self._ahead = self._ahead, None
+        batch = ahead.result() if ahead is not None else []
+        if not batch:
+            batch = self._claim()
+        if batch:
+            self._ahead = self._executor.submit(self._claim)
+        return batch
+
+    def drop(self) -> list[OutgoingDocument]:
+        """The documents claimed ahead and not taken, for the caller to release. A claim
+        that failed leased nothing (its transaction rolled back): none, and its error
+        is only logged, since the loop is ending for a reason of its own."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return []
+        try:
+            return ahead.result()
+        except StoreError as exc:
+            log.warning("claiming the next batch failed: %s", exc, extra={"action": "claim_failed"})
+            return []
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class _Marks:
+    """At most one `mark_forwarded` in flight, in a thread of its own; `settle` waits
+    for it and raises what it raised."""
+
+    def __init__(
+        self,
+        mark: Callable[[OutgoingDocument, str, str], None],
+        tally: _Tally,
+        marked: Callable[[OutgoingDocument, int], None] | None = None,
+    ) -> None:
+        self._mark = mark
+        self._tally = tally
+        self._marked = marked
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marks")
+        self._pending: tuple[Future[None], OutgoingDocument] | None = None
+
+    def start(self, document: OutgoingDocument, message_id: str, answer: str) -> None:
+        self.settle()
+        future = self._executor.submit(self._mark, document, message_id, answer)
+        self._pending = (future, document)
+
+    def settle(self) -> None:
+        if self._pending is None:
+            return
+        (future, document), self._pending = self._pending, None
+        future.result()
+        self._tally.forwarded += 1
+        if self._marked is not None:
+            self._marked(document, self._tally.forwarded)
+
+    def close(self) -> None:
+        """Wait for a mark still in flight (an exception is on its way already)."""
+        self._executor.shutdown(wait=True)

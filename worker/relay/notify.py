@@ -1,0 +1,248 @@
+"""Failure notices: after a poll, one short summary mail to INVOICE_RELAY_NOTIFY_TO about
+documents that `failed` and sightings `rejected` or in `error` that nobody was told of.
+
+At most one notice per INVOICE_RELAY_NOTIFY_INTERVAL, never about the same rows twice
+(what was notified is kept in the database, `worker.store.notices`). The mail carries no PDF
+and no mail body: audit ids, outcomes, file names and reasons only. It is
+`Auto-Submitted` and carries `X-Invoice-Relay-Notice`, which the loop guard
+(`worker.mail.verdicts.loop_reason`) rejects should a notice land in the polled mailbox.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from typing import Protocol
+
+from worker.delivery.smtp import clean_text
+from worker.errors import RelayError
+
+log = logging.getLogger(__name__)
+
+NOTICE_HEADER = "X-Invoice-Relay-Notice"
+LISTED_LIMIT = 50  # rows spelled out in one mail; the rest are counted
+FETCH_LIMIT = 1000  # rows one notice covers; more wait for the next notice
+REASON_LIMIT = 200
+FILENAME_LIMIT = 80
+AUDIT_HINT = "invoice-relay audit --outcome failed --outcome rejected --outcome error"
+
+
+class ProblemKind(enum.Enum):
+    FAILED = "failed"  # a document refused for good or out of attempts: it was not forwarded
+    REJECTED = "rejected"  # a sighting refused by a rule (not a PDF, stranger, too large, ...)
+    ERROR = "error"  # a sighting whose check crashed or timed out; retried on later polls
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One audit_log row a person should look at."""
+
+    audit_id: int  # the audit_log row's id (the sighting)
+    kind: ProblemKind
+    reason: str
+    filename: str | None = None
+    document_id: int | None = None  # for FAILED: the document that was not forwarded
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoticeMark:
+    """The latest notice: when it went out and how far its sightings reached."""
+
+    sent_at: datetime
+    last_sighting_id: int
+
+
+class NoticeLog(Protocol):
+    """What the notifier asks the database (`worker.store.notices.SqlNoticeLog`)."""
+
+    def last_notice(self) -> NoticeMark | None: ...
+
+    def unnotified(self, *, after_sighting_id: int, limit: int) -> list[Problem]: ...
+
+    def record(
+        self,
+        *,
+        sent_at: datetime,
+        recipient: str,
+        last_sighting_id: int,
+        problems: Sequence[Problem],
+    ) -> None: ...
+
+
+class NoticeSender(Protocol):
+    """An SMTP session (`worker.delivery.smtp.SmtpOutbox`)."""
+
+    def open(self) -> None: ...
+
+    def send(self, message: EmailMessage, *, recipient: str | None = None) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class NoticeResult(enum.Enum):
+    NOT_DUE = "not_due"  # the last notice is more recent than the interval
+    NOTHING_NEW = "nothing_new"  # no unnotified problem rows
+    SENT = "sent"  # one notice went out and was recorded
+    FAILED = "failed"  # sending or recording failed; logged, tried again after a later poll
+
+
+# --- pure decisions ----------------------------------------------------------------------
+
+
+def notice_due(last: NoticeMark | None, *, now: datetime, interval_seconds: float) -> bool:
+    """Whether a notice may go out now: none yet, or the last one is old enough."""
+    if last is None:
+        return True
+    return (now - last.sent_at).total_seconds() >= interval_seconds
+
+
+def covered_sighting_id(problems: Sequence[Problem], previous: int) -> int:
+    """The new high-water mark: the highest rejected/error sighting a notice covers."""
+    ids = [p.audit_id for p in problems if p.kind is not ProblemKind.FAILED]
+    return max([previous, *ids])
+
+
+def notice_subject(problems: Sequence[Problem]) -> str:
+    counts = _counts(problems)
+    parts = [f"{count} {kind.value}" for kind, count in counts.items() if count]
+    return f"invoice-relay: {', '.join(parts)} - please have a look"
+
+
+def build_notice(
+    problems: Sequence[Problem],
+    *,
+    notify_from: str,
+    notify_to: str,
+    mailbox: str,
+    now: datetime,
+    interval_seconds: float,
+) -> EmailMessage:
+    """The summary mail: counts, then one line per row (at most LISTED_LIMIT)."""
+    if not problems:
+        raise ValueError("a notice needs at least one problem")
+    message = EmailMessage()
+    message["From"] = notify_from
+    message["To"] = notify_to
+    message["Subject"] = notice_subject(problems)
+    message["Date"] = format_datetime(now.astimezone(UTC))
+    message["Message-ID"] = make_msgid(idstring="notice", domain=notify_from.rpartition("@")[2])
+    message["Auto-Submitted"] = "auto-generated"
+    message[NOTICE_HEADER] = f"v1; rows={len(problems)}"
+    message.set_content(_body(problems, mailbox=mailbox, interval_seconds=interval_seconds))
+    return message
+
+
+def _counts(problems: Sequence[Problem]) -> dict[ProblemKind, int]:
+    counts = dict.fromkeys(ProblemKind, 0)
+    for problem in problems:
+        counts[problem.kind] += 1
+    return counts
+
+
+_KIND_HELP = {
+    ProblemKind.FAILED: "not forwarded; `invoice-relay retry SHA256` queues one again",
+    ProblemKind.REJECTED: "not accepted by a rule (not a PDF, sender, size, loop)",
+    ProblemKind.ERROR: "a check crashed or timed out; retried on later polls",
+}
+
+
+def _body(problems: Sequence[Problem], *, mailbox: str, interval_seconds: float) -> str:
+    where = clean_text(mailbox, 200)
+    lines = [f"invoice-relay found rows in its audit log that need a person ({where}).", ""]
+    for kind, count in _counts(problems).items():
+        if count:
+            lines.append(f"  {kind.value:<9} {count:>5}   {_KIND_HELP[kind]}")
+    lines += ["", "audit id  outcome    file / reason"]
+    for problem in problems[:LISTED_LIMIT]:
+        filename = clean_text(problem.filename or "", FILENAME_LIMIT) or "-"
+        reason = clean_text(problem.reason, REASON_LIMIT) or "-"
+        lines.append(f"{problem.audit_id:>8}  {problem.kind.value:<9}  {filename}: {reason}")
+    if len(problems) > LISTED_LIMIT:
+        lines.append(f"... and {len(problems) - LISTED_LIMIT} more")
+    lines += [
+        "",
+        f"All of them: {AUDIT_HINT}",
+        f"These rows are not reported again; at most one notice per {interval_seconds:g} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- the notifier --------------------------------------------------------------------------
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Notifier:
+    """Sends at most one notice after a poll; `after_poll` never raises a RelayError."""
+
+    def __init__(
+        self,
+        *,
+        log: NoticeLog,
+        sender: Callable[[], NoticeSender],
+        notify_to: str,
+        notify_from: str,
+        mailbox: str,
+        interval_seconds: float,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self._log = log
+        self._sender = sender
+        self._notify_to = notify_to
+        self._notify_from = notify_from
+        self._mailbox = mailbox
+        self._interval = interval_seconds
+        self._clock = clock
+
+    def after_poll(self) -> NoticeResult:
+        try:
+            return self._notify()
+        except RelayError as exc:
+            # The poll's own work is done and recorded: a notice problem must not undo that.
+            log.warning("failure notice not sent: %s", exc, extra={"action": "notice_failed"})
+            return NoticeResult.FAILED
+
+    def _notify(self) -> NoticeResult:
+        now = self._clock()
+        last = self._log.last_notice()
+        if not notice_due(last, now=now, interval_seconds=self._interval):
+            return NoticeResult.NOT_DUE
+        previous = last.last_sighting_id if last is not None else 0
+        problems = self._log.unnotified(after_sighting_id=previous, limit=FETCH_LIMIT)
+        if not problems:
+            return NoticeResult.NOTHING_NEW
+        message = build_notice(
+            problems,
+            notify_from=self._notify_from,
+            notify_to=self._notify_to,
+            mailbox=self._mailbox,
+            now=now,
+            interval_seconds=self._interval,
+        )
+        sender = self._sender()
+        try:
+            sender.open()
+            sender.send(message, recipient=self._notify_to)
+        finally:
+            sender.close()
+        # Recorded after the server accepted it: a crash in between repeats one notice
+        # rather than losing it.
+        self._log.record(
+            sent_at=now,
+            recipient=self._notify_to,
+            last_sighting_id=covered_sighting_id(problems, previous),
+            problems=problems,
+        )
+        log.info(
+            "failure notice sent about %d row(s)",
+            len(problems),
+            extra={"action": "notice_sent"},
+        )
+        return NoticeResult.SENT

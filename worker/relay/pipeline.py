@@ -1,0 +1,383 @@
+"""One poll: new mail to recorded, claimed, forwarded.
+
+The pipeline sees the outside world only through the Protocols in `worker.relay.ports`.
+Order matters for the guarantees: every PDF of a mail is recorded (with its bytes)
+before the mailbox position moves past the mail, a document is leased before it is
+sent and marked forwarded only after the SMTP server accepted it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from worker.faults import Checkpoint, CrashPoint, no_checkpoint
+from worker.mail.trust import NO_PROOF, TrustPolicy, TxtLookup
+from worker.models import (
+    DedupMode,
+    DocumentState,
+    FolderStatus,
+    MailboxPosition,
+    MailRecord,
+    Outcome,
+    PollReport,
+    RecordedSighting,
+    SightingKind,
+)
+from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules
+from worker.relay.intake import FetchedBatch, Intake, IntakeRules
+from worker.relay.pacer import SendPacer
+from worker.relay.ports import Inspector, Mailbox, Outbox, Store
+
+log = logging.getLogger(__name__)
+
+_FIRST_BACKFILL_BATCH = 25
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineConfig:
+    mailbox: str  # the audit's name for the polled folder: "user@host/folder"
+    forward_to: str
+    forward_from: str
+    since: date | None = None
+    dedup: DedupMode = DedupMode.CONTENT
+    keep_pdfs: bool = False
+    allowed_senders: tuple[str, ...] = ()
+    max_mail_bytes: int = 50_000_000
+    max_pdf_bytes: int = 30_000_000
+    max_parts: int = 100
+    max_depth: int = 10
+    trust: TrustPolicy = NO_PROOF
+    max_attempts: int = 10
+    error_retries: int = 3
+    lease_seconds: float = 3600.0
+    batch_size: int = 200
+    send_batch: int = 10
+    retry_delay_seconds: float = 60.0  # the first retry's delay; doubles per attempt
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlannedSighting:
+    """What a dry run would record for one part."""
+
+    uid: int
+    part: str
+    kind: SightingKind
+    reason: str | None
+    filename: str | None
+    sha256: str | None
+
+
+class Pipeline:
+    """Polls one mailbox and forwards what is new. Build a new one per configuration."""
+
+    def __init__(
+        self,
+        *,
+        config: PipelineConfig,
+        mailbox: Mailbox,
+        outbox: Outbox,
+        store: Store,
+        inspector: Inspector,
+        pacer: SendPacer | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+        stop: threading.Event | None = None,
+        progress: Callable[[str], None] | None = None,
+        checkpoint: Checkpoint = no_checkpoint,
+        txt_lookup: TxtLookup | None = None,  # DNS for DKIM keys (tests inject keys)
+    ) -> None:
+        self._config = config
+        self._checkpoint = checkpoint
+        self._mailbox = mailbox
+        self._store = store
+        self._clock = clock
+        self._stop = stop or threading.Event()
+        self._progress = progress
+        self._intake = Intake(
+            rules=IntakeRules(
+                forward_from=config.forward_from,
+                allowed_senders=config.allowed_senders,
+                max_mail_bytes=config.max_mail_bytes,
+                max_pdf_bytes=config.max_pdf_bytes,
+                max_parts=config.max_parts,
+                max_depth=config.max_depth,
+                trust=config.trust,
+            ),
+            mailbox=mailbox,
+            inspector=inspector,
+            txt_lookup=txt_lookup,
+        )
+        self._forwarder = Forwarder(
+            rules=ForwardRules(
+                forward_to=config.forward_to,
+                forward_from=config.forward_from,
+                keep_pdfs=config.keep_pdfs,
+                max_attempts=config.max_attempts,
+                lease_seconds=config.lease_seconds,
+                send_batch=config.send_batch,
+                retry_base=timedelta(seconds=config.retry_delay_seconds),
+            ),
+            outbox=outbox,
+            store=store,
+            pacer=pacer or SendPacer(None),
+            clock=clock,
+            rng=rng or random.Random(),  # noqa: S311 - jitter, not security
+            stop=self._stop,
+            progress=progress,
+            checkpoint=checkpoint,
+        )
+
+    # --- the poll -------------------------------------------------------------------
+
+    def poll(self) -> PollReport:
+        """Read what is new, record it, forward what is due. Raises InfrastructureError
+        when a server is unavailable; everything recorded so far stays recorded."""
+        started = self._clock()
+        config = self._config
+        log.info("poll started", extra={"action": "poll_started", "mailbox": config.mailbox})
+        sightings: Counter[Outcome] = Counter()
+        mails_seen = 0
+        rescanned = False
+        sending: BackgroundForwarding | None = None
+        status = self._mailbox.open()
+        try:
+            position = self._store.position(config.mailbox)
+            last_uid = _last_uid(position, status)
+            if position is None or position.uidvalidity != status.uidvalidity:
+                rescanned = position is not None
+                self._start_over(position, status)
+            # UIDNEXT says whether anything is new without listing the folder.
+            if status.uidnext == 0 or status.uidnext - 1 > last_uid:
+                self._intake.prestart()  # the PDF workers start while the UIDs are listed
+                uids = self._mailbox.new_uids(last_uid, config.since)
+                if len(uids) > config.batch_size:  # a backfill: send while reading on
+                    sending = BackgroundForwarding(self._forwarder)
+                highest_known = max(status.uidnext - 1, 0)
+                first = _FIRST_BACKFILL_BATCH if sending is not None else None
+                batches = list(_chunks(uids, config.batch_size, first=first)) or [[]]
+                # While the PDF workers check (and the store records) one batch, a
+                # thread of its own fetches the next one: only it uses the mailbox then.
+                # Nothing is recorded out of order: batch N+1 is recorded after batch N.
+                with ThreadPoolExecutor(1, thread_name_prefix="imap-prefetch") as prefetch:
+                    fetching: Future[FetchedBatch] | None
+                    fetching = prefetch.submit(self._intake.fetch, batches[0])
+                    for index, batch in enumerate(batches):
+                        if self._stop.is_set() or fetching is None:
+                            break
+                        # No reference to a batch's PDFs may outlive its recording:
+                        # the forwarding reads them back from the store (a 25 MB PDF
+                        # would otherwise be held twice while it is sent).
+                        fetched, fetching = fetching.result(), None
+                        is_last = index == len(batches) - 1
+                        if not is_last:
+                            fetching = prefetch.submit(self._intake.fetch, batches[index + 1])
+                        advance_to = max([*batch, highest_known if is_last else 0, last_uid])
+                        mails = self._intake.decide(fetched)
+                        del fetched
+                        recorded = self._record(
+                            status.uidvalidity, mails, advance_to=advance_to, retry=False
+                        )
+                        del mails
+                        if sending is not None:
+                            sending.arrivals.recorded()
+                        mails_seen += len({r.uid for r in recorded})
+                        sightings.update(_outcome(r) for r in recorded if r.inserted)
+                        self._report_progress(f"{mails_seen} of {len(uids)} new mails read")
+            if not self._stop.is_set():
+                sightings.update(self._retry_errors(status.uidvalidity))
+        finally:
+            self._mailbox.close()
+            if sending is not None:
+                sending.finish()
+        forwarding = sending.result() if sending else self._forwarder.forward_due()
+        forwarded, retried, failed = forwarding
+        counts = self._store.state_counts()
+        report = PollReport(
+            mailbox=config.mailbox,
+            started_at=started,
+            finished_at=self._clock(),
+            mails_seen=mails_seen,
+            sightings=dict(sightings),
+            forwarded=forwarded,
+            retried_later=retried,
+            failed=failed,
+            pending=counts.get(DocumentState.PENDING, 0),
+            failed_total=counts.get(DocumentState.FAILED, 0),
+            rescanned=rescanned,
+        )
+        log.info(
+            "poll finished: %s mails read, %s forwarded, %s pending",
+            mails_seen,
+            forwarded,
+            report.pending,
+            extra={"action": "poll_finished", "mailbox": config.mailbox},
+        )
+        return report
+
+    def plan(self) -> list[PlannedSighting]:
+        """A dry run: what a poll would record now, without writing or sending anything.
+        Accepted PDFs whose key is known already (or seen earlier in this run) are shown
+        as duplicates, so the DOCUMENT entries are exactly what would be forwarded."""
+        status = self._mailbox.open()
+        try:
+            last_uid = _last_uid(self._store.position(self._config.mailbox), status)
+            planned: list[PlannedSighting] = []
+            seen: set[str] = set()
+            uids = self._mailbox.new_uids(last_uid, self._config.since)
+            for batch in _chunks(uids, self._config.batch_size):
+                for mail in self._intake.build_records(batch):
+                    planned.extend(self._planned(mail, seen))
+            return planned
+        finally:
+            self._mailbox.close()
+
+    # --- reading mail -----------------------------------------------------------------
+
+    def _start_over(self, position: MailboxPosition | None, status: FolderStatus) -> None:
+        """First poll, or a changed UIDVALIDITY: read the folder from UID 1 again."""
+        mailbox = self._config.mailbox
+        if position is not None:
+            log.warning(
+                "UIDVALIDITY changed from %s to %s: reading the folder again",
+                position.uidvalidity,
+                status.uidvalidity,
+                extra={"action": "uidvalidity_changed", "mailbox": mailbox},
+            )
+            # Old UIDs mean nothing now; the rescan reads those mails afresh.
+            self._store.abandon_errors(
+                mailbox=mailbox,
+                uidvalidity=position.uidvalidity,
+                uids=None,
+                reason="UIDVALIDITY changed: the folder was read again",
+            )
+        self._store.reset_position(mailbox, status.uidvalidity)
+
+    def _retry_errors(self, uidvalidity: int) -> Counter[Outcome]:
+        config = self._config
+        gave_up = self._store.reject_exhausted_errors(
+            mailbox=config.mailbox, max_tries=config.error_retries + 1
+        )
+        if gave_up:
+            log.warning(
+                "%s sightings rejected after repeated errors",
+                gave_up,
+                extra={"action": "errors_given_up"},
+            )
+        uids = self._store.error_uids(
+            mailbox=config.mailbox, uidvalidity=uidvalidity, max_tries=config.error_retries + 1
+        )
+        result: Counter[Outcome] = Counter()
+        for batch in _chunks(uids, config.batch_size):
+            recorded = self._process(uidvalidity, batch, advance_to=None, retry=True)
+            result.update(_outcome(r) for r in recorded if r.inserted)
+            # A mail a person deleted or moved cannot be read again; retrying it on
+            # every poll would keep it `error` forever.
+            vanished = sorted(set(batch) - {r.uid for r in recorded})
+            if vanished:
+                self._store.abandon_errors(
+                    mailbox=config.mailbox,
+                    uidvalidity=uidvalidity,
+                    uids=vanished,
+                    reason="the mail left the mailbox before it could be read again",
+                )
+        return result
+
+    def _process(
+        self, uidvalidity: int, uids: Sequence[int], *, advance_to: int | None, retry: bool
+    ) -> list[RecordedSighting]:
+        mails = self._intake.build_records(uids) if uids else []
+        return self._record(uidvalidity, mails, advance_to=advance_to, retry=retry)
+
+    def _record(
+        self,
+        uidvalidity: int,
+        mails: Sequence[MailRecord],
+        *,
+        advance_to: int | None,
+        retry: bool,
+    ) -> list[RecordedSighting]:
+        recorded = self._store.record_mails(
+            mailbox=self._config.mailbox,
+            uidvalidity=uidvalidity,
+            mails=mails,
+            advance_to=advance_to,
+            dedup=self._config.dedup,
+            keep_pdfs=self._config.keep_pdfs,
+            now=self._clock(),
+        )
+        self._checkpoint(CrashPoint.AFTER_RECORD)
+        for sighting in recorded:
+            _log_sighting(sighting, retry=retry)
+        return recorded
+
+    def _planned(self, mail: MailRecord, seen: set[str]) -> Iterator[PlannedSighting]:
+        for part in mail.parts:
+            kind, reason = part.kind, part.reason
+            if kind is SightingKind.DOCUMENT and part.sha256 is not None:
+                content_key = part.fingerprint if self._config.dedup is DedupMode.CONTENT else None
+                keys = {part.sha256} | ({content_key} if content_key else set())
+                known = self._store.known_key(sha256=part.sha256, content_key=content_key)
+                if known is not None or keys & seen:
+                    kind = SightingKind.DUPLICATE
+                    reason = (
+                        f"same {known} as a recorded invoice"
+                        if known
+                        else ("same invoice as an earlier mail in this run")
+                    )
+                seen.update(keys)
+            yield PlannedSighting(
+                uid=mail.uid,
+                part=part.part,
+                kind=kind,
+                reason=reason,
+                filename=part.filename,
+                sha256=part.sha256,
+            )
+
+    def _report_progress(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress(text)
+
+
+def _last_uid(position: MailboxPosition | None, status: FolderStatus) -> int:
+    """Every UID up to this one is recorded; 0 when the folder must be read from the start."""
+    if position is not None and position.uidvalidity == status.uidvalidity:
+        return position.last_uid
+    return 0
+
+
+def _outcome(sighting: RecordedSighting) -> Outcome:
+    if sighting.kind is SightingKind.DOCUMENT:
+        return Outcome.PENDING
+    return Outcome(sighting.kind.value)
+
+
+def _log_sighting(sighting: RecordedSighting, *, retry: bool) -> None:
+    if not sighting.inserted:
+        return
+    extra = {"uid": sighting.uid, "part": sighting.part}
+    if sighting.kind is SightingKind.DUPLICATE:
+        log.info("duplicate: %s", sighting.reason, extra={"action": "duplicate_skipped", **extra})
+    elif sighting.kind is SightingKind.REJECTED:
+        log.warning("rejected: %s", sighting.reason, extra={"action": "pdf_rejected", **extra})
+    elif sighting.kind is SightingKind.ERROR:
+        log.warning("error: %s", sighting.reason, extra={"action": "pdf_error", **extra})
+    elif sighting.kind is SightingKind.DOCUMENT:
+        log.info("new invoice recorded", extra={"action": "pdf_recorded", **extra})
+
+
+def _chunks(items: Sequence[int], size: int, *, first: int | None = None) -> Iterator[list[int]]:
+    """Batches of `size`; with `first`, they start at `first` and double up to `size`, so
+    a backfill's sending thread gets its first documents after a few mails, not 200."""
+    start, step = 0, min(first or size, size)
+    while start < len(items):
+        yield list(items[start : start + step])
+        start += step
+        step = min(step * 2, size)

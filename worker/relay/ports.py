@@ -1,0 +1,156 @@
+"""The small Protocols through which the pipeline sees the outside world.
+
+Adapters (`mailbox.ImapMailbox`, `outbox.SmtpOutbox`, `store.SqlStore`, `pdf.PdfInspector`)
+implement them; `tests/fakes.py` has in-memory fakes for unit tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import date, datetime
+from typing import Protocol
+
+from worker.delivery.message import ForwardMail
+from worker.models import (
+    AuditFilter,
+    AuditRow,
+    DedupMode,
+    DocumentState,
+    FolderStatus,
+    MailboxPosition,
+    MailRecord,
+    MailSummary,
+    OutgoingDocument,
+    PdfReport,
+    RecordedSighting,
+)
+
+
+class Mailbox(Protocol):
+    """One IMAP folder, opened read-only. Raises `worker.errors.MailboxError`."""
+
+    def open(self) -> FolderStatus:
+        """Connect, log in and EXAMINE the folder (read-only)."""
+
+    def new_uids(self, after_uid: int, since: date | None) -> list[int]:
+        """UIDs greater than `after_uid` (received on or after `since`), ascending."""
+
+    def summaries(self, uids: Sequence[int]) -> list[MailSummary]:
+        """BODYSTRUCTURE, RFC822.SIZE, INTERNALDATE and a few headers; vanished UIDs are absent."""
+
+    def fetch_sections(
+        self, wanted: Mapping[int, Sequence[str]], *, max_bytes: int | None = None
+    ) -> dict[tuple[int, str], bytes]:
+        """Raw (still transfer-encoded) bytes of the given sections, BODY.PEEK, batched.
+
+        With `max_bytes`, only the first `max_bytes` octets of each section (a probe).
+        Sections the server does not return are absent from the result.
+        """
+
+    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """Whole raw mails (BODY.PEEK[]), batched; for DKIM. The caller bounds the sizes.
+        Mails the server does not return are absent from the result."""
+
+    def close(self) -> None:
+        """Log out; never raises."""
+
+
+class Outbox(Protocol):
+    """One SMTP session. Raises `SessionRefused` or `SendRejected`."""
+
+    def open(self) -> None:
+        """Connect, TLS, log in. Raises `SessionRefused`."""
+
+    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+        """Send one mail; returns the server's answer text. Raises `SendRejected`.
+
+        `before_end` runs once the content went out, before the terminating dot that
+        lets the server accept it; whatever it raises abandons the mail (the session is
+        dropped) and propagates."""
+
+    def close(self) -> None:
+        """QUIT; never raises."""
+
+
+class Inspector(Protocol):
+    """Validates PDFs and computes fingerprints, isolated from the poll's process."""
+
+    def inspect_many(self, files: Iterable[bytes]) -> list[PdfReport | Exception]:
+        """One report per file, in order; a check that crashed or timed out yields
+        a `worker.errors.PdfCheckFailed` in its place instead of raising."""
+
+    def close(self) -> None:
+        """Stop worker processes."""
+
+
+class Store(Protocol):
+    """The SQL store. Raises `worker.errors.StoreError`; the database decides uniqueness."""
+
+    def position(self, mailbox: str) -> MailboxPosition | None:
+        """How far polling got in `mailbox`, or None before the first poll."""
+
+    def reset_position(self, mailbox: str, uidvalidity: int) -> None:
+        """Start over at UID 0 under a new UIDVALIDITY (a rescan)."""
+
+    def record_mails(
+        self,
+        *,
+        mailbox: str,
+        uidvalidity: int,
+        mails: Sequence[MailRecord],
+        advance_to: int | None,
+        dedup: DedupMode,
+        keep_pdfs: bool,
+        now: datetime,
+    ) -> list[RecordedSighting]:
+        """In one transaction: insert every sighting (a sighting that exists already is
+        left alone, except an ERROR one, which is replaced), claim a document for each
+        accepted PDF by INSERT (a conflict on sha256, or on the fingerprint in content
+        mode, makes the sighting a DUPLICATE whose reason names the key), then move the
+        position of `mailbox` to `advance_to` (never backwards)."""
+
+    def error_uids(self, *, mailbox: str, uidvalidity: int, max_tries: int) -> list[int]:
+        """UIDs with ERROR sightings tried fewer than `max_tries` times."""
+
+    def abandon_errors(
+        self, *, mailbox: str, uidvalidity: int, uids: Sequence[int] | None, reason: str
+    ) -> int:
+        """ERROR sightings of these UIDs (None: all under `uidvalidity`) that can never be
+        read again become REJECTED with `reason`; returns how many."""
+
+    def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
+        """ERROR sightings tried `max_tries` times become REJECTED; returns how many."""
+
+    def claim_due(
+        self, *, now: datetime, limit: int, lease_seconds: float
+    ) -> list[OutgoingDocument]:
+        """Lease up to `limit` pending documents whose next attempt is due and whose lease,
+        if any, has expired (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
+
+    def mark_forwarded(
+        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+    ) -> None: ...
+
+    def mark_retry(
+        self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
+    ) -> None:
+        """Count an attempt; `failed` True makes the document FAILED (out of attempts)."""
+
+    def mark_failed(self, document_id: int, *, answer: str) -> None:
+        """A permanent refusal: counts the attempt and makes the document FAILED."""
+
+    def release(self, document_id: int) -> None:
+        """Drop the lease without counting an attempt (the session was refused)."""
+
+    def requeue(self, *, sha256: str | None, now: datetime) -> int:
+        """FAILED documents (one, or all) back to PENDING; returns how many."""
+
+    def resend(self, *, sha256: str, now: datetime) -> bool:
+        """Queue a forwarded document again on purpose (needs its kept bytes)."""
+
+    def state_counts(self) -> dict[DocumentState, int]: ...
+
+    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
+        """Read-only, for a dry run: which key of a PDF is known already, or None."""
+
+    def audit(self, query: AuditFilter) -> list[AuditRow]: ...

@@ -1,0 +1,195 @@
+"""IMAP IDLE for `invoice-relay run`: poll as soon as the server announces new mail.
+
+`IdleWatcher` keeps one connection of its own in IDLE (RFC 2177), re-issues it before
+servers drop an idle client (RFC 2177 asks clients to re-issue within 29 minutes), and
+reconnects with backoff when the connection drops. Each announcement becomes a call of
+`on_new_mail`; the schedule stays the safety net. A server without IDLE is logged once
+and left to the schedule.
+
+`PollRequests` sits between the watcher and the service: announcements arriving while
+a poll runs are folded into one more poll after it, so the service never runs two polls
+at once and never loses an announcement.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from worker.errors import MailboxError
+from worker.models import FolderStatus, PollReport
+
+log = logging.getLogger(__name__)
+
+
+class IdleMailbox(Protocol):
+    """The IDLE side of `worker.imap.mailbox.ImapMailbox`. Raises `MailboxError`."""
+
+    def open(self) -> FolderStatus: ...
+
+    def supports_idle(self) -> bool: ...
+
+    def idle_start(self) -> None: ...
+
+    def idle_wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` s; True when new mail was announced."""
+
+    def idle_done(self) -> bool:
+        """Leave IDLE; True when new mail was announced meanwhile."""
+
+    def close(self) -> None: ...
+
+
+class IdleEnd(enum.Enum):
+    STOPPED = "stopped"  # the service is stopping
+    UNSUPPORTED = "unsupported"  # the server offers no IDLE: the schedule alone polls
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdleTiming:
+    renew_seconds: float = 24 * 60.0  # re-issue IDLE well before a 29-30 min server timeout
+    check_seconds: float = 1.0  # one wait on the socket: how soon a stop is noticed
+    first_backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 300.0
+
+
+def next_backoff(previous: float, timing: IdleTiming) -> float:
+    """The wait before the next reconnection: doubled, capped."""
+    return min(max(previous, timing.first_backoff_seconds) * 2, timing.max_backoff_seconds)
+
+
+class IdleWatcher:
+    """Watches one folder with IMAP IDLE and calls `on_new_mail` for each announcement."""
+
+    def __init__(
+        self,
+        *,
+        mailbox: IdleMailbox,
+        on_new_mail: Callable[[], None],
+        stop: threading.Event,
+        timing: IdleTiming | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._mailbox = mailbox
+        self._on_new_mail = on_new_mail
+        self._stop = stop
+        self._timing = timing or IdleTiming()
+        self._clock = clock
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="invoice-relay-idle", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> IdleEnd:
+        """Watch until `stop` is set, or return at once when the server lacks IDLE."""
+        delay = self._timing.first_backoff_seconds
+        reconnecting = False
+        while not self._stop.is_set():
+            try:
+                self._mailbox.open()
+                if not self._mailbox.supports_idle():
+                    log.warning(
+                        "the IMAP server offers no IDLE: polling on the schedule only",
+                        extra={"action": "idle_unsupported"},
+                    )
+                    return IdleEnd.UNSUPPORTED
+                log.info("watching for new mail (IMAP IDLE)", extra={"action": "idle_watching"})
+                if reconnecting:
+                    # Mail that came while the connection was down was never announced.
+                    self._on_new_mail()
+                delay = self._timing.first_backoff_seconds
+                self._watch()
+            except MailboxError as exc:
+                log.warning(
+                    "IDLE connection lost, reconnecting in %.0f s: %s",
+                    delay,
+                    exc,
+                    extra={"action": "idle_reconnecting"},
+                )
+                reconnecting = True
+                if self._stop.wait(delay):
+                    break
+                delay = next_backoff(delay, self._timing)
+            except Exception:  # a bug must not end the watcher unseen; logged, retried
+                log.exception(
+                    "IDLE watcher failed, restarting in %.0f s",
+                    delay,
+                    extra={"action": "idle_failed"},
+                )
+                reconnecting = True
+                if self._stop.wait(delay):
+                    break
+                delay = next_backoff(delay, self._timing)
+            finally:
+                self._mailbox.close()
+        return IdleEnd.STOPPED
+
+    def _watch(self) -> None:
+        timing = self._timing
+        while not self._stop.is_set():
+            self._mailbox.idle_start()
+            renew_at = self._clock() + timing.renew_seconds
+            announced = False
+            while not announced and not self._stop.is_set():
+                left = renew_at - self._clock()
+                if left <= 0:
+                    break
+                announced = self._mailbox.idle_wait(min(timing.check_seconds, left))
+            # DONE also collects what the server said after the last wait.
+            announced = self._mailbox.idle_done() or announced
+            if announced and not self._stop.is_set():
+                log.debug("new mail announced", extra={"action": "idle_new_mail"})
+                self._on_new_mail()
+
+
+class PollRequests:
+    """Runs the service's polls (`poll`) and turns announcements into more of them.
+
+    `ask` makes the service run its poll job after the given delay in seconds (the
+    Service's `poll_now`). An announcement during a poll is kept and asked for once
+    that poll is over: it may have come after the poll looked.
+    """
+
+    # The service counts its poll job as running until a moment after `poll` returns;
+    # a request asked in that moment would be dropped as an overlap.
+    AFTER_POLL_SECONDS = 0.2
+
+    def __init__(self, poll: Callable[[], PollReport]) -> None:
+        self._poll = poll
+        self._ask: Callable[[float], None] | None = None
+        self._lock = threading.Lock()
+        self._running = False
+        self._wanted = False
+
+    def connect(self, ask: Callable[[float], None]) -> None:
+        self._ask = ask
+
+    def poll(self) -> PollReport:
+        with self._lock:
+            self._running, self._wanted = True, False
+        try:
+            return self._poll()
+        finally:
+            with self._lock:
+                self._running = False
+                again, self._wanted = self._wanted, False
+            if again:
+                self._request(self.AFTER_POLL_SECONDS)
+
+    def new_mail(self) -> None:
+        """The watcher's `on_new_mail`."""
+        with self._lock:
+            if self._running:
+                self._wanted = True
+                return
+        self._request(0.0)
+
+    def _request(self, delay: float) -> None:
+        if self._ask is not None:
+            self._ask(delay)

@@ -1,0 +1,203 @@
+"""The forwarding queue: lease due documents (FOR UPDATE SKIP LOCKED on PostgreSQL,
+BEGIN IMMEDIATE on SQLite) and record what the SMTP server answered."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+
+from worker.models import DocumentState, OutgoingDocument, SightingKind
+from worker.store.base import SqlBase
+from worker.store.schema import document_contents, documents, sightings
+
+DEFAULT_FILENAME = "invoice.pdf"
+
+
+class DocumentQueue(SqlBase):
+    """The queries of `worker.relay.ports.Store` that send documents and change their state."""
+
+    def claim_due(
+        self, *, now: datetime, limit: int, lease_seconds: float
+    ) -> list[OutgoingDocument]:
+        due = (
+            sa.select(documents.c.id)
+            .where(
+                documents.c.state == DocumentState.PENDING.value,
+                documents.c.next_attempt_at <= now,
+                sa.or_(documents.c.lease_until.is_(None), documents.c.lease_until <= now),
+                _has_content(),
+            )
+            .order_by(documents.c.id)
+            .limit(limit)
+        )
+        if self._postgresql:
+            due = due.with_for_update(skip_locked=True)
+        introducing = sa.and_(
+            sightings.c.document_id == documents.c.id,
+            sightings.c.kind == SightingKind.DOCUMENT.value,
+        )
+        with self._write() as connection:
+            ids = list(connection.execute(due).scalars())
+            if not ids:
+                return []
+            connection.execute(
+                sa.update(documents)
+                .where(documents.c.id.in_(ids))
+                .values(lease_until=now + timedelta(seconds=lease_seconds))
+            )
+            rows = connection.execute(
+                sa.select(
+                    documents.c.id,
+                    documents.c.sha256,
+                    self._selected_content().label("content"),
+                    documents.c.filename,
+                    documents.c.attempts,
+                    documents.c.resend_count,
+                    sightings.c.sender,
+                    sightings.c.subject,
+                    sightings.c.mail_date,
+                    sightings.c.message_id,
+                )
+                .select_from(
+                    documents.join(
+                        document_contents, document_contents.c.document_id == documents.c.id
+                    ).outerjoin(sightings, introducing)
+                )
+                .where(documents.c.id.in_(ids))
+                .order_by(documents.c.id)
+            ).all()
+            return [
+                _outgoing(
+                    row,
+                    row.content
+                    if row.content is not None
+                    else self._read_content(connection, row.id),
+                )
+                for row in rows
+            ]
+
+    def mark_forwarded(
+        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+    ) -> None:
+        values: dict[str, Any] = {
+            "state": DocumentState.FORWARDED.value,
+            "attempts": documents.c.attempts + 1,
+            "lease_until": None,
+            "forwarded_message_id": message_id,
+            "forwarded_at": now,
+            "last_answer": answer,
+        }
+        self._update_document(document_id, values, drop_content=not keep_pdf)
+
+    def mark_retry(
+        self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
+    ) -> None:
+        values: dict[str, Any] = {
+            "attempts": documents.c.attempts + 1,
+            "lease_until": None,
+            "last_answer": answer,
+            "next_attempt_at": next_attempt_at,
+        }
+        if failed:
+            values["state"] = DocumentState.FAILED.value
+        self._update_document(document_id, values)
+
+    def mark_failed(self, document_id: int, *, answer: str) -> None:
+        self._update_document(
+            document_id,
+            {
+                "state": DocumentState.FAILED.value,
+                "attempts": documents.c.attempts + 1,
+                "lease_until": None,
+                "last_answer": answer,
+            },
+        )
+
+    def release(self, document_id: int) -> None:
+        self._update_document(document_id, {"lease_until": None})
+
+    def _update_document(
+        self, document_id: int, values: dict[str, Any], *, drop_content: bool = False
+    ) -> None:
+        """One document's new values, and its PDF dropped with them when asked."""
+        with self._write() as connection:
+            connection.execute(
+                sa.update(documents).where(documents.c.id == document_id).values(values)
+            )
+            if drop_content:
+                connection.execute(
+                    sa.delete(document_contents).where(
+                        document_contents.c.document_id == document_id
+                    )
+                )
+
+    def requeue(self, *, sha256: str | None, now: datetime) -> int:
+        """FAILED documents back to PENDING with a fresh count of attempts."""
+        statement = (
+            sa.update(documents)
+            .where(documents.c.state == DocumentState.FAILED.value)
+            .values(
+                state=DocumentState.PENDING.value,
+                attempts=0,
+                next_attempt_at=now,
+                lease_until=None,
+            )
+        )
+        if sha256 is not None:
+            statement = statement.where(documents.c.sha256 == sha256)
+        with self._write() as connection:
+            return connection.execute(statement).rowcount
+
+    def resend(self, *, sha256: str, now: datetime) -> bool:
+        statement = (
+            sa.update(documents)
+            .where(
+                documents.c.sha256 == sha256,
+                documents.c.state == DocumentState.FORWARDED.value,
+                _has_content(),
+            )
+            .values(
+                state=DocumentState.PENDING.value,
+                resend_count=documents.c.resend_count + 1,
+                next_attempt_at=now,
+                lease_until=None,
+            )
+        )
+        with self._write() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def state_counts(self) -> dict[DocumentState, int]:
+        counts = dict.fromkeys(DocumentState, 0)
+        with self._read() as connection:
+            for state, count in connection.execute(
+                sa.select(documents.c.state, sa.func.count()).group_by(documents.c.state)
+            ):
+                counts[DocumentState(state)] = int(count)
+        return counts
+
+
+def _has_content() -> sa.ColumnElement[bool]:
+    """The document's PDF is still stored (not dropped after forwarding)."""
+    return (
+        sa.select(document_contents.c.document_id)
+        .where(document_contents.c.document_id == documents.c.id)
+        .exists()
+    )
+
+
+def _outgoing(row: Row[*tuple[Any, ...]], content: bytes) -> OutgoingDocument:
+    return OutgoingDocument(
+        document_id=row.id,
+        sha256=row.sha256,
+        content=bytes(content),
+        filename=row.filename or DEFAULT_FILENAME,
+        attempts=row.attempts,
+        resend_count=row.resend_count,
+        original_sender=row.sender or "",
+        original_subject=row.subject or "",
+        original_date=row.mail_date,
+        original_message_id=row.message_id or "",
+    )

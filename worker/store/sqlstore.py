@@ -1,0 +1,145 @@
+"""`SqlStore`: the `worker.relay.ports.Store` on SQLAlchemy Core, for SQLite and PostgreSQL.
+
+The database decides uniqueness: sightings and documents are claimed by INSERT ... ON
+CONFLICT, and only after a conflict does the store read which row won. The queries
+live by topic: `worker.store.sightings` (what a poll read), `worker.store.queue` (forwarding);
+this module adds the audit log and the poll lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.models import AuditFilter, AuditRow, Outcome
+from worker.store.errorrows import ErrorRows
+from worker.store.queue import DocumentQueue
+from worker.store.schema import advisory_key, audit_log, make_engine, translated
+from worker.store.sightings import MailRecorder, known_document
+
+log = logging.getLogger(__name__)
+
+
+class SqlStore(MailRecorder, ErrorRows, DocumentQueue):
+    """The relay's SQL store. Every method raises `StoreError` when the database fails."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        super().__init__(make_engine(url, echo=echo))
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> SqlStore:
+        """Wrap an engine made by `worker.store.schema.make_engine` (its SQLite hooks matter)."""
+        store = cls.__new__(cls)
+        store._engine = engine
+        return store
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # --- reading -------------------------------------------------------------------------
+
+    def audit(self, query: AuditFilter) -> list[AuditRow]:
+        """Rows of the `audit_log` view, newest first."""
+        statement = sa.select(audit_log).order_by(
+            audit_log.c.received_at.desc(), audit_log.c.id.desc()
+        )
+        if query.since is not None:
+            statement = statement.where(audit_log.c.received_at >= query.since)
+        if query.outcomes:
+            statement = statement.where(
+                audit_log.c.outcome.in_([outcome.value for outcome in query.outcomes])
+            )
+        if query.invoice_number is not None:
+            statement = statement.where(audit_log.c.invoice_number == query.invoice_number)
+        if query.limit is not None:
+            statement = statement.limit(query.limit)
+        with self._read() as connection:
+            rows = connection.execute(statement).all()
+        return [_audit_row(row) for row in rows]
+
+    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
+        """For a dry run only (it decides nothing): which key of a PDF is already known,
+        "sha256" or "content fingerprint", or None."""
+        with self._read() as connection:
+            known = known_document(connection, sha256, content_key)
+        return None if known is None else known[1]
+
+    # --- locking -------------------------------------------------------------------------
+
+    @contextmanager
+    def poll_lock(self, mailbox: str) -> Iterator[bool]:
+        """Hold this mailbox's poll lock while the block runs; yields False when another
+        replica holds it. PostgreSQL: a session advisory lock on a dedicated connection.
+        SQLite: always True (one host; BEGIN IMMEDIATE serialises the writes)."""
+        if not self._postgresql:
+            yield True
+            return
+        key = advisory_key(f"invoice-relay:poll:{mailbox}")
+        with translated(self._engine.url):
+            connection = self._engine.connect()
+        try:
+            with translated(self._engine.url):
+                acquired = bool(
+                    connection.execute(
+                        sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}
+                    ).scalar_one()
+                )
+                connection.commit()
+            try:
+                yield acquired
+            finally:
+                if acquired:
+                    _unlock(connection, key)
+        finally:
+            connection.close()
+
+
+def _unlock(connection: Connection, key: int) -> None:
+    try:
+        connection.rollback()
+        connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        connection.commit()
+    except SQLAlchemyError as exc:
+        # A session that died took its lock with it; never hand it back to the pool.
+        # Expected when the database went away: one line, no traceback.
+        log.warning(
+            "poll lock release failed (%s); dropping the connection",
+            str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[0],
+            extra={"action": "poll_lock_lost"},
+        )
+        connection.invalidate()
+
+
+def _audit_row(row: Row[*tuple[Any, ...]]) -> AuditRow:
+    return AuditRow(
+        id=row.id,
+        received_at=row.received_at,
+        mail_date=row.mail_date,
+        mailbox=row.mailbox,
+        uidvalidity=row.uidvalidity,
+        uid=row.uid,
+        message_id=row.message_id,
+        sender=row.sender,
+        subject=row.subject,
+        filename=row.filename,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        fingerprint=row.fingerprint,
+        invoice_number=row.invoice_number,
+        outcome=Outcome(row.outcome),
+        reason=row.reason,
+        duplicate_of=row.duplicate_of,
+        forwarded_at=row.forwarded_at,
+        forwarded_message_id=row.forwarded_message_id,
+        attempts=row.attempts,
+    )
