@@ -14,7 +14,7 @@ from worker.faults import Checkpoint, no_checkpoint
 from worker.models import DocumentState
 from worker.relay.forwarding import Forwarder, ForwardRules
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Outbox, Store
+from worker.relay.ports import Outbox, SendQueue
 from worker.store import schema
 from worker.store.sqlstore import SqlStore
 
@@ -46,7 +46,7 @@ def add_pending_documents(store: SqlStore, count: int, *, now: datetime) -> list
 
 
 def send_loop(
-    store: Store,
+    store: SendQueue,
     outbox: Outbox,
     *,
     now: datetime,

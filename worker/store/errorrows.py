@@ -13,7 +13,7 @@ from worker.store.schema import sightings
 
 
 class ErrorRows(SqlBase):
-    """The queries of `worker.relay.ports.Store` about `error` sightings."""
+    """The queries of `worker.relay.ports.PollStore` about `error` sightings."""
 
     def error_uids(self, *, mailbox: str, uidvalidity: int, max_tries: int) -> list[int]:
         with self._read() as connection:

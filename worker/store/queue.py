@@ -17,7 +17,8 @@ DEFAULT_FILENAME = "invoice.pdf"
 
 
 class DocumentQueue(SqlBase):
-    """The queries of `worker.relay.ports.Store` that send documents and change their state."""
+    """The queries of `worker.relay.ports.SendQueue` (and `AdminStore`) that send documents
+    and change their state."""
 
     def claim_due(
         self, *, now: datetime, limit: int, lease_seconds: float

@@ -39,7 +39,7 @@ class _Statements:
 
 
 class MailRecorder(SqlBase):
-    """The queries of `worker.relay.ports.Store` that record what a poll read."""
+    """The queries of `worker.relay.ports.PollStore` that record what a poll read."""
 
     def position(self, mailbox: str) -> MailboxPosition | None:
         with self._read() as connection:

@@ -1,4 +1,5 @@
-"""`SqlStore`: the `worker.relay.ports.Store` on SQLAlchemy Core, for SQLite and PostgreSQL.
+"""`SqlStore`: every store Protocol of `worker.relay.ports` (`PollStore`, `SendQueue`,
+`AuditReader`, `AdminStore`) on SQLAlchemy Core, for SQLite and PostgreSQL.
 
 The database decides uniqueness: sightings and documents are claimed by INSERT ... ON
 CONFLICT, and only after a conflict does the store read which row won. The queries
