@@ -15,7 +15,16 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from worker.models import AuditFilter, DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
+from worker.mail.verdicts import NOTICE_LOOP_REASON
+from worker.models import (
+    AuditFilter,
+    DedupMode,
+    MailHeaders,
+    MailRecord,
+    PartRecord,
+    ReasonCode,
+    SightingKind,
+)
 from worker.store import migrate, schema
 from worker.store.sqlstore import SqlStore
 
@@ -282,6 +291,51 @@ def test_stored_pdfs_move_to_their_own_table_and_back(empty_database: str) -> No
             (2, None),
             (3, large),
         ]
+    finally:
+        engine.dispose()
+
+
+def test_loop_sightings_get_their_reason_code_and_lose_it_on_downgrade(
+    empty_database: str,
+) -> None:
+    # 0004 adds sightings.reason_code; rows written before it by the notice loop guard get
+    # their code from the text they were written with, and no other row gets one.
+    migrate.upgrade_database(empty_database, "0003_document_contents")
+    reasons = [NOTICE_LOOP_REASON, "sender not allowed: x@evil.example", None]
+    engine = schema.make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            for uid, reason in enumerate(reasons, start=1):
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO sightings (id, mailbox, uidvalidity, uid, part, received_at,"
+                        " kind, reason, tries) VALUES (:uid, 'm', 1, :uid, '', :now, :kind,"
+                        " :reason, 1)"
+                    ),
+                    {
+                        "uid": uid,
+                        "now": datetime(2026, 11, 24, tzinfo=UTC),
+                        "kind": "no_pdf" if reason is None else "rejected",
+                        "reason": reason,
+                    },
+                )
+        migrate.upgrade_database(empty_database)
+        with engine.connect() as connection:
+            coded = connection.execute(
+                sa.text("SELECT id, reason, reason_code FROM sightings ORDER BY id")
+            ).all()
+        assert [(row.id, row.reason, row.reason_code) for row in coded] == [
+            (1, NOTICE_LOOP_REASON, ReasonCode.NOTICE_LOOP.value),
+            (2, reasons[1], None),
+            (3, None, None),
+        ]
+        assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
+
+        migrate.downgrade_database(empty_database, "0003_document_contents")
+        with engine.connect() as connection:
+            back = connection.execute(sa.text("SELECT * FROM sightings ORDER BY id"))
+            assert "reason_code" not in list(back.keys())
+            assert [row.reason for row in back] == reasons
     finally:
         engine.dispose()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import StoreError
-from worker.relay.retry import DATABASE_WAIT_SECONDS
+from worker.models import DATABASE_WAIT_SECONDS
 from worker.store.schema import describe, make_engine, parse_url, translate
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from worker.errors import StoreError
-from worker.relay.retry import DATABASE_WAIT_SECONDS
+from worker.models import DATABASE_WAIT_SECONDS
 
 SUPPORTED_BACKENDS: Final = ("sqlite", "postgresql")
 
@@ -127,6 +127,8 @@ sightings = sa.Table(
     sa.Column("invoice_number", sa.Text, nullable=True),
     sa.Column("kind", sa.Text, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
+    # worker.models.ReasonCode: what code compares; `reason` is for people.
+    sa.Column("reason_code", sa.Text, nullable=True),
     sa.Column(
         "document_id",
         sa.Integer,

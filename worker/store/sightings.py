@@ -203,6 +203,7 @@ class MailRecorder(SqlBase):
             "invoice_number": part.invoice_number,
             "kind": part.kind.value,
             "reason": part.reason,
+            "reason_code": None if part.reason_code is None else part.reason_code.value,
             "document_id": None,
             "duplicate_of": None,
             "tries": 1,
