@@ -6,6 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 
 class Security(enum.Enum):
@@ -290,3 +291,21 @@ class NoticeMark:
 
     sent_at: datetime
     last_sighting_id: int
+
+
+def sqlite_location(url: str) -> str | None:
+    """The database part of a SQLite URL, as SQLAlchemy reads it ("" or ":memory:" in
+    memory, a relative path after three slashes, an absolute one after four); None for
+    any other database. Pure text, so that settings can check it before any driver loads."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or not scheme.lower().startswith("sqlite"):
+        return None
+    return rest.partition("?")[0].removeprefix("/")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The SQLite file a URL names; None in memory, for a `file:` URI, or not SQLite."""
+    location = sqlite_location(url)
+    if location in (None, "", ":memory:") or location.startswith("file:"):
+        return None
+    return Path(location).expanduser()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.store import schema
+from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
 
@@ -15,6 +15,6 @@ from worker.store.sqlstore import SqlStore
 def store(tmp_path: Path) -> Iterator[SqlStore]:
     """A real store on a fresh SQLite file (embedded: it needs no server)."""
     store = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    schema.create_schema(store.engine)
+    create_schema(store.engine)
     yield store
     store.close()

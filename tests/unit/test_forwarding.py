@@ -28,6 +28,7 @@ from worker.models import OutgoingDocument
 from worker.relay.forwarding import Forwarder
 from worker.relay.pacer import SendPacer
 from worker.store import schema
+from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -187,7 +188,7 @@ class WatchedClaims(SqlStore):
 @pytest.fixture
 def watched(tmp_path: Path) -> Iterator[WatchedClaims]:
     store = WatchedClaims(f"sqlite:///{tmp_path / 'watched.db'}")
-    schema.create_schema(store.engine)
+    create_schema(store.engine)
     yield store
     store.close()
 

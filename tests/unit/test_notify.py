@@ -36,8 +36,8 @@ from worker.relay.notify import (
     notice_due,
     notice_subject,
 )
+from worker.store.engine import create_schema, make_engine
 from worker.store.notices import SqlNoticeLog
-from worker.store.schema import create_schema, make_engine
 from worker.store.sqlstore import SqlStore
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)

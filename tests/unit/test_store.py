@@ -24,7 +24,8 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.store.schema import create_schema, document_contents, make_engine, sightings
+from worker.store.engine import create_schema, make_engine
+from worker.store.schema import document_contents, sightings
 from worker.store.sqlstore import SqlStore
 
 MAILBOX = "relay@example.test/INBOX"

@@ -25,7 +25,7 @@ from worker.models import (
     SightingKind,
 )
 from worker.relay.ports import AdminStore, AuditReader, PollStore, SendQueue
-from worker.store import schema
+from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -42,7 +42,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyStore]:
         yield FakeStore()
         return
     sql = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    schema.create_schema(sql.engine)
+    create_schema(sql.engine)
     yield sql
     sql.close()
 

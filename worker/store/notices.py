@@ -16,7 +16,7 @@ from worker.models import (
     ReasonCode,
     SightingKind,
 )
-from worker.store.base import SqlBase
+from worker.store.engine import SqlBase
 from worker.store.schema import documents, notifications, notified_documents, sightings
 
 _SIGHTING_PROBLEMS = {

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
 from worker.models import DocumentState, OutgoingDocument, SightingKind
-from worker.store.base import SqlBase
+from worker.store.engine import SqlBase
 from worker.store.schema import document_contents, documents, sightings
 
 DEFAULT_FILENAME = "invoice.pdf"

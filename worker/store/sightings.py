@@ -21,7 +21,7 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.store.base import SqlBase
+from worker.store.engine import SqlBase
 from worker.store.schema import documents, mailbox_state, sightings
 
 _LOCATION = ("mailbox", "uidvalidity", "uid", "part")
