@@ -487,6 +487,20 @@ class FakeStore:
         known = self._known(sha256, content_key)
         return None if known is None else known[1]
 
+    def add_document(self, *, sha256: str, content: bytes, filename: str, now: datetime) -> int:
+        """A pending document due at `now` with no sighting, as `tests.documents` writes
+        one straight into SQL."""
+        document = _Document(
+            id=max(self.documents, default=0) + 1,
+            sha256=sha256,
+            content_key=None,
+            filename=filename,
+            next_attempt_at=now,
+            content=content,
+        )
+        self.documents[document.id] = document
+        return document.id
+
     # --- SendQueue ---------------------------------------------------------------------
 
     def claim_due(
