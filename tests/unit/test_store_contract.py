@@ -1,8 +1,10 @@
-"""The rules every store keeps, run against `SqlStore` on SQLite and against the
-in-memory `FakeStore` that the pipeline tests use, so that the fake cannot drift."""
+"""The rules every store keeps, run against the in-memory `FakeStore` that the pipeline
+and send-loop tests use and against `SqlStore` (SQLite; PostgreSQL, `integration`), so
+that the fake cannot drift from the SQL."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -12,6 +14,7 @@ from typing import Protocol
 import pytest
 
 from tests.fakes import FakeStore
+from tests.servers.postgres import temporary_database
 from worker.models import (
     AuditFilter,
     DedupMode,
@@ -36,15 +39,24 @@ class AnyStore(PollStore, SendQueue, AuditReader, AdminStore, Protocol):
     """What both stores implement (for the type checker only)."""
 
 
-@pytest.fixture(params=["sql", "fake"])
+@pytest.fixture(
+    params=["fake", "sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyStore]:
     if request.param == "fake":
         yield FakeStore()
         return
-    sql = SqlStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    create_schema(sql.engine)
-    yield sql
-    sql.close()
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path / 'relay.db'}"
+        else:
+            url = stack.enter_context(
+                temporary_database(request.getfixturevalue("postgres_base_url"))
+            )
+        sql = SqlStore(url)
+        stack.callback(sql.close)
+        create_schema(sql.engine)
+        yield sql
 
 
 def pdf(text: str, *, fingerprint: str | None = None) -> PartRecord:

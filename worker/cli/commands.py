@@ -18,6 +18,7 @@ from worker.models import AuditFilter, AuditRow, PollReport, sqlite_file
 from worker.pdf.pool import PdfInspector
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
+from worker.relay.ports import PipelineStore
 from worker.relay.retry import lease_seconds
 from worker.service.idle import IdleWatcher, PollRequests
 from worker.store import migrate
@@ -120,7 +121,7 @@ def prepared_store(settings: Settings) -> SqlStore:
 @contextmanager
 def _pipeline(
     settings: Settings,
-    store: SqlStore,
+    store: PipelineStore,
     *,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
