@@ -20,7 +20,7 @@ from worker.errors import SendRejected, SessionRefused, StoreError
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.models import OutgoingDocument
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Outbox, Store
+from worker.relay.ports import Outbox, SendQueue
 from worker.relay.retry import BASE_DELAY, out_of_attempts, retry_delay
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Forwarder:
         *,
         rules: ForwardRules,
         outbox: Outbox,
-        store: Store,
+        store: SendQueue,
         pacer: SendPacer,
         clock: Callable[[], datetime],
         rng: random.Random,
