@@ -125,8 +125,13 @@ def _pipeline(
     *,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
+    inspector: PdfInspector | None = None,
 ) -> Iterator[Pipeline]:
-    inspector = pdf_inspector(settings)
+    """A pipeline for one poll. With `inspector` (the service's warm pool) its workers
+    are used and left running; without, a pool is started for this poll and closed."""
+    owned = inspector is None
+    if inspector is None:
+        inspector = pdf_inspector(settings)
     try:
         yield Pipeline(
             config=pipeline_config(settings),
@@ -140,7 +145,8 @@ def _pipeline(
             checkpoint=checkpoint_for(settings.test_crash_at),
         )
     finally:
-        inspector.close()
+        if owned:
+            inspector.close()
 
 
 def poll_once(
@@ -149,6 +155,7 @@ def poll_once(
     *,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
+    inspector: PdfInspector | None = None,
 ) -> PollReport:
     name = mailbox_name(settings)
     with store.poll_lock(name) as acquired:
@@ -160,7 +167,9 @@ def poll_once(
                 extra={"action": "poll_locked", "mailbox": name},
             )
             return PollReport(mailbox=name, started_at=now, finished_at=now, locked=True)
-        with _pipeline(settings, store, stop=stop, progress=progress) as pipeline:
+        with _pipeline(
+            settings, store, stop=stop, progress=progress, inspector=inspector
+        ) as pipeline:
             report = pipeline.poll()
         # Inside the poll lock: no other replica records sightings while it reads them.
         notify_after_poll(settings, store)
@@ -228,8 +237,14 @@ def run_service(settings: Settings) -> int:
         if store is None:
             return 0
         healthy_after = settings.healthy_after_seconds or 3 * interval_hint(spec) + 60
+        # One pool for the service's life: starting workers on every poll was most of
+        # the time from an IDLE announcement to the forwarded mail. The pool replaces a
+        # worker that crashed or timed out by itself.
+        inspector = pdf_inspector(settings)
         try:
-            requests = PollRequests(lambda: poll_once(settings, store, stop=stop))
+            requests = PollRequests(
+                lambda: poll_once(settings, store, stop=stop, inspector=inspector)
+            )
             service = Service(
                 poll=requests.poll,
                 trigger=build_trigger(spec),
@@ -244,6 +259,7 @@ def run_service(settings: Settings) -> int:
                 IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
             return service.run()
         finally:
+            inspector.close()
             store.close()
 
 
