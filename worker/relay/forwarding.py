@@ -93,6 +93,18 @@ class BackgroundForwarding:
             raise self._result
         return self._result
 
+    def log_failure(self) -> None:
+        """Log what the thread raised, with its traceback, for a poll that fails for
+        another reason and so never calls `result`."""
+        failure = self._result
+        if isinstance(failure, BaseException):
+            log.error(
+                "forwarding failed while the poll was reading: %s",
+                failure,
+                exc_info=failure,
+                extra={"action": "forwarding_failed"},
+            )
+
 
 class Forwarder:
     """Sends every due document over one SMTP session per call."""

@@ -192,10 +192,14 @@ class Pipeline:
                         self._report_progress(f"{mails_seen} of {len(uids)} new mails read")
             if not self._stop.is_set():
                 sightings.update(self._retry_errors(status.uidvalidity))
-        finally:
-            self._mailbox.close()
+        except BaseException:
+            self._end_reading(sending)
             if sending is not None:
-                sending.finish()
+                # The reading error propagates (and is reported by the caller); the
+                # sending thread's own failure would otherwise vanish with it.
+                sending.log_failure()
+            raise
+        self._end_reading(sending)
         forwarding = sending.result() if sending else self._forwarder.forward_due()
         forwarded, retried, failed = forwarding
         counts = self._store.state_counts()
@@ -220,6 +224,13 @@ class Pipeline:
             extra={"action": "poll_finished", "mailbox": config.mailbox},
         )
         return report
+
+    def _end_reading(self, sending: BackgroundForwarding | None) -> None:
+        try:
+            self._mailbox.close()
+        finally:
+            if sending is not None:
+                sending.finish()
 
     def plan(self) -> list[PlannedSighting]:
         """A dry run: what a poll would record now, without writing or sending anything.
