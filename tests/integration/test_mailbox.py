@@ -18,6 +18,7 @@ from tests import samples
 from tests.servers.dovecot import DovecotServer, free_port, running_dovecot
 from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
 from worker.imap.mailbox import ImapMailbox
+from worker.mail import mime
 from worker.mail.ranged import fetch_decoded
 from worker.models import BodyPart, Security
 
@@ -400,3 +401,32 @@ def test_plain_server_without_tls(tmp_path: Path) -> None:
             assert mailbox.open().exists == 0
         finally:
             mailbox.close()
+
+
+def test_pdf_parts_cut_from_the_whole_mail_are_the_servers_bytes(
+    dovecot: DovecotServer, folder: str, connect: OpenMailbox
+) -> None:
+    # With DKIM on, the relay takes a PDF from the whole mail it fetched for the proof
+    # (worker.mail.mime.section_bodies): the cut must be exactly Dovecot's BODY[section].
+    pdf = samples.invoice_pdf(number="CUT-1")
+    mails = [
+        samples.invoice_mail(pdfs=[("a.pdf", pdf)]),
+        samples.invoice_mail(pdfs=[("a.pdf", pdf), ("b.pdf", b"%PDF-1.4 small")]),
+        samples.forwarded_mail(samples.invoice_mail(pdfs=[("a.pdf", pdf)])),
+        samples.unnamed_pdf_mail(pdf),
+    ]
+    for raw in mails:
+        dovecot.append(raw, folder=folder)
+    mailbox = connect()
+    mailbox.open()
+    uids = mailbox.new_uids(0, None)
+    wholes = mailbox.fetch_messages(uids)
+    checked = 0
+    for summary in mailbox.summaries(uids):
+        assert summary.structure is not None
+        sizes = {c.section: c.size for c in mime.find_candidates(summary.structure)}
+        served = mailbox.fetch_sections({summary.uid: list(sizes)})
+        cut = mime.section_bodies(wholes[summary.uid], sizes)
+        assert cut == {section: served[(summary.uid, section)] for section in sizes}
+        checked += len(cut)
+    assert checked >= len(mails)

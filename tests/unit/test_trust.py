@@ -439,8 +439,32 @@ def test_with_dkim_required_only_proven_mail_is_forwarded(store: FakeStore) -> N
         assert by_uid[uid].outcome is Outcome.REJECTED
         assert (by_uid[uid].reason or "").startswith("DKIM: ")
         assert by_uid[uid].filename == "Invoice 1042.pdf"
-    # Unproven mails' PDFs were never downloaded.
-    assert {uid for uid, _ in mailbox.whole_fetches} == {good}
+    # Unproven mails' PDFs were never downloaded; the proven mail's PDF was cut from
+    # the whole mail fetched for DKIM, not downloaded a second time.
+    assert mailbox.whole_fetches == []
+    assert sorted(mailbox.whole_mails) == sorted([good, forged, foreign])
+    (forwarded,) = outbox.sent
+    (attachment,) = [p for p in forwarded.walk() if p.get_content_type() == "application/pdf"]
+    assert attachment.get_payload(decode=True) == PDF
+
+
+def test_with_dkim_on_each_pdf_is_downloaded_once(store: SqlStore) -> None:
+    mailbox = FakeMailbox()
+    first = mailbox.add(sign(shop_mail(), SHOP))
+    nested = mailbox.add(sign(samples.forwarded_mail(shop_mail()), SHOP))
+    outbox, rows = poll(store, mailbox, {"trust": DKIM_ON}, KeyServer().publish(SHOP))
+
+    assert {row.uid: row.outcome for row in rows} == {
+        first: Outcome.FORWARDED,
+        nested: Outcome.DUPLICATE,
+    }
+    # Each mail is downloaded once, whole, for DKIM; its PDF is cut from it. The only
+    # other FETCH is the 64-octet probe of the text parts, before the proof.
+    assert mailbox.calls.count("fetch_messages") == 1
+    assert sorted(mailbox.whole_mails) == [first, nested]
+    assert mailbox.whole_fetches == []
+    assert mailbox.calls.count("fetch_sections") == 1
+    assert len(outbox.sent) == 1
 
 
 def test_a_dns_timeout_makes_the_mail_an_error_for_a_later_poll(store: FakeStore) -> None:

@@ -19,9 +19,12 @@ Nothing here does I/O or imports imapclient. The rules, in one place:
 from __future__ import annotations
 
 import binascii
+import email.parser
+import email.policy
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from email.message import Message
 from email.utils import decode_rfc2231
 
 from worker.mail.headers import decode_encoded_words, decode_octets, strip_controls
@@ -314,6 +317,66 @@ def structure_limit(root: BodyPart, *, max_parts: int, max_depth: int) -> str | 
             return f"MIME nesting too deep: more than {max_depth} levels (INVOICE_RELAY_MAX_DEPTH)"
         pending.extend((child, depth + 1) for child in part.children)
     return None
+
+
+# --- parts of a whole mail ------------------------------------------------------------
+
+
+def section_bodies(raw_mail: bytes, sizes: Mapping[str, int]) -> dict[str, bytes]:
+    """The raw (still transfer-encoded) bodies of leaf sections, cut from a whole mail
+    already in hand (fetched for DKIM), as `BODY[section]` would return them.
+
+    `sizes` gives each wanted section's octet count from BODYSTRUCTURE; a section that
+    cannot be found, or whose cut differs from that count, is left out, so the caller
+    fetches it from the server as before: a mail parsed differently from the server's
+    view never yields other bytes than the server's.
+    """
+    if not sizes:
+        return {}
+    root = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw_mail)
+    found: dict[str, bytes] = {}
+    for section, size in sizes.items():
+        node = _section_node(root, section)
+        if node is None or node.is_multipart():
+            continue
+        payload = node.get_payload()
+        if not isinstance(payload, str):
+            continue
+        body = payload.encode("ascii", "surrogateescape")  # the parser's own mapping back
+        if len(body) == size:
+            found[section] = body
+    return found
+
+
+def _section_node(root: Message, section: str) -> Message | None:
+    """The node RFC 3501 numbers `section`: children of a multipart count from 1, a
+    single-part body is its "1", and numbers below a message/rfc822 part go on inside
+    the mail it carries."""
+    node = root
+    try:
+        numbers = [int(number) for number in section.split(".")]
+    except ValueError:
+        return None
+    whole_mail = True  # `node` is a mail (the root, or one a message/rfc822 part carries)
+    for number in numbers:
+        if not whole_mail and node.get_content_type() in _MESSAGE_TYPES:
+            inner = node.get_payload()
+            if not isinstance(inner, list) or len(inner) != 1 or not isinstance(inner[0], Message):
+                return None
+            node, whole_mail = inner[0], True
+        if node.get_content_maintype() == "multipart":
+            children = node.get_payload()
+            if not isinstance(children, list) or not 1 <= number <= len(children):
+                return None
+            child = children[number - 1]
+            if not isinstance(child, Message):
+                return None
+            node, whole_mail = child, False
+        elif whole_mail and number == 1 and not node.is_multipart():
+            whole_mail = False  # a single-part mail's body is its part 1
+        else:
+            return None
+    return node
 
 
 # --- transfer encodings and the PDF test ------------------------------------------------

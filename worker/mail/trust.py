@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -295,8 +295,16 @@ class SenderProof:
         self._verifier = verifier or DkimVerifier()
         self._batch_bytes = batch_bytes
 
-    def check(self, summaries: Sequence[MailSummary]) -> dict[int, TrustVerdict]:
-        """A verdict per mail; empty when the policy demands no proof."""
+    def check(
+        self,
+        summaries: Sequence[MailSummary],
+        *,
+        keep: Callable[[int, bytes], None] | None = None,
+    ) -> dict[int, TrustVerdict]:
+        """A verdict per mail; empty when the policy demands no proof.
+
+        `keep(uid, raw)` is given each whole mail whose DKIM proof passed, while it is
+        in hand, so its parts need not be downloaded a second time."""
         policy = self._policy
         if not policy.active:
             return {}
@@ -328,6 +336,8 @@ class SenderProof:
                         from_domain=domain_of(summary.headers.sender_address),
                         policy=policy,
                     )
+                if keep is not None and raw is not None and verdict.proof is Proof.PASSED:
+                    keep(summary.uid, raw)
                 other = header_reasons.get(summary.uid)
                 if verdict.proof is not Proof.PASSED and other is not None:
                     verdict = TrustVerdict(

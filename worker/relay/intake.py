@@ -149,7 +149,7 @@ class Intake:
                 prefix = prefixes.get((uid, candidate.section), b"")
                 if mime.probe_is_pdf(prefix, candidate.encoding):
                     chosen[uid].append(candidate)
-        self._require_proof(plans, chosen)
+        in_hand = self._require_proof(plans, chosen)
         to_fetch: dict[int, list[Candidate]] = {}
         for plan in plans:
             uid = plan.summary.uid
@@ -160,17 +160,30 @@ class Intake:
                     to_fetch.setdefault(uid, []).append(candidate)
         # A large part comes range by range from a mailbox that can (worker.mail.ranged).
         ranging = self._mailbox if isinstance(self._mailbox, RangedFetch) else None
+
+        def ranged(uid: int, candidate: Candidate) -> bool:
+            return (
+                ranging is not None
+                and _large(candidate)
+                and (uid, candidate.section) not in in_hand
+            )
+
+        # Parts cut from a mail fetched whole for DKIM are not downloaded again.
         wanted = {
-            uid: [c.section for c in cands if not (ranging is not None and _large(c))]
+            uid: [
+                c.section for c in cands if not ranged(uid, c) and (uid, c.section) not in in_hand
+            ]
             for uid, cands in to_fetch.items()
         }
         bodies = self._mailbox.fetch_sections(wanted) if any(wanted.values()) else {}
+        bodies.update(in_hand)
+        in_hand.clear()
 
         # Decode every fetched part; `decide` checks them.
         decoded: dict[tuple[int, str], bytes | Exception] = {}
         for uid, cands in to_fetch.items():
             for candidate in cands:
-                if ranging is not None and _large(candidate):
+                if ranging is not None and ranged(uid, candidate):
                     try:
                         large = fetch_decoded(ranging, uid, candidate.section)
                     except ValueError as exc:
@@ -277,12 +290,23 @@ class Intake:
 
     def _require_proof(
         self, plans: Sequence[_MailPlan], chosen: dict[int, list[Candidate]]
-    ) -> None:
+    ) -> dict[tuple[int, str], bytes]:
         """Mails with PDFs must prove their From when the TrustPolicy says so: unproven,
         their PDFs are rejected (never fetched); unsure (DNS timeout), the mail is an
-        error tried again later."""
+        error tried again later. Returns the raw PDF parts of the mails that proved it
+        by DKIM, cut from the whole mail it fetched, by (uid, section)."""
         wanting = [plan for plan in plans if chosen[plan.summary.uid]]
-        verdicts = self._proof.check([plan.summary for plan in wanting])
+        in_hand: dict[tuple[int, str], bytes] = {}
+
+        def keep(uid: int, raw: bytes) -> None:
+            # Cut at once: only the parts outlive the whole mail. Should cutting fail,
+            # the parts are fetched from the server as they would be without DKIM.
+            sizes = {c.section: c.size for c in chosen.get(uid, [])}
+            cut = per_mail(uid, partial(mime.section_bodies, raw, sizes), _nothing_cut)
+            for section, body in cut.items():
+                in_hand[(uid, section)] = body
+
+        verdicts = self._proof.check([plan.summary for plan in wanting], keep=keep)
         for plan in wanting:
             uid = plan.summary.uid
             verdict = verdicts.get(uid)
@@ -302,6 +326,7 @@ class Intake:
                     for c in chosen[uid]
                 )
             chosen[uid] = []
+        return in_hand
 
     def _parts_of(
         self,
@@ -339,6 +364,11 @@ class Intake:
 
 def _failed_plan(summary: MailSummary, error: PartRecord) -> _MailPlan:
     return _MailPlan(summary=summary, verdict=error)
+
+
+def _nothing_cut(error: PartRecord) -> dict[str, bytes]:
+    del error  # logged by per_mail; the parts are fetched instead
+    return {}
 
 
 def _as_parts(error: PartRecord) -> list[PartRecord]:
