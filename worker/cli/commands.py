@@ -68,7 +68,9 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
     )
 
 
-def imap_mailbox(settings: Settings) -> ImapMailbox:
+def imap_mailbox(settings: Settings, *, for_idle: bool = False) -> ImapMailbox:
+    """The polled folder; `for_idle`: the watcher's connection of its own, which stays
+    open for hours and so has no poll deadline."""
     return ImapMailbox(
         host=settings.imap_host,
         port=settings.imap_port,
@@ -78,6 +80,7 @@ def imap_mailbox(settings: Settings) -> ImapMailbox:
         folder=settings.imap_folder,
         ca_file=settings.ca_file,
         timeout=settings.timeout_seconds,
+        deadline_seconds=None if for_idle else settings.poll_deadline_seconds,
     )
 
 
@@ -255,7 +258,7 @@ def run_service(settings: Settings) -> int:
             )
             if settings.idle:  # polls as soon as mail comes; the schedule stays the net
                 requests.connect(service.poll_now)
-                mailbox = imap_mailbox(settings)
+                mailbox = imap_mailbox(settings, for_idle=True)
                 IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
             return service.run()
         finally:

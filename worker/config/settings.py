@@ -82,6 +82,9 @@ class Settings:
     ca_file: Path | None
     log_format: str
     timeout_seconds: float = 60.0
+    # A whole poll's time on IMAP: a server trickling bytes keeps every single wait
+    # under `timeout_seconds` and would otherwise stretch a poll without bound.
+    poll_deadline_seconds: float = 1800.0
     max_attempts: int = 10
     max_mail_bytes: int = 50 * MB
     max_pdf_bytes: int = 30 * MB
@@ -139,6 +142,7 @@ class Settings:
                 "LOG_FORMAT", values.log_format, "text" if stderr_is_tty else "json"
             ),
             timeout_seconds=env.parse("TIMEOUT", values.positive_float, 60.0),
+            poll_deadline_seconds=env.parse("POLL_DEADLINE", parse_duration, 1800.0),
             max_attempts=env.parse("MAX_ATTEMPTS", values.integer(1), 10),
             max_mail_bytes=env.parse("MAX_MAIL_BYTES", values.integer(1), 50 * MB),
             max_pdf_bytes=env.parse("MAX_PDF_BYTES", values.integer(1), 30 * MB),

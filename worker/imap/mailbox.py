@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import ssl
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,9 +61,16 @@ class ImapMailbox:
         ca_file: Path | None = None,
         timeout: float = 60.0,
         batch_size: int = 200,
+        deadline_seconds: float | None = None,
     ) -> None:
+        """`timeout` bounds each wait on the server; `deadline_seconds`, when set, the
+        whole session from `open()` to `close()` (one poll), however the server paces
+        its bytes: at the deadline the connection is cut and the command under way
+        fails with a `MailboxError` that says so."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if deadline_seconds is not None and deadline_seconds <= 0:
+            raise ValueError("deadline_seconds must be positive")
         self.host = host
         self.port = port
         self.security = security
@@ -71,7 +80,11 @@ class ImapMailbox:
         self.ca_file = ca_file
         self.timeout = timeout
         self.batch_size = batch_size
+        self.deadline_seconds = deadline_seconds
         self._client: Any = None
+        self._deadline: float | None = None  # time.monotonic() the session must end by
+        self._watchdog: threading.Timer | None = None
+        self._expired = threading.Event()
 
     def __repr__(self) -> str:
         return (
@@ -88,14 +101,19 @@ class ImapMailbox:
         adds the STARTTLS command and the CAPABILITY that imaplib sends after it.
         """
         self.close()
-        client = self._connect()
+        self._start_deadline()
+        try:
+            client = self._connect()
+        except MailboxError:
+            self.close()  # stops the watchdog
+            raise
+        self._client = client  # from here the watchdog can cut it
         try:
             self._login(client)
             status = self._examine(client)
         except MailboxError:
-            _quietly_logout(client)
+            self.close()
             raise
-        self._client = client
         logger.debug(
             "IMAP folder opened",
             extra={"action": "mailbox_opened", "folder": self.folder, "exists": status.exists},
@@ -104,8 +122,55 @@ class ImapMailbox:
 
     def close(self) -> None:
         client, self._client = self._client, None
+        try:
+            if client is not None:
+                _quietly_logout(client)
+        finally:
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                watchdog.cancel()
+            self._deadline = None
+
+    # --- the whole-poll deadline -------------------------------------------------------
+
+    def _start_deadline(self) -> None:
+        self._expired.clear()
+        if self.deadline_seconds is None:
+            return
+        self._deadline = time.monotonic() + self.deadline_seconds
+        # The socket timeout bounds one wait only: a server sending a byte now and then
+        # never trips it. A timer cuts the connection at the deadline instead.
+        watchdog = threading.Timer(self.deadline_seconds, self._expire)
+        watchdog.daemon = True
+        watchdog.name = "invoice-relay-imap-deadline"
+        self._watchdog = watchdog
+        watchdog.start()
+
+    def _expire(self) -> None:
+        self._expired.set()
+        client = self._client
         if client is not None:
-            _quietly_logout(client)
+            logger.warning(
+                "the poll's IMAP deadline of %gs passed: cutting the connection",
+                self.deadline_seconds,
+                extra={"action": "poll_deadline_passed"},
+            )
+            # Shutting the socket down (not reading or writing it) makes the waiting
+            # command fail at once in the thread that runs it.
+            with contextlib.suppress(OSError):
+                client.socket().shutdown(socket.SHUT_RDWR)
+
+    def _wait_bound(self) -> float:
+        """The socket timeout for connecting: the timeout, or the time left if less."""
+        if self._deadline is None:
+            return self.timeout
+        return max(min(self.timeout, self._deadline - time.monotonic()), 0.001)
+
+    def _deadline_detail(self, action: str) -> str:
+        return (
+            f"the poll took longer than its deadline of {self.deadline_seconds:g}s "
+            f"(INVOICE_RELAY_POLL_DEADLINE) and was cut during {action}"
+        )
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
@@ -129,7 +194,7 @@ class ImapMailbox:
                 port=self.port,
                 ssl=self.security is Security.SSL,
                 ssl_context=context,
-                timeout=self.timeout,
+                timeout=self._wait_bound(),
             )
         client.normalise_times = False  # aware datetimes, in the server's offset
         if self.security is Security.STARTTLS:
@@ -279,36 +344,47 @@ class ImapMailbox:
     @contextlib.contextmanager
     def _translated(self, action: str, *, folder: bool = False) -> Iterator[None]:
         """Turn imapclient, ssl and socket errors during `action` into MailboxError."""
+        if self._expired.is_set():
+            raise MailboxError(self._deadline_detail(action), host=self.host, port=self.port)
         try:
             yield
         except MailboxError:
             raise
         except imap_errors.LoginError as exc:
-            self._fail(MailboxLoginError, f"login refused: {_server_text(exc)}", exc)
+            self._fail(MailboxLoginError, f"login refused: {_server_text(exc)}", exc, action)
         except imap_errors.CapabilityError as exc:
-            self._fail(MailboxError, f"{action} not offered by the server", exc)
+            self._fail(MailboxError, f"{action} not offered by the server", exc, action)
         except imap_errors.IMAPClientAbortError as exc:
-            self._fail(MailboxError, f"connection dropped during {action}: {exc}", exc)
+            self._fail(MailboxError, f"connection dropped during {action}: {exc}", exc, action)
         except imap_errors.IMAPClientError as exc:
             if folder:
-                self._fail(MailboxFolderError, f"{self.folder}: {_server_text(exc)}", exc)
-            self._fail(MailboxError, f"{action} failed: {_server_text(exc)}", exc)
+                self._fail(MailboxFolderError, f"{self.folder}: {_server_text(exc)}", exc, action)
+            self._fail(MailboxError, f"{action} failed: {_server_text(exc)}", exc, action)
         except ssl.SSLCertVerificationError as exc:
             self._fail(
                 MailboxError,
                 f"TLS certificate not trusted (set INVOICE_RELAY_CA_FILE): {exc.verify_message}",
                 exc,
+                action,
             )
         except ssl.SSLError as exc:
-            self._fail(MailboxError, f"TLS failed during {action}: {exc.reason or exc}", exc)
+            self._fail(
+                MailboxError, f"TLS failed during {action}: {exc.reason or exc}", exc, action
+            )
         except TimeoutError as exc:
-            self._fail(MailboxError, f"timed out after {self.timeout:g}s during {action}", exc)
+            self._fail(
+                MailboxError, f"timed out after {self.timeout:g}s during {action}", exc, action
+            )
         except ConnectionRefusedError as exc:
-            self._fail(MailboxError, "connection refused", exc)
+            self._fail(MailboxError, "connection refused", exc, action)
         except OSError as exc:
-            self._fail(MailboxError, f"network error during {action}: {exc}", exc)
+            self._fail(MailboxError, f"network error during {action}: {exc}", exc, action)
 
-    def _fail(self, kind: type[MailboxError], detail: str, exc: BaseException) -> NoReturn:
+    def _fail(
+        self, kind: type[MailboxError], detail: str, exc: BaseException, action: str
+    ) -> NoReturn:
+        if self._expired.is_set():  # the watchdog cut the connection: say so
+            kind, detail = MailboxError, self._deadline_detail(action)
         # Servers do not echo the password; this is a guard, not a expected path.
         if len(self._password) >= 4:
             detail = detail.replace(self._password, "****")
