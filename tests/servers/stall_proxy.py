@@ -140,12 +140,15 @@ class _Pump:
 
 
 class StallProxy:
-    """Listens on a free loopback port and forwards to `target_port`."""
+    """Listens on a loopback port (a free one unless `listen_port` is given) and
+    forwards to `target_port`."""
 
-    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, *, target_host: str = "127.0.0.1", listen_port: int = 0
+    ) -> None:
         self.host = "127.0.0.1"
         self._target = (target_host, target_port)
-        self._listener = socket.create_server((self.host, 0))
+        self._listener = socket.create_server((self.host, listen_port))
         self.port = int(self._listener.getsockname()[1])
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -240,9 +243,10 @@ def _abort(sock: socket.socket) -> None:
 
 
 @contextlib.contextmanager
-def running_proxy(target_port: int) -> Iterator[StallProxy]:
-    """A started proxy to `target_port` on loopback; every connection is cut afterwards."""
-    proxy = StallProxy(target_port)
+def running_proxy(target_port: int, *, listen_port: int = 0) -> Iterator[StallProxy]:
+    """A started proxy to `target_port` on loopback; every connection is cut afterwards.
+    `listen_port` lets a port nobody listened on become reachable."""
+    proxy = StallProxy(target_port, listen_port=listen_port)
     proxy.start()
     try:
         yield proxy
