@@ -122,7 +122,11 @@ class _DaemonThreadExecutor(BaseExecutor):  # type: ignore[misc]
                 self._on_end()
 
         self._on_start()
-        threading.Thread(target=target, name="invoice-relay-poll", daemon=True).start()
+        try:
+            threading.Thread(target=target, name="invoice-relay-poll", daemon=True).start()
+        except BaseException:
+            self._on_end()  # no thread, no job: later requests must not wait for it
+            raise
 
 
 # --- the service -----------------------------------------------------------------------
