@@ -13,11 +13,10 @@ from datetime import UTC, datetime
 import pytest
 
 from tests import samples
-from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
+from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from worker.errors import MailboxError
 from worker.models import DedupMode, MailSummary
 from worker.relay.pipeline import Pipeline, PipelineConfig
-from worker.store.sqlstore import SqlStore
 
 
 class _SecondReadFails(FakeMailbox):
@@ -40,7 +39,7 @@ class _BrokenOutbox(FakeOutbox):
 
 
 def test_a_sending_failure_is_logged_when_reading_fails_too(
-    store: SqlStore, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     mailbox = _SecondReadFails()
     for number in range(5):
@@ -56,7 +55,7 @@ def test_a_sending_failure_is_logged_when_reading_fails_too(
         ),
         mailbox=mailbox,
         outbox=_BrokenOutbox(),
-        store=store,
+        store=FakeStore(),
         inspector=FakeInspector(),
         clock=lambda: datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
         rng=random.Random(4),

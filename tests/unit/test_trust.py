@@ -448,7 +448,7 @@ def test_with_dkim_required_only_proven_mail_is_forwarded(store: FakeStore) -> N
     assert attachment.get_payload(decode=True) == PDF
 
 
-def test_with_dkim_on_each_pdf_is_downloaded_once(store: SqlStore) -> None:
+def test_with_dkim_on_each_pdf_is_downloaded_once(store: FakeStore) -> None:
     mailbox = FakeMailbox()
     first = mailbox.add(sign(shop_mail(), SHOP))
     nested = mailbox.add(sign(samples.forwarded_mail(shop_mail()), SHOP))
