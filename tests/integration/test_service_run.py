@@ -257,7 +257,9 @@ def test_run_started_without_its_database_polls_and_forwards_once_it_is_reachabl
             assert smtp.messages == []
             # The database becomes reachable at the address the relay was given.
             with running_proxy(5432, listen_port=database_port):
+                reachable = time.monotonic()
                 relay.wait_until(lambda: len(smtp.messages) == 1, 90, "the first forward")
+                first_forward = time.monotonic() - reachable
                 relay.wait_until(lambda: get(port, "/healthz")[0] == 200, 30, "/healthz 200")
             # Gone again while the service runs (every connection cut), and back.
             imap.append(
@@ -268,7 +270,12 @@ def test_run_started_without_its_database_polls_and_forwards_once_it_is_reachabl
             relay.wait_until(lambda: polls("error") >= 1, 60, "a poll failing on the database")
             assert len(smtp.messages) == 1
             with running_proxy(5432, listen_port=database_port):
+                back = time.monotonic()
                 relay.wait_until(lambda: len(smtp.messages) == 2, 60, "the forward after it")
+                print(
+                    f"\nrun without its database: forwarded {first_forward:.1f}s after it "
+                    f"became reachable; lost and back: {time.monotonic() - back:.1f}s"
+                )
                 assert relay.process.poll() is None  # the same process: never restarted
                 assert relay.terminate() == 0
     assert [m.rcpt_tos for m in smtp.messages] == [(FORWARD_TO,), (FORWARD_TO,)]

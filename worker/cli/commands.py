@@ -244,6 +244,7 @@ def run_service(settings: Settings) -> int:
         # the time from an IDLE announcement to the forwarded mail. The pool replaces a
         # worker that crashed or timed out by itself.
         inspector = pdf_inspector(settings)
+        inspector.prestart()  # warm before the first mail, not on its arrival
         try:
             requests = PollRequests(
                 lambda: poll_once(settings, store, stop=stop, inspector=inspector)
