@@ -492,7 +492,9 @@ FILENAME_CASES: list[tuple[str, dict[str, str], dict[str, str], str | None]] = [
     ("path traversal", {"filename": "../../etc/x.pdf"}, {}, "x.pdf"),
     ("windows path", {"filename": "C:\\Users\\me\\x.pdf"}, {}, "x.pdf"),
     ("encoded traversal", {"filename*": "utf-8''..%2F..%2Fx.pdf"}, {}, "x.pdf"),
-    ("control chars and NUL", {"filename": "in\x00vo\rice\n\x1b.pdf"}, {}, "invoice.pdf"),
+    # worker.mail.text's rules: NUL and ESC vanish, a line break separates words.
+    ("control chars and NUL", {"filename": "in\x00vo\rice\n\x1b.pdf"}, {}, "invo ice .pdf"),
+    ("hidden file", {"filename": ".hidden.pdf"}, {}, "hidden.pdf"),
     ("bidi override", {"filename": "invoice\u202efdp.exe"}, {}, "invoicefdp.exe"),
     ("only a directory", {"filename": "../"}, {}, None),
     ("dot dot", {"filename": ".."}, {}, None),

@@ -21,11 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from worker.delivery.message import RELAY_HEADER, ForwardMail, clean_text
+from worker.delivery.message import RELAY_HEADER, ForwardMail
 from worker.errors import SendRejected, SessionRefused
+from worker.mail.text import clean_text
 from worker.models import Security
 
-__all__ = ["LOST_DURING_SEND", "SmtpOutbox", "clean_text"]  # clean_text: for worker.relay.notify
+__all__ = ["LOST_DURING_SEND", "SmtpOutbox"]
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from email.utils import decode_rfc2231
 
-from worker.mail.headers import decode_encoded_words, decode_octets, strip_controls
+from worker.mail.headers import decode_encoded_words, decode_octets
+from worker.mail.text import clean_filename
 from worker.models import BodyPart, Candidate
 
 PDF_CONTENT_TYPES = frozenset({"application/pdf", "application/x-pdf", "application/acrobat"})
@@ -191,15 +192,16 @@ def decode_filename(part: BodyPart) -> str | None:
 
     Looks at the disposition's `filename` first, then the content type's `name`; an
     RFC 2231 form (`filename*`, continuations) wins over the plain one. RFC 2047 words
-    in a plain value are decoded too. Directory parts, control and bidi characters are
-    removed; a name longer than 255 characters is cut, keeping a short extension.
+    in a plain value are decoded too, then cleaned by `worker.mail.text.clean_filename`
+    (no directory, no leading dot, no control or bidi character; 255 characters at most,
+    keeping a short extension).
     """
     for params, base in ((part.disposition_params, "filename"), (part.params, "name")):
         value = _rfc2231_value(params, base)
         if value is None and base in params:
             value = decode_encoded_words(params[base])
         if value is not None:
-            cleaned = _clean_filename(value)
+            cleaned = clean_filename(value, FILENAME_MAX_CHARS)
             if cleaned:
                 return cleaned
     return None
@@ -238,19 +240,6 @@ def _decode_extended(segments: list[tuple[str, bool]]) -> str:
             charset = declared or "utf-8"
         octets += urllib.parse.unquote_to_bytes(value)
     return decode_octets(bytes(octets), charset)
-
-
-def _clean_filename(value: str) -> str | None:
-    name = strip_controls(value, breaks="").replace("\\", "/").rsplit("/", 1)[-1].strip()
-    if name in ("", ".", ".."):
-        return None
-    if len(name) > FILENAME_MAX_CHARS:
-        stem, dot, extension = name.rpartition(".")
-        if dot and stem and 0 < len(extension) <= 16:
-            name = stem[: FILENAME_MAX_CHARS - len(extension) - 1].rstrip() + "." + extension
-        else:
-            name = name[:FILENAME_MAX_CHARS]
-    return name
 
 
 # --- candidates -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ import dns.exception  # type: ignore[import-untyped,unused-ignore]
 from dkim.dnsplug import get_txt  # type: ignore[import-untyped,unused-ignore]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped,unused-ignore]
 
+from worker.mail.text import clean_text
 from worker.models import MailSummary
 from worker.relay.ports import Mailbox
 
@@ -119,7 +120,7 @@ def _accepted_signer(signing_domain: str, from_domain: str, policy: TrustPolicy)
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 1] + "…"
+    return clean_text(text, REASON_MAX_CHARS, mark_cut=True)
 
 
 # --- Authentication-Results ------------------------------------------------------------
@@ -224,7 +225,9 @@ class DkimVerifier:
         try:
             checker = dkim.DKIM(raw, logger=_dkimpy_log, timeout=self._timeout)
         except _DKIM_ERRORS as exc:
-            return TrustVerdict(proof=Proof.FAILED, reason=f"DKIM: unreadable mail: {exc!r}"[:200])
+            return TrustVerdict(
+                proof=Proof.FAILED, reason=clean_text(f"DKIM: unreadable mail: {exc!r}", 200)
+            )
         signatures = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
         if not signatures:
             return TrustVerdict(proof=Proof.FAILED, reason="DKIM: no signature")
@@ -271,7 +274,7 @@ class DkimVerifier:
             valid = bool(checker.verify(idx=index, dnsfunc=self._lookup))
         except _DKIM_ERRORS as exc:
             # "body hash mismatch (got ..., expected ...)": the hashes help nobody
-            detail = str(exc).split(" (", 1)[0][:120]
+            detail = clean_text(str(exc).split(" (", 1)[0], 120)
             return False, f"{label}: {type(exc).__name__}: {detail}"
         return valid, (f"valid signature of {label}" if valid else f"{label}: does not verify")
 
