@@ -14,7 +14,7 @@ from functools import partial
 from typing import Protocol, TypeVar, runtime_checkable
 
 from worker.errors import InfrastructureError
-from worker.mail import mime
+from worker.mail import mime, transfer
 from worker.mail.ranged import LARGE_PART, RangedFetch, fetch_decoded
 from worker.mail.trust import NO_PROOF, DkimVerifier, Proof, SenderProof, TrustPolicy, TxtLookup
 from worker.mail.verdicts import (
@@ -147,7 +147,7 @@ class Intake:
             chosen[uid] = list(plan.certain)
             for candidate in plan.probed:
                 prefix = prefixes.get((uid, candidate.section), b"")
-                if mime.probe_is_pdf(prefix, candidate.encoding):
+                if transfer.probe_is_pdf(prefix, candidate.encoding):
                     chosen[uid].append(candidate)
         self._require_proof(plans, chosen)
         to_fetch: dict[int, list[Candidate]] = {}
@@ -186,7 +186,7 @@ class Intake:
                     decoded[(uid, candidate.section)] = LookupError("part vanished from the server")
                     continue
                 try:
-                    decoded[(uid, candidate.section)] = mime.decode_transfer(
+                    decoded[(uid, candidate.section)] = transfer.decode_transfer(
                         raw, candidate.encoding
                     )
                 except ValueError as exc:
