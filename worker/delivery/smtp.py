@@ -24,7 +24,7 @@ from typing import Self
 from worker.delivery.message import RELAY_HEADER, ForwardMail
 from worker.errors import SendRejected, SessionRefused
 from worker.mail.text import clean_text
-from worker.models import Security
+from worker.models import DEFAULT_TIMEOUT_SECONDS, Security
 
 __all__ = ["LOST_DURING_SEND", "SmtpOutbox"]
 
@@ -95,7 +95,7 @@ class SmtpOutbox:
         forward_from: str,
         forward_to: str,
         ca_file: Path | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self._host = host
         self._port = port

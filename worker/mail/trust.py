@@ -36,7 +36,7 @@ from dkim.dnsplug import get_txt  # type: ignore[import-untyped,unused-ignore]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped,unused-ignore]
 
 from worker.mail.text import clean_text
-from worker.models import MailSummary
+from worker.models import DEFAULT_MAX_MAIL_BYTES, MailSummary
 from worker.relay.ports import Mailbox
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class SenderProof:
         policy: TrustPolicy,
         mailbox: Mailbox,
         verifier: DkimVerifier | None = None,
-        batch_bytes: int = 50_000_000,
+        batch_bytes: int = DEFAULT_MAX_MAIL_BYTES,
     ) -> None:
         self._policy = policy
         self._mailbox = mailbox

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Final, Literal, Self
 
 from worker.errors import PdfCheckFailed
-from worker.models import PdfReport
+from worker.models import DEFAULT_PDF_MEMORY_MB, DEFAULT_PDF_TIMEOUT_SECONDS, MB, PdfReport
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class PdfInspector:
         self,
         *,
         workers: int = 2,
-        timeout_seconds: float = 30.0,
-        memory_limit_bytes: int | None = 1 << 30,
+        timeout_seconds: float = DEFAULT_PDF_TIMEOUT_SECONDS,
+        memory_limit_bytes: int | None = DEFAULT_PDF_MEMORY_MB * MB,
         max_tasks_per_worker: int = 200,
         invoice_pattern: str | None = None,
         fingerprint: bool = True,

@@ -28,6 +28,10 @@ from worker.mail.verdicts import (
     too_large,
 )
 from worker.models import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_MAIL_BYTES,
+    DEFAULT_MAX_PARTS,
+    DEFAULT_MAX_PDF_BYTES,
     Candidate,
     MailRecord,
     MailSummary,
@@ -49,10 +53,10 @@ class IntakeRules:
 
     forward_from: str
     allowed_senders: tuple[str, ...] = ()
-    max_mail_bytes: int = 50_000_000
-    max_pdf_bytes: int = 30_000_000
-    max_parts: int = 100  # MIME parts per mail, containers included
-    max_depth: int = 10  # MIME nesting levels
+    max_mail_bytes: int = DEFAULT_MAX_MAIL_BYTES
+    max_pdf_bytes: int = DEFAULT_MAX_PDF_BYTES
+    max_parts: int = DEFAULT_MAX_PARTS  # MIME parts per mail, containers included
+    max_depth: int = DEFAULT_MAX_DEPTH  # MIME nesting levels
     trust: TrustPolicy = NO_PROOF  # proof of the From header (worker.mail.trust)
 
 

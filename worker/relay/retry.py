@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from worker.models import DATABASE_WAIT_SECONDS
+from worker.models import DATABASE_WAIT_SECONDS, DEFAULT_RETRY_DELAY_SECONDS
 
-BASE_DELAY = timedelta(minutes=1)
+BASE_DELAY = timedelta(seconds=DEFAULT_RETRY_DELAY_SECONDS)
 MAX_DELAY = timedelta(hours=6)
 JITTER = 0.2
 
