@@ -1,4 +1,4 @@
-"""The forwarded mail (DESIGN.md, "Forwarded mail"), built as bytes without `email`.
+"""The forwarded mail (README, "Forwarded mail"), built as bytes without `email`.
 
 `build_forward` is pure: one `OutgoingDocument` to one `ForwardMail`, the wire form of a
 multipart/mixed mail with a quoted-printable text part and the PDF in base64. The
@@ -210,7 +210,7 @@ def build_forward(
     relay_id: str = DEFAULT_RELAY_ID,
     now: datetime | None = None,
 ) -> ForwardMail:
-    """The mail that forwards one document (DESIGN.md, "Forwarded mail").
+    """The mail that forwards one document (README, "Forwarded mail").
 
     `now` is the Date header (the current time when None). Raises ValueError for a
     `sha256` that is not hexadecimal or an address that cannot be a header.
