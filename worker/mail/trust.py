@@ -37,7 +37,6 @@ from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[impor
 
 from worker.mail.text import clean_text
 from worker.models import DEFAULT_MAX_MAIL_BYTES, MailSummary
-from worker.relay.ports import Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,14 @@ _DKIM_ERRORS = (
     IndexError,
     TypeError,
 )
+
+
+class WholeMails(Protocol):
+    """The one thing DKIM asks of a mailbox (`worker.relay.ports.Mailbox` has it): whole
+    raw mails, so it is declared here and mail/ depends on no port of the relay."""
+
+    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """Whole raw mails by UID; mails the server does not return are absent."""
 
 
 class TxtLookup(Protocol):
@@ -289,7 +296,7 @@ class SenderProof:
         self,
         *,
         policy: TrustPolicy,
-        mailbox: Mailbox,
+        mailbox: WholeMails,
         verifier: DkimVerifier | None = None,
         batch_bytes: int = DEFAULT_MAX_MAIL_BYTES,
     ) -> None:
