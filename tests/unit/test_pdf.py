@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import re
@@ -12,7 +13,7 @@ from tests import samples
 from worker.errors import PdfCheckFailed
 from worker.models import PdfReport
 from worker.pdf.inspection import DEFAULT_INVOICE_NUMBER_PATTERN, inspect_pdf
-from worker.pdf.pool import PdfInspector
+from worker.pdf.pool import FORKSERVER_PRELOAD, PdfInspector
 
 INVOICE = samples.invoice_pdf()
 
@@ -382,3 +383,14 @@ def test_close_right_after_prestart_leaves_no_child_processes() -> None:
     assert _no_children_left()
     inspector.prestart()  # closed: does nothing
     assert _no_children_left()
+
+
+@pytest.mark.parametrize("name", FORKSERVER_PRELOAD)
+def test_the_forkserver_preload_names_still_import(name: str) -> None:
+    # multiprocessing ignores a preload name that fails to import: a module moved
+    # without this list would only make every worker start slowly.
+    assert importlib.import_module(name).__name__ == name
+
+
+def test_the_forkserver_preloads_what_the_workers_run() -> None:
+    assert {inspect_pdf.__module__, PdfInspector.__module__} <= set(FORKSERVER_PRELOAD)

@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 # validated and the fingerprint falls back to the bytes hash (see `inspect_pdf`).
 FINGERPRINT_SHARE: Final = 0.5
 
+# What the fork server imports once, so that workers forked from it start in
+# milliseconds. multiprocessing skips a name that does not import without a word (every
+# worker then imports pypdf itself): tests/unit/test_pdf.py imports each.
+FORKSERVER_PRELOAD: Final = ("worker.pdf.inspection", "worker.pdf.pool")
+
 Check = Callable[[bytes], PdfReport]
 _Reply = tuple[Literal["ok"], PdfReport] | tuple[Literal["error", "fatal"], str]
 
@@ -136,8 +141,7 @@ class PdfInspector:
         self._memory_limit = memory_limit_bytes
         self._max_tasks = max_tasks_per_worker
         self._context = multiprocessing.get_context("forkserver")
-        # Workers forked from a server that already imported pypdf start in milliseconds.
-        self._context.set_forkserver_preload(["worker.pdf.inspection", "worker.pdf.pool"])
+        self._context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
         self._idle: list[_Worker] = []
         self._closed = False
         self._warming: threading.Thread | None = None
