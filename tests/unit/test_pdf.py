@@ -12,7 +12,11 @@ import pytest
 from tests import samples
 from worker.errors import PdfCheckFailed
 from worker.models import PdfReport
-from worker.pdf.inspection import DEFAULT_INVOICE_NUMBER_PATTERN, inspect_pdf
+from worker.pdf.inspection import (
+    DEFAULT_INVOICE_NUMBER_PATTERN,
+    INVOICE_NUMBER_MAX_CHARS,
+    inspect_pdf,
+)
 from worker.pdf.pool import FORKSERVER_PRELOAD, PdfInspector
 
 INVOICE = samples.invoice_pdf()
@@ -225,6 +229,16 @@ def test_default_invoice_number_pattern(text: str, number: str | None) -> None:
 def test_custom_pattern_without_named_group_uses_group_one() -> None:
     report = inspect_pdf(INVOICE, invoice_pattern=re.compile(r"Total\s+([\d.]+)"))
     assert report.invoice_number == "99.00"
+
+
+def test_what_a_custom_pattern_captures_is_cleaned_and_capped() -> None:
+    # A greedy pattern takes the rest of the page's text, line breaks included.
+    report = inspect_pdf(INVOICE, invoice_pattern=re.compile(r"(?s)Total(.*)"))
+    assert report.invoice_number == "99.00 Thank you!"
+    many_lines = samples.invoice_pdf(lines=[(f"Item {n} " + "x" * 40, "1.00") for n in range(9)])
+    report = inspect_pdf(many_lines, invoice_pattern=re.compile(r"(?s)(Item.*)"))
+    assert report.invoice_number is not None
+    assert len(report.invoice_number) == INVOICE_NUMBER_MAX_CHARS
 
 
 # --- the inspector --------------------------------------------------------------------
