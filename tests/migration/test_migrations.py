@@ -332,7 +332,7 @@ def test_loop_sightings_get_their_reason_code_and_lose_it_on_downgrade(
             (2, reasons[1], None),
             (3, None, None),
         ]
-        assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
+        assert view_columns(empty_database) == README_AUDIT_COLUMNS
 
         migrate.downgrade_database(empty_database, "0003_document_contents")
         with engine.connect() as connection:

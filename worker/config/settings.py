@@ -340,8 +340,6 @@ def _default_database_url(env: _Reader) -> str:
     return "sqlite:///" + os.path.join(data_home, "invoice-relay", "relay.db")
 
 
-
-
 def _describe(value: object) -> str:
     if value is None:
         return "(unset)"
