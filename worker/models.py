@@ -26,6 +26,8 @@ DEFAULT_PDF_TIMEOUT_SECONDS = 30.0  # INVOICE_RELAY_PDF_TIMEOUT: one PDF's check
 DEFAULT_PDF_MEMORY_MB = 1024  # INVOICE_RELAY_PDF_MEMORY_MB: one PDF worker's address space
 DEFAULT_LEASE_SECONDS = 3600.0  # a claimed send, when not derived from the timeouts
 DEFAULT_SEND_BATCH = 10  # documents claimed per send session
+DEFAULT_HTTP_PORT = 8080  # INVOICE_RELAY_HTTP_PORT: /livez, /healthz, /metrics
+DEFAULT_NOTIFY_INTERVAL_SECONDS = 3600.0  # INVOICE_RELAY_NOTIFY_INTERVAL
 
 
 class Security(enum.Enum):

@@ -100,7 +100,8 @@ class Settings:
     test_crash_at: CrashAt | None = None
     test_lease_seconds: float | None = None
     notify_to: str | None = None  # where failure notices go; None: no notices
-    notify_interval_seconds: float = 3600.0  # at most one failure notice this often
+    # at most one failure notice this often
+    notify_interval_seconds: float = models.DEFAULT_NOTIFY_INTERVAL_SECONDS
     unknown_variables: tuple[str, ...] = ()  # INVOICE_RELAY_* names nobody reads: typos?
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
 
@@ -127,7 +128,7 @@ class Settings:
             database_url=_database_url(env),
             schedule=env.text("SCHEDULE") or "*/5 * * * *",
             timezone=env.parse("TIMEZONE", values.timezone, "UTC"),
-            http_port=env.parse("HTTP_PORT", values.port(0), 8080),
+            http_port=env.parse("HTTP_PORT", values.port(0), models.DEFAULT_HTTP_PORT),
             since=env.parse("SINCE", values.iso_date, None),
             max_sends_per_minute=env.parse("MAX_SENDS_PER_MINUTE", values.integer(1), None),
             allowed_senders=env.parse("ALLOWED_SENDERS", values.senders, ()),
@@ -170,7 +171,9 @@ class Settings:
             test_crash_at=env.parse("TEST_CRASH_AT", CrashAt.from_text, None),
             test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),
             notify_to=env.parse("NOTIFY_TO", values.address, None),
-            notify_interval_seconds=env.parse("NOTIFY_INTERVAL", parse_duration, 3600.0),
+            notify_interval_seconds=env.parse(
+                "NOTIFY_INTERVAL", parse_duration, models.DEFAULT_NOTIFY_INTERVAL_SECONDS
+            ),
             unknown_variables=env.unknown(),
         )
         if (settings.smtp_user is None) != (settings.smtp_password is None):
@@ -212,7 +215,7 @@ def database_url_from_env(environ: Mapping[str, str]) -> Secret:
 def http_port_from_env(environ: Mapping[str, str]) -> int:
     """Only INVOICE_RELAY_HTTP_PORT, for the container's health probe."""
     env = _Reader(environ)
-    port = env.parse("HTTP_PORT", values.port(0), 8080)
+    port = env.parse("HTTP_PORT", values.port(0), models.DEFAULT_HTTP_PORT)
     env.raise_problems()
     return port
 
