@@ -98,10 +98,6 @@ class PdfCheckFailed(RelayError):
     """The PDF check crashed, ran out of memory or timed out."""
 
 
-class PollLocked(RelayError):
-    """Another replica holds this mailbox's poll lock."""
-
-
 class ConfigProblems(ConfigError):
     """Bad configuration, several problems: one line each.
 

@@ -8,6 +8,28 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+# --- defaults: one home for each ------------------------------------------------------
+# The settings give them to a user who sets nothing (README, "Configuration"); the value
+# objects of the relay and the adapters use the same ones when built without settings
+# (tests, bench, tools), so a test's "default" is the user's default.
+
+MB = 1024 * 1024
+DEFAULT_MAX_MAIL_BYTES = 50 * MB  # INVOICE_RELAY_MAX_MAIL_BYTES: a whole mail
+DEFAULT_MAX_PDF_BYTES = 30 * MB  # INVOICE_RELAY_MAX_PDF_BYTES: one decoded PDF
+DEFAULT_MAX_PARTS = 100  # INVOICE_RELAY_MAX_PARTS: MIME parts per mail, containers included
+DEFAULT_MAX_DEPTH = 10  # INVOICE_RELAY_MAX_DEPTH: MIME nesting levels
+DEFAULT_MAX_ATTEMPTS = 10  # INVOICE_RELAY_MAX_ATTEMPTS: sends of one document
+DEFAULT_ERROR_RETRIES = 3  # INVOICE_RELAY_ERROR_RETRIES: polls that retry a failed mail
+DEFAULT_RETRY_DELAY_SECONDS = 60.0  # INVOICE_RELAY_RETRY_DELAY: doubles per attempt
+DEFAULT_TIMEOUT_SECONDS = 60.0  # INVOICE_RELAY_TIMEOUT: each IMAP and SMTP wait
+DEFAULT_POLL_DEADLINE_SECONDS = 1800.0  # INVOICE_RELAY_POLL_DEADLINE: 30 minutes
+DEFAULT_PDF_TIMEOUT_SECONDS = 30.0  # INVOICE_RELAY_PDF_TIMEOUT: one PDF's check
+DEFAULT_PDF_MEMORY_MB = 1024  # INVOICE_RELAY_PDF_MEMORY_MB: one PDF worker's address space
+DEFAULT_LEASE_SECONDS = 3600.0  # a claimed send, when not derived from the timeouts
+DEFAULT_SEND_BATCH = 10  # documents claimed per send session
+DEFAULT_HTTP_PORT = 8080  # INVOICE_RELAY_HTTP_PORT: /livez, /healthz, /metrics
+DEFAULT_NOTIFY_INTERVAL_SECONDS = 3600.0  # INVOICE_RELAY_NOTIFY_INTERVAL
+
 
 class Security(enum.Enum):
     SSL = "ssl"  # TLS from the first byte (IMAPS 993, SMTPS 465)

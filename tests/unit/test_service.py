@@ -26,7 +26,7 @@ from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped,unused-ignore]
 
-from worker.errors import ConfigError, MailboxError, PollLocked
+from worker.errors import ConfigError, MailboxError
 from worker.models import PollReport
 from worker.service.health import probe_health
 from worker.service.idle import PollRequests
@@ -307,8 +307,9 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_polling_goes_on(
     assert isinstance(failed[0].exc_info[1], RuntimeError)
 
 
-def test_a_poll_that_raises_poll_locked_counts_as_locked_and_healthy() -> None:
-    poll = FakePoll([PollLocked("another replica")])
+def test_a_locked_poll_counts_as_locked_and_healthy() -> None:
+    # A lock held by another replica comes back as a PollReport (worker.cli.commands).
+    poll = FakePoll([report(locked=True)])
     with running_service(poll, interval=3600) as running:
         wait_until(lambda: poll.finished == 1)
         wait_until(lambda: healthz(running.port)[0] == 200)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from datetime import date
 from pathlib import Path
 
@@ -7,7 +9,11 @@ import pytest
 
 from worker.config.settings import Secret, Settings, database_url_from_env, http_port_from_env
 from worker.errors import ConfigError, ConfigProblems
-from worker.models import DedupMode, Security
+from worker.mail.trust import SenderProof
+from worker.models import DEFAULT_MAX_MAIL_BYTES, DedupMode, Security
+from worker.relay.forwarding import ForwardRules
+from worker.relay.intake import IntakeRules
+from worker.relay.pipeline import PipelineConfig
 
 IMAP_SECRET = "imap-Pa55-zq81"
 SMTP_SECRET = "smtp-Pa55-kx47"
@@ -497,3 +503,33 @@ def test_http_port_alone(environ: dict[str, str], port: int) -> None:
 def test_http_port_alone_is_checked() -> None:
     with pytest.raises(ConfigError, match="INVOICE_RELAY_HTTP_PORT"):
         http_port_from_env({"INVOICE_RELAY_HTTP_PORT": "http"})
+
+
+# --- one home for each default -----------------------------------------------------------
+
+
+def _defaults(cls: type) -> dict[str, object]:
+    return {
+        item.name: item.default
+        for item in dataclasses.fields(cls)
+        if item.default is not dataclasses.MISSING
+    }
+
+
+def test_what_from_env_fills_in_is_the_dataclass_default() -> None:
+    read = settings()
+    assert {name: getattr(read, name) for name in _defaults(Settings)} == _defaults(Settings)
+
+
+@pytest.mark.parametrize("cls", [IntakeRules, PipelineConfig, ForwardRules, SenderProof])
+def test_the_relay_defaults_are_the_users(cls: type) -> None:
+    # A pipeline built without settings (tests, bench) behaves as the user's default.
+    if cls is SenderProof:
+        batch_bytes = inspect.signature(SenderProof).parameters["batch_bytes"].default
+        assert batch_bytes == _defaults(Settings)["max_mail_bytes"] == DEFAULT_MAX_MAIL_BYTES
+        return
+    shared = _defaults(cls).keys() & _defaults(Settings).keys()
+    assert shared
+    assert {name: _defaults(cls)[name] for name in shared} == {
+        name: _defaults(Settings)[name] for name in shared
+    }

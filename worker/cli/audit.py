@@ -10,6 +10,7 @@ from dataclasses import fields
 from datetime import datetime
 from enum import Enum
 
+from worker.mail.text import clean_text
 from worker.models import AuditRow
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AuditRow))
@@ -63,11 +64,9 @@ def as_csv(rows: Sequence[AuditRow]) -> str:
 
 
 def _cell(name: str, value: object) -> str:
-    text = " ".join(_text(value).split())
-    cap = _WIDTH_CAP.get(name)
-    if cap is not None and len(text) > cap:
-        text = text[: cap - 1] + "…"
-    return text
+    # One line per row, and no terminal escape from a stranger's sender or filename.
+    text = _text(value)
+    return clean_text(text, _WIDTH_CAP.get(name, len(text)), mark_cut=True)
 
 
 def as_table(rows: Sequence[AuditRow]) -> str:

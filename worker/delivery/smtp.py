@@ -21,11 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from worker.delivery.message import RELAY_HEADER, ForwardMail, clean_text
+from worker.delivery.message import RELAY_HEADER, ForwardMail
 from worker.errors import SendRejected, SessionRefused
-from worker.models import Security
+from worker.mail.text import clean_text
+from worker.models import DEFAULT_TIMEOUT_SECONDS, Security
 
-__all__ = ["LOST_DURING_SEND", "SmtpOutbox", "clean_text"]  # clean_text: for worker.relay.notify
+__all__ = ["LOST_DURING_SEND", "SmtpOutbox"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class SmtpOutbox:
         forward_from: str,
         forward_to: str,
         ca_file: Path | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self._host = host
         self._port = port

@@ -26,7 +26,7 @@ from imapclient import exceptions as imap_errors  # type: ignore[import-untyped,
 
 from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
 from worker.mail import headers, mime
-from worker.models import FolderStatus, MailSummary, Security
+from worker.models import DEFAULT_TIMEOUT_SECONDS, FolderStatus, MailSummary, Security
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ImapMailbox:
         password: str,
         folder: str = "INBOX",
         ca_file: Path | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
         batch_size: int = 200,
         deadline_seconds: float | None = None,
     ) -> None:

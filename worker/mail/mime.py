@@ -12,35 +12,28 @@ Nothing here does I/O or imports imapclient. The rules, in one place:
 * A part is a PDF candidate when it is a non-empty leaf, or when its label says PDF
   (then even when empty, so that the rejection is recorded). Labelled parts are
   `certain` and fetched whole; the others are probed by their first octets.
-* "Is a PDF" means: the decoded bytes start with `%PDF-`, after optional ASCII
-  whitespace within the first 1024 octets.
+* Transfer decoding and "is a PDF" live in `worker.mail.transfer`.
 """
 
 from __future__ import annotations
 
-import binascii
 import email.parser
 import email.policy
-import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from email.message import Message
 from email.utils import decode_rfc2231
 
-from worker.mail.headers import decode_encoded_words, decode_octets, strip_controls
+from worker.mail.headers import decode_encoded_words, decode_octets
+from worker.mail.text import clean_filename
 from worker.models import BodyPart, Candidate
 
 PDF_CONTENT_TYPES = frozenset({"application/pdf", "application/x-pdf", "application/acrobat"})
-PDF_MAGIC = b"%PDF-"
 PROBE_OCTETS = 64  # how many raw octets the pipeline fetches to probe an unlabelled part
 FILENAME_MAX_CHARS = 255
 
 _MAX_DEPTH = 40  # deeper nesting is hostile; Dovecot itself stops well before this
-_MAGIC_WINDOW = 1024  # leading whitespace tolerated before %PDF-
-_ASCII_WHITESPACE = b" \t\r\n\x0b\x0c"
 _MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
-_BASE64_ALPHABET = re.compile(rb"[A-Za-z0-9+/=]*")
-_BASE64_INVALID = re.compile(rb"[^A-Za-z0-9+/=]")
 
 
 # --- BODYSTRUCTURE --------------------------------------------------------------------
@@ -194,15 +187,16 @@ def decode_filename(part: BodyPart) -> str | None:
 
     Looks at the disposition's `filename` first, then the content type's `name`; an
     RFC 2231 form (`filename*`, continuations) wins over the plain one. RFC 2047 words
-    in a plain value are decoded too. Directory parts, control and bidi characters are
-    removed; a name longer than 255 characters is cut, keeping a short extension.
+    in a plain value are decoded too, then cleaned by `worker.mail.text.clean_filename`
+    (no directory, no leading dot, no control or bidi character; 255 characters at most,
+    keeping a short extension).
     """
     for params, base in ((part.disposition_params, "filename"), (part.params, "name")):
         value = _rfc2231_value(params, base)
         if value is None and base in params:
             value = decode_encoded_words(params[base])
         if value is not None:
-            cleaned = _clean_filename(value)
+            cleaned = clean_filename(value, FILENAME_MAX_CHARS)
             if cleaned:
                 return cleaned
     return None
@@ -241,19 +235,6 @@ def _decode_extended(segments: list[tuple[str, bool]]) -> str:
             charset = declared or "utf-8"
         octets += urllib.parse.unquote_to_bytes(value)
     return decode_octets(bytes(octets), charset)
-
-
-def _clean_filename(value: str) -> str | None:
-    name = strip_controls(value, breaks="").replace("\\", "/").rsplit("/", 1)[-1].strip()
-    if name in ("", ".", ".."):
-        return None
-    if len(name) > FILENAME_MAX_CHARS:
-        stem, dot, extension = name.rpartition(".")
-        if dot and stem and 0 < len(extension) <= 16:
-            name = stem[: FILENAME_MAX_CHARS - len(extension) - 1].rstrip() + "." + extension
-        else:
-            name = name[:FILENAME_MAX_CHARS]
-    return name
 
 
 # --- candidates -----------------------------------------------------------------------
@@ -377,67 +358,3 @@ def _section_node(root: Message, section: str) -> Message | None:
         else:
             return None
     return node
-
-
-# --- transfer encodings and the PDF test ------------------------------------------------
-
-
-def decode_transfer(raw: bytes, encoding: str) -> bytes:
-    """Undo a Content-Transfer-Encoding; unknown encodings leave the bytes unchanged.
-
-    base64 tolerates line breaks, whitespace, missing or repeated padding; raises
-    ValueError("broken base64: ...") when other characters appear.
-    """
-    kind = encoding.strip().lower()
-    if kind == "base64":
-        compact = raw.translate(None, _ASCII_WHITESPACE)
-        try:  # well-formed base64, nearly every mail: one pass in C
-            return binascii.a2b_base64(compact, strict_mode=True)
-        except binascii.Error:
-            pass
-        invalid = _BASE64_INVALID.search(compact)
-        if invalid is not None:
-            raise ValueError(
-                f"broken base64: byte 0x{compact[invalid.start()]:02x} "
-                f"at offset {invalid.start()} of {len(compact)}"
-            )
-        return _lenient_base64(compact)
-    if kind == "quoted-printable":
-        return binascii.a2b_qp(raw)
-    return raw
-
-
-def _lenient_base64(compact: bytes) -> bytes:
-    """Decode base64 text that contains only alphabet and '=' characters.
-
-    Some encoders pad each line, so '=' may appear mid-text: each run between padding
-    is decoded on its own. A trailing quantum cut short still yields its whole octets.
-    """
-    decoded = bytearray()
-    for chunk in re.split(rb"=+", compact):
-        usable = len(chunk) - (1 if len(chunk) % 4 == 1 else 0)  # one char is < 1 octet
-        if usable:
-            padded = chunk[:usable] + b"=" * (-usable % 4)
-            decoded += binascii.a2b_base64(padded)
-    return bytes(decoded)
-
-
-def probe_is_pdf(prefix: bytes, encoding: str) -> bool:
-    """Whether the first raw (still transfer-encoded) octets of a part decode to a PDF start.
-
-    The prefix may be cut anywhere, mid base64 quantum or mid quoted-printable escape.
-    """
-    kind = encoding.strip().lower()
-    if kind == "base64":
-        compact = prefix.translate(None, _ASCII_WHITESPACE)
-        valid = _BASE64_ALPHABET.match(compact)
-        return is_pdf_bytes(_lenient_base64(valid.group() if valid else b""))
-    try:
-        return is_pdf_bytes(decode_transfer(prefix, kind))
-    except ValueError:
-        return False
-
-
-def is_pdf_bytes(data: bytes) -> bool:
-    """Whether decoded bytes start with `%PDF-`, after optional ASCII whitespace."""
-    return data[:_MAGIC_WINDOW].lstrip(_ASCII_WHITESPACE).startswith(PDF_MAGIC)

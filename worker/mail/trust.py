@@ -35,8 +35,8 @@ import dns.exception  # type: ignore[import-untyped,unused-ignore]
 from dkim.dnsplug import get_txt  # type: ignore[import-untyped,unused-ignore]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped,unused-ignore]
 
-from worker.models import MailSummary
-from worker.relay.ports import Mailbox
+from worker.mail.text import clean_text
+from worker.models import DEFAULT_MAX_MAIL_BYTES, MailSummary
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,14 @@ _DKIM_ERRORS = (
     IndexError,
     TypeError,
 )
+
+
+class WholeMails(Protocol):
+    """The one thing DKIM asks of a mailbox (`worker.relay.ports.Mailbox` has it): whole
+    raw mails, so it is declared here and mail/ depends on no port of the relay."""
+
+    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """Whole raw mails by UID; mails the server does not return are absent."""
 
 
 class TxtLookup(Protocol):
@@ -119,7 +127,7 @@ def _accepted_signer(signing_domain: str, from_domain: str, policy: TrustPolicy)
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 1] + "…"
+    return clean_text(text, REASON_MAX_CHARS, mark_cut=True)
 
 
 # --- Authentication-Results ------------------------------------------------------------
@@ -224,7 +232,9 @@ class DkimVerifier:
         try:
             checker = dkim.DKIM(raw, logger=_dkimpy_log, timeout=self._timeout)
         except _DKIM_ERRORS as exc:
-            return TrustVerdict(proof=Proof.FAILED, reason=f"DKIM: unreadable mail: {exc!r}"[:200])
+            return TrustVerdict(
+                proof=Proof.FAILED, reason=clean_text(f"DKIM: unreadable mail: {exc!r}", 200)
+            )
         signatures = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
         if not signatures:
             return TrustVerdict(proof=Proof.FAILED, reason="DKIM: no signature")
@@ -271,7 +281,7 @@ class DkimVerifier:
             valid = bool(checker.verify(idx=index, dnsfunc=self._lookup))
         except _DKIM_ERRORS as exc:
             # "body hash mismatch (got ..., expected ...)": the hashes help nobody
-            detail = str(exc).split(" (", 1)[0][:120]
+            detail = clean_text(str(exc).split(" (", 1)[0], 120)
             return False, f"{label}: {type(exc).__name__}: {detail}"
         return valid, (f"valid signature of {label}" if valid else f"{label}: does not verify")
 
@@ -286,9 +296,9 @@ class SenderProof:
         self,
         *,
         policy: TrustPolicy,
-        mailbox: Mailbox,
+        mailbox: WholeMails,
         verifier: DkimVerifier | None = None,
-        batch_bytes: int = 50_000_000,
+        batch_bytes: int = DEFAULT_MAX_MAIL_BYTES,
     ) -> None:
         self._policy = policy
         self._mailbox = mailbox

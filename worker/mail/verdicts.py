@@ -7,7 +7,10 @@ import hashlib
 from collections.abc import Sequence
 
 from worker.errors import PdfCheckFailed
+from worker.mail.text import clean_text
 from worker.models import Candidate, MailSummary, PartRecord, PdfReport, ReasonCode, SightingKind
+
+DESCRIBE_MAX_CHARS = 500  # an exception's text in an audit row's reason
 
 
 def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
@@ -98,8 +101,12 @@ def too_large(candidate: Candidate, limit: int) -> PartRecord:
 
 def describe(exc: BaseException) -> str:
     """One line naming the exception, for an audit row's reason."""
-    text = str(exc).replace("\n", " ").strip()
-    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+    text = clean_text(str(exc), DESCRIBE_MAX_CHARS)
+    return (
+        clean_text(f"{type(exc).__name__}: {text}", DESCRIBE_MAX_CHARS)
+        if text
+        else type(exc).__name__
+    )
 
 
 def section_key(section: str) -> tuple[int, ...]:

@@ -20,6 +20,8 @@ from pypdf.generic import (
     create_string_object,
 )
 
+from worker.mail.text import clean_text
+
 READ_ERRORS: Final = (PyPdfError, ValueError, KeyError, TypeError, AttributeError, zlib.error)
 
 
@@ -29,8 +31,9 @@ class Unparseable(Exception):
 
 def short(exc: BaseException) -> str:
     """The exception's type and the first line of its message, for a reason."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    text = clean_text(lines[0], 160) if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def text_content(reader: PdfReader, data: bytes, where: str) -> ContentStream:

@@ -41,6 +41,7 @@ from pypdf.generic import (
     StreamObject,
 )
 
+from worker.mail.text import clean_text
 from worker.models import PdfReport
 from worker.pdf.content import (
     READ_ERRORS,
@@ -53,6 +54,7 @@ from worker.pdf.content import (
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_PREFIX: Final = "fp1:"
+INVOICE_NUMBER_MAX_CHARS: Final = 100  # what a custom pattern captures is cut here
 
 # "Invoice No. 1042", "Rechnung Nr. 2024-17", "Facture N° F-88", "Factura nº 12",
 # "Fattura n. 7", "Factuur nr 55", "Invoice number: INV-1042", "Invoice #1042".
@@ -376,4 +378,5 @@ def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
         number = match.group("number")
     else:
         number = match.group(1) if pattern.groups else match.group(0)
-    return number.strip() or None if number else None
+    # PDF text is a stranger's: it reaches the audit table and CSV like a subject does.
+    return clean_text(number, INVOICE_NUMBER_MAX_CHARS) or None if number else None

@@ -18,7 +18,12 @@ from datetime import datetime, timedelta
 from worker.delivery.message import build_forward
 from worker.errors import SendRejected, SessionRefused, StoreError
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
-from worker.models import OutgoingDocument
+from worker.models import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_SEND_BATCH,
+    OutgoingDocument,
+)
 from worker.relay.pacer import SendPacer
 from worker.relay.ports import Outbox, SendQueue
 from worker.relay.retry import BASE_DELAY, out_of_attempts, retry_delay
@@ -31,9 +36,9 @@ class ForwardRules:
     forward_to: str
     forward_from: str
     keep_pdfs: bool = False
-    max_attempts: int = 10
-    lease_seconds: float = 3600.0
-    send_batch: int = 10
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    send_batch: int = DEFAULT_SEND_BATCH
     retry_base: timedelta = BASE_DELAY
 
 

@@ -14,7 +14,7 @@ from functools import partial
 from typing import Protocol, TypeVar, runtime_checkable
 
 from worker.errors import InfrastructureError
-from worker.mail import mime
+from worker.mail import mime, transfer
 from worker.mail.ranged import LARGE_PART, RangedFetch, fetch_decoded
 from worker.mail.trust import NO_PROOF, DkimVerifier, Proof, SenderProof, TrustPolicy, TxtLookup
 from worker.mail.verdicts import (
@@ -28,6 +28,10 @@ from worker.mail.verdicts import (
     too_large,
 )
 from worker.models import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_MAIL_BYTES,
+    DEFAULT_MAX_PARTS,
+    DEFAULT_MAX_PDF_BYTES,
     Candidate,
     MailRecord,
     MailSummary,
@@ -49,10 +53,10 @@ class IntakeRules:
 
     forward_from: str
     allowed_senders: tuple[str, ...] = ()
-    max_mail_bytes: int = 50_000_000
-    max_pdf_bytes: int = 30_000_000
-    max_parts: int = 100  # MIME parts per mail, containers included
-    max_depth: int = 10  # MIME nesting levels
+    max_mail_bytes: int = DEFAULT_MAX_MAIL_BYTES
+    max_pdf_bytes: int = DEFAULT_MAX_PDF_BYTES
+    max_parts: int = DEFAULT_MAX_PARTS  # MIME parts per mail, containers included
+    max_depth: int = DEFAULT_MAX_DEPTH  # MIME nesting levels
     trust: TrustPolicy = NO_PROOF  # proof of the From header (worker.mail.trust)
 
 
@@ -147,7 +151,7 @@ class Intake:
             chosen[uid] = list(plan.certain)
             for candidate in plan.probed:
                 prefix = prefixes.get((uid, candidate.section), b"")
-                if mime.probe_is_pdf(prefix, candidate.encoding):
+                if transfer.probe_is_pdf(prefix, candidate.encoding):
                     chosen[uid].append(candidate)
         in_hand = self._require_proof(plans, chosen)
         to_fetch: dict[int, list[Candidate]] = {}
@@ -199,7 +203,7 @@ class Intake:
                     decoded[(uid, candidate.section)] = LookupError("part vanished from the server")
                     continue
                 try:
-                    decoded[(uid, candidate.section)] = mime.decode_transfer(
+                    decoded[(uid, candidate.section)] = transfer.decode_transfer(
                         raw, candidate.encoding
                     )
                 except ValueError as exc:

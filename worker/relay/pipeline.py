@@ -20,6 +20,15 @@ from datetime import UTC, date, datetime, timedelta
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.mail.trust import NO_PROOF, TrustPolicy, TxtLookup
 from worker.models import (
+    DEFAULT_ERROR_RETRIES,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_MAIL_BYTES,
+    DEFAULT_MAX_PARTS,
+    DEFAULT_MAX_PDF_BYTES,
+    DEFAULT_RETRY_DELAY_SECONDS,
+    DEFAULT_SEND_BATCH,
     DedupMode,
     DocumentState,
     FolderStatus,
@@ -49,17 +58,17 @@ class PipelineConfig:
     dedup: DedupMode = DedupMode.CONTENT
     keep_pdfs: bool = False
     allowed_senders: tuple[str, ...] = ()
-    max_mail_bytes: int = 50_000_000
-    max_pdf_bytes: int = 30_000_000
-    max_parts: int = 100
-    max_depth: int = 10
+    max_mail_bytes: int = DEFAULT_MAX_MAIL_BYTES
+    max_pdf_bytes: int = DEFAULT_MAX_PDF_BYTES
+    max_parts: int = DEFAULT_MAX_PARTS
+    max_depth: int = DEFAULT_MAX_DEPTH
     trust: TrustPolicy = NO_PROOF
-    max_attempts: int = 10
-    error_retries: int = 3
-    lease_seconds: float = 3600.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    error_retries: int = DEFAULT_ERROR_RETRIES
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
     batch_size: int = 200
-    send_batch: int = 10
-    retry_delay_seconds: float = 60.0  # the first retry's delay; doubles per attempt
+    send_batch: int = DEFAULT_SEND_BATCH
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS  # doubles per attempt
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

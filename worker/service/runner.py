@@ -23,7 +23,7 @@ from apscheduler.events import EVENT_SCHEDULER_STARTED  # type: ignore[import-un
 from apscheduler.executors.base import BaseExecutor, run_job  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped,unused-ignore]
 
-from worker.errors import InfrastructureError, PollLocked
+from worker.errors import InfrastructureError
 from worker.models import PollReport
 from worker.service.health import (
     HealthServer,
@@ -258,15 +258,8 @@ class Service:
                 return
             self._active_polls += 1
         started = time.monotonic()
-        started_at = _utc_now()
         try:
             report = self._poll()
-        except PollLocked:
-            # The pipeline normally reports this in its PollReport; accept both forms.
-            report = PollReport(
-                mailbox="", started_at=started_at, finished_at=_utc_now(), locked=True
-            )
-            self._record_success(report)
         except InfrastructureError as exc:
             self._record_failure(exc, time.monotonic() - started)
             _LOG.warning("poll failed: %s", exc, extra={"action": "poll_failed"})
