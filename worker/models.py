@@ -39,6 +39,7 @@ class ReasonCode(enum.Enum):
     the reason text is for people and may be reworded."""
 
     NOTICE_LOOP = "notice_loop"  # our own failure notice come back to the polled mailbox
+    VANISHED = "vanished"  # listed by SEARCH, gone by FETCH: expunged or moved meanwhile
 
 
 class Outcome(enum.Enum):

@@ -25,8 +25,9 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import authres  # type: ignore[import-untyped,unused-ignore]
@@ -66,10 +67,24 @@ class TxtLookup(Protocol):
     def __call__(self, name: bytes, timeout: float = 5) -> bytes | None: ...
 
 
+class ProofGuard(Protocol):
+    """Runs one mail's proof step; whatever the step raises becomes that mail's verdict
+    (the intake's per-mail catch: a hostile key or signature can make dkimpy raise
+    anything, and that must not stop the other mails' proofs)."""
+
+    def __call__(self, uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict: ...
+
+
+def unguarded(uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict:
+    """No guard: the step's exceptions propagate (for callers that catch themselves)."""
+    del uid
+    return step()
+
+
 class Proof(enum.Enum):
     PASSED = "passed"  # the From is proven
     FAILED = "failed"  # no proof: the mail's PDFs are rejected
-    UNSURE = "unsure"  # a DNS lookup timed out: the mail is an error, retried later
+    UNSURE = "unsure"  # undecided (DNS timed out, the check crashed): an error, retried later
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -295,8 +310,12 @@ class SenderProof:
         self._verifier = verifier or DkimVerifier()
         self._batch_bytes = batch_bytes
 
-    def check(self, summaries: Sequence[MailSummary]) -> dict[int, TrustVerdict]:
-        """A verdict per mail; empty when the policy demands no proof."""
+    def check(
+        self, summaries: Sequence[MailSummary], *, guard: ProofGuard = unguarded
+    ) -> dict[int, TrustVerdict]:
+        """A verdict per mail; empty when the policy demands no proof. Each mail's header
+        check and DKIM check runs under `guard`; fetching whole mails does not (a server
+        failing ends the poll)."""
         policy = self._policy
         if not policy.active:
             return {}
@@ -306,8 +325,14 @@ class SenderProof:
         for summary in summaries:
             from_domain = domain_of(summary.headers.sender_address)
             if policy.trusted_authserv_id is not None:
-                verdict = check_authentication_results(
-                    summary.headers.authentication_results, from_domain, policy
+                verdict = guard(
+                    summary.uid,
+                    partial(
+                        check_authentication_results,
+                        summary.headers.authentication_results,
+                        from_domain,
+                        policy,
+                    ),
                 )
                 if verdict.proof is Proof.PASSED or not policy.require_dkim:
                     verdicts[summary.uid] = verdict
@@ -323,10 +348,14 @@ class SenderProof:
                         proof=Proof.UNSURE, reason="DKIM: the mail vanished from the server"
                     )
                 else:
-                    verdict = self._verifier.verify(
-                        raw,
-                        from_domain=domain_of(summary.headers.sender_address),
-                        policy=policy,
+                    verdict = guard(
+                        summary.uid,
+                        partial(
+                            self._verifier.verify,
+                            raw,
+                            from_domain=domain_of(summary.headers.sender_address),
+                            policy=policy,
+                        ),
                     )
                 other = header_reasons.get(summary.uid)
                 if verdict.proof is not Proof.PASSED and other is not None:

@@ -16,7 +16,15 @@ from typing import Protocol, TypeVar, runtime_checkable
 from worker.errors import InfrastructureError
 from worker.mail import mime
 from worker.mail.ranged import LARGE_PART, RangedFetch, fetch_decoded
-from worker.mail.trust import NO_PROOF, DkimVerifier, Proof, SenderProof, TrustPolicy, TxtLookup
+from worker.mail.trust import (
+    NO_PROOF,
+    DkimVerifier,
+    Proof,
+    SenderProof,
+    TrustPolicy,
+    TrustVerdict,
+    TxtLookup,
+)
 from worker.mail.verdicts import (
     checked_part,
     describe,
@@ -26,9 +34,11 @@ from worker.mail.verdicts import (
     section_key,
     sender_allowed,
     too_large,
+    vanished_part,
 )
 from worker.models import (
     Candidate,
+    MailHeaders,
     MailRecord,
     MailSummary,
     PartRecord,
@@ -81,6 +91,7 @@ class FetchedBatch:
     plans: list[_MailPlan]
     to_fetch: dict[int, list[Candidate]]  # the PDF parts fetched, per UID
     decoded: dict[tuple[int, str], bytes | Exception]  # (uid, section): the part's bytes
+    vanished: tuple[int, ...] = ()  # UIDs listed by SEARCH that FETCH no longer described
 
 
 def _large(candidate: Candidate) -> bool:
@@ -123,16 +134,26 @@ class Intake:
     def fetch(self, uids: Sequence[int]) -> FetchedBatch:
         """The IMAP half of `build_records`: summaries, probes, sender proof and the PDF
         parts, decoded. Uses the mailbox and nothing else, so a poll may run it for the
-        next batch in a thread of its own while `decide` checks this one."""
+        next batch in a thread of its own while `decide` checks this one. The server's
+        answers come batched; every decision on one mail runs under `per_mail`."""
         if not uids:
             return FetchedBatch(plans=[], to_fetch={}, decoded={})
+        summaries = self._mailbox.summaries(uids)
+        described = {summary.uid for summary in summaries}
+        vanished = tuple(uid for uid in uids if uid not in described)
+        for uid in vanished:
+            log.info(
+                "mail %s vanished between SEARCH and FETCH",
+                uid,
+                extra={"action": "mail_vanished", "uid": uid},
+            )
         plans = [
             per_mail(
                 summary.uid,
                 partial(self._plan_mail, summary),
                 partial(_failed_plan, summary),
             )
-            for summary in self._mailbox.summaries(uids)
+            for summary in summaries
         ]
 
         probe_wanted = {p.summary.uid: [c.section for c in p.probed] for p in plans if p.probed}
@@ -141,23 +162,20 @@ class Intake:
             if probe_wanted
             else {}
         )
-        chosen: dict[int, list[Candidate]] = {}
-        for plan in plans:
-            uid = plan.summary.uid
-            chosen[uid] = list(plan.certain)
-            for candidate in plan.probed:
-                prefix = prefixes.get((uid, candidate.section), b"")
-                if mime.probe_is_pdf(prefix, candidate.encoding):
-                    chosen[uid].append(candidate)
+        chosen = {
+            plan.summary.uid: _guarded(
+                plan, partial(_probed_pdfs, plan, prefixes), list[Candidate]()
+            )
+            for plan in plans
+        }
         self._require_proof(plans, chosen)
         to_fetch: dict[int, list[Candidate]] = {}
         for plan in plans:
-            uid = plan.summary.uid
-            for candidate in sorted(chosen[uid], key=lambda c: section_key(c.section)):
-                if estimated_decoded_size(candidate) > self._config.max_pdf_bytes:
-                    plan.rejected_parts.append(too_large(candidate, self._config.max_pdf_bytes))
-                else:
-                    to_fetch.setdefault(uid, []).append(candidate)
+            wanted_parts = _guarded(
+                plan, partial(self._sized, plan, chosen[plan.summary.uid]), list[Candidate]()
+            )
+            if wanted_parts:
+                to_fetch[plan.summary.uid] = wanted_parts
         # A large part comes range by range from a mailbox that can (worker.mail.ranged).
         ranging = self._mailbox if isinstance(self._mailbox, RangedFetch) else None
         wanted = {
@@ -168,30 +186,14 @@ class Intake:
 
         # Decode every fetched part; `decide` checks them.
         decoded: dict[tuple[int, str], bytes | Exception] = {}
-        for uid, cands in to_fetch.items():
-            for candidate in cands:
-                if ranging is not None and _large(candidate):
-                    try:
-                        large = fetch_decoded(ranging, uid, candidate.section)
-                    except ValueError as exc:
-                        decoded[(uid, candidate.section)] = exc
-                        continue
-                    decoded[(uid, candidate.section)] = (
-                        LookupError("part vanished from the server") if large is None else large
-                    )
-                    continue
-                # Popped: each raw part is freed once decoded.
-                raw = bodies.pop((uid, candidate.section), None)
-                if raw is None:
-                    decoded[(uid, candidate.section)] = LookupError("part vanished from the server")
-                    continue
-                try:
-                    decoded[(uid, candidate.section)] = mime.decode_transfer(
-                        raw, candidate.encoding
-                    )
-                except ValueError as exc:
-                    decoded[(uid, candidate.section)] = exc
-        return FetchedBatch(plans=plans, to_fetch=to_fetch, decoded=decoded)
+        by_uid = {plan.summary.uid: plan for plan in plans}
+        for uid, cands in list(to_fetch.items()):
+            parts = _guarded(by_uid[uid], partial(_decode_parts, uid, cands, bodies, ranging), None)
+            if parts is None:
+                del to_fetch[uid]  # the mail's error row says why
+                continue
+            decoded.update(parts)
+        return FetchedBatch(plans=plans, to_fetch=to_fetch, decoded=decoded, vanished=vanished)
 
     def decide(self, batch: FetchedBatch) -> list[MailRecord]:
         """The PDF half of `build_records`: checks every fetched PDF of the batch in one
@@ -211,7 +213,11 @@ class Intake:
                 _as_parts,
             )
             records.append(MailRecord(uid=uid, headers=plan.summary.headers, parts=tuple(parts)))
-        return records
+        records.extend(
+            MailRecord(uid=uid, headers=MailHeaders(), parts=(vanished_part(),))
+            for uid in batch.vanished
+        )
+        return sorted(records, key=lambda record: record.uid)
 
     def _plan_mail(self, summary: MailSummary) -> _MailPlan:
         config = self._config
@@ -282,7 +288,7 @@ class Intake:
         their PDFs are rejected (never fetched); unsure (DNS timeout), the mail is an
         error tried again later."""
         wanting = [plan for plan in plans if chosen[plan.summary.uid]]
-        verdicts = self._proof.check([plan.summary for plan in wanting])
+        verdicts = self._proof.check([plan.summary for plan in wanting], guard=_proof_guard)
         for plan in wanting:
             uid = plan.summary.uid
             verdict = verdicts.get(uid)
@@ -302,6 +308,17 @@ class Intake:
                     for c in chosen[uid]
                 )
             chosen[uid] = []
+
+    def _sized(self, plan: _MailPlan, chosen: Sequence[Candidate]) -> list[Candidate]:
+        """The chosen parts worth fetching; those too large become rejected rows."""
+        limit = self._config.max_pdf_bytes
+        wanted: list[Candidate] = []
+        for candidate in sorted(chosen, key=lambda c: section_key(c.section)):
+            if estimated_decoded_size(candidate) > limit:
+                plan.rejected_parts.append(too_large(candidate, limit))
+            else:
+                wanted.append(candidate)
+        return wanted
 
     def _parts_of(
         self,
@@ -335,6 +352,70 @@ class Intake:
         if not parts:
             parts.append(PartRecord(part="", kind=SightingKind.NO_PDF))
         return sorted(parts, key=lambda p: section_key(p.part))
+
+
+def _probed_pdfs(plan: _MailPlan, prefixes: Mapping[tuple[int, str], bytes]) -> list[Candidate]:
+    """The labelled PDF parts, and the unlabelled ones whose first bytes are a PDF's."""
+    uid = plan.summary.uid
+    found = list(plan.certain)
+    for candidate in plan.probed:
+        prefix = prefixes.get((uid, candidate.section), b"")
+        if mime.probe_is_pdf(prefix, candidate.encoding):
+            found.append(candidate)
+    return found
+
+
+def _decode_parts(
+    uid: int,
+    candidates: Sequence[Candidate],
+    bodies: dict[tuple[int, str], bytes],
+    ranging: RangedFetch | None,
+) -> dict[tuple[int, str], bytes | Exception]:
+    """One mail's PDF parts, transfer-decoded; an undecodable part's value is the error."""
+    decoded: dict[tuple[int, str], bytes | Exception] = {}
+    for candidate in candidates:
+        key = (uid, candidate.section)
+        if ranging is not None and _large(candidate):
+            try:
+                large = fetch_decoded(ranging, uid, candidate.section)
+            except ValueError as exc:
+                decoded[key] = exc
+                continue
+            decoded[key] = LookupError("part vanished from the server") if large is None else large
+            continue
+        # Popped: each raw part is freed once decoded.
+        raw = bodies.pop(key, None)
+        if raw is None:
+            decoded[key] = LookupError("part vanished from the server")
+            continue
+        try:
+            decoded[key] = mime.decode_transfer(raw, candidate.encoding)
+        except ValueError as exc:
+            decoded[key] = exc
+    return decoded
+
+
+def _guarded(plan: _MailPlan, step: Callable[[], _T], fallback: _T) -> _T:
+    """`per_mail` for one step of a planned mail: should the step raise, the mail's
+    verdict becomes that error (its later steps then have nothing to do) and the step
+    yields `fallback`."""
+
+    def failed(error: PartRecord) -> _T:
+        plan.verdict = error
+        plan.rejected_parts.clear()
+        return fallback
+
+    return per_mail(plan.summary.uid, step, failed)
+
+
+def _proof_guard(uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict:
+    """A proof step that raised leaves the sender unproven for now: the mail is an
+    `error`, tried again on a later poll (and `rejected` after a few tries)."""
+    return per_mail(uid, step, _unsure)
+
+
+def _unsure(error: PartRecord) -> TrustVerdict:
+    return TrustVerdict(proof=Proof.UNSURE, reason=f"sender proof crashed: {error.reason}")
 
 
 def _failed_plan(summary: MailSummary, error: PartRecord) -> _MailPlan:

@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.mail.trust import NO_PROOF, TrustPolicy, TxtLookup
+from worker.mail.verdicts import is_vanished
 from worker.models import (
     DedupMode,
     DocumentState,
@@ -275,11 +276,14 @@ class Pipeline:
         )
         result: Counter[Outcome] = Counter()
         for batch in _chunks(uids, config.batch_size):
-            recorded = self._process(uidvalidity, batch, advance_to=None, retry=True)
-            result.update(_outcome(r) for r in recorded if r.inserted)
+            mails = self._intake.build_records(batch)
             # A mail a person deleted or moved cannot be read again; retrying it on
-            # every poll would keep it `error` forever.
-            vanished = sorted(set(batch) - {r.uid for r in recorded})
+            # every poll would keep it `error` forever. Its error rows (one per part,
+            # perhaps) say it left; a new "vanished" row would leave them standing.
+            vanished = [mail.uid for mail in mails if is_vanished(mail.parts)]
+            kept = [mail for mail in mails if not is_vanished(mail.parts)]
+            recorded = self._record(uidvalidity, kept, advance_to=None, retry=True)
+            result.update(_outcome(r) for r in recorded if r.inserted)
             if vanished:
                 self._store.abandon_errors(
                     mailbox=config.mailbox,
@@ -288,12 +292,6 @@ class Pipeline:
                     reason="the mail left the mailbox before it could be read again",
                 )
         return result
-
-    def _process(
-        self, uidvalidity: int, uids: Sequence[int], *, advance_to: int | None, retry: bool
-    ) -> list[RecordedSighting]:
-        mails = self._intake.build_records(uids) if uids else []
-        return self._record(uidvalidity, mails, advance_to=advance_to, retry=retry)
 
     def _record(
         self,
