@@ -36,6 +36,7 @@ import dns.exception  # type: ignore[import-untyped,unused-ignore]
 from dkim.dnsplug import get_txt  # type: ignore[import-untyped,unused-ignore]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped,unused-ignore]
 
+from worker.mail.batches import size_batches
 from worker.models import MailSummary
 from worker.relay.ports import Mailbox
 
@@ -376,15 +377,9 @@ class SenderProof:
 
 def _size_batches(summaries: Sequence[MailSummary], budget: int) -> list[list[MailSummary]]:
     """Consecutive groups whose mails add up to at most `budget` bytes (at least one each)."""
-    batches: list[list[MailSummary]] = []
-    current: list[MailSummary] = []
-    total = 0
-    for summary in summaries:
-        if current and total + summary.size > budget:
-            batches.append(current)
-            current, total = [], 0
-        current.append(summary)
-        total += summary.size
-    if current:
-        batches.append(current)
-    return batches
+    groups: list[list[MailSummary]] = []
+    start = 0
+    for length in size_batches([summary.size for summary in summaries], max_bytes=budget):
+        groups.append(list(summaries[start : start + length]))
+        start += length
+    return groups

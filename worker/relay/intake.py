@@ -8,13 +8,14 @@ recorded); anything else that goes wrong with one mail becomes that mail's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol, TypeVar, runtime_checkable
 
 from worker.errors import InfrastructureError
 from worker.mail import mime
+from worker.mail.batches import size_batches
 from worker.mail.ranged import LARGE_PART, RangedFetch, fetch_decoded
 from worker.mail.trust import (
     NO_PROOF,
@@ -64,6 +65,9 @@ class IntakeRules:
     max_parts: int = 100  # MIME parts per mail, containers included
     max_depth: int = 10  # MIME nesting levels
     trust: TrustPolicy = NO_PROOF  # proof of the From header (worker.mail.trust)
+    # RFC822.SIZE of the mails one batch reads (at least one mail): what it holds in
+    # memory and writes in one transaction. A poll holds two: one checked, one fetched.
+    batch_bytes: int = 64_000_000
 
 
 @dataclass(slots=True)
@@ -92,6 +96,10 @@ class FetchedBatch:
     to_fetch: dict[int, list[Candidate]]  # the PDF parts fetched, per UID
     decoded: dict[tuple[int, str], bytes | Exception]  # (uid, section): the part's bytes
     vanished: tuple[int, ...] = ()  # UIDs listed by SEARCH that FETCH no longer described
+    uids: tuple[int, ...] = ()  # the UIDs this batch covers (read, or vanished)
+    # Past the byte budget: the UIDs left for the next batch, and their summaries.
+    rest: tuple[int, ...] = ()
+    rest_summaries: tuple[MailSummary, ...] = ()
 
 
 def _large(candidate: Candidate) -> bool:
@@ -124,23 +132,58 @@ class Intake:
         """Fetch what is needed of `uids` and decide every part's kind. Infrastructure
         errors propagate (the poll ends, nothing of this batch is recorded); anything
         else is caught per mail and recorded as that mail's `error`."""
-        return self.decide(self.fetch(uids))
+        return [record for batch in self.record_batches(uids) for record in batch]
+
+    def record_batches(self, uids: Sequence[int]) -> Iterator[list[MailRecord]]:
+        """`build_records` one byte-bounded batch at a time: record each before asking
+        for the next, and no more than one batch's PDFs are held."""
+        batch = self.fetch(uids)
+        while True:
+            rest, described = batch.rest, batch.rest_summaries
+            records = self.decide(batch)
+            del batch  # its PDFs live on in `records` only, for the caller to drop
+            yield records
+            del records
+            if not rest:
+                return
+            batch = self.fetch(rest, described=described)
 
     def prestart(self) -> None:
         """New mail is coming: let an inspector that can start its workers do so now."""
         if isinstance(self._inspector, Prestartable):
             self._inspector.prestart()
 
-    def fetch(self, uids: Sequence[int]) -> FetchedBatch:
+    def fetch(
+        self, uids: Sequence[int], *, described: Sequence[MailSummary] | None = None
+    ) -> FetchedBatch:
         """The IMAP half of `build_records`: summaries, probes, sender proof and the PDF
         parts, decoded. Uses the mailbox and nothing else, so a poll may run it for the
         next batch in a thread of its own while `decide` checks this one. The server's
-        answers come batched; every decision on one mail runs under `per_mail`."""
+        answers come batched; every decision on one mail runs under `per_mail`.
+
+        Only the first mails that fit `IntakeRules.batch_bytes` are read; the batch's
+        `rest` (with `rest_summaries`, so they are not asked for again) is for the next
+        call. `described`: the summaries of `uids`, when a previous batch has them."""
         if not uids:
             return FetchedBatch(plans=[], to_fetch={}, decoded={})
-        summaries = self._mailbox.summaries(uids)
-        described = {summary.uid for summary in summaries}
-        vanished = tuple(uid for uid in uids if uid not in described)
+        uids = sorted(uids)
+        summaries = sorted(
+            self._mailbox.summaries(uids) if described is None else described,
+            key=lambda summary: summary.uid,
+        )
+        rest: tuple[int, ...] = ()
+        rest_summaries: tuple[MailSummary, ...] = ()
+        [taken, *_] = size_batches(
+            [self._held(summary) for summary in summaries], max_bytes=self._config.batch_bytes
+        ) or [0]
+        if taken < len(summaries):
+            first_left = summaries[taken].uid
+            rest = tuple(uid for uid in uids if uid >= first_left)
+            rest_summaries = tuple(summaries[taken:])
+            uids = [uid for uid in uids if uid < first_left]
+            summaries = summaries[:taken]
+        seen = {summary.uid for summary in summaries}
+        vanished = tuple(uid for uid in uids if uid not in seen)
         for uid in vanished:
             log.info(
                 "mail %s vanished between SEARCH and FETCH",
@@ -193,7 +236,19 @@ class Intake:
                 del to_fetch[uid]  # the mail's error row says why
                 continue
             decoded.update(parts)
-        return FetchedBatch(plans=plans, to_fetch=to_fetch, decoded=decoded, vanished=vanished)
+        return FetchedBatch(
+            plans=plans,
+            to_fetch=to_fetch,
+            decoded=decoded,
+            vanished=vanished,
+            uids=tuple(uids),
+            rest=rest,
+            rest_summaries=rest_summaries,
+        )
+
+    def _held(self, summary: MailSummary) -> int:
+        """What reading a mail may hold: its size, or nothing for one too large to read."""
+        return 0 if summary.size > self._config.max_mail_bytes else summary.size
 
     def decide(self, batch: FetchedBatch) -> list[MailRecord]:
         """The PDF half of `build_records`: checks every fetched PDF of the batch in one
