@@ -22,6 +22,7 @@ from worker.models import (
     Outcome,
     RecordedSighting,
 )
+from worker.relay.intake import Intake, IntakeRules
 from worker.relay.pipeline import Pipeline, PipelineConfig
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
@@ -141,3 +142,25 @@ def test_a_batch_never_holds_more_than_its_byte_bound(tmp_path: Path, batch_size
         assert position is not None and position.last_uid == uids[-1]
     finally:
         store.close()
+
+
+def test_a_cut_batch_covers_the_vanished_uids_before_its_cut_and_hands_on_the_rest() -> None:
+    mailbox = MeasuringMailbox()
+    uids = [mailbox.add(big_invoice_mail(index, 10_000)) for index in range(6)]
+    size = max(len(mail.raw) for mail in mailbox.mails.values())
+    for gone in (uids[1], uids[4]):
+        del mailbox.mails[gone]
+    intake = Intake(
+        rules=IntakeRules(forward_from="relay@shop.example", batch_bytes=2 * size),
+        mailbox=mailbox,
+        inspector=FakeInspector(),
+    )
+    first = intake.fetch(uids)
+    # Two mails fit: uids[0] and uids[2]; uids[1] vanished between them.
+    assert first.uids == (uids[0], uids[1], uids[2])
+    assert first.vanished == (uids[1],)
+    assert first.rest == (uids[3], uids[4], uids[5])
+    assert [summary.uid for summary in first.rest_summaries] == [uids[3], uids[5]]
+    second = intake.fetch(first.rest, described=first.rest_summaries)
+    assert (second.uids, second.vanished, second.rest) == (first.rest, (uids[4],), ())
+    assert mailbox.summarised == uids  # the rest's summaries were not asked for again
