@@ -27,6 +27,7 @@ DEFAULT_PDF_TIMEOUT_SECONDS = 30.0  # INVOICE_RELAY_PDF_TIMEOUT: one PDF's check
 DEFAULT_PDF_MEMORY_MB = 1024  # INVOICE_RELAY_PDF_MEMORY_MB: one PDF worker's address space
 DEFAULT_LEASE_SECONDS = 3600.0  # a claimed send, when not derived from the timeouts
 DEFAULT_SEND_BATCH = 10  # documents claimed per send session
+DEFAULT_BATCH_BYTES = 64_000_000  # RFC822.SIZE one fetch batch may hold
 DEFAULT_HTTP_PORT = 8080  # INVOICE_RELAY_HTTP_PORT: /livez, /healthz, /metrics
 DEFAULT_NOTIFY_INTERVAL_SECONDS = 3600.0  # INVOICE_RELAY_NOTIFY_INTERVAL
 
@@ -61,6 +62,7 @@ class ReasonCode(enum.Enum):
     the reason text is for people and may be reworded."""
 
     NOTICE_LOOP = "notice_loop"  # our own failure notice come back to the polled mailbox
+    VANISHED = "vanished"  # listed by SEARCH, gone by FETCH: expunged or moved meanwhile
 
 
 class Outcome(enum.Enum):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime
 from enum import Enum
 
+from worker.cli.csvsafe import write_csv
 from worker.mail.text import clean_text
 from worker.models import AuditRow
 
@@ -55,12 +54,8 @@ def as_json(rows: Sequence[AuditRow]) -> str:
 
 
 def as_csv(rows: Sequence[AuditRow]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([_text(getattr(row, name)) for name in COLUMNS])
-    return buffer.getvalue()
+    """All columns; formula-like text neutralised (`worker.cli.csvsafe`)."""
+    return write_csv(COLUMNS, ([getattr(row, name) for name in COLUMNS] for row in rows))
 
 
 def _cell(name: str, value: object) -> str:

@@ -258,6 +258,16 @@ class ImapMailbox:
                 data = response.get(uid)
                 if data is not None and b"RFC822.SIZE" in data:
                     result.append(_summary(uid, data))
+        # Dovecot answers a FETCH of a mail that another session expunged a moment ago
+        # with made-up data (RFC822.SIZE 0, an empty text/plain: RFC 3501 allows it) and
+        # `OK [EXPUNGEISSUED]`. No real mail has 0 bytes, so such a UID is looked up
+        # (the FETCH delivered the EXPUNGE, so SEARCH knows) and left out when gone,
+        # like a UID the server did not describe: recorded as vanished, not `no_pdf`.
+        empty = [summary.uid for summary in result if summary.size == 0]
+        if empty:
+            with self._translated("UID SEARCH"):
+                found = {int(value) for value in client.search(["UID", _uid_set(empty)])}
+            result = [summary for summary in result if summary.size or summary.uid in found]
         return result
 
     def fetch_sections(
@@ -457,3 +467,7 @@ def _quietly_logout(client: Any) -> None:
     except (imap_errors.IMAPClientError, OSError):
         with contextlib.suppress(imap_errors.IMAPClientError, OSError):
             client.shutdown()
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    return ",".join(str(uid) for uid in sorted(uids))

@@ -27,6 +27,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import authres  # type: ignore[import-untyped,unused-ignore]
@@ -35,6 +36,7 @@ import dns.exception  # type: ignore[import-untyped,unused-ignore]
 from dkim.dnsplug import get_txt  # type: ignore[import-untyped,unused-ignore]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped,unused-ignore]
 
+from worker.mail.batches import size_batches
 from worker.mail.text import clean_text
 from worker.models import DEFAULT_MAX_MAIL_BYTES, MailSummary
 
@@ -74,10 +76,24 @@ class TxtLookup(Protocol):
     def __call__(self, name: bytes, timeout: float = 5) -> bytes | None: ...
 
 
+class ProofGuard(Protocol):
+    """Runs one mail's proof step; whatever the step raises becomes that mail's verdict
+    (the intake's per-mail catch: a hostile key or signature can make dkimpy raise
+    anything, and that must not stop the other mails' proofs)."""
+
+    def __call__(self, uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict: ...
+
+
+def unguarded(uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict:
+    """No guard: the step's exceptions propagate (for callers that catch themselves)."""
+    del uid
+    return step()
+
+
 class Proof(enum.Enum):
     PASSED = "passed"  # the From is proven
     FAILED = "failed"  # no proof: the mail's PDFs are rejected
-    UNSURE = "unsure"  # a DNS lookup timed out: the mail is an error, retried later
+    UNSURE = "unsure"  # undecided (DNS timed out, the check crashed): an error, retried later
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -309,12 +325,15 @@ class SenderProof:
         self,
         summaries: Sequence[MailSummary],
         *,
+        guard: ProofGuard = unguarded,
         keep: Callable[[int, bytes], None] | None = None,
     ) -> dict[int, TrustVerdict]:
         """A verdict per mail; empty when the policy demands no proof.
 
-        `keep(uid, raw)` is given each whole mail whose DKIM proof passed, while it is
-        in hand, so its parts need not be downloaded a second time."""
+        Each mail's header check and DKIM check runs under `guard`; fetching whole mails
+        does not (a server failing ends the poll). `keep(uid, raw)` is given each whole
+        mail whose DKIM proof passed, while it is in hand, so its parts need not be
+        downloaded a second time."""
         policy = self._policy
         if not policy.active:
             return {}
@@ -324,8 +343,14 @@ class SenderProof:
         for summary in summaries:
             from_domain = domain_of(summary.headers.sender_address)
             if policy.trusted_authserv_id is not None:
-                verdict = check_authentication_results(
-                    summary.headers.authentication_results, from_domain, policy
+                verdict = guard(
+                    summary.uid,
+                    partial(
+                        check_authentication_results,
+                        summary.headers.authentication_results,
+                        from_domain,
+                        policy,
+                    ),
                 )
                 if verdict.proof is Proof.PASSED or not policy.require_dkim:
                     verdicts[summary.uid] = verdict
@@ -341,10 +366,14 @@ class SenderProof:
                         proof=Proof.UNSURE, reason="DKIM: the mail vanished from the server"
                     )
                 else:
-                    verdict = self._verifier.verify(
-                        raw,
-                        from_domain=domain_of(summary.headers.sender_address),
-                        policy=policy,
+                    verdict = guard(
+                        summary.uid,
+                        partial(
+                            self._verifier.verify,
+                            raw,
+                            from_domain=domain_of(summary.headers.sender_address),
+                            policy=policy,
+                        ),
                     )
                 if keep is not None and raw is not None and verdict.proof is Proof.PASSED:
                     keep(summary.uid, raw)
@@ -367,15 +396,9 @@ class SenderProof:
 
 def _size_batches(summaries: Sequence[MailSummary], budget: int) -> list[list[MailSummary]]:
     """Consecutive groups whose mails add up to at most `budget` bytes (at least one each)."""
-    batches: list[list[MailSummary]] = []
-    current: list[MailSummary] = []
-    total = 0
-    for summary in summaries:
-        if current and total + summary.size > budget:
-            batches.append(current)
-            current, total = [], 0
-        current.append(summary)
-        total += summary.size
-    if current:
-        batches.append(current)
-    return batches
+    groups: list[list[MailSummary]] = []
+    start = 0
+    for length in size_batches([summary.size for summary in summaries], max_bytes=budget):
+        groups.append(list(summaries[start : start + length]))
+        start += length
+    return groups

@@ -27,6 +27,27 @@ def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
 # their ReasonCode.NOTICE_LOOP), or a notice sent to the polled mailbox would cause the next one.
 NOTICE_LOOP_REASON = "loop: an invoice-relay failure notice (X-Invoice-Relay-Notice)"
 
+# A UID that SEARCH listed and FETCH no longer described: someone expunged or moved the
+# mail in between. IMAP never gives an expunged UID to another mail (RFC 3501 2.3.1.1),
+# and a mail moved back gets a new UID, read as new mail: so the row is final (rejected,
+# never retried), and notices leave it out by its ReasonCode.VANISHED (a person removed
+# the mail on purpose).
+VANISHED_REASON = "vanished before fetch"
+
+
+def vanished_part() -> PartRecord:
+    """The one row of a mail that vanished between SEARCH and FETCH."""
+    return PartRecord(
+        part="",
+        kind=SightingKind.REJECTED,
+        reason=VANISHED_REASON,
+        reason_code=ReasonCode.VANISHED,
+    )
+
+
+def is_vanished(parts: Sequence[PartRecord]) -> bool:
+    return any(part.reason_code is ReasonCode.VANISHED for part in parts)
+
 
 def loop_reason(summary: MailSummary, forward_from: str) -> str | None:
     """Why this mail is our own forwarded mail (or failure notice) coming back, or None."""

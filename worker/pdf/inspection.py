@@ -47,6 +47,7 @@ from worker.pdf.content import (
     READ_ERRORS,
     Unparseable,
     canonical_operations,
+    our_bug,
     short,
     text_content,
 )
@@ -114,6 +115,8 @@ def inspect_pdf(
         except RecursionError:
             return PdfReport(accepted=False, reason="unparseable PDF: nested too deeply")
         except READ_ERRORS as exc:
+            if our_bug(exc):
+                raise  # the check failed, not the file: see `our_bug`
             return PdfReport(accepted=False, reason=f"unparseable PDF: {short(exc)}")
 
 
@@ -142,7 +145,9 @@ def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint
     if encrypted:
         try:
             opened = reader.decrypt("") != PasswordType.NOT_DECRYPTED
-        except (*READ_ERRORS, DependencyError, NotImplementedError):
+        except (*READ_ERRORS, DependencyError, NotImplementedError) as exc:
+            if our_bug(exc):
+                raise
             opened = False
         if not opened:
             return PdfReport(
@@ -162,6 +167,8 @@ def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint
         except Unparseable:
             raise
         except READ_ERRORS as exc:
+            if our_bug(exc):
+                raise
             raise Unparseable(f"page {number}: {short(exc)}") from exc
         except (DependencyError, NotImplementedError, RecursionError) as exc:
             fingerprint.give_up(f"page {number}: {short(exc)}")
@@ -336,6 +343,8 @@ def _decoded(stream: PdfObject | None, what: str) -> bytes:
     except (DependencyError, NotImplementedError):
         raise
     except READ_ERRORS as exc:
+        if our_bug(exc):
+            raise
         raise Unparseable(f"{what}: {short(exc)}") from exc
 
 
@@ -369,7 +378,9 @@ def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
             text += page.extract_text() + "\n"
             if len(text) >= _TEXT_LIMIT:
                 break
-    except (*READ_ERRORS, DependencyError, NotImplementedError, RecursionError):
+    except (*READ_ERRORS, DependencyError, NotImplementedError, RecursionError) as exc:
+        if our_bug(exc):
+            raise
         logger.debug("text extraction failed", exc_info=True)
     match = pattern.search(text[:_TEXT_LIMIT])
     if match is None:

@@ -50,8 +50,11 @@ class SqlNoticeLog(SqlBase):
         new_sighting = sa.and_(
             sightings.c.kind.in_(list(_SIGHTING_PROBLEMS)),
             sightings.c.id > after_sighting_id,
-            # Our own notice come back: reporting it would cause the next notice.
-            sa.func.coalesce(sightings.c.reason_code, "") != ReasonCode.NOTICE_LOOP.value,
+            # Our own notice come back: reporting it would cause the next notice. A mail
+            # gone before it was fetched: a person removed it, nobody needs telling.
+            sa.func.coalesce(sightings.c.reason_code, "").not_in(
+                [ReasonCode.NOTICE_LOOP.value, ReasonCode.VANISHED.value]
+            ),
         )
         failed_document = sa.and_(
             sightings.c.kind == SightingKind.DOCUMENT.value,
