@@ -14,7 +14,7 @@ from worker.faults import Checkpoint, no_checkpoint
 from worker.models import DocumentState
 from worker.relay.forwarding import Forwarder, ForwardRules
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Outbox, Store
+from worker.relay.ports import Destination, Store
 from worker.store import schema
 from worker.store.sqlstore import SqlStore
 
@@ -47,7 +47,7 @@ def add_pending_documents(store: SqlStore, count: int, *, now: datetime) -> list
 
 def send_loop(
     store: Store,
-    outbox: Outbox,
+    outbox: Destination,
     *,
     now: datetime,
     send_batch: int,

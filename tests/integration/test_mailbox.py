@@ -16,10 +16,11 @@ import pytest
 
 from tests import samples
 from tests.servers.dovecot import DovecotServer, free_port, running_dovecot
+from worker.config.settings import Secret
 from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.ranged import fetch_decoded
-from worker.models import BodyPart, Security
+from worker.models import BodyPart, PasswordCredentials, Security
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +60,8 @@ def connect(dovecot: DovecotServer, folder: str) -> Iterator[OpenMailbox]:
             "timeout": 10.0,
         }
         settings.update(overrides)
+        user, password = settings.pop("user"), settings.pop("password")
+        settings["credentials"] = PasswordCredentials(user=user, password=Secret(password))
         mailbox = ImapMailbox(**settings)
         opened.append(mailbox)
         return mailbox
@@ -393,8 +396,7 @@ def test_plain_server_without_tls(tmp_path: Path) -> None:
             host=server.host,
             port=server.port,
             security=Security.NONE,
-            user=server.user,
-            password=server.password,
+            credentials=PasswordCredentials(user=server.user, password=Secret(server.password)),
         )
         try:
             assert mailbox.open().exists == 0

@@ -12,10 +12,11 @@ import pytest
 
 from tests.servers.smtp_sink import SmtpSink, free_port, running_sink
 from tests.servers.tls import TestCA, make_ca
+from worker.config.settings import Secret
 from worker.delivery.message import ForwardMail, build_forward
 from worker.delivery.smtp import SmtpOutbox
-from worker.errors import SendRejected, SessionRefused
-from worker.models import OutgoingDocument, Security
+from worker.errors import DeliveryRefused, SessionRefused
+from worker.models import Parcel, PasswordCredentials, Security
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +26,12 @@ USER = "relay-user"
 PASSWORD = "s3cret-Passw0rd"
 
 
-def document(number: int) -> OutgoingDocument:
+def document(number: int) -> Parcel:
     sha256 = f"{number:064x}"
-    return OutgoingDocument(
-        document_id=number,
+    return Parcel(
         sha256=sha256,
         content=b"%PDF-1.7\n" + sha256.encode() + b"\n%%EOF\n",
         filename=f"invoice-{number}.pdf",
-        attempts=0,
         resend_count=0,
         original_sender="Printout Designer <noreply@printout.example>",
         original_subject=f"Invoice {number}",
@@ -58,8 +57,9 @@ def outbox_for(
         host=sink.host,
         port=sink.port,
         security=security,
-        user=user,
-        password=password,
+        credentials=None
+        if user is None
+        else PasswordCredentials(user=user, password=Secret(password or "")),
         forward_from=FORWARD_FROM,
         forward_to=FORWARD_TO,
         ca_file=ca_file,
@@ -184,8 +184,7 @@ def test_connection_refused_when_nothing_listens() -> None:
         host="127.0.0.1",
         port=port,
         security=Security.NONE,
-        user=None,
-        password=None,
+        credentials=None,
         forward_from=FORWARD_FROM,
         forward_to=FORWARD_TO,
         timeout=2.0,
@@ -224,7 +223,7 @@ def test_send_before_open_is_refused(sink: SmtpSink) -> None:
 def test_temporary_refusal_at_data_keeps_the_session(sink: SmtpSink) -> None:
     sink.fail_next(451, "4.3.0 try again later", stage="data")
     with outbox_for(sink) as outbox:
-        with pytest.raises(SendRejected) as caught:
+        with pytest.raises(DeliveryRefused) as caught:
             outbox.send(mail(7))
         assert caught.value.code == 451
         assert not caught.value.permanent
@@ -239,7 +238,7 @@ def test_temporary_refusal_at_data_keeps_the_session(sink: SmtpSink) -> None:
 def test_permanent_refusal_at_data(sink: SmtpSink) -> None:
     sink.fail_next(550, "5.7.1 content rejected", stage="data")
     with outbox_for(sink) as outbox:
-        with pytest.raises(SendRejected, match="content rejected") as caught:
+        with pytest.raises(DeliveryRefused, match="content rejected") as caught:
             outbox.send(mail(9))
         outbox.send(mail(10))
 
@@ -270,7 +269,7 @@ def test_connection_lost_during_data_is_temporary_and_closes(sink: SmtpSink) -> 
     sink.drop_next(stage="data")
     outbox = outbox_for(sink)
     with outbox:
-        with pytest.raises(SendRejected, match="connection lost during send") as caught:
+        with pytest.raises(DeliveryRefused, match="connection lost during send") as caught:
             outbox.send(mail(13))
         assert caught.value.code == 451
         assert not outbox.is_open
@@ -284,7 +283,7 @@ def test_connection_lost_during_data_is_temporary_and_closes(sink: SmtpSink) -> 
 def test_no_answer_in_time_during_data_is_temporary(sink: SmtpSink) -> None:
     sink.stall_next(3.0)
     with outbox_for(sink, timeout=0.5) as outbox:
-        with pytest.raises(SendRejected, match="connection lost during send") as caught:
+        with pytest.raises(DeliveryRefused, match="connection lost during send") as caught:
             outbox.send(mail(15))
         assert caught.value.code == 451
         assert not outbox.is_open
@@ -295,13 +294,13 @@ def test_selective_and_seeded_refusals(sink: SmtpSink) -> None:
     sink.fail_matching(
         lambda message: str(message["X-Invoice-Relay"]).strip() in refused, 554, "5.6.0 bad"
     )
-    outcomes: dict[int, int] = {}
+    outcomes: dict[int, int | None] = {}
     with outbox_for(sink) as outbox:
         for number in (20, 21, 22):
             try:
                 outbox.send(mail(number))
                 outcomes[number] = 250
-            except SendRejected as exc:
+            except DeliveryRefused as exc:
                 outcomes[number] = exc.code
 
     assert outcomes == {20: 250, 21: 554, 22: 250}
@@ -310,16 +309,16 @@ def test_selective_and_seeded_refusals(sink: SmtpSink) -> None:
 
 
 def test_fail_rate_is_reproducible(sink: SmtpSink) -> None:
-    def run() -> list[int]:
+    def run() -> list[int | None]:
         sink.clear_failures()
         sink.fail_rate(0.5, 452, seed=7)
-        codes: list[int] = []
+        codes: list[int | None] = []
         with outbox_for(sink) as outbox:
             for number in range(30, 50):
                 try:
                     outbox.send(mail(number))
                     codes.append(250)
-                except SendRejected as exc:
+                except DeliveryRefused as exc:
                     codes.append(exc.code)
         return codes
 

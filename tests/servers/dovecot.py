@@ -128,10 +128,11 @@ def _config(
 class DovecotServer:
     """One Dovecot instance; `start()`/`stop()` keep its ports, for outage tests."""
 
-    def __init__(self, base_dir: Path, *, tls: bool = True) -> None:
+    def __init__(self, base_dir: Path, *, tls: bool = True, password: str | None = None) -> None:
         self.host = "127.0.0.1"
         self.user = "invoices@shop.example"
-        self.password = "pw-" + secrets.token_urlsafe(12)
+        # A password of the test's own (`pässwörd`) is sent as UTF-8 by AUTHENTICATE PLAIN.
+        self.password = password if password is not None else "pw-" + secrets.token_urlsafe(12)
         self.port = free_port()
         self.tls_port: int | None = free_port() if tls else None
         # Dovecot's unprivileged processes must reach sockets and mail, and a test's
@@ -231,7 +232,11 @@ class DovecotServer:
         """A logged-in plain IMAP session (the test's own, not the relay's)."""
         client = imaplib.IMAP4(self.host, self.port, timeout=30)
         try:
-            _check(client.login(self.user, self.password), "LOGIN")
+            if self.password.isascii():
+                _check(client.login(self.user, self.password), "LOGIN")
+            else:
+                plain = f"\0{self.user}\0{self.password}".encode()
+                _check(client.authenticate("PLAIN", lambda _: plain), "AUTHENTICATE")
             yield client
         finally:
             with contextlib.suppress(imaplib.IMAP4.error, OSError):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import SendRejected, SessionRefused, StoreError
+from worker.errors import DeliveryRefused, DeliveryRejected, SessionRefused, StoreError
 from worker.mail.verdicts import NOTICE_LOOP_REASON, loop_reason
 from worker.models import DedupMode, MailHeaders, MailRecord, MailSummary, PartRecord, SightingKind
 from worker.relay.notify import (
@@ -197,7 +197,7 @@ class FakeSender:
             raise self.refuse
 
     def send(self, message: EmailMessage, *, recipient: str | None = None) -> str:
-        if isinstance(self.refuse, SendRejected):
+        if isinstance(self.refuse, DeliveryRefused):
             raise self.refuse
         self.sent.append((message, recipient))
         return "250 ok"
@@ -255,7 +255,7 @@ def test_one_notice_then_nothing_until_the_interval_is_over_and_never_the_same_r
     "refusal",
     [
         SessionRefused("connection refused", host="smtp", port=25),
-        SendRejected("550 no", code=550),
+        DeliveryRejected("550 no", code=550),
     ],
 )
 def test_a_refused_notice_is_not_recorded_and_is_tried_after_a_later_poll(

@@ -1,6 +1,6 @@
 """The forwarded mail (DESIGN.md, "Forwarded mail"), built as bytes without `email`.
 
-`build_forward` is pure: one `OutgoingDocument` to one `ForwardMail`, the wire form of a
+`build_forward` is pure: one `Parcel` to one `ForwardMail`, the wire form of a
 multipart/mixed mail with a quoted-printable text part and the PDF in base64. The
 headers are written here directly: `email`'s header registry and generator cost more
 than the SMTP round trips of a small invoice, and they hold the whole attachment as a
@@ -13,7 +13,6 @@ from __future__ import annotations
 import binascii
 import re
 import secrets
-import unicodedata
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime
 
-from worker.models import OutgoingDocument
+from worker.mail.text import clean_text
+from worker.models import Parcel
 
 RELAY_HEADER = "X-Invoice-Relay"
 DEFAULT_RELAY_ID = "invoice-relay"
@@ -31,7 +31,6 @@ SUBJECT_LIMIT = 200
 FILENAME_LIMIT = 200
 BODY_FIELD_LIMIT = 300
 
-_WHITESPACE = re.compile(r"\s+")
 _HEX = re.compile(r"[0-9a-f]+")
 _RELAY_ID = re.compile(r"[A-Za-z0-9.-]+")
 _PATH_SEPARATORS = str.maketrans({"/": " ", "\\": " "})
@@ -44,21 +43,6 @@ _PARAMETER_PIECE = 60  # characters of one RFC 2231 continuation
 
 
 # --- cleaning what came from the original mail --------------------------------------
-
-
-def _drop_controls(value: str) -> str:
-    # Cc covers CR, LF, NUL, TAB and DEL; Zl/Zp are the Unicode line and paragraph
-    # separators, which some readers treat as line breaks too. They become spaces so
-    # that words on either side stay apart.
-    return "".join(
-        " " if unicodedata.category(char) in {"Cc", "Zl", "Zp"} else char for char in value
-    )
-
-
-def clean_text(value: str, limit: int) -> str:
-    """One line of text: control characters removed, whitespace collapsed, at most `limit`."""
-    collapsed = _WHITESPACE.sub(" ", _drop_controls(value)).strip()
-    return collapsed[:limit].rstrip()
 
 
 def clean_filename(value: str, limit: int = FILENAME_LIMIT) -> str:
@@ -99,7 +83,7 @@ def _describe_date(value: datetime | None) -> str:
     return format_datetime(aware)
 
 
-def _body(document: OutgoingDocument, filename: str) -> str:
+def _body(document: Parcel, filename: str) -> str:
     def field(value: str) -> str:
         return clean_text(value, BODY_FIELD_LIMIT) or "unknown"
 
@@ -229,7 +213,7 @@ class ForwardMail:
 
 
 def build_forward(
-    document: OutgoingDocument,
+    document: Parcel,
     *,
     forward_to: str,
     forward_from: str,

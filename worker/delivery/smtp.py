@@ -1,14 +1,16 @@
 """Sending forwarded mail; the only module that speaks SMTP.
 
-`SmtpOutbox` is the adapter behind `worker.relay.ports.Outbox`: it turns every smtplib, socket
-and TLS failure into `SessionRefused` (the session is unusable, nothing counts) or
-`SendRejected` (this one mail was refused; `code` says temporary or permanent). The mail
-itself is built by `worker.delivery.message`.
+`SmtpOutbox` is the adapter behind `worker.relay.ports.Destination` (and the notices'
+`worker.relay.notify.NoticeSender`): it turns every smtplib, socket and TLS failure into
+`SessionRefused` (the session is unusable, nothing counts) or a `DeliveryRefused` for this
+one mail: 5xx `DeliveryRejected`, 4xx `DeliveryDeferred`, a connection lost while the
+content went out `DeliveryUncertain`. The mail itself is built by `worker.delivery.message`.
 (`worker.relay.pacer.SendPacer` enforces `INVOICE_RELAY_MAX_SENDS_PER_MINUTE`.)
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import smtplib
@@ -21,11 +23,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from worker.delivery.message import RELAY_HEADER, ForwardMail, clean_text
-from worker.errors import SendRejected, SessionRefused
-from worker.models import Security
+from worker.delivery.message import RELAY_HEADER, ForwardMail, build_forward
+from worker.errors import (
+    DeliveryDeferred,
+    DeliveryRefused,
+    DeliveryRejected,
+    DeliveryUncertain,
+    SessionRefused,
+)
+from worker.mail.text import clean_text
+from worker.models import Credentials, Parcel, PasswordCredentials, Receipt, Security
 
-__all__ = ["LOST_DURING_SEND", "SmtpOutbox", "clean_text"]  # clean_text: for worker.relay.notify
+__all__ = ["LOST_DURING_SEND", "SmtpOutbox"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +98,7 @@ class SmtpOutbox:
         host: str,
         port: int,
         security: Security,
-        user: str | None,
-        password: str | None,
+        credentials: Credentials | None,
         forward_from: str,
         forward_to: str,
         ca_file: Path | None = None,
@@ -99,8 +107,7 @@ class SmtpOutbox:
         self._host = host
         self._port = port
         self._security = security
-        self._user = user
-        self._password = password
+        self._credentials = credentials
         self._forward_from = forward_from
         self._forward_to = forward_to
         self._ca_file = ca_file
@@ -110,7 +117,7 @@ class SmtpOutbox:
     def __repr__(self) -> str:
         return (
             f"SmtpOutbox(host={self._host!r}, port={self._port}, "
-            f"security={self._security.value!r}, user={self._user!r})"
+            f"security={self._security.value!r}, credentials={self._credentials!r})"
         )
 
     def __enter__(self) -> Self:
@@ -161,17 +168,18 @@ class SmtpOutbox:
                     )
                 smtp.starttls(context=self._tls_context())
                 smtp.ehlo()
-            if self._user:
-                smtp.login(self._user, self._password or "")
+            if self._credentials is not None:
+                self._log_in(smtp, self._credentials)
         except SessionRefused:
             _discard(smtp)
             raise
         except (smtplib.SMTPException, OSError) as exc:
             _discard(smtp)
             reason = _open_failure_reason(exc, timeout=self._timeout)
-            if self._password and isinstance(exc, smtplib.SMTPAuthenticationError):
+            password = _password(self._credentials)
+            if password and isinstance(exc, smtplib.SMTPAuthenticationError):
                 # A server may quote what it was sent; the password never goes further.
-                reason = reason.replace(self._password, "****")
+                reason = reason.replace(password, "****")
             raise self._refused(reason) from exc
         if smtp.sock is not None:
             smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -180,6 +188,45 @@ class SmtpOutbox:
             "smtp session open",
             extra={"action": "smtp_opened", "host": self._host, "port": self._port},
         )
+
+    def _log_in(self, smtp: smtplib.SMTP, credentials: Credentials) -> None:
+        """AUTH with smtplib's choice of mechanism, or, for a user or password that is
+        not ASCII (which smtplib cannot encode), AUTH PLAIN in UTF-8 (RFC 4954, RFC 4616).
+        Raises `SessionRefused` when the server offers no mechanism that carries it."""
+        match credentials:
+            case PasswordCredentials(user=user, password=secret):
+                password = secret.reveal()
+        if not user:
+            return
+        if user.isascii() and password.isascii():
+            smtp.login(user, password)
+            return
+        if not smtp.has_extn("auth"):
+            raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
+        offered = smtp.esmtp_features.get("auth", "").upper().split()
+        if "PLAIN" not in offered:
+            # Named by position in the settings, never by a character of the secret.
+            raise self._refused(
+                "the user or password has non-ASCII characters and the server offers no "
+                f"login that can carry them (AUTH PLAIN; it offers {' '.join(offered) or 'none'}); "
+                "check INVOICE_RELAY_SMTP_USER/_PASSWORD"
+            )
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+        code, answer = smtp.docmd("AUTH", "PLAIN " + response.decode("ascii"))
+        if code == 503:  # already authenticated, as smtplib's login() accepts too
+            return
+        if code != 235:
+            raise smtplib.SMTPAuthenticationError(code, answer)
+
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+        """Forward one PDF to FORWARD_TO (`worker.relay.ports.Destination.deliver`).
+
+        The mail is built here (`worker.delivery.message.build_forward`); `before_final`
+        runs before the terminating dot, the point after which the server may accept it.
+        """
+        mail = build_forward(parcel, forward_to=self._forward_to, forward_from=self._forward_from)
+        answer = self.send(mail, before_end=before_final)
+        return Receipt(delivery_id=mail.message_id, answer=answer)
 
     def send(
         self,
@@ -193,10 +240,11 @@ class SmtpOutbox:
         Returns the server's acceptance, e.g. "250 OK ...".
 
         Raises `SessionRefused` when the session cannot carry any mail (not open,
-        sender or recipient refused, connection lost before the content went out) and
-        `SendRejected` when the server answered this mail's content (4xx temporary,
-        5xx permanent) or the connection died while it went out (451: it may or may
-        not have arrived; the outbox is closed then).
+        sender or recipient refused, connection lost before the content went out) and a
+        `DeliveryRefused` when the server answered this mail's content (4xx
+        `DeliveryDeferred`, 5xx `DeliveryRejected`) or the connection died while it went
+        out (`DeliveryUncertain`, code 451: it may or may not have arrived; the outbox is
+        closed then).
         """
         smtp = self._smtp
         if smtp is None:
@@ -236,7 +284,7 @@ class SmtpOutbox:
         except smtplib.SMTPDataError as exc:
             # The server refused the DATA command itself: an answer about this mail.
             self._reset_or_drop()
-            raise SendRejected(
+            raise _refusal(
                 _answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
             ) from exc
         except _Abandoned as abandoned:
@@ -248,7 +296,7 @@ class SmtpOutbox:
             # Part or all of the mail went out and no answer came back: the server may
             # have accepted it. Temporary, so it is retried under the same Message-ID.
             self._drop()
-            raise SendRejected(
+            raise DeliveryUncertain(
                 f"connection lost during send: {_open_failure_reason(exc, timeout=self._timeout)}",
                 code=LOST_DURING_SEND,
                 sha256=sha256,
@@ -257,9 +305,11 @@ class SmtpOutbox:
         if 200 <= code < 300:
             return _answer(code, answer)
         self._reset_or_drop()
-        # Neither 2xx, 4xx nor 5xx after the content is a broken server; retry later.
-        rejected_code = code if 400 <= code < 600 else LOST_DURING_SEND
-        raise SendRejected(_answer(code, answer), code=rejected_code, sha256=sha256)
+        if 400 <= code < 600:
+            raise _refusal(_answer(code, answer), code=code, sha256=sha256)
+        # Neither 2xx, 4xx nor 5xx after the content is a broken server, which may have
+        # kept the mail: retry later, like a connection lost during the send.
+        raise DeliveryUncertain(_answer(code, answer), code=LOST_DURING_SEND, sha256=sha256)
 
     def close(self) -> None:
         """QUIT; never raises."""
@@ -287,6 +337,21 @@ class SmtpOutbox:
     def _drop(self) -> None:
         smtp, self._smtp = self._smtp, None
         _discard(smtp)
+
+
+def _refusal(detail: str, *, code: int, sha256: str) -> DeliveryRefused:
+    """A reply to this mail's content: 5xx refuses it for good, anything else for now."""
+    if 500 <= code < 600:
+        return DeliveryRejected(detail, code=code, sha256=sha256)
+    return DeliveryDeferred(detail, code=code, sha256=sha256)
+
+
+def _password(credentials: Credentials | None) -> str:
+    match credentials:
+        case PasswordCredentials(password=secret):
+            return secret.reveal()
+        case None:
+            return ""
 
 
 _DATA_CHUNK = 1 << 20

@@ -19,12 +19,17 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from imapclient import IMAPClient  # type: ignore[import-untyped,unused-ignore]
 from imapclient import exceptions as imap_errors  # type: ignore[import-untyped,unused-ignore]
 
-from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
+from worker.errors import (
+    MailboxError,
+    MailboxFolderError,
+    MailboxLoginError,
+    MailboxLoginUnsupported,
+)
+from worker.imap.session import Client, can_log_in
 from worker.mail import headers, mime
-from worker.models import FolderStatus, MailSummary, Security
+from worker.models import Credentials, FolderStatus, MailSummary, PasswordCredentials, Security
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +58,7 @@ class ImapMailbox:
         host: str,
         port: int,
         security: Security,
-        user: str,
-        password: str,
+        credentials: Credentials,
         folder: str = "INBOX",
         ca_file: Path | None = None,
         timeout: float = 60.0,
@@ -65,8 +69,7 @@ class ImapMailbox:
         self.host = host
         self.port = port
         self.security = security
-        self.user = user
-        self._password = password
+        self.credentials = credentials
         self.folder = folder
         self.ca_file = ca_file
         self.timeout = timeout
@@ -79,13 +82,24 @@ class ImapMailbox:
             f"user={self.user!r}, password='****', folder={self.folder!r})"
         )
 
+    @property
+    def user(self) -> str:
+        return self.credentials.user
+
+    @property
+    def _password(self) -> str:
+        match self.credentials:
+            case PasswordCredentials(password=secret):
+                return secret.reveal()
+
     # --- the session -----------------------------------------------------------------
 
     def open(self) -> FolderStatus:
         """Connect, (STARTTLS,) log in and EXAMINE the folder.
 
-        On Dovecot this costs LOGIN and EXAMINE over plain or implicit TLS; STARTTLS
-        adds the STARTTLS command and the CAPABILITY that imaplib sends after it.
+        On Dovecot this costs LOGIN and EXAMINE over plain or implicit TLS (its greeting
+        lists the capabilities); STARTTLS adds the STARTTLS command and the CAPABILITY
+        that must follow it. A server whose greeting lists none costs one CAPABILITY.
         """
         self.close()
         client = self._connect()
@@ -124,7 +138,7 @@ class ImapMailbox:
     def _connect(self) -> Any:
         context = self._tls_context() if self.security is not Security.NONE else None
         with self._translated("connect"):
-            client = IMAPClient(
+            client = Client(
                 self.host,
                 port=self.port,
                 ssl=self.security is Security.SSL,
@@ -144,13 +158,28 @@ class ImapMailbox:
         return client
 
     def _login(self, client: Any) -> None:
+        """LOGIN, or AUTHENTICATE PLAIN in UTF-8 (RFC 4616) for a user or password that
+        LOGIN cannot carry (it is ASCII-only)."""
+        user, password = self.user, self._password
+        if can_log_in(user, password):
+            method, command = "LOGIN", client.login
+        elif client.has_capability("AUTH=PLAIN"):
+            method, command = "AUTHENTICATE PLAIN", client.plain_login
+        else:
+            # Said without the codec's error, which would quote a character of the secret.
+            raise MailboxLoginUnsupported(
+                "the user or password has non-ASCII characters, which LOGIN cannot carry, "
+                "and the server does not offer AUTHENTICATE PLAIN",
+                host=self.host,
+                port=self.port,
+            )
         try:
-            with self._translated("LOGIN"):
-                client.login(self.user, self._password)
+            with self._translated(method):
+                command(user, password)
         except UnicodeError:
             # The codec error would quote a character of the password: do not chain it.
-            raise MailboxLoginError(
-                "user or password has characters IMAP LOGIN cannot send",
+            raise MailboxLoginUnsupported(
+                f"the user or password has characters {method} cannot send",
                 host=self.host,
                 port=self.port,
             ) from None

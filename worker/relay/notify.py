@@ -19,8 +19,8 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from typing import Protocol
 
-from worker.delivery.smtp import clean_text
 from worker.errors import RelayError
+from worker.mail.text import clean_text
 
 log = logging.getLogger(__name__)
 

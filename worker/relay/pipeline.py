@@ -33,7 +33,7 @@ from worker.models import (
 from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules
 from worker.relay.intake import FetchedBatch, Intake, IntakeRules
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Inspector, Mailbox, Outbox, Store
+from worker.relay.ports import Destination, Inspector, Mailbox, Store
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Pipeline:
         *,
         config: PipelineConfig,
         mailbox: Mailbox,
-        outbox: Outbox,
+        outbox: Destination,
         store: Store,
         inspector: Inspector,
         pacer: SendPacer | None = None,
