@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -174,6 +175,48 @@ def test_login_refused_keeps_the_password_out(user: str, password: str) -> None:
             outbox.open()
         assert password not in str(caught.value)
         assert password not in repr(outbox)
+        assert "INVOICE_RELAY_SMTP_USER" in str(caught.value)
+        assert sink.logins == []
+
+
+# Postfix takes this as UTF-8 with AUTH PLAIN; smtplib's own login would fail to
+# encode it and quote one of its characters in the traceback.
+UTF8_PASSWORD = "pässwörd-€-" + PASSWORD
+
+
+def secret_characters_in(text: str, secret: str) -> set[str]:
+    """The characters of `secret` that no ASCII setting name or message would hold."""
+    return {char for char in secret if not char.isascii() and char in text}
+
+
+def test_a_utf8_password_logs_in_with_auth_plain() -> None:
+    with running_sink(auth=(USER, UTF8_PASSWORD)) as sink:
+        with outbox_for(sink, user=USER, password=UTF8_PASSWORD) as outbox:
+            outbox.send(mail(80))
+        assert sink.logins == [USER]
+        assert relayed(sink) == [document(80).sha256]
+
+
+@pytest.mark.parametrize(
+    ("excluded", "expected"),
+    [
+        ((), "login refused"),
+        # Only AUTH LOGIN offered: nothing carries UTF-8, and the server is never asked.
+        (("PLAIN",), "no login that can carry them"),
+    ],
+)
+def test_a_utf8_password_that_fails_is_named_without_a_character_of_it(
+    excluded: tuple[str, ...], expected: str
+) -> None:
+    wrong = "wröng-" + UTF8_PASSWORD
+    with running_sink(auth=(USER, UTF8_PASSWORD), auth_excluded=excluded) as sink:
+        outbox = outbox_for(sink, user=USER, password=wrong)
+        with pytest.raises(SessionRefused, match=expected) as caught:
+            outbox.open()
+        told = "".join(traceback.format_exception(caught.value))
+        assert secret_characters_in(told, wrong) == set()
+        assert wrong not in told
+        assert f"{sink.host}:{sink.port}" in str(caught.value)
         assert "INVOICE_RELAY_SMTP_USER" in str(caught.value)
         assert sink.logins == []
 

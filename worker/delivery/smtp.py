@@ -16,7 +16,7 @@ import re
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -198,13 +198,15 @@ class SmtpOutbox:
                 password = secret.reveal()
         if not user:
             return
-        if user.isascii() and password.isascii():
-            smtp.login(user, password)
-            return
         if not smtp.has_extn("auth"):
+            # What smtplib's login() says, before it could try to encode anything.
             raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
         offered = smtp.esmtp_features.get("auth", "").upper().split()
-        if "PLAIN" not in offered:
+        mechanism = login_mechanism(user, password, offered)
+        if mechanism == SMTPLIB_CHOICE:
+            smtp.login(user, password)
+            return
+        if mechanism is None:
             # Named by position in the settings, never by a character of the secret.
             raise self._refused(
                 "the user or password has non-ASCII characters and the server offers no "
@@ -337,6 +339,20 @@ class SmtpOutbox:
     def _drop(self) -> None:
         smtp, self._smtp = self._smtp, None
         _discard(smtp)
+
+
+SMTPLIB_CHOICE = "smtplib"  # CRAM-MD5, PLAIN or LOGIN, as smtplib prefers
+
+
+def login_mechanism(user: str, password: str, offered: Sequence[str]) -> str | None:
+    """How to log in: smtplib's choice for ASCII; for anything else AUTH PLAIN in UTF-8
+    (RFC 4954, RFC 4616) when the server offers it, since smtplib encodes every
+    mechanism in ASCII; None when nothing offered can carry these."""
+    if user.isascii() and password.isascii():
+        return SMTPLIB_CHOICE
+    if "PLAIN" in (mechanism.upper() for mechanism in offered):
+        return "PLAIN"
+    return None
 
 
 def _refusal(detail: str, *, code: int, sha256: str) -> DeliveryRefused:

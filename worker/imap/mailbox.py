@@ -27,7 +27,7 @@ from worker.errors import (
     MailboxLoginError,
     MailboxLoginUnsupported,
 )
-from worker.imap.session import Client, can_log_in
+from worker.imap.session import AUTHENTICATE_PLAIN, LOGIN, Client, login_command
 from worker.mail import headers, mime
 from worker.models import Credentials, FolderStatus, MailSummary, PasswordCredentials, Security
 
@@ -161,10 +161,11 @@ class ImapMailbox:
         """LOGIN, or AUTHENTICATE PLAIN in UTF-8 (RFC 4616) for a user or password that
         LOGIN cannot carry (it is ASCII-only)."""
         user, password = self.user, self._password
-        if can_log_in(user, password):
-            method, command = "LOGIN", client.login
-        elif client.has_capability("AUTH=PLAIN"):
-            method, command = "AUTHENTICATE PLAIN", client.plain_login
+        method = login_command(user, password, client.known_capabilities())
+        if method == LOGIN:
+            command = client.login
+        elif method == AUTHENTICATE_PLAIN:
+            command = client.plain_login
         else:
             # Said without the codec's error, which would quote a character of the secret.
             raise MailboxLoginUnsupported(

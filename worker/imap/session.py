@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import imaplib
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from imapclient import (  # type: ignore[import-untyped,unused-ignore]
@@ -62,7 +63,23 @@ class Client(IMAPClient):  # type: ignore[misc,unused-ignore]
             return _Tls(self.host, self.port, self.ssl_context, connect_timeout)
         return _Plain(self.host, self.port, connect_timeout)
 
+    def known_capabilities(self) -> tuple[bytes, ...]:
+        """The capabilities before login, without a round trip: those of the greeting,
+        or of the CAPABILITY sent after connecting or after STARTTLS. (imapclient's
+        `capabilities()` asks once more after STARTTLS.)"""
+        return tuple(str(capability).upper().encode() for capability in self._imap.capabilities)
 
-def can_log_in(user: str, password: str) -> bool:
-    """Whether IMAP LOGIN can carry these: it is ASCII-only (RFC 3501 quoted strings)."""
-    return user.isascii() and password.isascii()
+
+LOGIN = "LOGIN"
+AUTHENTICATE_PLAIN = "AUTHENTICATE PLAIN"
+
+
+def login_command(user: str, password: str, capabilities: Collection[bytes]) -> str | None:
+    """How to log in: LOGIN, which carries ASCII only (RFC 3501 quoted strings), else
+    AUTHENTICATE PLAIN, which carries UTF-8 (RFC 4616), when the server offers it;
+    None when nothing it offers can carry these."""
+    if user.isascii() and password.isascii():
+        return LOGIN
+    if b"AUTH=PLAIN" in {capability.upper() for capability in capabilities}:
+        return AUTHENTICATE_PLAIN
+    return None
