@@ -238,6 +238,18 @@ class Receipt:
     answer: str  # the destination's own words, e.g. "250 2.0.0 queued as 4F2A"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Notice:
+    """A short plain-text mail to a person about the audit log (a failure notice)."""
+
+    sender: str  # INVOICE_RELAY_FORWARD_FROM
+    recipient: str  # INVOICE_RELAY_NOTIFY_TO
+    subject: str
+    body: str
+    rows: int  # audit rows it covers, for the loop guard's marker header
+    written_at: datetime  # its Date
+
+
 class SecretText(Protocol):
     """A secret string that prints masked (`worker.config.settings.Secret`)."""
 

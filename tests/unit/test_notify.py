@@ -12,12 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from worker.delivery.message import NOTICE_HEADER, notice_message
 from worker.errors import DeliveryRefused, DeliveryRejected, SessionRefused, StoreError
 from worker.mail.verdicts import NOTICE_LOOP_REASON, loop_reason
-from worker.models import DedupMode, MailHeaders, MailRecord, MailSummary, PartRecord, SightingKind
+from worker.models import (
+    DedupMode,
+    MailHeaders,
+    MailRecord,
+    MailSummary,
+    Notice,
+    PartRecord,
+    SightingKind,
+)
 from worker.relay.notify import (
     LISTED_LIMIT,
-    NOTICE_HEADER,
     NoticeMark,
     NoticeResult,
     Notifier,
@@ -100,13 +108,16 @@ def test_notice_subject(kinds: list[ProblemKind], subject: str) -> None:
 
 
 def notice(problems: Sequence[Problem]) -> EmailMessage:
-    return build_notice(
-        problems,
-        notify_from=NOTIFY_FROM,
-        notify_to=NOTIFY_TO,
-        mailbox="invoices@imap.example/INBOX",
-        now=T0,
-        interval_seconds=HOUR,
+    """The notice as the SMTP adapter sends it."""
+    return notice_message(
+        build_notice(
+            problems,
+            notify_from=NOTIFY_FROM,
+            notify_to=NOTIFY_TO,
+            mailbox="invoices@imap.example/INBOX",
+            now=T0,
+            interval_seconds=HOUR,
+        )
     )
 
 
@@ -196,10 +207,10 @@ class FakeSender:
         if isinstance(self.refuse, SessionRefused):
             raise self.refuse
 
-    def send(self, message: EmailMessage, *, recipient: str | None = None) -> str:
+    def send_notice(self, notice: Notice) -> str:
         if isinstance(self.refuse, DeliveryRefused):
             raise self.refuse
-        self.sent.append((message, recipient))
+        self.sent.append((notice_message(notice), notice.recipient))
         return "250 ok"
 
     def close(self) -> None:

@@ -20,12 +20,13 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import format_datetime
+from email.utils import format_datetime, make_msgid
 
 from worker.mail.text import clean_text
-from worker.models import Parcel
+from worker.models import Notice, Parcel
 
 RELAY_HEADER = "X-Invoice-Relay"
+NOTICE_HEADER = "X-Invoice-Relay-Notice"  # read by the loop guard, worker.mail.verdicts
 DEFAULT_RELAY_ID = "invoice-relay"
 SUBJECT_LIMIT = 200
 FILENAME_LIMIT = 200
@@ -266,3 +267,18 @@ def build_forward(
         content=document.content,
         tail=f"--{boundary}--\r\n".encode("ascii"),
     )
+
+
+def notice_message(notice: Notice) -> EmailMessage:
+    """A failure notice as mail: plain text, `Auto-Submitted` so that no autoresponder
+    answers it, marked so that the loop guard knows it should it come back."""
+    message = EmailMessage()
+    message["From"] = notice.sender
+    message["To"] = notice.recipient
+    message["Subject"] = notice.subject
+    message["Date"] = format_datetime(notice.written_at.astimezone(UTC))
+    message["Message-ID"] = make_msgid(idstring="notice", domain=notice.sender.rpartition("@")[2])
+    message["Auto-Submitted"] = "auto-generated"
+    message[NOTICE_HEADER] = f"v1; rows={notice.rows}"
+    message.set_content(notice.body)
+    return message

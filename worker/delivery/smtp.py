@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from worker.delivery.message import RELAY_HEADER, ForwardMail, build_forward
+from worker.delivery.message import RELAY_HEADER, ForwardMail, build_forward, notice_message
 from worker.errors import (
     DeliveryDeferred,
     DeliveryRefused,
@@ -32,7 +32,7 @@ from worker.errors import (
     SessionRefused,
 )
 from worker.mail.text import clean_text
-from worker.models import Credentials, Parcel, PasswordCredentials, Receipt, Security
+from worker.models import Credentials, Notice, Parcel, PasswordCredentials, Receipt, Security
 
 __all__ = ["LOST_DURING_SEND", "SmtpOutbox"]
 
@@ -229,6 +229,10 @@ class SmtpOutbox:
         mail = build_forward(parcel, forward_to=self._forward_to, forward_from=self._forward_from)
         answer = self.send(mail, before_end=before_final)
         return Receipt(delivery_id=mail.message_id, answer=answer)
+
+    def send_notice(self, notice: Notice) -> str:
+        """One failure notice (`worker.relay.notify.NoticeSender`)."""
+        return self.send(notice_message(notice), recipient=notice.recipient)
 
     def send(
         self,
