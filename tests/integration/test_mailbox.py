@@ -494,19 +494,32 @@ def test_a_utf8_password_without_authenticate_plain_is_refused_before_the_server
 # --- what a poll costs ---------------------------------------------------------------------
 
 
-def test_capability_is_asked_only_when_the_greeting_lacks_it(
+def test_dovecot_is_never_asked_for_capability_its_greeting_lists(
     dovecot: DovecotServer, connect: OpenMailbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Dovecot's greeting lists its capabilities: nothing to ask (the debug log now shows
-    # the commands sent while connecting too).
+    # The debug log shows the commands sent while connecting too.
     mailbox = connect(security=Security.NONE, port=dovecot.port)
     caplog.set_level(logging.DEBUG, logger="imapclient.imaplib")
     mailbox.open()
     mailbox.close()
     assert "CAPABILITY" not in _commands(caplog)
 
-    # A greeting without them costs one CAPABILITY, as counted by the server itself.
-    with running_bare_imap() as bare:
+
+@pytest.mark.parametrize(
+    ("greeting_capabilities", "uidnext_in_examine", "expected_commands"),
+    [
+        (True, True, ["LOGIN", "EXAMINE", "LOGOUT"]),  # Dovecot, Cyrus
+        (False, True, ["CAPABILITY", "LOGIN", "EXAMINE", "LOGOUT"]),
+        (True, False, ["LOGIN", "EXAMINE", "STATUS", "LOGOUT"]),  # Courier
+        (False, False, ["CAPABILITY", "LOGIN", "EXAMINE", "STATUS", "LOGOUT"]),
+    ],
+)
+def test_what_an_empty_poll_costs_by_server_class(
+    greeting_capabilities: bool, uidnext_in_examine: bool, expected_commands: list[str]
+) -> None:
+    with running_bare_imap(
+        greeting_capabilities=greeting_capabilities, uidnext_in_examine=uidnext_in_examine
+    ) as bare:
         mailbox = ImapMailbox(
             host=bare.host,
             port=bare.port,
@@ -516,5 +529,6 @@ def test_capability_is_asked_only_when_the_greeting_lacks_it(
         )
         status = mailbox.open()
         mailbox.close()
-        assert bare.commands == ["CAPABILITY", "LOGIN", "EXAMINE", "LOGOUT"]
+        # Counted by the server itself.
+        assert bare.commands == expected_commands
     assert (status.uidvalidity, status.uidnext, status.exists) == (7, 1, 0)

@@ -16,7 +16,13 @@ from tests.servers.tls import TestCA, make_ca
 from worker.config.settings import Secret
 from worker.delivery.message import ForwardMail, build_forward
 from worker.delivery.smtp import SmtpOutbox
-from worker.errors import DeliveryRefused, SessionRefused
+from worker.errors import (
+    DeliveryDeferred,
+    DeliveryRefused,
+    DeliveryRejected,
+    DeliveryUncertain,
+    SessionRefused,
+)
 from worker.models import Parcel, PasswordCredentials, Security
 
 pytestmark = pytest.mark.integration
@@ -315,6 +321,7 @@ def test_connection_lost_during_data_is_temporary_and_closes(sink: SmtpSink) -> 
         with pytest.raises(DeliveryRefused, match="connection lost during send") as caught:
             outbox.send(mail(13))
         assert caught.value.code == 451
+        assert isinstance(caught.value, DeliveryUncertain)  # it may have arrived
         assert not outbox.is_open
         with pytest.raises(SessionRefused, match="not open"):
             outbox.send(mail(14))
@@ -329,6 +336,7 @@ def test_no_answer_in_time_during_data_is_temporary(sink: SmtpSink) -> None:
         with pytest.raises(DeliveryRefused, match="connection lost during send") as caught:
             outbox.send(mail(15))
         assert caught.value.code == 451
+        assert isinstance(caught.value, DeliveryUncertain)  # it may have arrived
         assert not outbox.is_open
 
 
@@ -404,6 +412,33 @@ def test_a_failing_before_end_abandons_the_mail(sink: SmtpSink) -> None:
         outbox.open()
         outbox.send(mail(72))
     assert relayed(sink) == [document(72).sha256]
+
+
+def test_deliver_builds_the_mail_and_its_receipt_names_the_message_id(sink: SmtpSink) -> None:
+    seen: list[int] = []
+    with outbox_for(sink) as outbox:
+        receipt = outbox.deliver(document(73), before_final=lambda: seen.append(len(sink.messages)))
+    assert seen == [0]  # before_final is the port's name for "before the dot"
+    (received,) = sink.messages
+    assert receipt.delivery_id == received.message["Message-ID"] == mail(73).message_id
+    assert receipt.answer.startswith("250")
+    assert received.message["To"] == FORWARD_TO
+    assert relayed(sink) == [document(73).sha256]
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [(451, DeliveryDeferred), (452, DeliveryDeferred), (550, DeliveryRejected)],
+)
+def test_deliver_classifies_answers_to_the_content(
+    sink: SmtpSink, code: int, kind: type[DeliveryRefused]
+) -> None:
+    sink.fail_next(code, "not now or never")
+    with outbox_for(sink) as outbox, pytest.raises(DeliveryRefused) as caught:
+        outbox.deliver(document(74))
+    assert type(caught.value) is kind
+    assert caught.value.permanent is (code >= 500)
+    assert caught.value.sha256 == document(74).sha256
 
 
 def test_a_large_mail_goes_out_in_slices_and_arrives_whole(sink: SmtpSink) -> None:

@@ -1,6 +1,6 @@
-"""A scripted IMAP server on loopback whose greeting lists no capabilities (as some
-Courier and Exchange set-ups answer), for counting what the relay sends to such a
-server. It speaks only the commands an empty poll needs."""
+"""A scripted IMAP server on loopback, for counting what the relay sends to servers
+unlike Dovecot: a greeting that lists no capabilities, an EXAMINE without UIDNEXT (as
+Courier answers). It speaks only the commands an empty poll needs, and counts them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ class _Session(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
-        self.wfile.write(b"* OK bare IMAP ready\r\n")
+        server = self.server
+        if server.greeting_capabilities:
+            self.wfile.write(f"* OK [CAPABILITY {server.capabilities}] ready\r\n".encode())
+        else:
+            self.wfile.write(b"* OK bare IMAP ready\r\n")
         for line in self.rfile:
             tag, _, rest = line.decode("ascii", "replace").rstrip("\r\n").partition(" ")
             command = rest.split(" ", 1)[0].upper()
@@ -25,7 +29,10 @@ class _Session(socketserver.StreamRequestHandler):
             elif command == "LOGIN":
                 self._answer("", tag)
             elif command in ("EXAMINE", "SELECT"):
-                self._answer("* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 1] ok", tag)
+                uidnext = "\r\n* OK [UIDNEXT 1] ok" if server.uidnext_in_examine else ""
+                self._answer(f"* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok{uidnext}", tag)
+            elif command == "STATUS":
+                self._answer('* STATUS "INBOX" (UIDVALIDITY 7 UIDNEXT 1)', tag)
             elif command == "LOGOUT":
                 self._answer("* BYE bye", tag)
                 return
@@ -41,11 +48,13 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, greeting_capabilities: bool, uidnext_in_examine: bool) -> None:
         super().__init__(("127.0.0.1", 0), _Session)
         self.lock = threading.Lock()
         self.commands: list[str] = []
         self.capabilities = "IMAP4rev1 AUTH=PLAIN"
+        self.greeting_capabilities = greeting_capabilities
+        self.uidnext_in_examine = uidnext_in_examine
 
 
 class BareImap:
@@ -62,8 +71,12 @@ class BareImap:
 
 
 @contextmanager
-def running_bare_imap() -> Iterator[BareImap]:
-    server = _Server()
+def running_bare_imap(
+    *, greeting_capabilities: bool = False, uidnext_in_examine: bool = True
+) -> Iterator[BareImap]:
+    server = _Server(
+        greeting_capabilities=greeting_capabilities, uidnext_in_examine=uidnext_in_examine
+    )
     thread = threading.Thread(target=server.serve_forever, name="bare-imap", daemon=True)
     thread.start()
     try:

@@ -90,7 +90,8 @@ def _open_failure_reason(exc: Exception, *, timeout: float) -> str:
 
 
 class SmtpOutbox:
-    """One SMTP session to the outgoing server (`worker.relay.ports.Outbox`)."""
+    """One SMTP session to the outgoing server: `worker.relay.ports.Destination` for
+    forwarded PDFs, `worker.relay.notify.NoticeSender` for notices."""
 
     def __init__(
         self,
