@@ -59,8 +59,6 @@ def send_loop(
     apart (±20 %)."""
     return Forwarder(
         rules=ForwardRules(
-            forward_to="inbox@getmyinvoices.example",
-            forward_from="relay@shop.example",
             send_batch=send_batch,
             retry_base=timedelta(seconds=10),
         ),

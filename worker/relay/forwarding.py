@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardRules:
-    forward_to: str
-    forward_from: str
+    # Where to (FORWARD_TO, FORWARD_FROM) is the destination's own setting.
     keep_pdfs: bool = False
     max_attempts: int = 10
     lease_seconds: float = 3600.0

@@ -116,8 +116,6 @@ class Pipeline:
         )
         self._forwarder = Forwarder(
             rules=ForwardRules(
-                forward_to=config.forward_to,
-                forward_from=config.forward_from,
                 keep_pdfs=config.keep_pdfs,
                 max_attempts=config.max_attempts,
                 lease_seconds=config.lease_seconds,
