@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import base64
 import logging
-import re
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from worker.delivery.framing import Abandoned, data, forward_pieces, stuffed_slices
 from worker.delivery.message import RELAY_HEADER, ForwardMail, build_forward, notice_message
 from worker.errors import (
     DeliveryDeferred,
@@ -258,10 +258,10 @@ class SmtpOutbox:
             raise self._refused("the session is not open")
         if isinstance(message, ForwardMail):
             sha256 = message.sha256
-            pieces = _forward_pieces(message)
+            pieces = forward_pieces(message)
         else:
             sha256 = str(message.get(RELAY_HEADER, ""))
-            pieces = _stuffed_slices(message.as_bytes(policy=policy.SMTP))
+            pieces = stuffed_slices(message.as_bytes(policy=policy.SMTP))
 
         # Envelope first: a refusal here concerns the session (sender, recipient,
         # connection), never this mail's content.
@@ -287,14 +287,14 @@ class SmtpOutbox:
             raise self._refused(f"connection lost before sending: {reason}") from exc
 
         try:
-            code, answer = _data(smtp, pieces, before_end)
+            code, answer = data(smtp, pieces, before_end)
         except smtplib.SMTPDataError as exc:
             # The server refused the DATA command itself: an answer about this mail.
             self._reset_or_drop()
             raise _refusal(
                 _answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
             ) from exc
-        except _Abandoned as abandoned:
+        except Abandoned as abandoned:
             # `before_end` raised: the mail is abandoned without its terminating dot, so
             # the server drops what it received with the connection.
             self._drop()
@@ -373,77 +373,6 @@ def _password(credentials: Credentials | None) -> str:
             return secret.reveal()
         case None:
             return ""
-
-
-_DATA_CHUNK = 1 << 20
-_LEADING_DOT = re.compile(rb"(?m)^\.")
-
-
-def _stuffed(text: bytes) -> bytes:
-    return _LEADING_DOT.sub(b"..", text)
-
-
-def _forward_pieces(mail: ForwardMail) -> Iterator[bytes]:
-    """A forwarded mail for DATA: base64 lines never start with a dot, so only the head
-    and the tail are dot-stuffed; the attachment is encoded 1 MiB at a time."""
-    yield _stuffed(mail.head)
-    yield from mail.attachment_slices(_DATA_CHUNK)
-    yield _stuffed(mail.tail)
-
-
-def _stuffed_slices(content: bytes) -> Iterator[bytes]:
-    """Any other mail for DATA: 1 MiB slices, each ending after a line break,
-    dot-stuffed one by one (smtplib's `data()` would make three whole copies)."""
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"  # the terminating dot must start a line
-    view = memoryview(content)
-    start = 0
-    while start < len(content):
-        end = content.find(b"\n", min(start + _DATA_CHUNK, len(content)) - 1)
-        end = len(content) if end < 0 else end + 1
-        yield _stuffed(view[start:end].tobytes())
-        start = end
-
-
-class _Abandoned(Exception):  # a carrier, never seen outside this module
-    """What `before_end` raised, carried past the handlers of SMTP failures."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-def _data(
-    smtp: smtplib.SMTP, pieces: Iterable[bytes], before_end: Callable[[], None] | None
-) -> tuple[int, bytes]:
-    """DATA with the content in `pieces` (dot-stuffed, together ending in CRLF), gathered
-    into writes of about 1 MiB. Without `before_end` the terminating dot goes in the
-    last write; with it, it runs once the content went out and the dot follows on its
-    own (the socket has TCP_NODELAY: a small write after another would otherwise wait on
-    Nagle's algorithm and the receiver's delayed ACK, 40 ms a mail)."""
-    smtp.putcmd("data")
-    code, answer = smtp.getreply()
-    if code != 354:
-        raise smtplib.SMTPDataError(code, answer)
-    gathered: list[bytes] = []
-    size = 0
-    for piece in pieces:
-        if gathered and size + len(piece) > _DATA_CHUNK:
-            smtp.send(b"".join(gathered))
-            gathered, size = [], 0
-        gathered.append(piece)
-        size += len(piece)
-    if before_end is None:
-        gathered.append(b".\r\n")
-        smtp.send(b"".join(gathered))
-        return smtp.getreply()
-    smtp.send(b"".join(gathered))
-    try:
-        before_end()
-    except Exception as exc:
-        raise _Abandoned(exc) from exc
-    smtp.send(b".\r\n")
-    return smtp.getreply()
 
 
 def _discard(smtp: smtplib.SMTP | None) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import ssl
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,26 +26,11 @@ from worker.errors import (
     MailboxLoginError,
     MailboxLoginUnsupported,
 )
+from worker.imap.results import SUMMARY_ITEMS, section_of, summary_of
 from worker.imap.session import AUTHENTICATE_PLAIN, LOGIN, Client, login_command
-from worker.mail import headers, mime
 from worker.models import Credentials, FolderStatus, MailSummary, PasswordCredentials, Security
 
 logger = logging.getLogger(__name__)
-
-HEADER_FIELDS = (
-    "FROM",
-    "SUBJECT",
-    "DATE",
-    "MESSAGE-ID",
-    "AUTO-SUBMITTED",
-    "X-INVOICE-RELAY",
-    "X-INVOICE-RELAY-NOTICE",
-    "AUTHENTICATION-RESULTS",  # every one of them, in mail order (worker.mail.trust)
-)
-_HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (" + " ".join(HEADER_FIELDS) + ")]"
-_SUMMARY_ITEMS = ("UID", "RFC822.SIZE", "INTERNALDATE", "BODYSTRUCTURE", _HEADER_ITEM)
-# What the server answers for BODY.PEEK[<section>] and BODY.PEEK[<section>]<offset.n>.
-_SECTION_KEY = re.compile(rb"^BODY\[([^\]]*)\](?:<\d+>)?$")
 
 
 class ImapMailbox:
@@ -218,11 +202,11 @@ class ImapMailbox:
         result: list[MailSummary] = []
         for batch in _batches(sorted(set(uids)), self.batch_size):
             with self._translated("UID FETCH"):
-                response = client.fetch(batch, _SUMMARY_ITEMS)
+                response = client.fetch(batch, SUMMARY_ITEMS)
             for uid in batch:
                 data = response.get(uid)
                 if data is not None and b"RFC822.SIZE" in data:
-                    result.append(_summary(uid, data))
+                    result.append(summary_of(uid, data))
         return result
 
     def fetch_sections(
@@ -247,7 +231,7 @@ class ImapMailbox:
                     response = client.fetch(batch, items)
                 for uid in batch:
                     for key, value in response.get(uid, {}).items():
-                        section = _section_of(key)
+                        section = section_of(key)
                         if section in sections and isinstance(value, bytes):
                             result[(uid, section)] = value
         return result
@@ -360,49 +344,6 @@ def _announces_mail(responses: Sequence[object]) -> bool:
 
 def _server_text(exc: BaseException) -> str:
     return str(exc).removeprefix("b'").removesuffix("'")
-
-
-def _section_of(key: object) -> str | None:
-    if not isinstance(key, bytes):
-        return None
-    match = _SECTION_KEY.match(key.upper())
-    return match.group(1).decode("ascii") if match else None
-
-
-def _summary(uid: int, data: Mapping[bytes, Any]) -> MailSummary:
-    header_bytes = b""
-    for key, value in data.items():
-        if key.upper().startswith(b"BODY[HEADER.FIELDS") and isinstance(value, bytes):
-            header_bytes = value
-    internaldate = data.get(b"INTERNALDATE")
-    if isinstance(internaldate, datetime):
-        internaldate = (
-            internaldate.astimezone(UTC)
-            if internaldate.tzinfo
-            else internaldate.replace(tzinfo=UTC)
-        )
-    else:
-        internaldate = None
-    raw_structure = data.get(b"BODYSTRUCTURE")
-    structure_problem: str | None = None
-    try:
-        structure = mime.parse_bodystructure(raw_structure) if raw_structure else None
-    except ValueError as exc:
-        logger.warning(
-            "unreadable BODYSTRUCTURE",
-            extra={"action": "bodystructure_unreadable", "uid": uid},
-            exc_info=True,
-        )
-        structure = None
-        structure_problem = str(exc)
-    return MailSummary(
-        structure_problem=structure_problem,
-        uid=uid,
-        size=int(data[b"RFC822.SIZE"]),
-        internaldate=internaldate,
-        headers=headers.parse_headers(header_bytes),
-        structure=structure,
-    )
 
 
 def _quietly_logout(client: Any) -> None:
