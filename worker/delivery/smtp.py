@@ -211,8 +211,8 @@ class SmtpOutbox:
             # Named by position in the settings, never by a character of the secret.
             raise self._refused(
                 "the user or password has non-ASCII characters and the server offers no "
-                f"login that can carry them (AUTH PLAIN; it offers {' '.join(offered) or 'none'}); "
-                "check INVOICE_RELAY_SMTP_USER/_PASSWORD"
+                "login that can carry them (they need AUTH PLAIN; it offers "
+                f"{' '.join(offered) or 'none'}); check INVOICE_RELAY_SMTP_USER/_PASSWORD"
             )
         response = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
         code, answer = smtp.docmd("AUTH", "PLAIN " + response.decode("ascii"))
