@@ -6,6 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol
 
 
@@ -32,6 +33,13 @@ class SightingKind(enum.Enum):
     REJECTED = "rejected"  # not accepted, by a rule; reason says which
     ERROR = "error"  # something unexpected; retried on later polls
     NO_PDF = "no_pdf"  # the mail carried no PDF candidate at all
+
+
+class ReasonCode(enum.Enum):
+    """A stable code beside a sighting's reason, for the code that must tell reasons apart:
+    the reason text is for people and may be reworded."""
+
+    NOTICE_LOOP = "notice_loop"  # our own failure notice come back to the polled mailbox
 
 
 class Outcome(enum.Enum):
@@ -151,6 +159,7 @@ class PartRecord:
     part: str
     kind: SightingKind
     reason: str | None = None
+    reason_code: ReasonCode | None = None  # for the reasons that code tells apart
     filename: str | None = None
     size_bytes: int | None = None
     sha256: str | None = None
@@ -326,3 +335,52 @@ class PollReport:
     @property
     def duration_seconds(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
+
+
+# How long a statement waits for another writer: SQLite's busy_timeout, set by the store
+# (`worker.store.engine`); the send lease (`worker.relay.retry.lease_seconds`) allows for
+# recording one send's outcome queueing that long.
+DATABASE_WAIT_SECONDS = 30.0
+
+
+class ProblemKind(enum.Enum):
+    FAILED = "failed"  # a document refused for good or out of attempts: it was not forwarded
+    REJECTED = "rejected"  # a sighting refused by a rule (not a PDF, stranger, too large, ...)
+    ERROR = "error"  # a sighting whose check crashed or timed out; retried on later polls
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One audit_log row a person should look at (in a failure notice)."""
+
+    audit_id: int  # the audit_log row's id (the sighting)
+    kind: ProblemKind
+    reason: str
+    filename: str | None = None
+    document_id: int | None = None  # for FAILED: the document that was not forwarded
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoticeMark:
+    """The latest failure notice: when it went out and how far its sightings reached."""
+
+    sent_at: datetime
+    last_sighting_id: int
+
+
+def sqlite_location(url: str) -> str | None:
+    """The database part of a SQLite URL, as SQLAlchemy reads it ("" or ":memory:" in
+    memory, a relative path after three slashes, an absolute one after four); None for
+    any other database. Pure text, so that settings can check it before any driver loads."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or not scheme.lower().startswith("sqlite"):
+        return None
+    return rest.partition("?")[0].removeprefix("/")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The SQLite file a URL names; None in memory, for a `file:` URI, or not SQLite."""
+    location = sqlite_location(url)
+    if location in (None, "", ":memory:") or location.startswith("file:"):
+        return None
+    return Path(location).expanduser()

@@ -17,6 +17,7 @@ from worker.errors import StoreError
 from worker.models import DocumentState, Parcel, Receipt
 from worker.relay.forwarding import Forwarder
 from worker.store import schema
+from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -64,7 +65,7 @@ class WatchingOutbox(FakeOutbox):
 def url(tmp_path: Path) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'relay.db'}"
     store = SqlStore(url)
-    schema.create_schema(store.engine)
+    create_schema(store.engine)
     store.close()
     yield url
 

@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 
 from worker.config.settings import Secret, Settings, http_port_from_env
 from worker.delivery.smtp import SmtpOutbox
@@ -15,13 +14,15 @@ from worker.errors import StoreError
 from worker.faults import checkpoint_for
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.trust import TrustPolicy
-from worker.models import AuditFilter, AuditRow, PasswordCredentials, PollReport
+from worker.models import AuditFilter, AuditRow, PasswordCredentials, PollReport, sqlite_file
 from worker.pdf.pool import PdfInspector
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
+from worker.relay.ports import PipelineStore
 from worker.relay.retry import lease_seconds
 from worker.service.idle import IdleWatcher, PollRequests
-from worker.store import migrate, schema
+from worker.store import migrate
+from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def prepared_store(settings: Settings) -> SqlStore:
 @contextmanager
 def _pipeline(
     settings: Settings,
-    store: SqlStore,
+    store: PipelineStore,
     *,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
@@ -213,7 +214,7 @@ def dry_run(settings: Settings) -> list[PlannedSighting]:
         store = SqlStore(url)
     else:
         store = SqlStore("sqlite://")
-        schema.create_schema(store.engine)
+        create_schema(store.engine)
     try:
         with _pipeline(settings, store) as pipeline:
             return pipeline.plan()
@@ -273,10 +274,9 @@ def _store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore |
 
 def _existing_database(url: str) -> SqlStore:
     """Read-only and maintenance commands never create a database by accident."""
-    parsed = schema.parse_url(url)
-    location = parsed.database if parsed.get_backend_name() == "sqlite" else None
-    if location and not Path(location).exists():
-        raise StoreError(f"no database at {location} yet (run `invoice-relay once` first)")
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StoreError(f"no database at {path} yet (run `invoice-relay once` first)")
     if migrate.current_revision(url) is None:
         raise StoreError(
             "the database holds no relay tables yet (run `invoice-relay db upgrade` or a poll)"

@@ -22,7 +22,7 @@ from worker.config import values
 from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
-from worker.models import DedupMode, Security
+from worker.models import DedupMode, Security, sqlite_file, sqlite_location
 
 PREFIX = "INVOICE_RELAY_"
 MASK = "****"
@@ -172,8 +172,7 @@ class Settings:
 
     def sqlite_path(self) -> Path | None:
         """The SQLite database file (the CLI creates its directory); None otherwise."""
-        location = _sqlite_location(self.database_url.reveal())
-        return None if location in (None, "", ":memory:") else Path(location)
+        return sqlite_file(self.database_url.reveal())
 
     def describe(self) -> dict[str, str]:
         """Every setting as text, secrets masked: for `check` output and start-up logs."""
@@ -302,7 +301,7 @@ def _database_url(env: _Reader) -> Secret:
             "or postgresql+psycopg://user:password@host/dbname",
         )
     else:
-        location = _sqlite_location(url)
+        location = sqlite_location(url)
         if location not in (None, "", ":memory:") and not os.path.isabs(location or ""):
             env.fail(
                 "DATABASE_URL",
@@ -326,15 +325,6 @@ def _default_database_url(env: _Reader) -> str:
             return "sqlite://"
         data_home = os.path.join(home, ".local", "share")
     return "sqlite:///" + os.path.join(data_home, "invoice-relay", "relay.db")
-
-
-def _sqlite_location(url: str) -> str | None:
-    """The database part of a SQLite URL ("" or ":memory:" in memory); None if not SQLite."""
-    scheme, separator, rest = url.partition("://")
-    if not separator or not scheme.lower().startswith("sqlite"):
-        return None
-    rest = rest.partition("?")[0]
-    return rest.removeprefix("/")
 
 
 def _url_passwords(url: str) -> list[str]:

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Sequence
 
 from worker.errors import PdfCheckFailed
-from worker.models import Candidate, MailSummary, PartRecord, PdfReport, SightingKind
+from worker.models import Candidate, MailSummary, PartRecord, PdfReport, ReasonCode, SightingKind
 
 
 def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
@@ -20,8 +20,8 @@ def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
     return address in allowed or domain in allowed
 
 
-# Our own failure notice (worker.relay.notify) come back; notices leave these rows out, or a
-# notice sent to the polled mailbox would cause the next one.
+# Our own failure notice (worker.relay.notify) come back; notices leave these rows out (by
+# their ReasonCode.NOTICE_LOOP), or a notice sent to the polled mailbox would cause the next one.
 NOTICE_LOOP_REASON = "loop: an invoice-relay failure notice (X-Invoice-Relay-Notice)"
 
 
@@ -36,6 +36,11 @@ def loop_reason(summary: MailSummary, forward_from: str) -> str | None:
     if auto and auto != "no" and headers.sender_address == forward_from.lower():
         return "loop: Auto-Submitted mail from INVOICE_RELAY_FORWARD_FROM"
     return None
+
+
+def loop_code(summary: MailSummary) -> ReasonCode | None:
+    """The code stored beside `loop_reason`'s text where code must tell that loop apart."""
+    return ReasonCode.NOTICE_LOOP if summary.headers.notice_marker is not None else None
 
 
 def estimated_decoded_size(candidate: Candidate) -> int:

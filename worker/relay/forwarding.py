@@ -19,7 +19,7 @@ from worker.errors import DeliveryRefused, DeliveryUnavailable, StoreError
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.models import OutgoingDocument, Parcel
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Destination, Store
+from worker.relay.ports import Destination, SendQueue
 from worker.relay.retry import BASE_DELAY, out_of_attempts, retry_delay
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Forwarder:
         *,
         rules: ForwardRules,
         outbox: Destination,
-        store: Store,
+        store: SendQueue,
         pacer: SendPacer,
         clock: Callable[[], datetime],
         rng: random.Random,

@@ -21,6 +21,7 @@ from worker.mail.verdicts import (
     checked_part,
     describe,
     estimated_decoded_size,
+    loop_code,
     loop_reason,
     section_key,
     sender_allowed,
@@ -245,6 +246,7 @@ class Intake:
             return plan
         candidates = mime.find_candidates(summary.structure)
         refusal = loop_reason(summary, config.forward_from)
+        refusal_code = loop_code(summary)
         if refusal is None and not sender_allowed(
             summary.headers.sender_address, config.allowed_senders
         ):
@@ -258,13 +260,16 @@ class Intake:
                     part=c.section,
                     kind=SightingKind.REJECTED,
                     reason=refusal,
+                    reason_code=refusal_code,
                     filename=c.filename,
                     size_bytes=estimated_decoded_size(c),
                 )
                 for c in certain
             ]
             if not certain:
-                plan.verdict = PartRecord(part="", kind=SightingKind.REJECTED, reason=refusal)
+                plan.verdict = PartRecord(
+                    part="", kind=SightingKind.REJECTED, reason=refusal, reason_code=refusal_code
+                )
             return plan
         plan.certain = [c for c in candidates if c.certain]
         plan.probed = [c for c in candidates if not c.certain]

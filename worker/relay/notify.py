@@ -14,13 +14,12 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
 from worker.errors import RelayError
 from worker.mail.text import clean_text
-from worker.models import Notice
+from worker.models import Notice, NoticeMark, Problem, ProblemKind
 
 log = logging.getLogger(__name__)
 
@@ -29,31 +28,6 @@ FETCH_LIMIT = 1000  # rows one notice covers; more wait for the next notice
 REASON_LIMIT = 200
 FILENAME_LIMIT = 80
 AUDIT_HINT = "invoice-relay audit --outcome failed --outcome rejected --outcome error"
-
-
-class ProblemKind(enum.Enum):
-    FAILED = "failed"  # a document refused for good or out of attempts: it was not forwarded
-    REJECTED = "rejected"  # a sighting refused by a rule (not a PDF, stranger, too large, ...)
-    ERROR = "error"  # a sighting whose check crashed or timed out; retried on later polls
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Problem:
-    """One audit_log row a person should look at."""
-
-    audit_id: int  # the audit_log row's id (the sighting)
-    kind: ProblemKind
-    reason: str
-    filename: str | None = None
-    document_id: int | None = None  # for FAILED: the document that was not forwarded
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NoticeMark:
-    """The latest notice: when it went out and how far its sightings reached."""
-
-    sent_at: datetime
-    last_sighting_id: int
 
 
 class NoticeLog(Protocol):

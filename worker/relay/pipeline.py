@@ -33,7 +33,7 @@ from worker.models import (
 from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules
 from worker.relay.intake import FetchedBatch, Intake, IntakeRules
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Destination, Inspector, Mailbox, Store
+from worker.relay.ports import Destination, Inspector, Mailbox, PipelineStore
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Pipeline:
         config: PipelineConfig,
         mailbox: Mailbox,
         outbox: Destination,
-        store: Store,
+        store: PipelineStore,
         inspector: Inspector,
         pacer: SendPacer | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),

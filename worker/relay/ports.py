@@ -1,8 +1,9 @@
 """The small Protocols through which the pipeline sees the outside world.
 
-Adapters (`imap.mailbox.ImapMailbox`, `delivery.smtp.SmtpOutbox`, `store.SqlStore`,
-`pdf.PdfInspector`)
-implement them; `tests/fakes.py` has in-memory fakes for unit tests.
+Adapters (`worker.imap.mailbox`, `worker.delivery.smtp`, `worker.store.sqlstore.SqlStore`,
+`worker.pdf.pool`) implement them; `tests/fakes.py` has in-memory fakes for unit tests.
+The store is seen through one Protocol per consumer: the poll (`PollStore`), the send
+loop (`SendQueue`), the audit log (`AuditReader`) and the admin commands (`AdminStore`).
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ class Inspector(Protocol):
         """Stop worker processes."""
 
 
-class Store(Protocol):
-    """The SQL store. Raises `worker.errors.StoreError`; the database decides uniqueness."""
+class PollStore(Protocol):
+    """What a poll needs: its position in the mailbox, the recording of what it read, and
+    the ERROR sightings it retries or gives up on. Raises `worker.errors.StoreError`; the
+    database decides uniqueness."""
 
     def position(self, mailbox: str) -> MailboxPosition | None:
         """How far polling got in `mailbox`, or None before the first poll."""
@@ -131,6 +134,14 @@ class Store(Protocol):
     def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
         """ERROR sightings tried `max_tries` times become REJECTED; returns how many."""
 
+    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
+        """Read-only, for a dry run: which key of a PDF is known already, or None."""
+
+
+class SendQueue(Protocol):
+    """What the send loop needs: documents due for sending, and the mark of each attempt.
+    Raises `worker.errors.StoreError`."""
+
     def claim_due(
         self, *, now: datetime, limit: int, lease_seconds: float
     ) -> list[OutgoingDocument]:
@@ -152,15 +163,25 @@ class Store(Protocol):
     def release(self, document_id: int) -> None:
         """Drop the lease without counting an attempt (the session was refused)."""
 
+
+class AuditReader(Protocol):
+    """What the audit log and the poll report read. Raises `worker.errors.StoreError`."""
+
+    def audit(self, query: AuditFilter) -> list[AuditRow]: ...
+
+    def state_counts(self) -> dict[DocumentState, int]: ...
+
+
+class AdminStore(Protocol):
+    """What the admin commands (`requeue`, `resend`) change. Raises `worker.errors.StoreError`."""
+
     def requeue(self, *, sha256: str | None, now: datetime) -> int:
         """FAILED documents (one, or all) back to PENDING; returns how many."""
 
     def resend(self, *, sha256: str, now: datetime) -> bool:
         """Queue a forwarded document again on purpose (needs its kept bytes)."""
 
-    def state_counts(self) -> dict[DocumentState, int]: ...
 
-    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
-        """Read-only, for a dry run: which key of a PDF is known already, or None."""
-
-    def audit(self, query: AuditFilter) -> list[AuditRow]: ...
+class PipelineStore(PollStore, SendQueue, AuditReader, Protocol):
+    """What a `Pipeline` is given: its poll's store, the send queue it hands to its
+    `Forwarder`, and the state counts of its report."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
+from worker.models import DATABASE_WAIT_SECONDS
+
 BASE_DELAY = timedelta(minutes=1)
 MAX_DELAY = timedelta(hours=6)
 JITTER = 0.2
@@ -42,9 +44,6 @@ SESSION_WAITS = 8
 # One send: MAIL, RCPT, DATA, the content (sendall is bounded as a whole), the final
 # answer, and RSET after a refusal.
 SEND_WAITS = 6
-# How long a statement waits for another writer (SQLite's busy_timeout, worker.store.schema);
-# recording one send's outcome may queue that long.
-DATABASE_WAIT_SECONDS = 30.0
 PACER_WINDOW_SECONDS = 60.0
 
 

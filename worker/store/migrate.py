@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.errors import StoreError
-from worker.store.schema import READ_ONLY_OPTION, make_engine, translated
+from worker.store.engine import READ_ONLY_OPTION, make_engine, translated
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # The newest migration's revision. Every start-up compares the database with it by a
 # plain query, so a poll of an up-to-date database never imports Alembic (about 0.15 s
 # of every cron run); tests/migration checks it against the scripts' real head.
-HEAD_REVISION = "0003_document_contents"
+HEAD_REVISION = "0004_reason_codes"
 
 
 def migrations_directory() -> Path:

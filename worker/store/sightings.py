@@ -21,7 +21,7 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.store.base import SqlBase
+from worker.store.engine import SqlBase
 from worker.store.schema import documents, mailbox_state, sightings
 
 _LOCATION = ("mailbox", "uidvalidity", "uid", "part")
@@ -39,7 +39,7 @@ class _Statements:
 
 
 class MailRecorder(SqlBase):
-    """The queries of `worker.relay.ports.Store` that record what a poll read."""
+    """The queries of `worker.relay.ports.PollStore` that record what a poll read."""
 
     def position(self, mailbox: str) -> MailboxPosition | None:
         with self._read() as connection:
@@ -203,6 +203,7 @@ class MailRecorder(SqlBase):
             "invoice_number": part.invoice_number,
             "kind": part.kind.value,
             "reason": part.reason,
+            "reason_code": None if part.reason_code is None else part.reason_code.value,
             "document_id": None,
             "duplicate_of": None,
             "tries": 1,
