@@ -115,11 +115,14 @@ class DeliveryRefused(RelayError):
 
 
 class DeliveryDeferred(DeliveryRefused):
-    """The destination refused the document for now; it is retried later."""
+    """The destination refused the document for now.
+
+    It is retried later, with backoff, and the attempt counts.
+    """
 
 
 class DeliveryUncertain(DeliveryDeferred):
-    """The document went out and no answer came back: it may have arrived.
+    """The document went out, and may have arrived.
 
     Retried later like a deferral, under the same delivery id, so that a destination
     that did accept it can recognise the copy.
@@ -127,7 +130,10 @@ class DeliveryUncertain(DeliveryDeferred):
 
 
 class DeliveryRejected(DeliveryRefused):
-    """The destination refused the document for good; it is not retried."""
+    """The destination refused the document for good.
+
+    The document becomes `failed`; it is not retried.
+    """
 
     permanent: ClassVar[bool] = True
 
