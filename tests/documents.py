@@ -15,7 +15,7 @@ from worker.faults import Checkpoint, no_checkpoint
 from worker.models import DocumentState
 from worker.relay.forwarding import Forwarder, ForwardRules
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Outbox, SendQueue
+from worker.relay.ports import Destination, SendQueue
 from worker.store import schema
 from worker.store.sqlstore import SqlStore
 
@@ -57,7 +57,7 @@ def add_pending_documents(store: SqlStore | FakeStore, count: int, *, now: datet
 
 def send_loop(
     store: SendQueue,
-    outbox: Outbox,
+    outbox: Destination,
     *,
     now: datetime,
     send_batch: int,
@@ -69,8 +69,6 @@ def send_loop(
     apart (±20 %)."""
     return Forwarder(
         rules=ForwardRules(
-            forward_to="inbox@getmyinvoices.example",
-            forward_from="relay@shop.example",
             send_batch=send_batch,
             retry_base=timedelta(seconds=10),
         ),

@@ -10,8 +10,14 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage, Message
 
-from worker.delivery.message import ForwardMail
-from worker.errors import MailboxError, PdfCheckFailed, SendRejected, SessionRefused
+from worker.delivery.message import build_forward
+from worker.errors import (
+    DeliveryRefused,
+    DeliveryUnavailable,
+    MailboxError,
+    PdfCheckFailed,
+    SessionRefused,
+)
 from worker.mail import headers
 from worker.models import (
     AuditFilter,
@@ -26,8 +32,10 @@ from worker.models import (
     MailSummary,
     Outcome,
     OutgoingDocument,
+    Parcel,
     PartRecord,
     PdfReport,
+    Receipt,
     RecordedSighting,
     SightingKind,
 )
@@ -214,11 +222,15 @@ class FakeMailbox:
 
 
 class FakeOutbox:
-    """Keeps what it 'sent'; `answers` scripts refusals per send, in order."""
+    """A `Destination` that keeps what it 'sent' as the mail SMTP would carry;
+    `answers` scripts refusals per delivery, in order."""
+
+    forward_to = "archive@example.org"
+    forward_from = "relay@example.com"
 
     def __init__(self) -> None:
         self.sent: list[EmailMessage] = []
-        self.answers: list[SendRejected | SessionRefused | None] = []
+        self.answers: list[DeliveryRefused | DeliveryUnavailable | None] = []
         self.refuse_session = False
         self.opened = 0
         self.closed = 0
@@ -228,16 +240,17 @@ class FakeOutbox:
             raise SessionRefused("connection refused", host="fake", port=25)
         self.opened += 1
 
-    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+        message = build_forward(parcel, forward_to=self.forward_to, forward_from=self.forward_from)
         answer = self.answers.pop(0) if self.answers else None
-        if isinstance(answer, SessionRefused):  # refused before the content
+        if isinstance(answer, DeliveryUnavailable):  # refused before the content
             raise answer
-        if before_end is not None:
-            before_end()
+        if before_final is not None:
+            before_final()
         if answer is not None:
             raise answer
         self.sent.append(message.parsed())
-        return "250 2.0.0 queued"
+        return Receipt(delivery_id=message.message_id, answer="250 2.0.0 queued")
 
     def close(self) -> None:
         self.closed += 1

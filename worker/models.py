@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 # --- defaults: one home for each ------------------------------------------------------
 # The settings give them to a user who sets nothing (README, "Configuration"); the value
@@ -228,6 +229,80 @@ class OutgoingDocument:
     original_subject: str
     original_date: datetime | None
     original_message_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Parcel:
+    """One PDF to deliver, with what any destination needs to describe it.
+
+    Nothing of the send queue (lease, attempts): a destination sees the document, not
+    how often it was tried. `resend_count` is the document's: a deliberate resend is a
+    new delivery (a new Message-ID), a retry is the same one.
+    """
+
+    sha256: str
+    content: bytes
+    filename: str
+    resend_count: int
+    original_sender: str
+    original_subject: str
+    original_date: datetime | None
+    original_message_id: str
+
+    @classmethod
+    def from_outgoing(cls, document: OutgoingDocument) -> Parcel:
+        return cls(
+            sha256=document.sha256,
+            content=document.content,
+            filename=document.filename,
+            resend_count=document.resend_count,
+            original_sender=document.original_sender,
+            original_subject=document.original_subject,
+            original_date=document.original_date,
+            original_message_id=document.original_message_id,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt:
+    """What a destination said when it accepted a parcel."""
+
+    delivery_id: str  # the destination's id for it: the Message-ID by SMTP
+    answer: str  # the destination's own words, e.g. "250 2.0.0 queued as 4F2A"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Notice:
+    """A short plain-text mail to a person about the audit log (a failure notice)."""
+
+    sender: str  # INVOICE_RELAY_FORWARD_FROM
+    recipient: str  # INVOICE_RELAY_NOTIFY_TO
+    subject: str
+    body: str
+    rows: int  # audit rows it covers, for the loop guard's marker header
+    written_at: datetime  # its Date
+
+
+class SecretText(Protocol):
+    """A secret string that prints masked (`worker.config.settings.Secret`)."""
+
+    def reveal(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PasswordCredentials:
+    """A user name and password, for IMAP LOGIN / AUTHENTICATE PLAIN and SMTP AUTH."""
+
+    user: str
+    password: SecretText
+
+    def __repr__(self) -> str:
+        return f"PasswordCredentials(user={self.user!r}, password='****')"
+
+
+# What an adapter logs in with. A union so that a token source (OAuth2, XOAUTH2) can
+# join it and each adapter's `match` says which kinds it can carry.
+Credentials = PasswordCredentials
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,8 +19,9 @@ from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
+from worker.config.settings import Secret
 from worker.imap.mailbox import ImapMailbox
-from worker.models import FolderStatus, Security
+from worker.models import FolderStatus, PasswordCredentials, Security
 from worker.service.idle import IdleTiming, IdleWatcher
 
 pytestmark = pytest.mark.integration
@@ -34,8 +35,7 @@ def _mailbox(imap: DovecotServer) -> ImapMailbox:
         host=imap.host,
         port=imap.port,
         security=Security.NONE,
-        user=imap.user,
-        password=imap.password,
+        credentials=PasswordCredentials(user=imap.user, password=Secret(imap.password)),
         timeout=10.0,
     )
 

@@ -18,9 +18,18 @@ from pathlib import Path
 from tests import samples
 from tests.fakes import FakeInspector, FakeOutbox
 from tests.servers.dovecot import DovecotServer
+from worker.config.settings import Secret
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.verdicts import VANISHED_REASON
-from worker.models import AuditFilter, DedupMode, FolderStatus, MailSummary, Outcome, Security
+from worker.models import (
+    AuditFilter,
+    DedupMode,
+    FolderStatus,
+    MailSummary,
+    Outcome,
+    PasswordCredentials,
+    Security,
+)
 from worker.relay.pipeline import Pipeline, PipelineConfig
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
@@ -72,8 +81,7 @@ def test_a_mail_expunged_between_search_and_fetch_gets_a_final_row(
             host="127.0.0.1",
             port=imap.tls_port,
             security=Security.SSL,
-            user=imap.user,
-            password=imap.password,
+            credentials=PasswordCredentials(user=imap.user, password=Secret(imap.password)),
             ca_file=imap.ca_file,
             timeout=10.0,
         ),

@@ -63,6 +63,7 @@ def _config(
     tls_port: int | None,
     tls: TestCA | None,
     password: str,
+    mechanisms: str,
 ) -> str:
     account = pwd.getpwnam(MAIL_USER)
     lines = [
@@ -80,7 +81,7 @@ def _config(
         f"mail_uid = {MAIL_USER}",
         f"mail_gid = {MAIL_USER}",
         f"mail_location = maildir:{root / 'mail'}/%u",
-        "auth_mechanisms = plain login",
+        f"auth_mechanisms = {mechanisms}",
         "disable_plaintext_auth = no",
         # Tests log in wrongly on purpose: no 2 s failure delay, and no anvil penalty
         # that would slow down the next (right) login from the same address.
@@ -128,10 +129,19 @@ def _config(
 class DovecotServer:
     """One Dovecot instance; `start()`/`stop()` keep its ports, for outage tests."""
 
-    def __init__(self, base_dir: Path, *, tls: bool = True) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        tls: bool = True,
+        password: str | None = None,
+        mechanisms: str = "plain login",
+    ) -> None:
         self.host = "127.0.0.1"
         self.user = "invoices@shop.example"
-        self.password = "pw-" + secrets.token_urlsafe(12)
+        # A password of the test's own (`pässwörd`) is sent as UTF-8 by AUTHENTICATE PLAIN.
+        self.password = password if password is not None else "pw-" + secrets.token_urlsafe(12)
+        self.mechanisms = mechanisms  # SASL mechanisms offered as AUTH=...
         self.port = free_port()
         self.tls_port: int | None = free_port() if tls else None
         # Dovecot's unprivileged processes must reach sockets and mail, and a test's
@@ -162,6 +172,7 @@ class DovecotServer:
                 tls_port=self.tls_port,
                 tls=self._tls,
                 password=self.password,
+                mechanisms=self.mechanisms,
             )
         )
 
@@ -231,7 +242,11 @@ class DovecotServer:
         """A logged-in plain IMAP session (the test's own, not the relay's)."""
         client = imaplib.IMAP4(self.host, self.port, timeout=30)
         try:
-            _check(client.login(self.user, self.password), "LOGIN")
+            if self.password.isascii():
+                _check(client.login(self.user, self.password), "LOGIN")
+            else:
+                plain = f"\0{self.user}\0{self.password}".encode()
+                _check(client.authenticate("PLAIN", lambda _: plain), "AUTHENTICATE")
             yield client
         finally:
             with contextlib.suppress(imaplib.IMAP4.error, OSError):
@@ -356,9 +371,15 @@ def _append(
 
 
 @contextlib.contextmanager
-def running_dovecot(base_dir: Path, *, tls: bool = True) -> Iterator[DovecotServer]:
+def running_dovecot(
+    base_dir: Path,
+    *,
+    tls: bool = True,
+    password: str | None = None,
+    mechanisms: str = "plain login",
+) -> Iterator[DovecotServer]:
     """Start Dovecot with its own configuration under `base_dir`; stop it on exit."""
-    server = DovecotServer(base_dir, tls=tls)
+    server = DovecotServer(base_dir, tls=tls, password=password, mechanisms=mechanisms)
     try:
         server.start()
     except BaseException:

@@ -158,6 +158,7 @@ class SmtpSink:
         tls_context: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         auth: tuple[str, str] | None = None,
+        auth_excluded: tuple[str, ...] = (),
     ) -> None:
         if implicit_tls and tls_context is None:
             raise ValueError("implicit_tls needs a TLS certificate")
@@ -166,6 +167,7 @@ class SmtpSink:
         self._tls_context = tls_context
         self._implicit_tls = implicit_tls
         self._auth = auth
+        self._auth_excluded = auth_excluded  # mechanisms not offered, e.g. ("PLAIN",)
         self._script = _Script()
         self._lock = threading.Lock()
         self._received: list[ReceivedMail] = []
@@ -267,6 +269,7 @@ class SmtpSink:
         if self._auth is not None:
             options["authenticator"] = self._authenticate
             options["auth_require_tls"] = False  # loopback only
+            options["auth_exclude_mechanism"] = self._auth_excluded
         controller = Controller(
             _Handler(self),
             hostname=self.host,
@@ -305,11 +308,18 @@ def running_sink(
     *,
     tls_cert: tuple[Path, Path] | None = None,
     auth: tuple[str, str] | None = None,
+    auth_excluded: tuple[str, ...] = (),
     implicit_tls: bool = False,
 ) -> Iterator[SmtpSink]:
     """A started sink on a free loopback port; `tls_cert` is (cert chain PEM, key PEM)."""
     context = server_tls_context(*tls_cert) if tls_cert is not None else None
-    sink = SmtpSink(port=free_port(), tls_context=context, implicit_tls=implicit_tls, auth=auth)
+    sink = SmtpSink(
+        port=free_port(),
+        tls_context=context,
+        implicit_tls=implicit_tls,
+        auth=auth,
+        auth_excluded=auth_excluded,
+    )
     sink.start()
     try:
         yield sink

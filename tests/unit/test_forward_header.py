@@ -11,7 +11,7 @@ from email.parser import BytesParser
 import pytest
 
 from worker.delivery.message import RELAY_HEADER, build_forward
-from worker.models import OutgoingDocument
+from worker.models import OutgoingDocument, Parcel
 
 SHA = hashlib.sha256(b"invoice").hexdigest()
 
@@ -38,7 +38,7 @@ def document(*, sha256: str = SHA, resend_count: int = 0) -> OutgoingDocument:
 )
 def test_the_relay_header_is_one_line_and_parses_exactly(outgoing: OutgoingDocument) -> None:
     raw = build_forward(
-        outgoing,
+        Parcel.from_outgoing(outgoing),
         forward_to="inbox@getmyinvoices.example",
         forward_from="relay@shop.example",
         now=datetime(2026, 11, 24, 12, 0, tzinfo=UTC),

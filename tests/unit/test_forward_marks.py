@@ -13,9 +13,8 @@ import sqlalchemy as sa
 
 from tests.documents import add_pending_documents, send_loop
 from tests.fakes import FakeOutbox
-from worker.delivery.message import ForwardMail
 from worker.errors import StoreError
-from worker.models import DocumentState
+from worker.models import DocumentState, Parcel, Receipt
 from worker.relay.forwarding import Forwarder
 from worker.store import schema
 from worker.store.engine import create_schema
@@ -53,13 +52,13 @@ class WatchingOutbox(FakeOutbox):
         self.unmarked = unmarked
         self.unmarked_at_end: list[int] = []
 
-    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
         def end() -> None:
-            if before_end is not None:
-                before_end()
+            if before_final is not None:
+                before_final()
             self.unmarked_at_end.append(self.unmarked())
 
-        return super().send(message, before_end=end)
+        return super().deliver(parcel, before_final=end)
 
 
 @pytest.fixture

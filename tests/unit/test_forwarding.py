@@ -12,8 +12,7 @@ import pytest
 
 from tests.documents import add_pending_documents, send_loop
 from tests.fakes import FakeOutbox, FakeStore
-from worker.delivery.message import ForwardMail
-from worker.errors import SendRejected, SessionRefused, StoreError
+from worker.errors import DeliveryDeferred, DeliveryRefused, SessionRefused, StoreError
 from worker.faults import (
     CRASH_EXIT_STATUS,
     Checkpoint,
@@ -22,7 +21,7 @@ from worker.faults import (
     CrashPoint,
     checkpoint_for,
 )
-from worker.models import OutgoingDocument
+from worker.models import OutgoingDocument, Parcel, Receipt
 from worker.relay.forwarding import Forwarder
 from worker.relay.pacer import SendPacer
 
@@ -80,7 +79,7 @@ def test_each_step_happens_in_the_order_the_guarantees_need(store: FakeStore) ->
 def test_a_refused_mail_is_retried_later_over_a_fresh_session(store: FakeStore) -> None:
     first, second = add_pending_documents(store, 2, now=NOW)
     outbox = FakeOutbox()
-    outbox.answers = [SendRejected("451 4.3.0 try later", code=451), None]
+    outbox.answers = [DeliveryDeferred("451 4.3.0 try later", code=451), None]
     assert forwarder(store, outbox).forward_due() == (1, 1, 0)
     assert outbox.opened == 2  # the refusal may have cost the session: a new one
     assert states(store) == {first: ("pending", 1), second: ("forwarded", 1)}
@@ -187,14 +186,14 @@ class RecordingOutbox(FakeOutbox):
         super().open()
         self.events.append(("open",))
 
-    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
         try:
-            answer = super().send(message, before_end=before_end)
-        except SendRejected:
-            self.events.append(("refused", message.sha256))
+            receipt = super().deliver(parcel, before_final=before_final)
+        except DeliveryRefused:
+            self.events.append(("refused", parcel.sha256))
             raise
-        self.events.append(("sent", message.sha256))
-        return answer
+        self.events.append(("sent", parcel.sha256))
+        return receipt
 
 
 def test_after_a_refusal_the_rest_is_claimed_again_before_a_new_session(
@@ -205,7 +204,7 @@ def test_after_a_refusal_the_rest_is_claimed_again_before_a_new_session(
     hashes = add_pending_documents(watched, 5, now=NOW)
     events = watched.events
     outbox = RecordingOutbox(events)
-    later = SendRejected("451 4.3.0 try later", code=451)
+    later = DeliveryDeferred("451 4.3.0 try later", code=451)
     outbox.answers = [later, None, later, None, None]
     assert forwarder(watched, outbox).forward_due() == (3, 2, 0)
     assert outbox.opened == 3

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import SendRejected, SessionRefused, StoreError
+from worker.delivery.message import NOTICE_HEADER, notice_message
+from worker.errors import DeliveryRefused, DeliveryRejected, SessionRefused, StoreError
 from worker.mail.verdicts import NOTICE_LOOP_REASON, loop_code, loop_reason
 from worker.models import (
     DedupMode,
     MailHeaders,
     MailRecord,
     MailSummary,
+    Notice,
     NoticeMark,
     PartRecord,
     Problem,
@@ -28,7 +30,6 @@ from worker.models import (
 )
 from worker.relay.notify import (
     LISTED_LIMIT,
-    NOTICE_HEADER,
     NoticeResult,
     Notifier,
     build_notice,
@@ -108,13 +109,16 @@ def test_notice_subject(kinds: list[ProblemKind], subject: str) -> None:
 
 
 def notice(problems: Sequence[Problem]) -> EmailMessage:
-    return build_notice(
-        problems,
-        notify_from=NOTIFY_FROM,
-        notify_to=NOTIFY_TO,
-        mailbox="invoices@imap.example/INBOX",
-        now=T0,
-        interval_seconds=HOUR,
+    """The notice as the SMTP adapter sends it."""
+    return notice_message(
+        build_notice(
+            problems,
+            notify_from=NOTIFY_FROM,
+            notify_to=NOTIFY_TO,
+            mailbox="invoices@imap.example/INBOX",
+            now=T0,
+            interval_seconds=HOUR,
+        )
     )
 
 
@@ -204,10 +208,10 @@ class FakeSender:
         if isinstance(self.refuse, SessionRefused):
             raise self.refuse
 
-    def send(self, message: EmailMessage, *, recipient: str | None = None) -> str:
-        if isinstance(self.refuse, SendRejected):
+    def send_notice(self, notice: Notice) -> str:
+        if isinstance(self.refuse, DeliveryRefused):
             raise self.refuse
-        self.sent.append((message, recipient))
+        self.sent.append((notice_message(notice), notice.recipient))
         return "250 ok"
 
     def close(self) -> None:
@@ -263,7 +267,7 @@ def test_one_notice_then_nothing_until_the_interval_is_over_and_never_the_same_r
     "refusal",
     [
         SessionRefused("connection refused", host="smtp", port=25),
-        SendRejected("550 no", code=550),
+        DeliveryRejected("550 no", code=550),
     ],
 )
 def test_a_refused_notice_is_not_recorded_and_is_tried_after_a_later_poll(

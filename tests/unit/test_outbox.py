@@ -22,7 +22,7 @@ from worker.delivery.message import (
     forward_message_id,
 )
 from worker.mail.text import clean_text
-from worker.models import OutgoingDocument
+from worker.models import OutgoingDocument, Parcel
 from worker.relay.pacer import SendPacer
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -33,7 +33,9 @@ FORWARD_FROM = "relay@shop.example.com"
 ATTACHMENT_HEADERS = {"content-type", "content-transfer-encoding", "content-disposition"}
 
 
-def make_document(**changes: object) -> OutgoingDocument:
+def make_document(**changes: object) -> Parcel:
+    """The parcel the forwarder hands over for a claimed document (queue fields too, so
+    that a test can show they make no difference to the mail)."""
     document = OutgoingDocument(
         document_id=7,
         sha256=SHA,
@@ -46,10 +48,10 @@ def make_document(**changes: object) -> OutgoingDocument:
         original_date=datetime(2024, 3, 5, 9, 15, tzinfo=timezone(timedelta(hours=1))),
         original_message_id="<abc.123@printout.example>",
     )
-    return replace(document, **changes)  # type: ignore[arg-type]
+    return Parcel.from_outgoing(replace(document, **changes))  # type: ignore[arg-type]
 
 
-def forward(document: OutgoingDocument) -> ForwardMail:
+def forward(document: Parcel) -> ForwardMail:
     return build_forward(document, forward_to=FORWARD_TO, forward_from=FORWARD_FROM, now=NOW)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests import samples
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
-from worker.errors import MailboxError, SendRejected, SessionRefused
+from worker.errors import DeliveryDeferred, DeliveryRejected, MailboxError, SessionRefused
 from worker.mail.verdicts import loop_reason, sender_allowed
 from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome, PdfReport
 from worker.relay.pipeline import Pipeline, PipelineConfig
@@ -240,8 +240,8 @@ def test_temporary_refusal_retries_later_and_permanent_refusal_fails(relay: Rela
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
     relay.mailbox.add(samples.invoice_mail(pdfs=[("b.pdf", PDF_B)]))
     relay.outbox.answers = [
-        SendRejected("451 try again later", code=451),
-        SendRejected("550 5.7.1 message content rejected", code=550),
+        DeliveryDeferred("451 try again later", code=451),
+        DeliveryRejected("550 5.7.1 message content rejected", code=550),
     ]
     relay.poll()
     rows = {row.filename: row for row in relay.audit()}
@@ -264,7 +264,7 @@ def test_temporary_refusal_retries_later_and_permanent_refusal_fails(relay: Rela
 def test_out_of_attempts_becomes_failed(store: FakeStore) -> None:
     relay = Relay(store, max_attempts=2)
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
-    relay.outbox.answers = [SendRejected("451 later", code=451)] * 2
+    relay.outbox.answers = [DeliveryDeferred("451 later", code=451)] * 2
     relay.poll()
     relay.clock.now += timedelta(hours=1)
     relay.poll()

@@ -6,8 +6,9 @@ import pytest
 
 from tests.unit.test_settings import settings
 from worker.cli.commands import imap_mailbox
+from worker.config.settings import Secret
 from worker.imap.mailbox import ImapMailbox
-from worker.models import Security
+from worker.models import PasswordCredentials, Security
 
 
 @pytest.mark.parametrize(
@@ -33,7 +34,6 @@ def test_a_deadline_must_be_positive() -> None:
             host="imap.test",
             port=143,
             security=Security.NONE,
-            user="u",
-            password="p",
+            credentials=PasswordCredentials(user="u", password=Secret("p")),
             deadline_seconds=0,
         )

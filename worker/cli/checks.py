@@ -10,12 +10,12 @@ from typing import TextIO
 from worker.cli.commands import imap_mailbox, smtp_outbox
 from worker.config.settings import Settings
 from worker.errors import (
+    DeliveryRefused,
     MailboxError,
     MailboxFolderError,
     MailboxLoginError,
     OutboxError,
     RelayError,
-    SendRejected,
     StoreError,
 )
 from worker.store import migrate
@@ -118,7 +118,7 @@ def _send_test(settings: Settings, address: str) -> str:
     try:
         outbox.open()
         answer = outbox.send(test_message(settings, address), recipient=address)
-    except SendRejected as exc:
+    except DeliveryRefused as exc:
         raise RelayError(f"test mail refused: {exc}") from exc
     finally:
         outbox.close()

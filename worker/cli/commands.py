@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from worker.config.settings import Settings, http_port_from_env
+from worker.config.settings import Secret, Settings, http_port_from_env
 from worker.delivery.smtp import SmtpOutbox
 from worker.errors import StoreError
 from worker.faults import checkpoint_for
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.trust import TrustPolicy
-from worker.models import AuditFilter, AuditRow, PollReport, sqlite_file
+from worker.models import AuditFilter, AuditRow, PasswordCredentials, PollReport, sqlite_file
 from worker.pdf.pool import PdfInspector
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
@@ -75,12 +75,20 @@ def imap_mailbox(settings: Settings, *, for_idle: bool = False) -> ImapMailbox:
         host=settings.imap_host,
         port=settings.imap_port,
         security=settings.imap_security,
-        user=settings.imap_user,
-        password=settings.imap_password.reveal(),
+        credentials=PasswordCredentials(user=settings.imap_user, password=settings.imap_password),
         folder=settings.imap_folder,
         ca_file=settings.ca_file,
         timeout=settings.timeout_seconds,
         deadline_seconds=None if for_idle else settings.poll_deadline_seconds,
+    )
+
+
+def smtp_credentials(settings: Settings) -> PasswordCredentials | None:
+    """None when no SMTP user is set: the server takes mail without a login."""
+    if not settings.smtp_user:
+        return None
+    return PasswordCredentials(
+        user=settings.smtp_user, password=settings.smtp_password or Secret("")
     )
 
 
@@ -89,8 +97,7 @@ def smtp_outbox(settings: Settings) -> SmtpOutbox:
         host=settings.smtp_host,
         port=settings.smtp_port,
         security=settings.smtp_security,
-        user=settings.smtp_user,
-        password=settings.smtp_password.reveal() if settings.smtp_password else None,
+        credentials=smtp_credentials(settings),
         forward_from=settings.forward_from,
         forward_to=settings.forward_to,
         ca_file=settings.ca_file,

@@ -1,6 +1,6 @@
 """The forwarded mail (README, "Forwarded mail"), built as bytes without `email`.
 
-`build_forward` is pure: one `OutgoingDocument` to one `ForwardMail`, the wire form of a
+`build_forward` is pure: one `Parcel` to one `ForwardMail`, the wire form of a
 multipart/mixed mail with a quoted-printable text part and the PDF in base64. The
 headers are written here directly: `email`'s header registry and generator cost more
 than the SMTP round trips of a small invoice, and they hold the whole attachment as a
@@ -20,12 +20,13 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import format_datetime
+from email.utils import format_datetime, make_msgid
 
 from worker.mail.text import clean_filename, clean_text
-from worker.models import OutgoingDocument
+from worker.models import Notice, Parcel
 
 RELAY_HEADER = "X-Invoice-Relay"
+NOTICE_HEADER = "X-Invoice-Relay-Notice"  # read by the loop guard, worker.mail.verdicts
 DEFAULT_RELAY_ID = "invoice-relay"
 SUBJECT_LIMIT = 200
 FILENAME_LIMIT = 200
@@ -73,7 +74,7 @@ def _describe_date(value: datetime | None) -> str:
     return format_datetime(aware)
 
 
-def _body(document: OutgoingDocument, filename: str) -> str:
+def _body(document: Parcel, filename: str) -> str:
     def field(value: str) -> str:
         return clean_text(value, BODY_FIELD_LIMIT) or "unknown"
 
@@ -203,7 +204,7 @@ class ForwardMail:
 
 
 def build_forward(
-    document: OutgoingDocument,
+    document: Parcel,
     *,
     forward_to: str,
     forward_from: str,
@@ -256,3 +257,18 @@ def build_forward(
         content=document.content,
         tail=f"--{boundary}--\r\n".encode("ascii"),
     )
+
+
+def notice_message(notice: Notice) -> EmailMessage:
+    """A failure notice as mail: plain text, `Auto-Submitted` so that no autoresponder
+    answers it, marked so that the loop guard knows it should it come back."""
+    message = EmailMessage()
+    message["From"] = notice.sender
+    message["To"] = notice.recipient
+    message["Subject"] = notice.subject
+    message["Date"] = format_datetime(notice.written_at.astimezone(UTC))
+    message["Message-ID"] = make_msgid(idstring="notice", domain=notice.sender.rpartition("@")[2])
+    message["Auto-Submitted"] = "auto-generated"
+    message[NOTICE_HEADER] = f"v1; rows={notice.rows}"
+    message.set_content(notice.body)
+    return message

@@ -10,40 +10,36 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 import ssl
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn
 
-from imapclient import IMAPClient  # type: ignore[import-untyped,unused-ignore]
 from imapclient import exceptions as imap_errors  # type: ignore[import-untyped,unused-ignore]
 
-from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
-from worker.mail import headers, mime
-from worker.models import DEFAULT_TIMEOUT_SECONDS, FolderStatus, MailSummary, Security
+from worker.errors import (
+    MailboxError,
+    MailboxFolderError,
+    MailboxLoginError,
+    MailboxLoginUnsupported,
+)
+from worker.imap.results import SUMMARY_ITEMS, section_of, summary_of
+from worker.imap.session import AUTHENTICATE_PLAIN, LOGIN, Client, login_command
+from worker.models import (
+    DEFAULT_TIMEOUT_SECONDS,
+    Credentials,
+    FolderStatus,
+    MailSummary,
+    PasswordCredentials,
+    Security,
+)
 
 logger = logging.getLogger(__name__)
-
-HEADER_FIELDS = (
-    "FROM",
-    "SUBJECT",
-    "DATE",
-    "MESSAGE-ID",
-    "AUTO-SUBMITTED",
-    "X-INVOICE-RELAY",
-    "X-INVOICE-RELAY-NOTICE",
-    "AUTHENTICATION-RESULTS",  # every one of them, in mail order (worker.mail.trust)
-)
-_HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (" + " ".join(HEADER_FIELDS) + ")]"
-_SUMMARY_ITEMS = ("UID", "RFC822.SIZE", "INTERNALDATE", "BODYSTRUCTURE", _HEADER_ITEM)
-# What the server answers for BODY.PEEK[<section>] and BODY.PEEK[<section>]<offset.n>.
-_SECTION_KEY = re.compile(rb"^BODY\[([^\]]*)\](?:<\d+>)?$")
 
 
 class ImapMailbox:
@@ -55,8 +51,7 @@ class ImapMailbox:
         host: str,
         port: int,
         security: Security,
-        user: str,
-        password: str,
+        credentials: Credentials,
         folder: str = "INBOX",
         ca_file: Path | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
@@ -74,8 +69,7 @@ class ImapMailbox:
         self.host = host
         self.port = port
         self.security = security
-        self.user = user
-        self._password = password
+        self.credentials = credentials
         self.folder = folder
         self.ca_file = ca_file
         self.timeout = timeout
@@ -92,13 +86,24 @@ class ImapMailbox:
             f"user={self.user!r}, password='****', folder={self.folder!r})"
         )
 
+    @property
+    def user(self) -> str:
+        return self.credentials.user
+
+    @property
+    def _password(self) -> str:
+        match self.credentials:
+            case PasswordCredentials(password=secret):
+                return secret.reveal()
+
     # --- the session -----------------------------------------------------------------
 
     def open(self) -> FolderStatus:
         """Connect, (STARTTLS,) log in and EXAMINE the folder.
 
-        On Dovecot this costs LOGIN and EXAMINE over plain or implicit TLS; STARTTLS
-        adds the STARTTLS command and the CAPABILITY that imaplib sends after it.
+        On Dovecot this costs LOGIN and EXAMINE over plain or implicit TLS (its greeting
+        lists the capabilities); STARTTLS adds the STARTTLS command and the CAPABILITY
+        that must follow it. A server whose greeting lists none costs one CAPABILITY.
         """
         self.close()
         self._start_deadline()
@@ -189,7 +194,7 @@ class ImapMailbox:
     def _connect(self) -> Any:
         context = self._tls_context() if self.security is not Security.NONE else None
         with self._translated("connect"):
-            client = IMAPClient(
+            client = Client(
                 self.host,
                 port=self.port,
                 ssl=self.security is Security.SSL,
@@ -209,13 +214,29 @@ class ImapMailbox:
         return client
 
     def _login(self, client: Any) -> None:
+        """LOGIN, or AUTHENTICATE PLAIN in UTF-8 (RFC 4616) for a user or password that
+        LOGIN cannot carry (it is ASCII-only)."""
+        user, password = self.user, self._password
+        method = login_command(user, password, client.known_capabilities())
+        if method == LOGIN:
+            command = client.login
+        elif method == AUTHENTICATE_PLAIN:
+            command = client.plain_login
+        else:
+            # Said without the codec's error, which would quote a character of the secret.
+            raise MailboxLoginUnsupported(
+                "the user or password has non-ASCII characters, which LOGIN cannot carry, "
+                "and the server does not offer AUTHENTICATE PLAIN",
+                host=self.host,
+                port=self.port,
+            )
         try:
-            with self._translated("LOGIN"):
-                client.login(self.user, self._password)
+            with self._translated(method):
+                command(user, password)
         except UnicodeError:
             # The codec error would quote a character of the password: do not chain it.
-            raise MailboxLoginError(
-                "user or password has characters IMAP LOGIN cannot send",
+            raise MailboxLoginUnsupported(
+                f"the user or password has characters {method} cannot send",
                 host=self.host,
                 port=self.port,
             ) from None
@@ -253,11 +274,11 @@ class ImapMailbox:
         result: list[MailSummary] = []
         for batch in _batches(sorted(set(uids)), self.batch_size):
             with self._translated("UID FETCH"):
-                response = client.fetch(batch, _SUMMARY_ITEMS)
+                response = client.fetch(batch, SUMMARY_ITEMS)
             for uid in batch:
                 data = response.get(uid)
                 if data is not None and b"RFC822.SIZE" in data:
-                    result.append(_summary(uid, data))
+                    result.append(summary_of(uid, data))
         # Dovecot answers a FETCH of a mail that another session expunged a moment ago
         # with made-up data (RFC822.SIZE 0, an empty text/plain: RFC 3501 allows it) and
         # `OK [EXPUNGEISSUED]`. No real mail has 0 bytes, so such a UID is looked up
@@ -292,7 +313,7 @@ class ImapMailbox:
                     response = client.fetch(batch, items)
                 for uid in batch:
                     for key, value in response.get(uid, {}).items():
-                        section = _section_of(key)
+                        section = section_of(key)
                         if section in sections and isinstance(value, bytes):
                             result[(uid, section)] = value
         return result
@@ -416,49 +437,6 @@ def _announces_mail(responses: Sequence[object]) -> bool:
 
 def _server_text(exc: BaseException) -> str:
     return str(exc).removeprefix("b'").removesuffix("'")
-
-
-def _section_of(key: object) -> str | None:
-    if not isinstance(key, bytes):
-        return None
-    match = _SECTION_KEY.match(key.upper())
-    return match.group(1).decode("ascii") if match else None
-
-
-def _summary(uid: int, data: Mapping[bytes, Any]) -> MailSummary:
-    header_bytes = b""
-    for key, value in data.items():
-        if key.upper().startswith(b"BODY[HEADER.FIELDS") and isinstance(value, bytes):
-            header_bytes = value
-    internaldate = data.get(b"INTERNALDATE")
-    if isinstance(internaldate, datetime):
-        internaldate = (
-            internaldate.astimezone(UTC)
-            if internaldate.tzinfo
-            else internaldate.replace(tzinfo=UTC)
-        )
-    else:
-        internaldate = None
-    raw_structure = data.get(b"BODYSTRUCTURE")
-    structure_problem: str | None = None
-    try:
-        structure = mime.parse_bodystructure(raw_structure) if raw_structure else None
-    except ValueError as exc:
-        logger.warning(
-            "unreadable BODYSTRUCTURE",
-            extra={"action": "bodystructure_unreadable", "uid": uid},
-            exc_info=True,
-        )
-        structure = None
-        structure_problem = str(exc)
-    return MailSummary(
-        structure_problem=structure_problem,
-        uid=uid,
-        size=int(data[b"RFC822.SIZE"]),
-        internaldate=internaldate,
-        headers=headers.parse_headers(header_bytes),
-        structure=structure,
-    )
 
 
 def _quietly_logout(client: Any) -> None:

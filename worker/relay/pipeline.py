@@ -44,7 +44,7 @@ from worker.models import (
 from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules
 from worker.relay.intake import FetchedBatch, Intake, IntakeRules
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Inspector, Mailbox, Outbox, PipelineStore
+from worker.relay.ports import Destination, Inspector, Mailbox, PipelineStore
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Pipeline:
         *,
         config: PipelineConfig,
         mailbox: Mailbox,
-        outbox: Outbox,
+        outbox: Destination,
         store: PipelineStore,
         inspector: Inspector,
         pacer: SendPacer | None = None,
@@ -129,8 +129,6 @@ class Pipeline:
         )
         self._forwarder = Forwarder(
             rules=ForwardRules(
-                forward_to=config.forward_to,
-                forward_from=config.forward_from,
                 keep_pdfs=config.keep_pdfs,
                 max_attempts=config.max_attempts,
                 lease_seconds=config.lease_seconds,

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Protocol
 
-from worker.delivery.message import ForwardMail
 from worker.models import (
     AuditFilter,
     AuditRow,
@@ -23,7 +22,9 @@ from worker.models import (
     MailRecord,
     MailSummary,
     OutgoingDocument,
+    Parcel,
     PdfReport,
+    Receipt,
     RecordedSighting,
 )
 
@@ -57,21 +58,29 @@ class Mailbox(Protocol):
         """Log out; never raises."""
 
 
-class Outbox(Protocol):
-    """One SMTP session. Raises `SessionRefused` or `SendRejected`."""
+class Destination(Protocol):
+    """One session with where documents go (SMTP today; an HTTP API later).
+
+    Raises `worker.errors.DeliveryUnavailable` for the session, or a
+    `worker.errors.DeliveryRefused` subclass for one document.
+    """
 
     def open(self) -> None:
-        """Connect, TLS, log in. Raises `SessionRefused`."""
+        """Connect and log in. Raises `DeliveryUnavailable`."""
 
-    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
-        """Send one mail; returns the server's answer text. Raises `SendRejected`.
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+        """Deliver one document; the receipt names the destination's id for it.
 
-        `before_end` runs once the content went out, before the terminating dot that
-        lets the server accept it; whatever it raises abandons the mail (the session is
-        dropped) and propagates."""
+        Raises `DeliveryUnavailable` when the session cannot take any document (nothing
+        of this one was delivered), else `DeliveryDeferred` (try later),
+        `DeliveryRejected` (never) or `DeliveryUncertain` (it may have arrived).
+
+        `before_final` runs once, after the document went out and before the step that
+        lets the destination accept it; whatever it raises abandons the document (the
+        session is dropped, the destination keeps nothing) and propagates."""
 
     def close(self) -> None:
-        """QUIT; never raises."""
+        """End the session; never raises."""
 
 
 class Inspector(Protocol):
