@@ -22,7 +22,7 @@ from worker.config import values
 from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
-from worker.models import DedupMode, Security, sqlite_file, sqlite_location
+from worker.models import AfterForward, DedupMode, Security, sqlite_file, sqlite_location
 
 PREFIX = "INVOICE_RELAY_"
 MASK = "****"
@@ -104,6 +104,8 @@ class Settings:
     notify_interval_seconds: float = 3600.0  # at most one failure notice this often
     unknown_variables: tuple[str, ...] = ()  # INVOICE_RELAY_* names nobody reads: typos?
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
+    # What happens to a settled mail after forwarding; keep: the folder is read-only.
+    after_forward: AfterForward = field(default_factory=AfterForward)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
@@ -154,6 +156,7 @@ class Settings:
             trusted_authserv_id=env.parse("TRUSTED_AUTHSERV_ID", values.authserv_id, None),
             retry_delay_seconds=env.parse("RETRY_DELAY", parse_duration, 60.0),
             idle=env.parse("IDLE", values.boolean, False),
+            after_forward=env.parse("AFTER_FORWARD", values.after_forward, AfterForward()),
             test_crash_at=env.parse("TEST_CRASH_AT", CrashAt.from_text, None),
             test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),
             notify_to=env.parse("NOTIFY_TO", values.address, None),

@@ -34,6 +34,7 @@ from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRule
 from worker.relay.intake import FetchedBatch, Intake, IntakeRules
 from worker.relay.pacer import SendPacer
 from worker.relay.ports import Inspector, Mailbox, Outbox, PipelineStore
+from worker.relay.tidy import MailTidier, TidyReport, tidy_quietly
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ class Pipeline:
         progress: Callable[[str], None] | None = None,
         checkpoint: Checkpoint = no_checkpoint,
         txt_lookup: TxtLookup | None = None,  # DNS for DKIM keys (tests inject keys)
+        tidier: MailTidier | None = None,  # INVOICE_RELAY_AFTER_FORWARD other than keep
     ) -> None:
         self._config = config
+        self._tidier = tidier
         self._checkpoint = checkpoint
         self._mailbox = mailbox
         self._store = store
@@ -198,6 +201,10 @@ class Pipeline:
                 sending.finish()
         forwarding = sending.result() if sending else self._forwarder.forward_due()
         forwarded, retried, failed = forwarding
+        # After the send loop, so that what this poll forwarded is settled already.
+        tidied = TidyReport()
+        if self._tidier is not None and not self._stop.is_set():
+            tidied = tidy_quietly(self._tidier, status.uidvalidity)
         counts = self._store.state_counts()
         report = PollReport(
             mailbox=config.mailbox,
@@ -211,6 +218,8 @@ class Pipeline:
             pending=counts.get(DocumentState.PENDING, 0),
             failed_total=counts.get(DocumentState.FAILED, 0),
             rescanned=rescanned,
+            mail_actions=tidied.acted,
+            mail_action_problem=tidied.problem,
         )
         log.info(
             "poll finished: %s mails read, %s forwarded, %s pending",
