@@ -1,0 +1,98 @@
+"""The after-forward step inside a poll: after the send loop, on what that poll settled,
+with the real SQLite store and in-memory IMAP and SMTP."""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import UTC, datetime
+
+from tests import samples
+from tests.fakes import FakeInspector, FakeMailActions, FakeMailbox, FakeOutbox, StoredMail
+from worker.errors import SendRejected
+from worker.models import AfterForward, AuditFilter, DedupMode, MailActionMode, PollReport
+from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.tidy import MailTidier
+from worker.store.sqlstore import SqlStore
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+NAME = "invoices@imap.example/INBOX"
+PDF_A = samples.invoice_pdf(number="1042")
+PDF_B = samples.invoice_pdf(number="1043", amount="12.50")
+
+
+class Relay:
+    def __init__(self, store: SqlStore, after: AfterForward) -> None:
+        self.store = store
+        self.mailbox = FakeMailbox()
+        self.outbox = FakeOutbox()
+        self.stop = threading.Event()
+        # The action session sees the same folder as the reading one.
+        self.actions = FakeMailActions(
+            {"INBOX": {}, "Done": {}}, uidvalidity=self.mailbox.uidvalidity
+        )
+        self.after = after
+
+    def add(self, raw: bytes) -> int:
+        uid = self.mailbox.add(raw)
+        self.actions.folders["INBOX"][uid] = StoredMail(message_id=f"<{uid}>", flags=set())
+        return uid
+
+    def poll(self) -> PollReport:
+        return Pipeline(
+            config=PipelineConfig(
+                mailbox=NAME,
+                forward_to="to@example.test",
+                forward_from="relay@shop.example",
+                dedup=DedupMode.BYTES,
+                retry_delay_seconds=3600,
+            ),
+            mailbox=self.mailbox,
+            outbox=self.outbox,
+            store=self.store,
+            inspector=FakeInspector(),
+            clock=lambda: T0,
+            rng=random.Random(1),
+            stop=self.stop,
+            tidier=MailTidier(
+                after=self.after,
+                mailbox=NAME,
+                actions=self.actions,
+                store=self.store,
+                clock=lambda: T0,
+            ),
+        ).poll()
+
+    def flagged(self) -> set[int]:
+        return {uid for uid, mail in self.actions.folders["INBOX"].items() if mail.flags}
+
+
+def test_the_action_is_taken_in_the_poll_that_forwarded(store: SqlStore) -> None:
+    relay = Relay(store, AfterForward(mode=MailActionMode.FLAG))
+    first = relay.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
+    second = relay.add(samples.invoice_mail(pdfs=[("b.pdf", PDF_B)]))
+    relay.outbox.answers = [None, SendRejected("try later", code=451)]
+    report = relay.poll()
+    assert report.forwarded == 1 and report.mail_actions == 1
+    assert relay.flagged() == {first}  # the pending one waits
+    rows = {row.uid: row.mail_action for row in store.audit(AuditFilter())}
+    assert rows == {first: "flagged", second: None}
+    # The order: read (EXAMINE), then send, then the action session.
+    assert relay.mailbox.calls[0] == "open" and relay.actions.log[0] == "SELECT"
+
+    again = relay.poll()  # nothing due, nothing settled anew: no IMAP action session
+    assert again.mail_actions == 0
+    assert relay.actions.log.count("SELECT") == 1
+
+
+def test_an_imap_failure_after_forwarding_is_reported_and_acted_on_later(store: SqlStore) -> None:
+    relay = Relay(store, AfterForward(mode=MailActionMode.SEEN))
+    uid = relay.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
+    relay.actions.fail_on = "SELECT"
+    report = relay.poll()
+    assert report.forwarded == 1
+    assert report.mail_action_problem is not None and "SELECT failed" in report.mail_action_problem
+    assert relay.flagged() == set()
+    relay.actions.fail_on = None
+    assert relay.poll().mail_actions == 1  # taken by a later poll
+    assert relay.flagged() == {uid}
