@@ -306,3 +306,14 @@ def test_a_crash_repeats_only_the_action_and_never_copies_twice(
     assert {uid for uid, action in actions.items() if action} == {uids[n] for n in SETTLED}
     poll(env)
     assert Snapshot.of(imap) == done
+
+
+def test_check_with_seen_tries_the_read_write_select(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    before = Snapshot.of(imap)
+    env = _env(imap, smtp, smtp_ca, tmp_path, "seen")
+    checked = run_relay(env, "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "ok   after-forward: seen: the folder 'INBOX' can be SELECTed" in checked.stdout
+    assert Snapshot.of(imap) == before

@@ -26,6 +26,7 @@ class Relay:
         self.store = store
         self.mailbox = FakeMailbox()
         self.outbox = FakeOutbox()
+        self.inspector = FakeInspector()
         self.stop = threading.Event()
         # The action session sees the same folder as the reading one.
         self.actions = FakeMailActions(
@@ -50,7 +51,7 @@ class Relay:
             mailbox=self.mailbox,
             outbox=self.outbox,
             store=self.store,
-            inspector=FakeInspector(),
+            inspector=self.inspector,
             clock=lambda: T0,
             rng=random.Random(1),
             stop=self.stop,
@@ -96,3 +97,24 @@ def test_an_imap_failure_after_forwarding_is_reported_and_acted_on_later(store: 
     relay.actions.fail_on = None
     assert relay.poll().mail_actions == 1  # taken by a later poll
     assert relay.flagged() == {uid}
+
+
+def test_a_mail_with_an_error_part_waits_for_its_retry_then_moves(store: SqlStore) -> None:
+    relay = Relay(store, AfterForward(mode=MailActionMode.MOVE, folder="Done"))
+    inspector = FakeInspector()
+    relay.inspector = inspector
+    uid = relay.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A), ("b.pdf", PDF_B)]))
+    inspector.crash_on.add(PDF_B)
+    first = relay.poll()
+    assert first.forwarded == 1 and first.mail_actions == 0  # b.pdf is an error: unsettled
+    assert set(relay.actions.folders["INBOX"]) == {uid}
+    inspector.crash_on.clear()
+    second = relay.poll()  # the error row is read again by UID: the mail is still there
+    assert second.forwarded == 1 and second.mail_actions == 1
+    assert relay.actions.folders["INBOX"] == {}
+    assert [mail.message_id for mail in relay.actions.folders["Done"].values()] == [f"<{uid}>"]
+    # Gone from the folder, the UID disturbs nothing: no error row is left to re-fetch.
+    relay.mailbox.mails.pop(uid)
+    third = relay.poll()
+    assert (third.mails_seen, third.forwarded, third.mail_actions) == (0, 0, 0)
+    assert {row.mail_action for row in store.audit(AuditFilter())} == {"moved to Done"}

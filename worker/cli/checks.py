@@ -87,11 +87,9 @@ def _check_imap(settings: Settings) -> str:
 
 
 def _check_after_forward(settings: Settings) -> str:
-    """INVOICE_RELAY_AFTER_FORWARD: keep needs nothing; seen and flag need a writable
-    folder; move needs MOVE or UIDPLUS and the target folder. Changes nothing."""
+    """INVOICE_RELAY_AFTER_FORWARD other than keep: seen and flag need the folder
+    SELECTable; move also needs MOVE or UIDPLUS and the target folder. Changes nothing."""
     after = settings.after_forward
-    if not after.changes_mailbox:
-        return "keep: the folder is opened read-only"
     mailbox = imap_mailbox(settings)
     try:
         mailbox.open_for_actions()
@@ -157,12 +155,10 @@ def _send_test(settings: Settings, address: str) -> str:
 
 
 def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int:
-    checks: list[tuple[str, Callable[[Settings], str]]] = [
-        ("imap", _check_imap),
-        ("after-forward", _check_after_forward),
-        ("smtp", _check_smtp),
-        ("database", _check_database),
-    ]
+    checks: list[tuple[str, Callable[[Settings], str]]] = [("imap", _check_imap)]
+    if settings.after_forward.changes_mailbox:  # keep needs nothing beyond reading
+        checks.append(("after-forward", _check_after_forward))
+    checks += [("smtp", _check_smtp), ("database", _check_database)]
     failed = 0
     for name, check in checks:
         try:

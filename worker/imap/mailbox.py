@@ -47,7 +47,8 @@ _SECTION_KEY = re.compile(rb"^BODY\[([^\]]*)\](?:<\d+>)?$")
 
 
 class ImapMailbox:
-    """`worker.relay.ports.Mailbox` over imapclient. Not thread-safe: one poll at a time."""
+    """`worker.relay.ports.Mailbox` and `MailActions` over imapclient. Not thread-safe:
+    one session at a time."""
 
     def __init__(
         self,
