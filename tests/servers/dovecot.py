@@ -142,6 +142,7 @@ class DovecotServer:
         self.config_file = base_dir / "dovecot.conf"
         self.log_file = base_dir / "dovecot.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self.announced: frozenset[str] | None = None  # set by drop_capabilities
         self._prepare()
 
     # --- life cycle --------------------------------------------------------------
@@ -233,7 +234,8 @@ class DovecotServer:
         with self.config_file.open("a") as config:
             config.write(f"protocol imap {{\n  imap_capability = {' '.join(kept)}\n}}\n")
         self.start()
-        return frozenset(name.upper() for name in kept)
+        self.announced = frozenset(name.upper() for name in kept)
+        return self.announced
 
     def folders(self) -> set[str]:
         """The names of every folder (LIST)."""

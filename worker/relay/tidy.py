@@ -99,6 +99,12 @@ class MailTidier:
             self._actions.add_flag(acted, _FLAGS[self._after.mode])
             self._checkpoint(CrashPoint.AFTER_MAIL_ACTION)
             self._done(uidvalidity, acted)
+            log.info(
+                "%s settled mail(s) %s",
+                len(acted),
+                self._after.done_text,
+                extra={"action": "mail_flagged", "mailbox": self._mailbox},
+            )
         return TidyReport(acted=len(acted))
 
     # --- move ----------------------------------------------------------------------
@@ -156,7 +162,12 @@ class MailTidier:
         log.info(
             "settled mail moved to %s",
             folder,
-            extra={"action": "mail_moved", "mailbox": self._mailbox, "uid": uid},
+            extra={
+                "action": "mail_moved",
+                "mailbox": self._mailbox,
+                "uid": uid,
+                "how": support.value,
+            },
         )
 
     def _resume(self, uidvalidity: int, mail: UntidiedMail, folder: str, present: bool) -> bool:
