@@ -4,13 +4,15 @@ document and are not acted on yet, and `audit_log.mail_action`."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import sqlalchemy as sa
 
+from tests.fakes import FakeMailActionStore
 from tests.servers.postgres import postgres_server, temporary_database
 from worker.models import (
     AuditFilter,
@@ -21,6 +23,7 @@ from worker.models import (
     PartRecord,
     PartState,
     SightingKind,
+    UntidiedMail,
 )
 from worker.store.engine import create_schema, make_engine
 from worker.store.schema import documents
@@ -164,3 +167,73 @@ def test_recorded_actions_show_in_the_audit_and_happen_once(store: SqlStore) -> 
         (2, None),
         (3, "seen"),
     ]
+
+
+# --- the fake the tidier's tests use keeps the same recording rules ---------------------
+
+
+class ActionStore(Protocol):
+    def untidied_mails(
+        self, *, mailbox: str, uidvalidity: int, limit: int
+    ) -> list[UntidiedMail]: ...
+
+    def start_copy(self, *, mailbox: str, uidvalidity: int, uid: int, now: datetime) -> None: ...
+
+    def record_mail_actions(
+        self,
+        *,
+        mailbox: str,
+        uidvalidity: int,
+        uids: Sequence[int],
+        action: str | None,
+        note: str | None = None,
+        now: datetime,
+    ) -> None: ...
+
+
+@pytest.fixture(params=["fake", "sqlite"])
+def three_forwarded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ActionStore]:
+    """Mails 1, 2 and 3, each with one forwarded document and no action yet."""
+    if request.param == "fake":
+        yield FakeMailActionStore(
+            [
+                UntidiedMail(uid=uid, message_id=f"<{uid}@shop.example>", parts=(F,))
+                for uid in (1, 2, 3)
+            ]
+        )
+        return
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    engine.dispose()
+    sql = SqlStore(url)
+    try:
+        record(sql, mail(1, accepted("a")), mail(2, accepted("b")), mail(3, accepted("c")))
+        for text in ("a", "b", "c"):
+            set_state(sql, text, DocumentState.FORWARDED)
+        yield sql
+    finally:
+        sql.close()
+
+
+def test_both_stores_record_actions_once(three_forwarded: ActionStore) -> None:
+    store = three_forwarded
+
+    def states() -> list[tuple[int, bool]]:
+        found = store.untidied_mails(mailbox=MAILBOX, uidvalidity=UIDVALIDITY, limit=10)
+        return [(mail.uid, mail.copy_started) for mail in found]
+
+    assert states() == [(1, False), (2, False), (3, False)]
+    store.start_copy(mailbox=MAILBOX, uidvalidity=UIDVALIDITY, uid=2, now=T0)
+    store.start_copy(mailbox=MAILBOX, uidvalidity=UIDVALIDITY, uid=2, now=T0)
+    assert states() == [(1, False), (2, True), (3, False)]
+    store.record_mail_actions(
+        mailbox=MAILBOX, uidvalidity=UIDVALIDITY, uids=[2], action="moved to Done", now=T0
+    )
+    store.record_mail_actions(
+        mailbox=MAILBOX, uidvalidity=UIDVALIDITY, uids=[3], action=None, note="gone", now=T0
+    )
+    assert states() == [(1, False)]
+    assert [
+        m.uid for m in store.untidied_mails(mailbox=MAILBOX, uidvalidity=UIDVALIDITY, limit=0)
+    ] == []
