@@ -38,6 +38,7 @@ from worker.models import (
     Receipt,
     RecordedSighting,
     SightingKind,
+    UntidiedMail,
 )
 
 
@@ -685,3 +686,134 @@ def _recorded(sighting: _Sighting, *, inserted: bool) -> RecordedSighting:
         duplicate_of=sighting.duplicate_of,
         inserted=inserted,
     )
+
+
+# --- after forwarding -------------------------------------------------------------------
+
+
+@dataclass
+class StoredMail:
+    """One mail in a `FakeMailActions` folder."""
+
+    message_id: str
+    flags: set[str]
+
+
+class FakeMailActions:
+    """`worker.relay.ports.MailActions` over in-memory folders: {folder: {uid: mail}}.
+    `log` lists the commands in order, for tests that count them."""
+
+    def __init__(
+        self,
+        folders: dict[str, dict[int, StoredMail]],
+        *,
+        folder: str = "INBOX",
+        uidvalidity: int = 1,
+        capabilities: Iterable[str] = ("IMAP4REV1", "MOVE", "UIDPLUS"),
+        fail_on: str | None = None,  # a command that raises MailboxError
+    ) -> None:
+        self.folders = folders
+        self.folder = folder
+        self.uidvalidity = uidvalidity
+        self._capabilities = frozenset(capabilities)
+        self.fail_on = fail_on
+        self.log: list[str] = []
+        self.opened = False
+
+    def _run(self, command: str) -> None:
+        self.log.append(command)
+        if command == self.fail_on:
+            raise MailboxError(f"{command} failed")
+
+    def open_for_actions(self) -> FolderStatus:
+        self._run("SELECT")
+        self.opened = True
+        mails = self.folders[self.folder]
+        return FolderStatus(
+            uidvalidity=self.uidvalidity, uidnext=max(mails, default=0) + 1, exists=len(mails)
+        )
+
+    def capabilities(self) -> frozenset[str]:
+        return self._capabilities
+
+    def folder_exists(self, folder: str) -> bool:
+        self._run("LIST")
+        return folder in self.folders
+
+    def present_uids(self, uids: Sequence[int]) -> set[int]:
+        self._run("SEARCH")
+        return set(uids) & set(self.folders[self.folder])
+
+    def add_flag(self, uids: Sequence[int], flag: str) -> None:
+        self._run("STORE")
+        for uid in uids:
+            self.folders[self.folder][uid].flags.add(flag)
+
+    def _put(self, uid: int, folder: str) -> None:
+        source = self.folders[self.folder][uid]
+        target = self.folders[folder]
+        target[max(target, default=0) + 1] = StoredMail(
+            message_id=source.message_id, flags=set(source.flags)
+        )
+
+    def move(self, uid: int, folder: str) -> None:
+        self._run("MOVE")
+        self._put(uid, folder)
+        del self.folders[self.folder][uid]
+
+    def copy(self, uid: int, folder: str) -> None:
+        self._run("COPY")
+        self._put(uid, folder)
+
+    def expunge_uid(self, uid: int) -> None:
+        self._run("UID EXPUNGE")
+        del self.folders[self.folder][uid]
+
+    def folder_holds(self, folder: str, message_id: str) -> bool:
+        self._run("SEARCH TARGET")
+        return any(message_id in mail.message_id for mail in self.folders[folder].values())
+
+    def close(self) -> None:
+        self.opened = False
+
+
+class FakeMailActionStore:
+    """`worker.relay.ports.MailActionStore` in memory: what `untidied_mails` returns is
+    set by the test; recorded states land in `states` ({uid: (state, action, note)})."""
+
+    def __init__(self, mails: Sequence[UntidiedMail]) -> None:
+        self.mails = {mail.uid: mail for mail in mails}
+        self.states: dict[int, tuple[str, str | None, str | None]] = {}
+
+    def untidied_mails(self, *, mailbox: str, uidvalidity: int, limit: int) -> list[UntidiedMail]:
+        del mailbox, uidvalidity
+        result = []
+        for uid, mail in sorted(self.mails.items()):
+            state = self.states.get(uid, ("", None, None))[0]
+            if state in ("", "copying"):
+                result.append(
+                    UntidiedMail(
+                        uid=uid,
+                        message_id=mail.message_id,
+                        parts=mail.parts,
+                        copy_started=state == "copying",
+                    )
+                )
+        return result[:limit]
+
+    def start_copy(self, *, mailbox: str, uidvalidity: int, uid: int, now: datetime) -> None:
+        self.states.setdefault(uid, ("copying", None, None))
+
+    def record_mail_actions(
+        self,
+        *,
+        mailbox: str,
+        uidvalidity: int,
+        uids: Sequence[int],
+        action: str | None,
+        note: str | None = None,
+        now: datetime,
+    ) -> None:
+        for uid in uids:
+            if self.states.get(uid, ("copying",))[0] == "copying":
+                self.states[uid] = ("done" if action else "skipped", action, note)

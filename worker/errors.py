@@ -64,6 +64,10 @@ class MailboxFolderError(MailboxError):
     """The IMAP folder cannot be opened (check INVOICE_RELAY_IMAP_FOLDER)."""
 
 
+class AfterForwardImpossible(RelayError):
+    """INVOICE_RELAY_AFTER_FORWARD cannot be done on this IMAP server."""
+
+
 class DeliveryUnavailable(InfrastructureError):
     """The destination refused the session (connect, TLS, login, sender or recipient).
 

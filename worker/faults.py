@@ -27,6 +27,8 @@ class CrashPoint(enum.Enum):
     AFTER_CLAIM = "after_claim"  # documents leased, no SMTP yet
     AFTER_SEND = "after_send"  # SMTP accepted one mail, not yet marked forwarded
     AFTER_MARK = "after_mark"  # one mail marked forwarded
+    AFTER_COPY = "after_copy"  # a settled mail copied to the move target, not yet expunged
+    AFTER_MAIL_ACTION = "after_mail_action"  # flag set or mail moved, not yet recorded
 
 
 Checkpoint = Callable[[CrashPoint], None]

@@ -337,6 +337,7 @@ class AuditRow:
     forwarded_at: datetime | None
     forwarded_message_id: str | None
     attempts: int | None
+    mail_action: str | None = None  # what was done to the mail after forwarding (settled)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -355,6 +356,8 @@ class PollReport:
     failed_total: int = 0  # documents in the failed state after the poll
     rescanned: bool = False  # UIDVALIDITY changed, the folder was read again
     locked: bool = False  # another replica held the mailbox's poll lock; nothing was done
+    mail_actions: int = 0  # settled mails marked, flagged or moved this poll
+    mail_action_problem: str | None = None  # why INVOICE_RELAY_AFTER_FORWARD could not act
 
     @property
     def duration_seconds(self) -> float:
@@ -408,3 +411,60 @@ def sqlite_file(url: str) -> Path | None:
     if location in (None, "", ":memory:") or location.startswith("file:"):
         return None
     return Path(location).expanduser()
+
+
+# --- after forwarding: what happens to the mail (INVOICE_RELAY_AFTER_FORWARD) ----------
+
+
+class MailActionMode(enum.Enum):
+    KEEP = "keep"  # the folder is only EXAMINEd: nothing about the mail changes
+    SEEN = "seen"  # a settled mail gets the \\Seen flag
+    FLAG = "flag"  # a settled mail gets the \\Flagged flag
+    MOVE = "move"  # a settled mail is moved to another folder
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AfterForward:
+    """What to do with a settled mail that carried an accepted PDF."""
+
+    mode: MailActionMode = MailActionMode.KEEP
+    folder: str | None = None  # the target of MOVE; set exactly then
+
+    def __post_init__(self) -> None:
+        if (self.mode is MailActionMode.MOVE) != bool(self.folder):
+            raise ValueError("a folder is needed for move, and only for move")
+
+    def __str__(self) -> str:
+        """The setting's own spelling: `keep`, `seen`, `flag` or `move:FOLDER`."""
+        if self.mode is MailActionMode.MOVE:
+            return f"move:{self.folder}"
+        return str(self.mode.value)
+
+    @property
+    def changes_mailbox(self) -> bool:
+        return self.mode is not MailActionMode.KEEP
+
+    @property
+    def done_text(self) -> str:
+        """What `audit_log.mail_action` says once the action was taken."""
+        if self.mode is MailActionMode.MOVE:
+            return f"moved to {self.folder}"
+        return {MailActionMode.SEEN: "seen", MailActionMode.FLAG: "flagged"}.get(self.mode, "")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartState:
+    """One sighting of a mail, as far as settling the mail is concerned."""
+
+    kind: SightingKind
+    document_state: DocumentState | None  # of the document introduced or duplicated
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UntidiedMail:
+    """A mail with a forwarded document whose after-forward action is not recorded yet."""
+
+    uid: int
+    message_id: str
+    parts: tuple[PartState, ...]
+    copy_started: bool = False  # a COPY/MOVE may have gone out before a crash

@@ -53,6 +53,7 @@ README_AUDIT_COLUMNS = [
     "forwarded_at",
     "forwarded_message_id",
     "attempts",
+    "mail_action",
 ]
 
 
@@ -90,6 +91,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "audit_log",
         "notifications",
         "notified_documents",
+        "mail_actions",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
     assert migrate.is_up_to_date(empty_database)
@@ -347,3 +349,35 @@ def test_the_alembic_ini_finds_the_same_scripts() -> None:
     config = Config(str(REPO / "alembic.ini"))
     assert ScriptDirectory.from_config(config).get_current_head() == migrate.head_revision()
     assert migrate.migrations_directory() == REPO / "migrations"
+
+
+def test_mail_actions_add_one_view_column_and_go_away_again(empty_database: str) -> None:
+    # 0006 adds `mail_actions` and `audit_log.mail_action` at the view's end; the
+    # downgrade gives back the view without it. A recorded sighting stays visible.
+    before = migrate.HEAD_REVISION
+    assert before == "0006_mail_actions"
+    previous = "0004_reason_codes"  # MERGE: "0005_leases"
+    migrate.upgrade_database(empty_database, previous)
+    old_columns = view_columns(empty_database)
+    assert old_columns == README_AUDIT_COLUMNS[:-1]
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO sightings (mailbox, uidvalidity, uid, part, received_at,"
+                    " message_id, sender, subject, kind, tries) VALUES ('m', 1, 5, '',"
+                    " :now, '', '', '', 'no_pdf', 1)"
+                ),
+                {"now": datetime(2026, 12, 1, tzinfo=UTC)},
+            )
+        migrate.upgrade_database(empty_database)
+        assert view_columns(empty_database) == README_AUDIT_COLUMNS
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text("SELECT uid, mail_action FROM audit_log")).all()
+        assert [tuple(row) for row in rows] == [(5, None)]
+        migrate.downgrade_database(empty_database, previous)
+        assert view_columns(empty_database) == old_columns
+        assert "mail_actions" not in table_names(empty_database)
+    finally:
+        engine.dispose()

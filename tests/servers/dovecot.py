@@ -152,6 +152,7 @@ class DovecotServer:
         self.config_file = base_dir / "dovecot.conf"
         self.log_file = base_dir / "dovecot.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self.announced: frozenset[str] | None = None  # set by drop_capabilities
         self._prepare()
 
     # --- life cycle --------------------------------------------------------------
@@ -228,6 +229,67 @@ class DovecotServer:
         # none of them keeps a port after the master is gone.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+    def drop_capabilities(self, *names: str) -> frozenset[str]:
+        """Restart without announcing `names` after login (MOVE, UIDPLUS), to test a
+        client's fallbacks. `imap_capability` (Dovecot 2.3, 20-imap.conf) replaces the
+        announced list, so the server's own list minus `names` is written out. Only the
+        announcement changes; Dovecot would still run the command if sent. Returns the
+        capabilities now announced."""
+        with self.session() as client:
+            data = _check(client.capability(), "CAPABILITY")
+        announced = data[0].decode() if isinstance(data[0], bytes) else str(data[0])
+        dropped = {name.upper() for name in names}
+        kept = [name for name in announced.split() if name.upper() not in dropped]
+        self.stop()
+        with self.config_file.open("a") as config:
+            config.write(f"protocol imap {{\n  imap_capability = {' '.join(kept)}\n}}\n")
+        self.start()
+        self.announced = frozenset(name.upper() for name in kept)
+        return self.announced
+
+    def folders(self) -> set[str]:
+        """The names of every folder (LIST)."""
+        with self.session() as client:
+            data = _check(client.list(), "LIST")
+        names: set[str] = set()
+        for line in data:
+            if isinstance(line, bytes):
+                name = line.rsplit(b" ", 1)[-1].decode()
+                names.add(name.strip('"'))
+        return names
+
+    def message_ids(self, folder: str = "INBOX") -> dict[int, str]:
+        """UID -> Message-ID of every mail in `folder`, read without changing it."""
+        with self.session() as client:
+            _check(client.select(_quote(folder), readonly=True), "EXAMINE")
+            data = _check(
+                client.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])"), "FETCH"
+            )
+        found: dict[int, str] = {}
+        for item in data:
+            if isinstance(item, tuple) and (match := re.search(rb"UID (\d+)", item[0])):
+                header = item[1].decode(errors="replace").partition(":")[2]
+                found[int(match.group(1))] = header.strip()
+        return found
+
+    def all_flags(
+        self, folder: str = "INBOX", *, keep_recent: bool = False
+    ) -> dict[int, frozenset[str]]:
+        """UID -> flags of every mail in `folder` (EXAMINE: nothing changes). \\Recent
+        belongs to the sessions, not the mail: left out unless `keep_recent`."""
+        with self.session() as client:
+            _check(client.select(_quote(folder), readonly=True), "EXAMINE")
+            data = _check(client.uid("FETCH", "1:*", "(FLAGS)"), "FETCH")
+        found: dict[int, frozenset[str]] = {}
+        for item in data:
+            line = item[0] if isinstance(item, tuple) else item
+            if isinstance(line, bytes) and (uid := re.search(rb"UID (\d+)", line)):
+                flags = _FLAGS.search(line)
+                names = flags.group(1).decode().split() if flags else []
+                dropped = set() if keep_recent else {"\\Recent"}
+                found[int(uid.group(1))] = frozenset(names) - dropped
+        return found
 
     def log(self) -> str:
         try:

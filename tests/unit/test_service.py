@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 
@@ -521,3 +521,16 @@ def test_poll_now_while_idle_polls_at_once() -> None:
         running.service.poll_now()
         wait_until(lambda: fake.finished == 2)
     assert fake.max_running == 1
+
+
+def test_a_mail_action_problem_shows_in_healthz_while_the_poll_counts_as_a_success() -> None:
+    problem = "the folder 'Done' does not exist (create it; the relay does not)"
+    impossible = replace(report(), mail_action_problem=problem)
+    poll = FakePoll([impossible])
+    with running_service(poll, interval=3600) as running:
+        wait_until(lambda: poll.finished >= 1)
+        status, body = healthz(running.port)
+        assert status == 200
+        assert body["status"] == "ok"
+        assert body["last_error"] == problem
+        assert isinstance(body["last_error_at"], str)

@@ -10,6 +10,7 @@ from typing import TextIO
 from worker.cli.commands import imap_mailbox, smtp_outbox
 from worker.config.settings import Settings
 from worker.errors import (
+    AfterForwardImpossible,
     DeliveryRefused,
     MailboxError,
     MailboxFolderError,
@@ -18,6 +19,8 @@ from worker.errors import (
     RelayError,
     StoreError,
 )
+from worker.models import MailActionMode
+from worker.relay.settled import MoveSupport, move_problem, move_support
 from worker.store import migrate
 
 # What to change, by server and by the kind of failure its message names.
@@ -38,6 +41,11 @@ def advice(error: RelayError) -> str:
     """How to fix what `error` says is wrong: one short clause naming the settings."""
     # The detail only: a class's own message lists every cause it may have.
     text = (error.detail or "").lower()
+    if isinstance(error, AfterForwardImpossible):
+        return (
+            "create the folder on the server, or set INVOICE_RELAY_AFTER_FORWARD to "
+            "keep, seen or flag"
+        )
     if isinstance(error, MailboxLoginError):
         return (
             "check INVOICE_RELAY_IMAP_USER and INVOICE_RELAY_IMAP_PASSWORD "
@@ -76,6 +84,27 @@ def _check_imap(settings: Settings) -> str:
         f"logged in as {settings.imap_user} at {settings.imap_host}:{settings.imap_port}; "
         f"folder {settings.imap_folder!r} holds {status.exists} mail(s)"
     )
+
+
+def _check_after_forward(settings: Settings) -> str:
+    """INVOICE_RELAY_AFTER_FORWARD other than keep: seen and flag need the folder
+    SELECTable; move also needs MOVE or UIDPLUS and the target folder. Changes nothing."""
+    after = settings.after_forward
+    mailbox = imap_mailbox(settings)
+    try:
+        mailbox.open_for_actions()
+        if after.mode is not MailActionMode.MOVE:
+            return f"{after}: the folder {settings.imap_folder!r} can be SELECTed read-write"
+        folder = after.folder or ""
+        support = move_support(mailbox.capabilities())
+        exists = support is not MoveSupport.NONE and mailbox.folder_exists(folder)
+    finally:
+        mailbox.close()
+    problem = move_problem(support, folder=folder, folder_exists=exists)
+    if problem is not None:
+        raise AfterForwardImpossible(problem)
+    how = "MOVE" if support is MoveSupport.MOVE else "COPY and UID EXPUNGE (UIDPLUS)"
+    return f"{after}: settled mail is moved to {folder!r} with {how}"
 
 
 def _check_smtp(settings: Settings) -> str:
@@ -126,11 +155,10 @@ def _send_test(settings: Settings, address: str) -> str:
 
 
 def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int:
-    checks: list[tuple[str, Callable[[Settings], str]]] = [
-        ("imap", _check_imap),
-        ("smtp", _check_smtp),
-        ("database", _check_database),
-    ]
+    checks: list[tuple[str, Callable[[Settings], str]]] = [("imap", _check_imap)]
+    if settings.after_forward.changes_mailbox:  # keep needs nothing beyond reading
+        checks.append(("after-forward", _check_after_forward))
+    checks += [("smtp", _check_smtp), ("database", _check_database)]
     failed = 0
     for name, check in checks:
         try:

@@ -11,15 +11,16 @@ from datetime import UTC, datetime
 from worker.config.settings import Secret, Settings, http_port_from_env
 from worker.delivery.smtp import SmtpOutbox
 from worker.errors import StoreError
-from worker.faults import checkpoint_for
+from worker.faults import Checkpoint, checkpoint_for, no_checkpoint
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.trust import TrustPolicy
 from worker.models import AuditFilter, AuditRow, PasswordCredentials, PollReport, sqlite_file
 from worker.pdf.pool import PdfInspector
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
-from worker.relay.ports import PipelineStore
+from worker.relay.ports import MailActionStore, PipelineStore
 from worker.relay.retry import lease_seconds
+from worker.relay.tidy import MailTidier
 from worker.service.idle import IdleWatcher, PollRequests
 from worker.store import migrate
 from worker.store.engine import create_schema
@@ -136,12 +137,14 @@ def _pipeline(
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
+    actions_store: MailActionStore | None = None,  # None: no after-forward step (dry run)
 ) -> Iterator[Pipeline]:
     """A pipeline for one poll. With `inspector` (the service's warm pool) its workers
     are used and left running; without, a pool is started for this poll and closed."""
     owned = inspector is None
     if inspector is None:
         inspector = pdf_inspector(settings)
+    checkpoint = checkpoint_for(settings.test_crash_at)
     try:
         yield Pipeline(
             config=pipeline_config(settings),
@@ -152,11 +155,32 @@ def _pipeline(
             pacer=SendPacer(settings.max_sends_per_minute),
             stop=stop,
             progress=progress,
-            checkpoint=checkpoint_for(settings.test_crash_at),
+            checkpoint=checkpoint,
+            tidier=(
+                mail_tidier(settings, actions_store, checkpoint=checkpoint)
+                if actions_store is not None
+                else None
+            ),
         )
     finally:
         if owned:
             inspector.close()
+
+
+def mail_tidier(
+    settings: Settings, store: MailActionStore, *, checkpoint: Checkpoint = no_checkpoint
+) -> MailTidier | None:
+    """The after-forward step, with an IMAP session of its own; None for `keep`."""
+    if not settings.after_forward.changes_mailbox:
+        return None
+    return MailTidier(
+        after=settings.after_forward,
+        mailbox=mailbox_name(settings),
+        actions=imap_mailbox(settings),
+        store=store,
+        clock=lambda: datetime.now(UTC),
+        checkpoint=checkpoint,
+    )
 
 
 def poll_once(
@@ -178,7 +202,12 @@ def poll_once(
             )
             return PollReport(mailbox=name, started_at=now, finished_at=now, locked=True)
         with _pipeline(
-            settings, store, stop=stop, progress=progress, inspector=inspector
+            settings,
+            store,
+            stop=stop,
+            progress=progress,
+            inspector=inspector,
+            actions_store=store,
         ) as pipeline:
             report = pipeline.poll()
         # Inside the poll lock: no other replica records sightings while it reads them.

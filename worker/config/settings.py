@@ -24,7 +24,7 @@ from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
 from worker.logs import MASK, mask_url, url_passwords
-from worker.models import DedupMode, Security, sqlite_file, sqlite_location
+from worker.models import AfterForward, DedupMode, Security, sqlite_file, sqlite_location
 
 PREFIX = "INVOICE_RELAY_"
 
@@ -107,6 +107,8 @@ class Settings:
     notify_interval_seconds: float = models.DEFAULT_NOTIFY_INTERVAL_SECONDS
     unknown_variables: tuple[str, ...] = ()  # INVOICE_RELAY_* names nobody reads: typos?
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
+    # What happens to a settled mail after forwarding; keep: the folder is read-only.
+    after_forward: AfterForward = field(default_factory=AfterForward)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
@@ -174,6 +176,7 @@ class Settings:
                 "RETRY_DELAY", parse_duration, models.DEFAULT_RETRY_DELAY_SECONDS
             ),
             idle=env.parse("IDLE", values.boolean, False),
+            after_forward=env.parse("AFTER_FORWARD", values.after_forward, AfterForward()),
             test_crash_at=env.parse("TEST_CRASH_AT", CrashAt.from_text, None),
             test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),
             notify_to=env.parse("NOTIFY_TO", values.address, None),

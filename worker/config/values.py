@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from worker.models import AfterForward, MailActionMode
+
 _E = TypeVar("_E", bound=enum.Enum)
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -180,3 +182,23 @@ def pattern(text: str) -> str:
     except re.error as exc:
         raise ValueError(f"not a regular expression: {exc}") from None
     return text
+
+
+def after_forward(text: str) -> AfterForward:
+    """`keep`, `seen`, `flag` or `move:FOLDER` (the folder as the server names it,
+    case kept, e.g. `move:INBOX/Done`)."""
+    name, colon, folder = text.strip().partition(":")
+    lowered = name.strip().lower()
+    choices = "keep, seen, flag, move:FOLDER"
+    if lowered == MailActionMode.MOVE.value:
+        if not colon or not folder.strip():
+            raise ValueError("move needs a folder: move:FOLDER, e.g. move:Archive")
+        if not folder.isprintable():
+            raise ValueError("the folder name contains control characters")
+        return AfterForward(mode=MailActionMode.MOVE, folder=folder.strip())
+    if colon:
+        raise ValueError(f"only move takes a folder ({choices})")
+    for mode in MailActionMode:
+        if mode is not MailActionMode.MOVE and mode.value == lowered:
+            return AfterForward(mode=mode)
+    raise ValueError(f"{text!r} is not one of {choices}")

@@ -2,8 +2,10 @@
 
 imapclient's untyped results are turned into `worker.models` values at once, and its
 errors (and those of `ssl` and `socket` below it) are translated once into
-`worker.errors.MailboxError` and its subclasses. The relay never changes the mailbox:
-the folder is EXAMINEd (read-only) and bodies are fetched with BODY.PEEK.
+`worker.errors.MailboxError` and its subclasses. Reading never changes the mailbox:
+the folder is EXAMINEd (read-only) and bodies are fetched with BODY.PEEK. Only the
+after-forward session (`open_for_actions`, INVOICE_RELAY_AFTER_FORWARD other than
+`keep`) SELECTs it, to flag or move settled mail.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 
 class ImapMailbox:
-    """`worker.relay.ports.Mailbox` over imapclient. Not thread-safe: one poll at a time."""
+    """`worker.relay.ports.Mailbox` and `MailActions` over imapclient. Not thread-safe:
+    one session at a time."""
 
     def __init__(
         self,
@@ -364,6 +367,86 @@ class ImapMailbox:
         with self._translated("IDLE DONE"):
             _, responses = self._require_client().idle_done()
         return _announces_mail(responses)
+
+    # --- after forwarding (worker.relay.ports.MailActions), never in `keep` mode ---------
+
+    def open_for_actions(self) -> FolderStatus:
+        """Connect, log in and SELECT the folder read-write: only for
+        INVOICE_RELAY_AFTER_FORWARD other than `keep`."""
+        self.close()
+        client = self._connect()
+        try:
+            self._login(client)
+            status = self._select(client, self.folder, readonly=False)
+        except MailboxError:
+            _quietly_logout(client)
+            raise
+        self._client = client
+        return status
+
+    def capabilities(self) -> frozenset[str]:
+        client = self._require_client()
+        with self._translated("CAPABILITY"):
+            found = client.capabilities()
+        return frozenset(
+            (item.decode("ascii", "replace") if isinstance(item, bytes) else str(item)).upper()
+            for item in found
+        )
+
+    def folder_exists(self, folder: str) -> bool:
+        client = self._require_client()
+        with self._translated(f"LIST {folder}"):
+            return bool(client.folder_exists(folder))
+
+    def present_uids(self, uids: Sequence[int]) -> set[int]:
+        client = self._require_client()
+        found: set[int] = set()
+        for batch in _batches(sorted(set(uids)), self.batch_size):
+            with self._translated("UID SEARCH"):
+                found.update(int(uid) for uid in client.search(["UID", _uid_set(batch)]))
+        return found & set(uids)
+
+    def add_flag(self, uids: Sequence[int], flag: str) -> None:
+        client = self._require_client()
+        for batch in _batches(sorted(set(uids)), self.batch_size):
+            with self._translated("UID STORE"):
+                client.add_flags(batch, [flag], silent=True)
+
+    def move(self, uid: int, folder: str) -> None:
+        with self._translated("UID MOVE"):
+            self._require_client().move([uid], folder)
+
+    def copy(self, uid: int, folder: str) -> None:
+        with self._translated("UID COPY"):
+            self._require_client().copy([uid], folder)
+
+    def expunge_uid(self, uid: int) -> None:
+        client = self._require_client()
+        with self._translated("UID STORE"):
+            client.add_flags([uid], [b"\\Deleted"], silent=True)
+        with self._translated("UID EXPUNGE"):
+            # UID EXPUNGE (RFC 4315) removes this UID only, never other \Deleted mail.
+            client.uid_expunge([uid])
+
+    def folder_holds(self, folder: str, message_id: str) -> bool:
+        client = self._require_client()
+        try:
+            self._select(client, folder, readonly=True)
+            with self._translated("SEARCH HEADER"):
+                found = client.search(["HEADER", "MESSAGE-ID", message_id])
+        finally:
+            self._select(client, self.folder, readonly=False)
+        return bool(found)
+
+    def _select(self, client: Any, folder: str, *, readonly: bool) -> FolderStatus:
+        verb = "EXAMINE" if readonly else "SELECT"
+        with self._translated(f"{verb} {folder}", folder=folder == self.folder):
+            response = client.select_folder(folder, readonly=readonly)
+        return FolderStatus(
+            uidvalidity=int(response.get(b"UIDVALIDITY", 0)),
+            uidnext=int(response.get(b"UIDNEXT", 0)),
+            exists=int(response.get(b"EXISTS", 0)),
+        )
 
     # --- helpers ---------------------------------------------------------------------
 

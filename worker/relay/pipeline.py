@@ -45,6 +45,7 @@ from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRule
 from worker.relay.intake import FetchedBatch, Intake, IntakeRules
 from worker.relay.pacer import SendPacer
 from worker.relay.ports import Destination, Inspector, Mailbox, PipelineStore
+from worker.relay.tidy import MailTidier, TidyReport, tidy_quietly
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,10 @@ class Pipeline:
         progress: Callable[[str], None] | None = None,
         checkpoint: Checkpoint = no_checkpoint,
         txt_lookup: TxtLookup | None = None,  # DNS for DKIM keys (tests inject keys)
+        tidier: MailTidier | None = None,  # INVOICE_RELAY_AFTER_FORWARD other than keep
     ) -> None:
         self._config = config
+        self._tidier = tidier
         self._checkpoint = checkpoint
         self._mailbox = mailbox
         self._store = store
@@ -219,6 +222,10 @@ class Pipeline:
         self._end_reading(sending)
         forwarding = sending.result() if sending else self._forwarder.forward_due()
         forwarded, retried, failed = forwarding
+        # After the send loop, so that what this poll forwarded is settled already.
+        tidied = TidyReport()
+        if self._tidier is not None and not self._stop.is_set():
+            tidied = tidy_quietly(self._tidier, status.uidvalidity)
         counts = self._store.state_counts()
         report = PollReport(
             mailbox=config.mailbox,
@@ -232,6 +239,8 @@ class Pipeline:
             pending=counts.get(DocumentState.PENDING, 0),
             failed_total=counts.get(DocumentState.FAILED, 0),
             rescanned=rescanned,
+            mail_actions=tidied.acted,
+            mail_action_problem=tidied.problem,
         )
         log.info(
             "poll finished: %s mails read, %s forwarded, %s pending",

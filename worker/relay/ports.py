@@ -26,6 +26,7 @@ from worker.models import (
     PdfReport,
     Receipt,
     RecordedSighting,
+    UntidiedMail,
 )
 
 
@@ -185,3 +186,61 @@ class AdminStore(Protocol):
 class PipelineStore(PollStore, SendQueue, AuditReader, Protocol):
     """What a `Pipeline` is given: its poll's store, the send queue it hands to its
     `Forwarder`, and the state counts of its report."""
+
+
+class MailActions(Protocol):
+    """The polled folder, SELECTed (read-write) to act on settled mail after forwarding
+    (INVOICE_RELAY_AFTER_FORWARD). Only used when the setting is not `keep`.
+    Raises `worker.errors.MailboxError`."""
+
+    def open_for_actions(self) -> FolderStatus:
+        """Connect, log in and SELECT the folder (read-write)."""
+
+    def capabilities(self) -> frozenset[str]:
+        """The server's capabilities after login, upper case."""
+
+    def folder_exists(self, folder: str) -> bool: ...
+
+    def present_uids(self, uids: Sequence[int]) -> set[int]:
+        """Which of these UIDs are still in the folder (UID SEARCH)."""
+
+    def add_flag(self, uids: Sequence[int], flag: str) -> None:
+        """UID STORE +FLAGS.SILENT (`flag`), e.g. `\\Seen`; idempotent."""
+
+    def move(self, uid: int, folder: str) -> None:
+        """UID MOVE (RFC 6851) of one mail."""
+
+    def copy(self, uid: int, folder: str) -> None:
+        """UID COPY of one mail; the caller expunges it after recording the copy."""
+
+    def expunge_uid(self, uid: int) -> None:
+        """`\\Deleted` and UID EXPUNGE (UIDPLUS) of this UID only; never a plain EXPUNGE."""
+
+    def folder_holds(self, folder: str, message_id: str) -> bool:
+        """Whether `folder` holds a mail with this Message-ID; the polled folder is
+        SELECTed again afterwards."""
+
+    def close(self) -> None:
+        """Log out; never raises."""
+
+
+class MailActionStore(Protocol):
+    """What the after-forward step records. Raises `worker.errors.StoreError`."""
+
+    def untidied_mails(self, *, mailbox: str, uidvalidity: int, limit: int) -> list[UntidiedMail]:
+        """Mails with a forwarded document whose action is neither done nor skipped."""
+
+    def start_copy(self, *, mailbox: str, uidvalidity: int, uid: int, now: datetime) -> None:
+        """Recorded before a COPY or MOVE goes out."""
+
+    def record_mail_actions(
+        self,
+        *,
+        mailbox: str,
+        uidvalidity: int,
+        uids: Sequence[int],
+        action: str | None,
+        note: str | None = None,
+        now: datetime,
+    ) -> None:
+        """`action` taken (the audit's text), or None: the mail was skipped for `note`."""

@@ -276,13 +276,16 @@ class Service:
     def _record_success(self, report: PollReport) -> None:
         self.metrics.observe(report)
         now = self._clock()
+        # The poll forwarded, but could not act on the mailbox as configured: shown in
+        # /healthz as the latest error until it is fixed (the poll itself succeeded).
+        problem = report.mail_action_problem
         with self._lock:
             previous = self._snapshot
             self._snapshot = HealthSnapshot(
                 polls_finished=previous.polls_finished + 1,
                 last_success=now,
-                last_error=previous.last_error,
-                last_error_at=previous.last_error_at,
+                last_error=problem if problem is not None else previous.last_error,
+                last_error_at=now if problem is not None else previous.last_error_at,
                 # A lock-skipped poll learned nothing about the queue.
                 pending=previous.pending if report.locked else report.pending,
                 failed=previous.failed if report.locked else report.failed_total,

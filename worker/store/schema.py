@@ -167,6 +167,24 @@ notified_documents = sa.Table(
     ),
 )
 
+# What INVOICE_RELAY_AFTER_FORWARD did to each mail (one row per mail, not per part):
+# `copying` is written before a COPY or MOVE goes out, so that after a crash the next
+# poll looks in the target before copying again; `done` carries the audit's text;
+# `skipped` means the mail can no longer be acted on (`note` says why). The key makes
+# the database decide that a mail is acted on once.
+mail_actions = sa.Table(
+    "mail_actions",
+    metadata,
+    sa.Column("mailbox", sa.Text, primary_key=True),
+    sa.Column("uidvalidity", sa.BigInteger, primary_key=True),
+    sa.Column("uid", sa.BigInteger, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=True),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.CheckConstraint("state IN ('copying', 'done', 'skipped')", name="ck_mail_actions_state"),
+)
+
 # The view's current definition. Migrations carry their own frozen copy; a test checks
 # that both yield the same columns.
 AUDIT_VIEW_SQL: Final = """
@@ -194,9 +212,12 @@ SELECT
     s.duplicate_of AS duplicate_of,
     CASE WHEN s.kind = 'document' THEN d.forwarded_at END AS forwarded_at,
     CASE WHEN s.kind = 'document' THEN d.forwarded_message_id END AS forwarded_message_id,
-    CASE WHEN s.kind = 'document' THEN d.attempts END AS attempts
+    CASE WHEN s.kind = 'document' THEN d.attempts END AS attempts,
+    CASE WHEN m.state = 'done' THEN m.action END AS mail_action
 FROM sightings AS s
 LEFT JOIN documents AS d ON d.id = s.document_id
+LEFT JOIN mail_actions AS m
+    ON m.mailbox = s.mailbox AND m.uidvalidity = s.uidvalidity AND m.uid = s.uid
 """
 
 AUDIT_COLUMNS: Final = (
@@ -220,6 +241,7 @@ AUDIT_COLUMNS: Final = (
     "forwarded_at",
     "forwarded_message_id",
     "attempts",
+    "mail_action",
 )
 
 # The view described for reading only; kept out of `metadata` so that create_all and
@@ -248,4 +270,5 @@ audit_log = sa.Table(
     sa.Column("forwarded_at", UtcDateTime()),
     sa.Column("forwarded_message_id", sa.Text),
     sa.Column("attempts", sa.Integer),
+    sa.Column("mail_action", sa.Text),
 )

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.models import AuditFilter, AuditRow, Outcome, SightingKind
 from worker.store.engine import advisory_key, make_engine, translated
+from worker.store.mailactions import MailActionRows
 from worker.store.queue import DocumentQueue
 from worker.store.schema import audit_log, sightings
 from worker.store.sightings import MailRecorder, known_document
@@ -27,7 +28,7 @@ from worker.store.sightings import MailRecorder, known_document
 log = logging.getLogger(__name__)
 
 
-class SqlStore(MailRecorder, DocumentQueue):
+class SqlStore(MailRecorder, DocumentQueue, MailActionRows):
     """The relay's SQL store. Every method raises `StoreError` when the database fails."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
@@ -194,4 +195,5 @@ def _audit_row(row: Row[*tuple[Any, ...]]) -> AuditRow:
         forwarded_at=row.forwarded_at,
         forwarded_message_id=row.forwarded_message_id,
         attempts=row.attempts,
+        mail_action=row.mail_action,
     )
