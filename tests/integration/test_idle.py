@@ -93,8 +93,7 @@ def test_the_watcher_calls_back_and_reconnects_after_the_server_restarts(
         host=imap.host,
         port=imap.port,
         security=Security.NONE,
-        user=imap.user,
-        password=imap.password,
+        credentials=PasswordCredentials(user=imap.user, password=Secret(imap.password)),
         timeout=10.0,
     )
     watcher = IdleWatcher(
