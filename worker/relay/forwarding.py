@@ -174,7 +174,9 @@ class Forwarder:
                             opened = True
                         self._pacer.wait()
                         receipt = self._outbox.deliver(
-                            Parcel.from_outgoing(document), before_final=marks.settle
+                            Parcel.from_outgoing(document),
+                            before_final=marks.settle,
+                            more_follows=index + 1 < len(claimed),
                         )
                         self._checkpoint(CrashPoint.AFTER_SEND)
                     except DeliveryUnavailable:
