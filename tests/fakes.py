@@ -329,7 +329,7 @@ class _Document:
 class FakeStore:
     """Every store Protocol (`PollStore`, `SendQueue`, `AuditReader`, `AdminStore`) in
     memory, for tests of what uses the store rather than of SQL. It keeps the rules that
-    `tests/unit/test_store_contract.py` checks against `SqlStore` too: a sighting per
+    `tests/unit/store/test_contract.py` checks against `SqlStore` too: a sighting per
     (mailbox, uidvalidity, uid, part), replaced only while it is an ERROR; a document per
     sha256 and per content key, the later sighting a DUPLICATE naming the key."""
 
