@@ -78,6 +78,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "audit_log",
         "notifications",
         "notified_documents",
+        "oauth_tokens",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
     assert migrate.is_up_to_date(empty_database)
