@@ -7,13 +7,21 @@ import email.policy
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage, Message
 
+from worker.auth.grants import Deadline, Grant
 from worker.delivery.message import ForwardMail
-from worker.errors import MailboxError, PdfCheckFailed, SendRejected, SessionRefused
+from worker.errors import (
+    MailboxError,
+    PdfCheckFailed,
+    SendRejected,
+    SessionRefused,
+    TokenEndpointError,
+)
 from worker.mail import headers
 from worker.models import BodyPart, FolderStatus, MailSummary, PdfReport
+from worker.tokens import AccessToken
 
 
 def _params(message: Message, header: str) -> dict[str, str]:
@@ -259,3 +267,28 @@ class FakeInspector:
 
     def close(self) -> None:
         pass
+
+
+class FakeGrantor:
+    """A token endpoint in memory (worker.auth.grants.Grantor): numbered tokens, a
+    rotating refresh token, and an error to raise instead when `refuse` is set."""
+
+    def __init__(self, *, lifetime_seconds: float = 3600.0, rotate: bool = True) -> None:
+        self.lifetime_seconds = lifetime_seconds
+        self.rotate = rotate
+        self.spent: list[str | None] = []  # the refresh token each grant was given
+        self.refuse: TokenEndpointError | None = None
+        self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+    def grant(self, *, refresh_token: str | None, deadline: Deadline) -> Grant:
+        if self.refuse is not None:
+            raise self.refuse
+        self.spent.append(refresh_token)
+        number = len(self.spent)
+        return Grant(
+            access=AccessToken(
+                value=f"at-fake-{number}",
+                expires_at=self.now() + timedelta(seconds=self.lifetime_seconds),
+            ),
+            refresh_token=f"rt-fake-{number}" if self.rotate else None,
+        )

@@ -19,10 +19,12 @@ from typing import TypeVar
 from urllib.parse import unquote
 
 from worker.config import values
+from worker.config.oauth import OAuthSettings, read_oauth
 from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
 from worker.models import DedupMode, Security
+from worker.tokens import AuthMethod
 
 PREFIX = "INVOICE_RELAY_"
 MASK = "****"
@@ -104,6 +106,10 @@ class Settings:
     notify_interval_seconds: float = 3600.0  # at most one failure notice this often
     unknown_variables: tuple[str, ...] = ()  # INVOICE_RELAY_* names nobody reads: typos?
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
+    imap_auth: AuthMethod = AuthMethod.PASSWORD
+    smtp_auth: AuthMethod = AuthMethod.PASSWORD
+    oauth: OAuthSettings | None = None  # set when IMAP or SMTP logs in with oauth2
+    secret_key_file: Path | None = None  # encrypts stored tokens (a process setting)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
@@ -111,17 +117,24 @@ class Settings:
         env = _Reader(environ)
         imap_security = env.parse("IMAP_SECURITY", values.enum_of(Security), Security.SSL)
         smtp_security = env.parse("SMTP_SECURITY", values.enum_of(Security), Security.STARTTLS)
+        imap_auth = env.parse("IMAP_AUTH", values.enum_of(AuthMethod), AuthMethod.PASSWORD)
+        smtp_auth = env.parse("SMTP_AUTH", values.enum_of(AuthMethod), AuthMethod.PASSWORD)
+        smtp_user = env.text("SMTP_USER")
+        oauth, secret_key_file = read_oauth(
+            env, imap_auth=imap_auth, smtp_auth=smtp_auth, smtp_user=smtp_user
+        )
         settings = cls(
             imap_host=env.parse("IMAP_HOST", values.host, None, required=True) or "",
             imap_port=env.parse("IMAP_PORT", values.port(1), _IMAP_PORTS[imap_security]),
             imap_security=imap_security,
             imap_user=env.required("IMAP_USER"),
-            imap_password=env.secret("IMAP_PASSWORD", required=True) or Secret(""),
+            imap_password=env.secret("IMAP_PASSWORD", required=imap_auth is AuthMethod.PASSWORD)
+            or Secret(""),
             imap_folder=env.text("IMAP_FOLDER") or "INBOX",
             smtp_host=env.parse("SMTP_HOST", values.host, None, required=True) or "",
             smtp_port=env.parse("SMTP_PORT", values.port(1), _SMTP_PORTS[smtp_security]),
             smtp_security=smtp_security,
-            smtp_user=env.text("SMTP_USER"),
+            smtp_user=smtp_user,
             smtp_password=env.secret("SMTP_PASSWORD", required=False),
             forward_to=env.parse("FORWARD_TO", values.address, None, required=True) or "",
             forward_from=env.parse("FORWARD_FROM", values.address, None, required=True) or "",
@@ -158,9 +171,15 @@ class Settings:
             test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),
             notify_to=env.parse("NOTIFY_TO", values.address, None),
             notify_interval_seconds=env.parse("NOTIFY_INTERVAL", parse_duration, 3600.0),
+            imap_auth=imap_auth,
+            smtp_auth=smtp_auth,
+            oauth=oauth,
+            secret_key_file=secret_key_file,
             unknown_variables=env.unknown(),
         )
-        if (settings.smtp_user is None) != (settings.smtp_password is None):
+        if smtp_auth is AuthMethod.PASSWORD and (
+            (settings.smtp_user is None) != (settings.smtp_password is None)
+        ):
             missing = "SMTP_PASSWORD" if settings.smtp_password is None else "SMTP_USER"
             env.fail(missing, "required when the other half of the SMTP login is set")
         try:
@@ -184,6 +203,10 @@ class Settings:
         values = [self.imap_password.reveal()]
         if self.smtp_password is not None:
             values.append(self.smtp_password.reveal())
+        if self.oauth is not None:
+            for secret in (self.oauth.client_secret, self.oauth.refresh_token):
+                if secret is not None:
+                    values.append(secret.reveal())
         for password in _url_passwords(self.database_url.reveal()):
             values.extend((password, unquote(password)))
         return tuple(dict.fromkeys(value for value in values if value))
