@@ -99,6 +99,7 @@ class TokenServer:
         self.clients: dict[str, Client] = {}
         self.service_accounts: dict[str, ServiceAccount] = {}
         self.expires_in = 3600
+        self.delay = 0.0  # seconds each token request takes: a slow endpoint
         self.rotate = True
         self.requests: list[Recorded] = []
         self._issued: dict[str, Issued] = {}
@@ -238,6 +239,8 @@ class TokenServer:
             return 200, self._introspect(form)
         if method == "POST" and (parts == ["token"] or parts[1:] == ["oauth2", "v2.0", "token"]):
             self._stalled.wait(STALL_LIMIT)
+            if self.delay:
+                time.sleep(self.delay)  # the slow endpoint itself, not a test's wait
             fault = self._take_fault()
             if fault is not None:
                 if fault.error is None:

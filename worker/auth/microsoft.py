@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,6 +145,17 @@ class _MsalGrant:
                 endpoint=host_of(self._client.authority),
             ) from exc
 
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        # MSAL raises its own error for an HTTP error without a JSON body (a 500, a proxy's
+        # page); a JSON error comes back as a dict and is read by _result.
+        try:
+            yield
+        except msal.exceptions.MsalServiceError as exc:
+            raise TokenEndpointError(
+                str(exc)[:80], endpoint=host_of(self._client.authority)
+            ) from exc
+
     def _result(self, answer: dict[str, Any], now: datetime) -> Grant:
         endpoint = host_of(self._client.authority)
         if "error" in answer:
@@ -166,7 +178,8 @@ class MicrosoftApp(_MsalGrant):
             application = self._application(deadline)
             assert isinstance(application, msal.ConfidentialClientApplication)
             now = self._clock()
-            answer = application.acquire_token_for_client(scopes=[APP_SCOPE])
+            with self._translated():
+                answer = application.acquire_token_for_client(scopes=[APP_SCOPE])
         return self._result(answer, now)
 
 
@@ -199,9 +212,10 @@ class MicrosoftDelegated(_MsalGrant):
         with self._metadata_lock:
             application = self._application(deadline)
             now = self._clock()
-            answer = application.acquire_token_by_refresh_token(
-                refresh_token, scopes=list(self._scopes)
-            )
+            with self._translated():
+                answer = application.acquire_token_by_refresh_token(
+                    refresh_token, scopes=list(self._scopes)
+                )
         return self._result(answer, now)
 
 
