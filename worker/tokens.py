@@ -73,6 +73,19 @@ class TokenSource(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenCredentials:
+    """An OAuth2 login for IMAP or SMTP: the mailbox (SASL `user=`) and where its tokens
+    come from. The password twin is worker.models' Credentials; an adapter given this
+    logs in with XOAUTH2 (worker.mail.sasl)."""
+
+    user: str
+    tokens: TokenSource
+
+    def __repr__(self) -> str:
+        return f"TokenCredentials(user={self.user!r})"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class StoredToken:
     """One identity's row as the store keeps it: secrets only sealed (worker.auth.crypto)."""

@@ -1,5 +1,6 @@
 """The SASL messages that carry a bearer token: XOAUTH2 (Google's and Microsoft's) and
-OAUTHBEARER (RFC 7628). Pure: bytes in, bytes out; the IMAP and SMTP adapters send them.
+OAUTHBEARER (RFC 7628), and the rule for a refused token. Pure: bytes in, bytes out; the
+IMAP and SMTP adapters (which may not import worker.auth) send them.
 
 Both are a client's initial response; on failure the server sends one challenge, a
 base64 JSON error (RFC 7628 §3.2.2), which the client must answer with an empty response
@@ -11,7 +12,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from worker.tokens import AccessToken, TokenSource
 
 _SEPARATOR = "\x01"
 # What the client answers to the error challenge, so the server ends the exchange.
@@ -95,3 +99,60 @@ def _check(*, user: str, token: str) -> None:
 
 def _printable(text: str) -> bool:
     return all(" " < char <= "~" or ord(char) > 0x7F for char in text) and _SEPARATOR not in text
+
+
+class Exchange:
+    """One XOAUTH2 or OAUTHBEARER exchange, as the callable the client libraries drive:
+    imapclient's `sasl_login(mechanism, exchange)` and smtplib's `auth(mechanism,
+    exchange.text, initial_response_ok=True)`. The first call answers with the initial
+    response; a second call is the server's error challenge, kept in `error` and answered
+    with the abort message so the server ends the exchange with its NO / 535. A third
+    call means the server is looping: it gets the abort message again."""
+
+    def __init__(self, *, mechanism: str, user: str, token: str) -> None:
+        if mechanism == "XOAUTH2":
+            self._initial, self._abort = xoauth2(user=user, token=token), XOAUTH2_ABORT
+        elif mechanism == "OAUTHBEARER":
+            self._initial, self._abort = oauthbearer(user=user, token=token), OAUTHBEARER_ABORT
+        else:
+            raise ValueError(f"{mechanism} does not carry a bearer token")
+        self.mechanism = mechanism
+        self.error: SaslError | None = None
+        self._calls = 0
+
+    def __repr__(self) -> str:
+        return f"Exchange({self.mechanism}, error={self.error})"
+
+    def __call__(self, challenge: bytes | None = None) -> bytes:
+        self._calls += 1
+        if self._calls == 1 and not challenge:
+            return self._initial
+        if self.error is None and challenge:
+            self.error = sasl_error(challenge) or SaslError(status="unreadable")
+        return self._abort
+
+    def text(self, challenge: bytes | None = None) -> str:
+        """smtplib's form: it base64-encodes the text it gets."""
+        return self(challenge).decode("ascii")
+
+
+def preferred_mechanism(offered: frozenset[str]) -> str | None:
+    """XOAUTH2 where offered (Microsoft and Google document it), else OAUTHBEARER."""
+    for mechanism in ("XOAUTH2", "OAUTHBEARER"):
+        if mechanism in offered:
+            return mechanism
+    return None
+
+
+def login_with_token(
+    tokens: TokenSource, attempt: Callable[[AccessToken], SaslError | None]
+) -> SaslError | None:
+    """Log in with the source's token; when the server refuses it as invalid or expired,
+    once more with a fresh one (another process may have refreshed, or the token was
+    revoked early). `attempt` returns None on success or the server's error. Returns the
+    last error, for the adapter to classify; never loops."""
+    token = tokens.access_token()
+    error = attempt(token)
+    if error is None or not error.token_refused:
+        return error
+    return attempt(tokens.access_token(refused=token))
