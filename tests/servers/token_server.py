@@ -213,6 +213,11 @@ class TokenServer:
         issued = self._issued.get(access_token)
         return issued is not None and issued.expires_at > time.time()
 
+    def handed_out(self) -> set[str]:
+        """Every access and refresh token this server issued."""
+        with self._lock:
+            return set(self._issued) | set(self._refresh)
+
     def issued(self, access_token: str) -> Issued | None:
         return self._issued.get(access_token)
 
