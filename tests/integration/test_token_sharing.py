@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -34,20 +35,22 @@ def server(tmp_path: Path) -> Iterator[TokenServer]:
 def replicas_refresh_together(
     server: TokenServer, database_url: str, client: OAuthClient, count: int = 2
 ) -> list[AccessToken]:
-    """A first token whose end is near (inside the refresh margin), then `count` replicas
-    that all need a new one at once. The row exists, so only its lock keeps them apart
-    (a first-ever row would also be serialised by its UNIQUE insert)."""
+    """A first token that has expired (got by a replica whose clock says two hours ago),
+    then `count` replicas that all need a new one at once. The row exists, so only its
+    lock keeps them apart (a first-ever row would also be serialised by its UNIQUE insert)."""
     migrate.upgrade_database(database_url)
-    server.expires_in = 60
     engine = schema.make_engine(database_url)
     try:
         with TokenSources(
-            rows=TokenStore(engine), sealer=Sealer(KEY), ca_file=server.ca_file, timeout_seconds=20
+            rows=TokenStore(engine),
+            sealer=Sealer(KEY),
+            ca_file=server.ca_file,
+            timeout_seconds=20,
+            clock=lambda: datetime.now(UTC) - timedelta(hours=2),
         ) as sources:
             sources.source(client, user=MAILBOX).access_token()
     finally:
         engine.dispose()
-    server.expires_in = 3600
     barrier = threading.Barrier(count)
 
     def replica() -> AccessToken:

@@ -84,6 +84,17 @@ def test_an_access_token_is_reused_until_shortly_before_it_expires(
     assert len(grantor.spent) == 2
 
 
+def test_a_short_lived_token_is_kept_for_half_its_life(rows: TokenStore, sealer: Sealer) -> None:
+    clock, grantor = Clock(), FakeGrantor(lifetime_seconds=300)  # shorter than the margin
+    tokens = source(rows, sealer, grantor, clock)
+    first = tokens.access_token()
+    clock.now += timedelta(seconds=149)
+    assert tokens.access_token() == first
+    clock.now += timedelta(seconds=2)
+    assert tokens.access_token() != first
+    assert len(grantor.spent) == 2
+
+
 def test_a_rotated_refresh_token_is_saved_and_spent_next(rows: TokenStore, sealer: Sealer) -> None:
     clock, grantor = Clock(), FakeGrantor(lifetime_seconds=60)
     tokens = source(rows, sealer, grantor, clock)

@@ -93,7 +93,14 @@ class StoredTokenSource:
         )
         if refused is not None and token.value == refused.value:
             return None
-        return token if token.usable(self._clock(), self._margin) else None
+        return token if token.usable(self._clock(), self._margin_for(row)) else None
+
+    def _margin_for(self, row: StoredToken) -> timedelta:
+        # A token shorter-lived than twice the margin (Keycloak's default is 5 minutes)
+        # is kept for half its life: else every login would refresh it.
+        if row.refreshed_at is None or row.access_expires_at is None:
+            return self._margin
+        return min(self._margin, (row.access_expires_at - row.refreshed_at) / 2)
 
     def _refresh_token(self, row: StoredToken) -> tuple[str | None, str | None]:
         """The refresh token to spend, and the digest of the configured one it descends
