@@ -82,3 +82,33 @@ def oauth_logins(
         sources.close()
         raise
     return OAuthLogins(imap=imap, smtp=smtp, sources=sources)
+
+
+def status_lines(settings: Settings, store: SqlStore) -> list[str]:
+    """`invoice-relay oauth status`: per protocol that logs in with oauth2, the flow,
+    the identity and when its token was last refreshed; never a token or a secret."""
+    logins = oauth_logins(settings, store)
+    if logins is None or settings.oauth is None:
+        return ["no protocol logs in with oauth2 (INVOICE_RELAY_IMAP_AUTH, _SMTP_AUTH)"]
+    oauth = settings.oauth
+    rows = TokenStore(store.engine)
+    lines = []
+    try:
+        for protocol, credentials in (("imap", logins.imap), ("smtp", logins.smtp)):
+            if credentials is None:
+                continue
+            identity = logins.sources.source(oauth_client(oauth), user=credentials.user).identity
+            row = rows.read_token(identity.key())
+            if row is None or row.refreshed_at is None:
+                when = "no token stored yet"
+            else:
+                until = row.access_expires_at.isoformat() if row.access_expires_at else "-"
+                when = f"refreshed {row.refreshed_at.isoformat()}, access token until {until}"
+            lines.append(
+                f"{protocol}: {oauth.provider.value} {oauth.flow.value} as {credentials.user}"
+                f" (client {identity.client_id or '-'}"
+                f"{', tenant ' + identity.tenant if identity.tenant else ''}): {when}"
+            )
+    finally:
+        logins.sources.close()
+    return lines
