@@ -16,7 +16,9 @@ Every request is recorded with its headers (a test checks it was MSAL that asked
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import secrets
 import ssl
@@ -82,6 +84,16 @@ class _Fault:
 
 
 @dataclass(slots=True, kw_only=True)
+class _Code:
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    nonce: str
+    user: str
+    tenant: str
+
+
+@dataclass(slots=True, kw_only=True)
 class _RefreshToken:
     family: str
     user: str
@@ -104,6 +116,8 @@ class TokenServer:
         self.requests: list[Recorded] = []
         self._issued: dict[str, Issued] = {}
         self._refresh: dict[str, _RefreshToken] = {}
+        self._codes: dict[str, _Code] = {}
+        self.consenting_user = ""  # who signs in at /authorize; "" refuses (access_denied)
         self._revoked_families: set[str] = set()
         self._faults: list[_Fault] = []
         self._stalled = threading.Event()
@@ -240,6 +254,8 @@ class TokenServer:
             ]
         ):
             return self._openid_configuration(parts[0])
+        if method == "GET" and len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "authorize"]:
+            return self._authorize(parts[0], query)
         if method == "POST" and parts == ["introspect"]:
             return 200, self._introspect(form)
         if method == "POST" and (parts == ["token"] or parts[1:] == ["oauth2", "v2.0", "token"]):
@@ -290,6 +306,64 @@ class TokenServer:
             "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt"],
         }
 
+    def _authorize(self, tenant: str, query: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+        """The sign-in page, with a user who consents at once (or refuses): a 302 back to
+        redirect_uri with the code and the state (RFC 6749 §4.1.2). PKCE S256 required."""
+        redirect = query.get("redirect_uri", "")
+        client = self.clients.get(query.get("client_id", ""))
+        if client is None or not redirect.startswith(("http://localhost:", "http://127.0.0.1:")):
+            return 400, _error("invalid_request", "AADSTS50011: redirect URI mismatch.")
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            return 400, _error("invalid_request", "AADSTS501491: PKCE is required.")
+        state = query.get("state", "")
+        if not self.consenting_user:
+            return 302, {"location": f"{redirect}?error=access_denied&state={state}"}
+        code = "code-" + secrets.token_urlsafe(16)
+        with self._lock:
+            self._codes[code] = _Code(
+                client_id=client.client_id,
+                redirect_uri=redirect,
+                challenge=query["code_challenge"],
+                nonce=query.get("nonce", ""),
+                user=self.consenting_user,
+                tenant=tenant,
+            )
+        return 302, {"location": f"{redirect}?code={code}&state={state}"}
+
+    def _code_grant(self, form: Mapping[str, str], client: Client) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            code = self._codes.pop(form.get("code", ""), None)  # a code works once
+        if code is None or code.client_id != client.client_id:
+            return 400, _error("invalid_grant", "AADSTS70008: the code has expired.")
+        if form.get("redirect_uri") != code.redirect_uri:
+            return 400, _error("invalid_grant", "AADSTS50011: redirect URI mismatch.")
+        verifier = form.get("code_verifier", "")
+        digest = hashlib.sha256(verifier.encode()).digest()
+        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != code.challenge:
+            return 400, _error("invalid_grant", "AADSTS501481: the code_verifier does not match.")
+        answer = self._access(
+            user=code.user, client_id=client.client_id, scope=form.get("scope", "")
+        )
+        answer["refresh_token"] = self.issue_refresh_token(
+            user=code.user, client_id=client.client_id
+        )
+        now = int(time.time())
+        # MSAL checks the ID token's iss, aud, exp and nonce (not its signature).
+        answer["id_token"] = jwt.encode(
+            {
+                "iss": f"{self.url}/{code.tenant}/v2.0",
+                "aud": client.client_id,
+                "sub": code.user,
+                "preferred_username": code.user,
+                "nonce": code.nonce,
+                "iat": now,
+                "exp": now + 3600,
+            },
+            "id-token-signing-key-of-the-test-server",
+            algorithm="HS256",
+        )
+        return 200, answer
+
     def _introspect(self, form: Mapping[str, str]) -> dict[str, Any]:
         issued = self._issued.get(form.get("token", ""))
         if issued is None or issued.expires_at <= time.time():
@@ -314,6 +388,8 @@ class TokenServer:
             return 200, self._access(user=client.mailbox, client_id=client.client_id, scope=scope)
         if grant_type == "refresh_token":
             return self._refresh_grant(form.get("refresh_token", ""), client, scope)
+        if grant_type == "authorization_code":
+            return self._code_grant(form, client)
         return 400, _error("unsupported_grant_type", f"{grant_type!r} is not supported")
 
     def _authenticate(self, form: Mapping[str, str], *, endpoint: str) -> Client | None:
@@ -461,6 +537,12 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
                 )
             )
             status, answer = server.handle(method, split.path, query, form)
+            if status == 302 and isinstance(answer, dict):
+                self.send_response(302)
+                self.send_header("Location", answer["location"])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if isinstance(answer, str):
                 payload, kind = answer.encode(), "text/html"
             else:

@@ -84,6 +84,20 @@ class StoredTokenSource:
         )
         return grant.access
 
+    def save_login(self, grant: Grant) -> None:
+        """Store what `oauth login` obtained. The configured refresh token (if any) counts
+        as this one's origin: it must not replace the token a person just signed in for."""
+        if grant.refresh_token is None:
+            raise ValueError("a sign-in that gave no refresh token cannot be stored")
+        origin = self._sealer.digest(self._configured) if self._configured is not None else None
+        with self._rows.lock_token(self._key) as locked:
+            row = locked.current or StoredToken(key=self._key)
+            locked.save(self._row(row, grant, None, origin))
+        log.info(
+            "oauth login stored",
+            extra={"action": "oauth_login_stored", "user": self._identity.user},
+        )
+
     def _usable(self, row: StoredToken | None, refused: AccessToken | None) -> AccessToken | None:
         if row is None or row.sealed_access is None or row.access_expires_at is None:
             return None

@@ -85,12 +85,12 @@ class MsalHttp:
 
     def __init__(self, client: httpx.Client, budget: Deadline) -> None:
         self._client = client
-        self._budget = budget
+        self.budget = budget  # replaceable: a sign-in's two halves each get their own
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
         kwargs.pop("timeout", None)  # ours bounds the whole request
         with translated(url):
-            return self._client.get(url, timeout=_bounded(self._budget, url), **kwargs)
+            return self._client.get(url, timeout=_bounded(self.budget, url), **kwargs)
 
     def post(self, url: str, **kwargs: Any) -> httpx.Response:
         kwargs.pop("timeout", None)
@@ -103,7 +103,7 @@ class MsalHttp:
                 for key, value in data.items()
             }
         with translated(url):
-            return self._client.post(url, timeout=_bounded(self._budget, url), **kwargs)
+            return self._client.post(url, timeout=_bounded(self.budget, url), **kwargs)
 
     def close(self) -> None:
         """MSAL may call it; the client belongs to the token source, which closes it."""

@@ -123,10 +123,12 @@ class _MsalGrant:
 
     _confidential = True
 
-    def _application(self, deadline: Deadline) -> msal.ClientApplication:
+    def _application(
+        self, deadline: Deadline, transport: MsalHttp | None = None
+    ) -> msal.ClientApplication:
         kwargs: dict[str, Any] = {
             "authority": self._client.tenant_authority,
-            "http_client": MsalHttp(self._http, deadline),
+            "http_client": transport or MsalHttp(self._http, deadline),
             "http_cache": self._metadata,
             "instance_discovery": self._client.instance_discovery(),
             "app_name": "invoice-relay",

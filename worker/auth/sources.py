@@ -25,6 +25,7 @@ from worker.auth.google import (
 )
 from worker.auth.grants import Grantor
 from worker.auth.http import host_of, make_client
+from worker.auth.login import MicrosoftLogin
 from worker.auth.microsoft import (
     DELEGATED_SCOPES,
     MicrosoftApp,
@@ -102,6 +103,37 @@ class TokenSources:
             ),
             clock=self._clock,
         )
+
+    def login(
+        self, client: OAuthClient, *, user: str, route: str = "the default route"
+    ) -> tuple[MicrosoftLogin, StoredTokenSource]:
+        """A sign-in for `oauth login`, and the source whose row it fills. Microsoft's
+        delegated flow only, for now."""
+        if client.provider is not OAuthProvider.MICROSOFT or client.flow is not OAuthFlow.DELEGATED:
+            raise ConfigError(
+                "INVOICE_RELAY_OAUTH_FLOW",
+                "`oauth login` signs in for OAUTH_PROVIDER=microsoft with the delegated flow; "
+                "for others set INVOICE_RELAY_OAUTH_REFRESH_TOKEN",
+            )
+        source = self.source(client, user=user, route=route)
+        microsoft = MicrosoftClient(
+            authority=client.authority,
+            tenant=client.tenant or "common",
+            client_id=client.client_id or "",
+            client_secret=client.client_secret,
+        )
+        sign_in = MicrosoftLogin(
+            microsoft,
+            self._http,
+            route=route,
+            clock=self._clock,
+            scopes=client.scopes or DELEGATED_SCOPES,
+        )
+        return sign_in, source
+
+    @property
+    def timeout_seconds(self) -> float:
+        return self._timeout
 
     def _grantor(
         self, client: OAuthClient, *, user: str, route: str

@@ -295,6 +295,18 @@ def oauth_status(settings: Settings) -> list[str]:
         store.close()
 
 
+def oauth_login(
+    settings: Settings, *, show: Callable[[str], None], pasted: Callable[[], str]
+) -> str:
+    from worker.cli.oauth import login
+
+    store = prepared_store(settings)  # the refresh token is stored: migrate like a poll
+    try:
+        return login(settings, store, show=show, pasted=pasted)
+    finally:
+        store.close()
+
+
 def upgrade(url: str) -> None:
     migrate.upgrade_database(url)
 

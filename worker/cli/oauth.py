@@ -1,4 +1,5 @@
-"""Wiring for OAuth2 logins: from the settings to the IMAP and SMTP token credentials.
+"""Wiring for OAuth2 logins: from the settings to the IMAP and SMTP token credentials,
+and the `oauth status` and `oauth login` commands.
 
 Not yet called by the commands: the IMAP and SMTP adapters take a `TokenCredentials`
 once their credentials seam has landed (worker.models' Credentials); then `open_*` in
@@ -7,13 +8,20 @@ worker.cli.commands passes these instead of a password when `*_AUTH` is oauth2.
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from worker.auth.crypto import Sealer
+from worker.auth.http import TimeBudget
+from worker.auth.login import redirected_query
 from worker.auth.sources import OAuthClient, TokenSources
 from worker.config.oauth import OAuthSettings
 from worker.config.settings import Settings
-from worker.errors import ConfigError
+from worker.errors import ConfigError, OAuthLoginRefused
 from worker.store.sqlstore import SqlStore
 from worker.store.tokens import TokenStore
 from worker.tokens import AuthMethod, TokenCredentials
@@ -112,3 +120,104 @@ def status_lines(settings: Settings, store: SqlStore) -> list[str]:
     finally:
         logins.sources.close()
     return lines
+
+
+class _Redirects:
+    """The loopback end of the sign-in: a one-page HTTP server on 127.0.0.1 that hands
+    the redirected URL's query to `oauth login`, which also accepts it pasted."""
+
+    def __init__(self) -> None:
+        self.received: queue.Queue[dict[str, str]] = queue.Queue()
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                """The query holds the code: never logged."""
+
+            def do_GET(self) -> None:
+                query = redirected_query(urlsplit(self.path).query)
+                if "code" not in query and "error" not in query:
+                    self.send_error(404)
+                    return
+                received.put(query)
+                page = b"invoice-relay: signed in. You can close this window.\n"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def redirect_uri(self) -> str:
+        # Microsoft ignores the port of a localhost redirect URI: register http://localhost.
+        return f"http://localhost:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def login(
+    settings: Settings,
+    store: SqlStore,
+    *,
+    show: Callable[[str], None],
+    pasted: Callable[[], str],
+    wait_seconds: float = 600.0,
+    route: str = "the default route",
+) -> str:
+    """`invoice-relay oauth login`: print the URL, take the redirect (on 127.0.0.1, or
+    pasted), store the refresh token. Returns the user signed in for."""
+    oauth = settings.oauth
+    if oauth is None or settings.secret_key_file is None:
+        raise ConfigError("INVOICE_RELAY_IMAP_AUTH", "oauth login needs IMAP or SMTP on oauth2")
+    user = settings.imap_user if settings.imap_auth is AuthMethod.OAUTH2 else settings.smtp_user
+    sources = TokenSources(
+        rows=TokenStore(store.engine),
+        sealer=Sealer.from_file(settings.secret_key_file),
+        ca_file=settings.ca_file,
+        timeout_seconds=settings.timeout_seconds,
+    )
+    redirects = _Redirects()
+    try:
+        sign_in, source = sources.login(oauth_client(oauth), user=user or "", route=route)
+        url = sign_in.start(
+            redirect_uri=redirects.redirect_uri,
+            deadline=TimeBudget(seconds=settings.timeout_seconds),
+        )
+        show(
+            "Open this URL in a browser and sign in as the mailbox's user:\n"
+            f"  {url}\n"
+            "If the browser is on another machine, it ends on a page that does not load:\n"
+            "paste that page's address here and press Enter."
+        )
+
+        def read_pasted() -> None:
+            while True:
+                line = pasted()
+                if not line:  # end of input: only the loopback redirect can come now
+                    return
+                query = redirected_query(line)
+                if "code" in query or "error" in query:
+                    redirects.received.put(query)
+                    return
+
+        threading.Thread(target=read_pasted, daemon=True).start()
+        try:
+            response = redirects.received.get(timeout=wait_seconds)
+        except queue.Empty as exc:
+            raise OAuthLoginRefused(
+                f"no sign-in arrived within {wait_seconds:.0f} s", route=route
+            ) from exc
+        grant = sign_in.finish(response, TimeBudget(seconds=settings.timeout_seconds))
+        source.save_login(grant)
+        return user or ""
+    finally:
+        redirects.close()
+        sources.close()
