@@ -15,7 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.store.schema import MIGRATION_LOCK_KEY, make_engine, metadata
+from worker.store.engine import MIGRATION_LOCK_KEY, make_engine
+from worker.store.schema import metadata
 
 config = context.config
 
@@ -37,7 +38,7 @@ def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
-        # SQLite can roll back DDL too once BEGIN is ours (see worker.store.schema.make_engine).
+        # SQLite can roll back DDL too once BEGIN is ours (see worker.store.engine.make_engine).
         transactional_ddl=True,
         compare_type=True,
     )

@@ -1,5 +1,5 @@
-"""Pending documents written straight into a store, and the send loop that sends them,
-for tests of forwarding."""
+"""Pending documents written straight into a store (SQL, or the in-memory FakeStore), and
+the send loop that sends them, for tests of forwarding."""
 
 from __future__ import annotations
 
@@ -10,18 +10,28 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
+from tests.fakes import FakeStore
 from worker.faults import Checkpoint, no_checkpoint
 from worker.models import DocumentState
 from worker.relay.forwarding import Forwarder, ForwardRules
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Outbox, Store
+from worker.relay.ports import Destination, SendQueue
 from worker.store import schema
 from worker.store.sqlstore import SqlStore
 
 
-def add_pending_documents(store: SqlStore, count: int, *, now: datetime) -> list[str]:
+def add_pending_documents(store: SqlStore | FakeStore, count: int, *, now: datetime) -> list[str]:
     """`count` pending documents due at `now`; returns their SHA-256s in order."""
     hashes = [hashlib.sha256(f"pdf {n}".encode()).hexdigest() for n in range(count)]
+    if isinstance(store, FakeStore):
+        for sha256 in hashes:
+            store.add_document(
+                sha256=sha256,
+                content=b"%PDF-1.4 " + sha256.encode(),
+                filename="invoice.pdf",
+                now=now,
+            )
+        return hashes
     with store.engine.begin() as connection:
         for sha256 in hashes:
             document_id = connection.execute(
@@ -46,8 +56,8 @@ def add_pending_documents(store: SqlStore, count: int, *, now: datetime) -> list
 
 
 def send_loop(
-    store: Store,
-    outbox: Outbox,
+    store: SendQueue,
+    outbox: Destination,
     *,
     now: datetime,
     send_batch: int,
@@ -59,8 +69,6 @@ def send_loop(
     apart (±20 %)."""
     return Forwarder(
         rules=ForwardRules(
-            forward_to="inbox@getmyinvoices.example",
-            forward_from="relay@shop.example",
             send_batch=send_batch,
             retry_base=timedelta(seconds=10),
         ),

@@ -11,16 +11,36 @@ from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage, Message
 
 from worker.auth.grants import Deadline, Grant
-from worker.delivery.message import ForwardMail
+from worker.delivery.message import build_forward
 from worker.errors import (
+    DeliveryRefused,
+    DeliveryUnavailable,
     MailboxError,
     PdfCheckFailed,
-    SendRejected,
     SessionRefused,
     TokenEndpointError,
 )
 from worker.mail import headers
-from worker.models import BodyPart, FolderStatus, MailSummary, PdfReport
+from worker.models import (
+    AuditFilter,
+    AuditRow,
+    BodyPart,
+    DedupMode,
+    DocumentState,
+    FolderStatus,
+    MailboxPosition,
+    MailHeaders,
+    MailRecord,
+    MailSummary,
+    Outcome,
+    OutgoingDocument,
+    Parcel,
+    PartRecord,
+    PdfReport,
+    Receipt,
+    RecordedSighting,
+    SightingKind,
+)
 from worker.tokens import AccessToken
 
 
@@ -205,11 +225,15 @@ class FakeMailbox:
 
 
 class FakeOutbox:
-    """Keeps what it 'sent'; `answers` scripts refusals per send, in order."""
+    """A `Destination` that keeps what it 'sent' as the mail SMTP would carry;
+    `answers` scripts refusals per delivery, in order."""
+
+    forward_to = "archive@example.org"
+    forward_from = "relay@example.com"
 
     def __init__(self) -> None:
         self.sent: list[EmailMessage] = []
-        self.answers: list[SendRejected | SessionRefused | None] = []
+        self.answers: list[DeliveryRefused | DeliveryUnavailable | None] = []
         self.refuse_session = False
         self.opened = 0
         self.closed = 0
@@ -219,16 +243,17 @@ class FakeOutbox:
             raise SessionRefused("connection refused", host="fake", port=25)
         self.opened += 1
 
-    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+        message = build_forward(parcel, forward_to=self.forward_to, forward_from=self.forward_from)
         answer = self.answers.pop(0) if self.answers else None
-        if isinstance(answer, SessionRefused):  # refused before the content
+        if isinstance(answer, DeliveryUnavailable):  # refused before the content
             raise answer
-        if before_end is not None:
-            before_end()
+        if before_final is not None:
+            before_final()
         if answer is not None:
             raise answer
         self.sent.append(message.parsed())
-        return "250 2.0.0 queued"
+        return Receipt(delivery_id=message.message_id, answer="250 2.0.0 queued")
 
     def close(self) -> None:
         self.closed += 1
@@ -267,6 +292,402 @@ class FakeInspector:
 
     def close(self) -> None:
         pass
+
+
+@dataclass(slots=True, kw_only=True)
+class _Sighting:
+    id: int
+    mailbox: str
+    uidvalidity: int
+    uid: int
+    part: str
+    received_at: datetime
+    headers: MailHeaders
+    record: PartRecord
+    kind: SightingKind
+    reason: str | None
+    document_id: int | None = None
+    duplicate_of: int | None = None
+    tries: int = 1
+
+
+@dataclass(slots=True, kw_only=True)
+class _Document:
+    id: int
+    sha256: str
+    content_key: str | None
+    filename: str | None
+    state: DocumentState = DocumentState.PENDING
+    attempts: int = 0
+    next_attempt_at: datetime
+    lease_until: datetime | None = None
+    resend_count: int = 0
+    content: bytes | None = None  # None once dropped after forwarding
+    forwarded_at: datetime | None = None
+    forwarded_message_id: str | None = None
+    last_answer: str | None = None
+
+
+class FakeStore:
+    """Every store Protocol (`PollStore`, `SendQueue`, `AuditReader`, `AdminStore`) in
+    memory, for tests of what uses the store rather than of SQL. It keeps the rules that
+    `tests/unit/test_store_contract.py` checks against `SqlStore` too: a sighting per
+    (mailbox, uidvalidity, uid, part), replaced only while it is an ERROR; a document per
+    sha256 and per content key, the later sighting a DUPLICATE naming the key."""
+
+    def __init__(self) -> None:
+        self._positions: dict[str, MailboxPosition] = {}
+        self.sightings: dict[int, _Sighting] = {}
+        self.documents: dict[int, _Document] = {}
+
+    # --- PollStore ---------------------------------------------------------------------
+
+    def position(self, mailbox: str) -> MailboxPosition | None:
+        return self._positions.get(mailbox)
+
+    def reset_position(self, mailbox: str, uidvalidity: int) -> None:
+        self._positions[mailbox] = MailboxPosition(
+            mailbox=mailbox, uidvalidity=uidvalidity, last_uid=0
+        )
+
+    def record_mails(
+        self,
+        *,
+        mailbox: str,
+        uidvalidity: int,
+        mails: Sequence[MailRecord],
+        advance_to: int | None,
+        dedup: DedupMode,
+        keep_pdfs: bool,
+        now: datetime,
+    ) -> list[RecordedSighting]:
+        del keep_pdfs  # as in SqlStore: the bytes are kept until the document is forwarded
+        for mail in mails:
+            for part in mail.parts:
+                if part.kind is SightingKind.DOCUMENT and (
+                    part.sha256 is None or part.content is None
+                ):
+                    raise ValueError(
+                        f"uid {mail.uid} part {part.part!r}: a DOCUMENT needs sha256 and bytes"
+                    )
+        whole = {mail.uid for mail in mails if all(part.part for part in mail.parts)}
+        for sighting in list(self.sightings.values()):
+            if (
+                (sighting.mailbox, sighting.uidvalidity) == (mailbox, uidvalidity)
+                and sighting.uid in whole
+                and sighting.part == ""
+                and sighting.kind is SightingKind.ERROR
+            ):
+                del self.sightings[sighting.id]
+        recorded = [
+            self._record_part(
+                mailbox=mailbox, uidvalidity=uidvalidity, mail=mail, part=part, dedup=dedup, now=now
+            )
+            for mail in mails
+            for part in mail.parts
+        ]
+        if advance_to is not None:
+            current = self._positions.get(mailbox)
+            if (
+                current is None
+                or current.uidvalidity != uidvalidity
+                or current.last_uid < advance_to
+            ):
+                self._positions[mailbox] = MailboxPosition(
+                    mailbox=mailbox, uidvalidity=uidvalidity, last_uid=advance_to
+                )
+        return recorded
+
+    def _record_part(
+        self,
+        *,
+        mailbox: str,
+        uidvalidity: int,
+        mail: MailRecord,
+        part: PartRecord,
+        dedup: DedupMode,
+        now: datetime,
+    ) -> RecordedSighting:
+        location = (mailbox, uidvalidity, mail.uid, part.part)
+        existing = next(
+            (
+                s
+                for s in self.sightings.values()
+                if (s.mailbox, s.uidvalidity, s.uid, s.part) == location
+            ),
+            None,
+        )
+        if existing is not None and existing.kind is not SightingKind.ERROR:
+            return _recorded(existing, inserted=False)
+        sighting = _Sighting(
+            id=existing.id if existing else max(self.sightings, default=0) + 1,
+            mailbox=mailbox,
+            uidvalidity=uidvalidity,
+            uid=mail.uid,
+            part=part.part,
+            received_at=existing.received_at if existing else now,
+            headers=mail.headers,
+            record=part,
+            kind=part.kind,
+            reason=part.reason,
+            tries=existing.tries + 1 if existing else 1,
+        )
+        self.sightings[sighting.id] = sighting
+        if part.kind is SightingKind.DOCUMENT:
+            assert part.sha256 is not None
+            content_key = part.fingerprint if dedup is DedupMode.CONTENT else None
+            known = self._known(part.sha256, content_key)
+            if known is None:
+                document = _Document(
+                    id=max(self.documents, default=0) + 1,
+                    sha256=part.sha256,
+                    content_key=content_key,
+                    filename=part.filename,
+                    next_attempt_at=now,
+                    content=part.content,
+                )
+                self.documents[document.id] = document
+                sighting.document_id = document.id
+            else:
+                document_id, key = known
+                introduced_by = min(
+                    s.id
+                    for s in self.sightings.values()
+                    if s.document_id == document_id and s.kind is SightingKind.DOCUMENT
+                )
+                sighting.kind = SightingKind.DUPLICATE
+                sighting.reason = f"same {key} as sighting {introduced_by}"
+                sighting.document_id = document_id
+                sighting.duplicate_of = introduced_by
+        return _recorded(sighting, inserted=True)
+
+    def _known(self, sha256: str, content_key: str | None) -> tuple[int, str] | None:
+        for document in self.documents.values():
+            if document.sha256 == sha256:
+                return document.id, "sha256"
+        for document in self.documents.values():
+            if content_key is not None and document.content_key == content_key:
+                return document.id, "content fingerprint"
+        return None
+
+    def _errors(self, mailbox: str, uidvalidity: int | None = None) -> list[_Sighting]:
+        return [
+            s
+            for s in self.sightings.values()
+            if s.mailbox == mailbox
+            and s.kind is SightingKind.ERROR
+            and uidvalidity in (None, s.uidvalidity)
+        ]
+
+    def error_uids(self, *, mailbox: str, uidvalidity: int, max_tries: int) -> list[int]:
+        errors = self._errors(mailbox, uidvalidity)
+        return sorted({s.uid for s in errors if s.tries < max_tries})
+
+    def abandon_errors(
+        self, *, mailbox: str, uidvalidity: int, uids: Sequence[int] | None, reason: str
+    ) -> int:
+        chosen = [s for s in self._errors(mailbox, uidvalidity) if uids is None or s.uid in uids]
+        for sighting in chosen:
+            sighting.kind = SightingKind.REJECTED
+            sighting.reason = f"{reason}; before: {sighting.reason or ''}"
+        return len(chosen)
+
+    def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
+        chosen = [s for s in self._errors(mailbox) if s.tries >= max_tries]
+        for sighting in chosen:
+            sighting.kind = SightingKind.REJECTED
+            sighting.reason = f"gave up after {sighting.tries} tries: {sighting.reason or ''}"
+        return len(chosen)
+
+    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
+        known = self._known(sha256, content_key)
+        return None if known is None else known[1]
+
+    def add_document(self, *, sha256: str, content: bytes, filename: str, now: datetime) -> int:
+        """A pending document due at `now` with no sighting, as `tests.documents` writes
+        one straight into SQL."""
+        document = _Document(
+            id=max(self.documents, default=0) + 1,
+            sha256=sha256,
+            content_key=None,
+            filename=filename,
+            next_attempt_at=now,
+            content=content,
+        )
+        self.documents[document.id] = document
+        return document.id
+
+    # --- SendQueue ---------------------------------------------------------------------
+
+    def claim_due(
+        self, *, now: datetime, limit: int, lease_seconds: float
+    ) -> list[OutgoingDocument]:
+        due = [
+            d
+            for d in sorted(self.documents.values(), key=lambda d: d.id)
+            if d.state is DocumentState.PENDING
+            and d.next_attempt_at <= now
+            and (d.lease_until is None or d.lease_until <= now)
+            and d.content is not None
+        ][:limit]
+        claimed: list[OutgoingDocument] = []
+        for document in due:
+            document.lease_until = now + timedelta(seconds=lease_seconds)
+            assert document.content is not None
+            introducing = next(
+                (
+                    s.headers
+                    for s in self.sightings.values()
+                    if s.document_id == document.id and s.kind is SightingKind.DOCUMENT
+                ),
+                MailHeaders(),
+            )
+            claimed.append(
+                OutgoingDocument(
+                    document_id=document.id,
+                    sha256=document.sha256,
+                    content=document.content,
+                    filename=document.filename or "invoice.pdf",
+                    attempts=document.attempts,
+                    resend_count=document.resend_count,
+                    original_sender=introducing.sender,
+                    original_subject=introducing.subject,
+                    original_date=introducing.date,
+                    original_message_id=introducing.message_id,
+                )
+            )
+        return claimed
+
+    def mark_forwarded(
+        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+    ) -> None:
+        document = self.documents[document_id]
+        document.state = DocumentState.FORWARDED
+        document.attempts += 1
+        document.lease_until = None
+        document.forwarded_message_id = message_id
+        document.forwarded_at = now
+        document.last_answer = answer
+        if not keep_pdf:
+            document.content = None
+
+    def mark_retry(
+        self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
+    ) -> None:
+        document = self.documents[document_id]
+        document.attempts += 1
+        document.lease_until = None
+        document.last_answer = answer
+        document.next_attempt_at = next_attempt_at
+        if failed:
+            document.state = DocumentState.FAILED
+
+    def mark_failed(self, document_id: int, *, answer: str) -> None:
+        document = self.documents[document_id]
+        document.state = DocumentState.FAILED
+        document.attempts += 1
+        document.lease_until = None
+        document.last_answer = answer
+
+    def release(self, document_id: int) -> None:
+        self.documents[document_id].lease_until = None
+
+    # --- AdminStore --------------------------------------------------------------------
+
+    def requeue(self, *, sha256: str | None, now: datetime) -> int:
+        chosen = [
+            d
+            for d in self.documents.values()
+            if d.state is DocumentState.FAILED and sha256 in (None, d.sha256)
+        ]
+        for document in chosen:
+            document.state = DocumentState.PENDING
+            document.attempts = 0
+            document.next_attempt_at = now
+            document.lease_until = None
+        return len(chosen)
+
+    def resend(self, *, sha256: str, now: datetime) -> bool:
+        for document in self.documents.values():
+            if (
+                document.sha256 == sha256
+                and document.state is DocumentState.FORWARDED
+                and document.content is not None
+            ):
+                document.state = DocumentState.PENDING
+                document.resend_count += 1
+                document.next_attempt_at = now
+                document.lease_until = None
+                return True
+        return False
+
+    # --- AuditReader -------------------------------------------------------------------
+
+    def state_counts(self) -> dict[DocumentState, int]:
+        counts = dict.fromkeys(DocumentState, 0)
+        for document in self.documents.values():
+            counts[document.state] += 1
+        return counts
+
+    def audit(self, query: AuditFilter) -> list[AuditRow]:
+        """As the `audit_log` view shows the rows, newest first."""
+        rows = [self._audit_row(s) for s in self.sightings.values()]
+        rows = [
+            row
+            for row in rows
+            if (query.since is None or row.received_at >= query.since)
+            and (not query.outcomes or row.outcome in query.outcomes)
+            and (query.invoice_number is None or row.invoice_number == query.invoice_number)
+        ]
+        rows.sort(key=lambda row: (row.received_at, row.id), reverse=True)
+        return rows if query.limit is None else rows[: query.limit]
+
+    def _audit_row(self, sighting: _Sighting) -> AuditRow:
+        # The view shows a document's state only on the sighting that introduced it.
+        shown = (
+            self.documents[sighting.document_id]
+            if sighting.kind is SightingKind.DOCUMENT and sighting.document_id is not None
+            else None
+        )
+        reason = sighting.reason
+        if shown is not None and shown.state is DocumentState.FAILED:
+            reason = shown.last_answer or sighting.reason
+        part = sighting.record
+        return AuditRow(
+            id=sighting.id,
+            received_at=sighting.received_at,
+            mail_date=sighting.headers.date,
+            mailbox=sighting.mailbox,
+            uidvalidity=sighting.uidvalidity,
+            uid=sighting.uid,
+            message_id=sighting.headers.message_id,
+            sender=sighting.headers.sender,
+            subject=sighting.headers.subject,
+            filename=part.filename,
+            size_bytes=part.size_bytes,
+            sha256=part.sha256,
+            fingerprint=part.fingerprint,
+            invoice_number=part.invoice_number,
+            outcome=Outcome(shown.state.value if shown else sighting.kind.value),
+            reason=reason,
+            duplicate_of=sighting.duplicate_of,
+            forwarded_at=shown.forwarded_at if shown else None,
+            forwarded_message_id=shown.forwarded_message_id if shown else None,
+            attempts=shown.attempts if shown else None,
+        )
+
+
+def _recorded(sighting: _Sighting, *, inserted: bool) -> RecordedSighting:
+    return RecordedSighting(
+        sighting_id=sighting.id,
+        uid=sighting.uid,
+        part=sighting.part,
+        kind=sighting.kind,
+        reason=sighting.reason,
+        document_id=sighting.document_id,
+        duplicate_of=sighting.duplicate_of,
+        inserted=inserted,
+    )
 
 
 class FakeGrantor:

@@ -6,6 +6,8 @@ uid, sha256); `str()` never contains a secret.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class RelayError(Exception):
     """invoice-relay failed."""
@@ -50,11 +52,27 @@ class MailboxLoginError(MailboxError):
     """The IMAP server refused the login (check INVOICE_RELAY_IMAP_USER and _PASSWORD)."""
 
 
+class MailboxLoginUnsupported(MailboxLoginError):
+    """The IMAP server offers no login that can carry the user and password.
+
+    Raised before the server is asked; the message never holds a character of either.
+    (Check INVOICE_RELAY_IMAP_USER and _PASSWORD, or the server's AUTH=PLAIN.)
+    """
+
+
 class MailboxFolderError(MailboxError):
     """The IMAP folder cannot be opened (check INVOICE_RELAY_IMAP_FOLDER)."""
 
 
-class OutboxError(InfrastructureError):
+class DeliveryUnavailable(InfrastructureError):
+    """The destination refused the session (connect, TLS, login, sender or recipient).
+
+    Session-level: no document was delivered, every one stays pending and no attempt
+    is counted.
+    """
+
+
+class OutboxError(DeliveryUnavailable):
     """The SMTP server could not be used."""
 
     def __init__(self, detail: str | None = None, *, host: str = "", port: int = 0) -> None:
@@ -132,20 +150,49 @@ class OAuthClientRejected(TokenEndpointError):
         )
 
 
-# --- one mail's send (not fatal for the poll) ----------------------------------------
+# --- one document's delivery (not fatal for the poll) ------------------------------
 
 
-class SendRejected(RelayError):
-    """The SMTP server refused one forwarded mail."""
+class DeliveryRefused(RelayError):
+    """The destination refused the document.
 
-    def __init__(self, detail: str | None = None, *, code: int, sha256: str = "") -> None:
+    Never raised itself: a refusal is one of the subclasses, which say what the
+    forwarder does next. `code` is the destination's own (an SMTP reply code; later an
+    HTTP status), kept for the audit log and for tests; the class, not the code, decides.
+    """
+
+    permanent: ClassVar[bool] = False  # whether retrying can never help
+
+    def __init__(
+        self, detail: str | None = None, *, code: int | None = None, sha256: str = ""
+    ) -> None:
         self.code = code
         self.sha256 = sha256
         super().__init__(detail)
 
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
+
+class DeliveryDeferred(DeliveryRefused):
+    """The destination refused the document for now.
+
+    It is retried later, with backoff, and the attempt counts.
+    """
+
+
+class DeliveryUncertain(DeliveryDeferred):
+    """The document went out, and may have arrived.
+
+    Retried later like a deferral, under the same delivery id, so that a destination
+    that did accept it can recognise the copy.
+    """
+
+
+class DeliveryRejected(DeliveryRefused):
+    """The destination refused the document for good.
+
+    The document becomes `failed`; it is not retried.
+    """
+
+    permanent: ClassVar[bool] = True
 
 
 # --- one PDF's check (the sighting becomes `error`) ----------------------------------
@@ -153,10 +200,6 @@ class SendRejected(RelayError):
 
 class PdfCheckFailed(RelayError):
     """The PDF check crashed, ran out of memory or timed out."""
-
-
-class PollLocked(RelayError):
-    """Another replica holds this mailbox's poll lock."""
 
 
 class ConfigProblems(ConfigError):

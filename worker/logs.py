@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterable
@@ -16,6 +17,8 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 MASK = "****"
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
 
 # Third-party loggers that chatter at INFO (or worse) about things users need not see.
 QUIET_LOGGERS = {
@@ -62,6 +65,42 @@ class SecretRegistry:
 
     def __bool__(self) -> bool:
         return bool(self._secrets)
+
+
+# --- URLs -------------------------------------------------------------------------
+
+
+def url_passwords(url: str) -> list[str]:
+    """Every password a URL carries, in its user info and its query string, as written."""
+    passwords = [match[2] for match in _QUERY_PASSWORD.finditer(url)]
+    split = _split_userinfo(url)
+    if split is not None:
+        passwords.insert(0, split[1])
+    return [password for password in passwords if password]
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """(before, password, after) of `scheme://user:password@rest`.
+
+    The last "@" ends the password, so an unescaped "@" or "/" in it is still masked;
+    a URL that only looks like it has a password is masked too much, never too little.
+    """
+    scheme, separator, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not separator or at < 0:
+        return None
+    user, colon, password = rest[:at].partition(":")
+    if not colon:
+        return None
+    return f"{scheme}://{user}:", password, rest[at:]
+
+
+def mask_url(url: str) -> str:
+    """`url` with every password masked (user info and `password=` in the query), and
+    only the passwords: the one URL masker, for settings, logs and error messages."""
+    split = _split_userinfo(url)
+    masked = url if split is None else f"{split[0]}{MASK}{split[2]}"
+    return _QUERY_PASSWORD.sub(lambda match: match[1] + MASK, masked)
 
 
 SECRETS = SecretRegistry()

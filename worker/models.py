@@ -6,6 +6,31 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+# --- defaults: one home for each ------------------------------------------------------
+# The settings give them to a user who sets nothing (README, "Configuration"); the value
+# objects of the relay and the adapters use the same ones when built without settings
+# (tests, bench, tools), so a test's "default" is the user's default.
+
+MB = 1024 * 1024
+DEFAULT_MAX_MAIL_BYTES = 50 * MB  # INVOICE_RELAY_MAX_MAIL_BYTES: a whole mail
+DEFAULT_MAX_PDF_BYTES = 30 * MB  # INVOICE_RELAY_MAX_PDF_BYTES: one decoded PDF
+DEFAULT_MAX_PARTS = 100  # INVOICE_RELAY_MAX_PARTS: MIME parts per mail, containers included
+DEFAULT_MAX_DEPTH = 10  # INVOICE_RELAY_MAX_DEPTH: MIME nesting levels
+DEFAULT_MAX_ATTEMPTS = 10  # INVOICE_RELAY_MAX_ATTEMPTS: sends of one document
+DEFAULT_ERROR_RETRIES = 3  # INVOICE_RELAY_ERROR_RETRIES: polls that retry a failed mail
+DEFAULT_RETRY_DELAY_SECONDS = 60.0  # INVOICE_RELAY_RETRY_DELAY: doubles per attempt
+DEFAULT_TIMEOUT_SECONDS = 60.0  # INVOICE_RELAY_TIMEOUT: each IMAP and SMTP wait
+DEFAULT_POLL_DEADLINE_SECONDS = 1800.0  # INVOICE_RELAY_POLL_DEADLINE: 30 minutes
+DEFAULT_PDF_TIMEOUT_SECONDS = 30.0  # INVOICE_RELAY_PDF_TIMEOUT: one PDF's check
+DEFAULT_PDF_MEMORY_MB = 1024  # INVOICE_RELAY_PDF_MEMORY_MB: one PDF worker's address space
+DEFAULT_LEASE_SECONDS = 3600.0  # a claimed send, when not derived from the timeouts
+DEFAULT_SEND_BATCH = 10  # documents claimed per send session
+DEFAULT_BATCH_BYTES = 64_000_000  # RFC822.SIZE one fetch batch may hold
+DEFAULT_HTTP_PORT = 8080  # INVOICE_RELAY_HTTP_PORT: /livez, /healthz, /metrics
+DEFAULT_NOTIFY_INTERVAL_SECONDS = 3600.0  # INVOICE_RELAY_NOTIFY_INTERVAL
 
 
 class Security(enum.Enum):
@@ -31,6 +56,14 @@ class SightingKind(enum.Enum):
     REJECTED = "rejected"  # not accepted, by a rule; reason says which
     ERROR = "error"  # something unexpected; retried on later polls
     NO_PDF = "no_pdf"  # the mail carried no PDF candidate at all
+
+
+class ReasonCode(enum.Enum):
+    """A stable code beside a sighting's reason, for the code that must tell reasons apart:
+    the reason text is for people and may be reworded."""
+
+    NOTICE_LOOP = "notice_loop"  # our own failure notice come back to the polled mailbox
+    VANISHED = "vanished"  # listed by SEARCH, gone by FETCH: expunged or moved meanwhile
 
 
 class Outcome(enum.Enum):
@@ -150,6 +183,7 @@ class PartRecord:
     part: str
     kind: SightingKind
     reason: str | None = None
+    reason_code: ReasonCode | None = None  # for the reasons that code tells apart
     filename: str | None = None
     size_bytes: int | None = None
     sha256: str | None = None
@@ -195,6 +229,80 @@ class OutgoingDocument:
     original_subject: str
     original_date: datetime | None
     original_message_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Parcel:
+    """One PDF to deliver, with what any destination needs to describe it.
+
+    Nothing of the send queue (lease, attempts): a destination sees the document, not
+    how often it was tried. `resend_count` is the document's: a deliberate resend is a
+    new delivery (a new Message-ID), a retry is the same one.
+    """
+
+    sha256: str
+    content: bytes
+    filename: str
+    resend_count: int
+    original_sender: str
+    original_subject: str
+    original_date: datetime | None
+    original_message_id: str
+
+    @classmethod
+    def from_outgoing(cls, document: OutgoingDocument) -> Parcel:
+        return cls(
+            sha256=document.sha256,
+            content=document.content,
+            filename=document.filename,
+            resend_count=document.resend_count,
+            original_sender=document.original_sender,
+            original_subject=document.original_subject,
+            original_date=document.original_date,
+            original_message_id=document.original_message_id,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt:
+    """What a destination said when it accepted a parcel."""
+
+    delivery_id: str  # the destination's id for it: the Message-ID by SMTP
+    answer: str  # the destination's own words, e.g. "250 2.0.0 queued as 4F2A"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Notice:
+    """A short plain-text mail to a person about the audit log (a failure notice)."""
+
+    sender: str  # INVOICE_RELAY_FORWARD_FROM
+    recipient: str  # INVOICE_RELAY_NOTIFY_TO
+    subject: str
+    body: str
+    rows: int  # audit rows it covers, for the loop guard's marker header
+    written_at: datetime  # its Date
+
+
+class SecretText(Protocol):
+    """A secret string that prints masked (`worker.config.settings.Secret`)."""
+
+    def reveal(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PasswordCredentials:
+    """A user name and password, for IMAP LOGIN / AUTHENTICATE PLAIN and SMTP AUTH."""
+
+    user: str
+    password: SecretText
+
+    def __repr__(self) -> str:
+        return f"PasswordCredentials(user={self.user!r}, password='****')"
+
+
+# What an adapter logs in with. A union so that a token source (OAuth2, XOAUTH2) can
+# join it and each adapter's `match` says which kinds it can carry.
+Credentials = PasswordCredentials
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,3 +359,52 @@ class PollReport:
     @property
     def duration_seconds(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
+
+
+# How long a statement waits for another writer: SQLite's busy_timeout, set by the store
+# (`worker.store.engine`); the send lease (`worker.relay.retry.lease_seconds`) allows for
+# recording one send's outcome queueing that long.
+DATABASE_WAIT_SECONDS = 30.0
+
+
+class ProblemKind(enum.Enum):
+    FAILED = "failed"  # a document refused for good or out of attempts: it was not forwarded
+    REJECTED = "rejected"  # a sighting refused by a rule (not a PDF, stranger, too large, ...)
+    ERROR = "error"  # a sighting whose check crashed or timed out; retried on later polls
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One audit_log row a person should look at (in a failure notice)."""
+
+    audit_id: int  # the audit_log row's id (the sighting)
+    kind: ProblemKind
+    reason: str
+    filename: str | None = None
+    document_id: int | None = None  # for FAILED: the document that was not forwarded
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoticeMark:
+    """The latest failure notice: when it went out and how far its sightings reached."""
+
+    sent_at: datetime
+    last_sighting_id: int
+
+
+def sqlite_location(url: str) -> str | None:
+    """The database part of a SQLite URL, as SQLAlchemy reads it ("" or ":memory:" in
+    memory, a relative path after three slashes, an absolute one after four); None for
+    any other database. Pure text, so that settings can check it before any driver loads."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or not scheme.lower().startswith("sqlite"):
+        return None
+    return rest.partition("?")[0].removeprefix("/")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The SQLite file a URL names; None in memory, for a `file:` URI, or not SQLite."""
+    location = sqlite_location(url)
+    if location in (None, "", ":memory:") or location.startswith("file:"):
+        return None
+    return Path(location).expanduser()

@@ -1,7 +1,7 @@
 """OAuth2 tokens, sealed, one row per identity.
 
 Revision ID: 0007_oauth_tokens
-Revises: 0006_mail_actions
+Revises: 0006_mail_actions (0004_reason_codes until 0005-0006 land)
 Create Date: 2026-12-01
 
 `oauth_tokens` keeps each identity's (provider, tenant, client, user) access token and
@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007_oauth_tokens"
-# MERGE: "0006_mail_actions" once 0004-0006 have landed (see the branch's report).
-down_revision: str | None = "0003_document_contents"
+# MERGE: "0006_mail_actions" once 0005-0006 have landed (see the branch's report).
+down_revision: str | None = "0004_reason_codes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -6,6 +6,7 @@ import base64
 import logging
 import re
 import socket
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
@@ -15,11 +16,19 @@ from typing import Any
 import pytest
 
 from tests import samples
+from tests.servers.bare_imap import running_bare_imap
 from tests.servers.dovecot import DovecotServer, free_port, running_dovecot
-from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
+from worker.config.settings import Secret
+from worker.errors import (
+    MailboxError,
+    MailboxFolderError,
+    MailboxLoginError,
+    MailboxLoginUnsupported,
+)
 from worker.imap.mailbox import ImapMailbox
+from worker.mail import mime
 from worker.mail.ranged import fetch_decoded
-from worker.models import BodyPart, Security
+from worker.models import BodyPart, PasswordCredentials, Security
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +68,8 @@ def connect(dovecot: DovecotServer, folder: str) -> Iterator[OpenMailbox]:
             "timeout": 10.0,
         }
         settings.update(overrides)
+        user, password = settings.pop("user"), settings.pop("password")
+        settings["credentials"] = PasswordCredentials(user=user, password=Secret(password))
         mailbox = ImapMailbox(**settings)
         opened.append(mailbox)
         return mailbox
@@ -393,10 +404,161 @@ def test_plain_server_without_tls(tmp_path: Path) -> None:
             host=server.host,
             port=server.port,
             security=Security.NONE,
-            user=server.user,
-            password=server.password,
+            credentials=PasswordCredentials(user=server.user, password=Secret(server.password)),
         )
         try:
             assert mailbox.open().exists == 0
         finally:
             mailbox.close()
+
+
+def test_pdf_parts_cut_from_the_whole_mail_are_the_servers_bytes(
+    dovecot: DovecotServer, folder: str, connect: OpenMailbox
+) -> None:
+    # With DKIM on, the relay takes a PDF from the whole mail it fetched for the proof
+    # (worker.mail.mime.section_bodies): the cut must be exactly Dovecot's BODY[section].
+    pdf = samples.invoice_pdf(number="CUT-1")
+    mails = [
+        samples.invoice_mail(pdfs=[("a.pdf", pdf)]),
+        samples.invoice_mail(pdfs=[("a.pdf", pdf), ("b.pdf", b"%PDF-1.4 small")]),
+        samples.forwarded_mail(samples.invoice_mail(pdfs=[("a.pdf", pdf)])),
+        samples.unnamed_pdf_mail(pdf),
+    ]
+    for raw in mails:
+        dovecot.append(raw, folder=folder)
+    mailbox = connect()
+    mailbox.open()
+    uids = mailbox.new_uids(0, None)
+    wholes = mailbox.fetch_messages(uids)
+    checked = 0
+    for summary in mailbox.summaries(uids):
+        assert summary.structure is not None
+        sizes = {c.section: c.size for c in mime.find_candidates(summary.structure)}
+        served = mailbox.fetch_sections({summary.uid: list(sizes)})
+        cut = mime.section_bodies(wholes[summary.uid], sizes)
+        assert cut == {section: served[(summary.uid, section)] for section in sizes}
+        checked += len(cut)
+    assert checked >= len(mails)
+
+
+# --- passwords that LOGIN cannot carry ---------------------------------------------------
+
+UTF8_PASSWORD = "pässwörd-€-imap"
+
+
+@pytest.fixture(scope="module")
+def utf8_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
+    """A Dovecot whose account has a non-ASCII password (its greeting offers AUTH=PLAIN)."""
+    with running_dovecot(
+        tmp_path_factory.mktemp("dovecot-utf8"), tls=False, password=UTF8_PASSWORD
+    ) as server:
+        yield server
+
+
+def utf8_mailbox(server: DovecotServer, password: str) -> ImapMailbox:
+    return ImapMailbox(
+        host=server.host,
+        port=server.port,
+        security=Security.NONE,
+        credentials=PasswordCredentials(user=server.user, password=Secret(password)),
+        timeout=10.0,
+    )
+
+
+def secret_characters_in(text: str, secret: str) -> set[str]:
+    """The characters of `secret` that no ASCII setting name or message would hold."""
+    return {char for char in secret if not char.isascii() and char in text}
+
+
+def test_a_utf8_password_logs_in_with_authenticate_plain(
+    utf8_dovecot: DovecotServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    mailbox = utf8_mailbox(utf8_dovecot, UTF8_PASSWORD)
+    caplog.set_level(logging.DEBUG, logger="imapclient.imaplib")
+    try:
+        status = mailbox.open()
+    finally:
+        mailbox.close()
+
+    assert status.exists == 0
+    assert _commands(caplog) == ["AUTHENTICATE", "EXAMINE", "LOGOUT"]
+    plain = f"\0{utf8_dovecot.user}\0{UTF8_PASSWORD}".encode()
+    assert base64.b64encode(plain).decode() not in caplog.text
+    assert secret_characters_in(caplog.text, UTF8_PASSWORD) == set()
+
+
+def test_a_wrong_utf8_password_is_a_login_error_without_a_character_of_it(
+    utf8_dovecot: DovecotServer,
+) -> None:
+    wrong = "wröng-" + UTF8_PASSWORD
+    mailbox = utf8_mailbox(utf8_dovecot, wrong)
+
+    with pytest.raises(MailboxLoginError, match="login refused") as caught:
+        mailbox.open()
+
+    told = "".join(traceback.format_exception(caught.value))
+    assert secret_characters_in(told, wrong) == set()
+    assert wrong not in told
+    assert f"{utf8_dovecot.host}:{utf8_dovecot.port}" in str(caught.value)
+
+
+def test_a_utf8_password_without_authenticate_plain_is_refused_before_the_server_is_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # LOGIN is all this server offers (no AUTH=PLAIN in its greeting): it cannot carry
+    # UTF-8, so the relay says so instead of "the server refused the login".
+    with running_dovecot(tmp_path, tls=False, password=UTF8_PASSWORD, mechanisms="login") as server:
+        mailbox = utf8_mailbox(server, UTF8_PASSWORD)
+        caplog.set_level(logging.DEBUG, logger="imapclient.imaplib")
+        with pytest.raises(
+            MailboxLoginUnsupported, match="does not offer AUTHENTICATE PLAIN"
+        ) as caught:
+            mailbox.open()
+
+    told = "".join(traceback.format_exception(caught.value))
+    assert secret_characters_in(told, UTF8_PASSWORD) == set()
+    assert f"{server.host}:{server.port}" in str(caught.value)
+    assert "LOGIN" not in _commands(caplog)
+
+
+# --- what a poll costs ---------------------------------------------------------------------
+
+
+def test_dovecot_is_never_asked_for_capability_its_greeting_lists(
+    dovecot: DovecotServer, connect: OpenMailbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The debug log shows the commands sent while connecting too.
+    mailbox = connect(security=Security.NONE, port=dovecot.port)
+    caplog.set_level(logging.DEBUG, logger="imapclient.imaplib")
+    mailbox.open()
+    mailbox.close()
+    assert "CAPABILITY" not in _commands(caplog)
+
+
+@pytest.mark.parametrize(
+    ("greeting_capabilities", "uidnext_in_examine", "expected_commands"),
+    [
+        (True, True, ["LOGIN", "EXAMINE", "LOGOUT"]),  # Dovecot, Cyrus
+        (False, True, ["CAPABILITY", "LOGIN", "EXAMINE", "LOGOUT"]),
+        (True, False, ["LOGIN", "EXAMINE", "STATUS", "LOGOUT"]),  # Courier
+        (False, False, ["CAPABILITY", "LOGIN", "EXAMINE", "STATUS", "LOGOUT"]),
+    ],
+)
+def test_what_an_empty_poll_costs_by_server_class(
+    greeting_capabilities: bool, uidnext_in_examine: bool, expected_commands: list[str]
+) -> None:
+    with running_bare_imap(
+        greeting_capabilities=greeting_capabilities, uidnext_in_examine=uidnext_in_examine
+    ) as bare:
+        mailbox = ImapMailbox(
+            host=bare.host,
+            port=bare.port,
+            security=Security.NONE,
+            credentials=PasswordCredentials(user="invoices", password=Secret("secret")),
+            timeout=10.0,
+        )
+        status = mailbox.open()
+        mailbox.close()
+        # Counted by the server itself.
+        assert bare.commands == expected_commands
+    assert (status.uidvalidity, status.uidnext, status.exists) == (7, 1, 0)

@@ -11,8 +11,8 @@ from tests.integration.test_relay import FORWARD_TO, audit_rows, relay_env, run_
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import ReceivedMail, SmtpSink
 from tests.servers.tls import TestCA
+from worker.delivery.message import NOTICE_HEADER
 from worker.mail.verdicts import NOTICE_LOOP_REASON
-from worker.relay.notify import NOTICE_HEADER
 
 NOTIFY_TO = "owner@shop.example"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -12,10 +13,17 @@ import pytest
 
 from tests.servers.smtp_sink import SmtpSink, free_port, running_sink
 from tests.servers.tls import TestCA, make_ca
+from worker.config.settings import Secret
 from worker.delivery.message import ForwardMail, build_forward
 from worker.delivery.smtp import SmtpOutbox
-from worker.errors import SendRejected, SessionRefused
-from worker.models import OutgoingDocument, Security
+from worker.errors import (
+    DeliveryDeferred,
+    DeliveryRefused,
+    DeliveryRejected,
+    DeliveryUncertain,
+    SessionRefused,
+)
+from worker.models import Parcel, PasswordCredentials, Security
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +33,12 @@ USER = "relay-user"
 PASSWORD = "s3cret-Passw0rd"
 
 
-def document(number: int) -> OutgoingDocument:
+def document(number: int) -> Parcel:
     sha256 = f"{number:064x}"
-    return OutgoingDocument(
-        document_id=number,
+    return Parcel(
         sha256=sha256,
         content=b"%PDF-1.7\n" + sha256.encode() + b"\n%%EOF\n",
         filename=f"invoice-{number}.pdf",
-        attempts=0,
         resend_count=0,
         original_sender="Printout Designer <noreply@printout.example>",
         original_subject=f"Invoice {number}",
@@ -58,8 +64,9 @@ def outbox_for(
         host=sink.host,
         port=sink.port,
         security=security,
-        user=user,
-        password=password,
+        credentials=None
+        if user is None
+        else PasswordCredentials(user=user, password=Secret(password or "")),
         forward_from=FORWARD_FROM,
         forward_to=FORWARD_TO,
         ca_file=ca_file,
@@ -178,14 +185,55 @@ def test_login_refused_keeps_the_password_out(user: str, password: str) -> None:
         assert sink.logins == []
 
 
+# Postfix takes this as UTF-8 with AUTH PLAIN; smtplib's own login would fail to
+# encode it and quote one of its characters in the traceback.
+UTF8_PASSWORD = "pässwörd-€-" + PASSWORD
+
+
+def secret_characters_in(text: str, secret: str) -> set[str]:
+    """The characters of `secret` that no ASCII setting name or message would hold."""
+    return {char for char in secret if not char.isascii() and char in text}
+
+
+def test_a_utf8_password_logs_in_with_auth_plain() -> None:
+    with running_sink(auth=(USER, UTF8_PASSWORD)) as sink:
+        with outbox_for(sink, user=USER, password=UTF8_PASSWORD) as outbox:
+            outbox.send(mail(80))
+        assert sink.logins == [USER]
+        assert relayed(sink) == [document(80).sha256]
+
+
+@pytest.mark.parametrize(
+    ("excluded", "expected"),
+    [
+        ((), "login refused"),
+        # Only AUTH LOGIN offered: nothing carries UTF-8, and the server is never asked.
+        (("PLAIN",), "no login that can carry them"),
+    ],
+)
+def test_a_utf8_password_that_fails_is_named_without_a_character_of_it(
+    excluded: tuple[str, ...], expected: str
+) -> None:
+    wrong = "wröng-" + UTF8_PASSWORD
+    with running_sink(auth=(USER, UTF8_PASSWORD), auth_excluded=excluded) as sink:
+        outbox = outbox_for(sink, user=USER, password=wrong)
+        with pytest.raises(SessionRefused, match=expected) as caught:
+            outbox.open()
+        told = "".join(traceback.format_exception(caught.value))
+        assert secret_characters_in(told, wrong) == set()
+        assert wrong not in told
+        assert f"{sink.host}:{sink.port}" in str(caught.value)
+        assert "INVOICE_RELAY_SMTP_USER" in str(caught.value)
+        assert sink.logins == []
+
+
 def test_connection_refused_when_nothing_listens() -> None:
     port = free_port()
     outbox = SmtpOutbox(
         host="127.0.0.1",
         port=port,
         security=Security.NONE,
-        user=None,
-        password=None,
+        credentials=None,
         forward_from=FORWARD_FROM,
         forward_to=FORWARD_TO,
         timeout=2.0,
@@ -224,7 +272,7 @@ def test_send_before_open_is_refused(sink: SmtpSink) -> None:
 def test_temporary_refusal_at_data_keeps_the_session(sink: SmtpSink) -> None:
     sink.fail_next(451, "4.3.0 try again later", stage="data")
     with outbox_for(sink) as outbox:
-        with pytest.raises(SendRejected) as caught:
+        with pytest.raises(DeliveryRefused) as caught:
             outbox.send(mail(7))
         assert caught.value.code == 451
         assert not caught.value.permanent
@@ -239,7 +287,7 @@ def test_temporary_refusal_at_data_keeps_the_session(sink: SmtpSink) -> None:
 def test_permanent_refusal_at_data(sink: SmtpSink) -> None:
     sink.fail_next(550, "5.7.1 content rejected", stage="data")
     with outbox_for(sink) as outbox:
-        with pytest.raises(SendRejected, match="content rejected") as caught:
+        with pytest.raises(DeliveryRefused, match="content rejected") as caught:
             outbox.send(mail(9))
         outbox.send(mail(10))
 
@@ -270,9 +318,10 @@ def test_connection_lost_during_data_is_temporary_and_closes(sink: SmtpSink) -> 
     sink.drop_next(stage="data")
     outbox = outbox_for(sink)
     with outbox:
-        with pytest.raises(SendRejected, match="connection lost during send") as caught:
+        with pytest.raises(DeliveryRefused, match="connection lost during send") as caught:
             outbox.send(mail(13))
         assert caught.value.code == 451
+        assert isinstance(caught.value, DeliveryUncertain)  # it may have arrived
         assert not outbox.is_open
         with pytest.raises(SessionRefused, match="not open"):
             outbox.send(mail(14))
@@ -284,9 +333,10 @@ def test_connection_lost_during_data_is_temporary_and_closes(sink: SmtpSink) -> 
 def test_no_answer_in_time_during_data_is_temporary(sink: SmtpSink) -> None:
     sink.stall_next(3.0)
     with outbox_for(sink, timeout=0.5) as outbox:
-        with pytest.raises(SendRejected, match="connection lost during send") as caught:
+        with pytest.raises(DeliveryRefused, match="connection lost during send") as caught:
             outbox.send(mail(15))
         assert caught.value.code == 451
+        assert isinstance(caught.value, DeliveryUncertain)  # it may have arrived
         assert not outbox.is_open
 
 
@@ -295,13 +345,13 @@ def test_selective_and_seeded_refusals(sink: SmtpSink) -> None:
     sink.fail_matching(
         lambda message: str(message["X-Invoice-Relay"]).strip() in refused, 554, "5.6.0 bad"
     )
-    outcomes: dict[int, int] = {}
+    outcomes: dict[int, int | None] = {}
     with outbox_for(sink) as outbox:
         for number in (20, 21, 22):
             try:
                 outbox.send(mail(number))
                 outcomes[number] = 250
-            except SendRejected as exc:
+            except DeliveryRefused as exc:
                 outcomes[number] = exc.code
 
     assert outcomes == {20: 250, 21: 554, 22: 250}
@@ -310,16 +360,16 @@ def test_selective_and_seeded_refusals(sink: SmtpSink) -> None:
 
 
 def test_fail_rate_is_reproducible(sink: SmtpSink) -> None:
-    def run() -> list[int]:
+    def run() -> list[int | None]:
         sink.clear_failures()
         sink.fail_rate(0.5, 452, seed=7)
-        codes: list[int] = []
+        codes: list[int | None] = []
         with outbox_for(sink) as outbox:
             for number in range(30, 50):
                 try:
                     outbox.send(mail(number))
                     codes.append(250)
-                except SendRejected as exc:
+                except DeliveryRefused as exc:
                     codes.append(exc.code)
         return codes
 
@@ -362,6 +412,33 @@ def test_a_failing_before_end_abandons_the_mail(sink: SmtpSink) -> None:
         outbox.open()
         outbox.send(mail(72))
     assert relayed(sink) == [document(72).sha256]
+
+
+def test_deliver_builds_the_mail_and_its_receipt_names_the_message_id(sink: SmtpSink) -> None:
+    seen: list[int] = []
+    with outbox_for(sink) as outbox:
+        receipt = outbox.deliver(document(73), before_final=lambda: seen.append(len(sink.messages)))
+    assert seen == [0]  # before_final is the port's name for "before the dot"
+    (received,) = sink.messages
+    assert receipt.delivery_id == received.message["Message-ID"] == mail(73).message_id
+    assert receipt.answer.startswith("250")
+    assert received.message["To"] == FORWARD_TO
+    assert relayed(sink) == [document(73).sha256]
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [(451, DeliveryDeferred), (452, DeliveryDeferred), (550, DeliveryRejected)],
+)
+def test_deliver_classifies_answers_to_the_content(
+    sink: SmtpSink, code: int, kind: type[DeliveryRefused]
+) -> None:
+    sink.fail_next(code, "not now or never")
+    with outbox_for(sink) as outbox, pytest.raises(DeliveryRefused) as caught:
+        outbox.deliver(document(74))
+    assert type(caught.value) is kind
+    assert caught.value.permanent is (code >= 500)
+    assert caught.value.sha256 == document(74).sha256
 
 
 def test_a_large_mail_goes_out_in_slices_and_arrives_whole(sink: SmtpSink) -> None:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from tests import samples
 from tests.servers.dovecot import DovecotServer
-from tests.servers.smtp_sink import SmtpSink
+from tests.servers.smtp_sink import SmtpSink, running_sink
 from tests.servers.tls import TestCA
 
 FORWARD_TO = "inbox-4711@getmyinvoices.example"
@@ -264,6 +264,38 @@ def test_wrong_password_exits_1_without_the_password(
     assert "login" in result.stderr.lower()
     assert secret not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_a_utf8_smtp_password_is_sent_or_refused_plainly_and_leaves_no_lease(
+    imap: DovecotServer, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    # Postfix takes this with AUTH PLAIN; smtplib alone raised UnicodeEncodeError,
+    # quoting a character of it, and `run` left the document leased and silent.
+    user, password = "relay-user", "pässwörd-€-smtp"
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    imap.append(samples.invoice_mail(pdfs=[("a.pdf", PDF_1042)]))
+    tls_cert = (smtp_ca.cert_file, smtp_ca.key_file)
+    credentials = {"INVOICE_RELAY_SMTP_USER": user, "INVOICE_RELAY_SMTP_PASSWORD": password}
+
+    with running_sink(tls_cert=tls_cert, auth=(user, password), auth_excluded=("PLAIN",)) as sink:
+        env = relay_env(imap, sink, database_url, smtp_ca=smtp_ca, **credentials)
+        refused = run_relay(env, "once")
+    assert refused.returncode == 1
+    told = refused.stdout + refused.stderr
+    assert "Traceback" not in told
+    assert "no login that can carry them" in told
+    assert {char for char in password if not char.isascii()} & set(told) == set()
+    assert [r["outcome"] for r in audit_rows(database_url)] == ["pending"]
+    assert [r["attempts"] for r in audit_rows(database_url)] == [0]
+
+    # Not leased: the next run sends it at once, over a server that offers AUTH PLAIN.
+    with running_sink(tls_cert=tls_cert, auth=(user, password)) as sink:
+        env = relay_env(imap, sink, database_url, smtp_ca=smtp_ca, **credentials)
+        sent = run_relay(env, "once")
+        assert sent.returncode == 0, sent.stderr
+        assert sink.logins == [user]
+        assert len(sink.messages) == 1
+    assert [r["outcome"] for r in audit_rows(database_url)] == ["forwarded"]
 
 
 def test_missing_setting_exits_2_naming_it(

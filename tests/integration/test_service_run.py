@@ -21,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import samples
 from tests.integration.test_relay import FORWARD_TO, relay_env
 from tests.servers.dovecot import DovecotServer
+from tests.servers.postgres import temporary_database
 from tests.servers.smtp_sink import SmtpSink
+from tests.servers.stall_proxy import running_proxy
 from tests.servers.tls import TestCA
 
 STOP_BOUND = 10.0  # seconds from SIGTERM to exit that the issue promises
@@ -219,4 +221,62 @@ def test_sigterm_while_waiting_for_the_database_exits_0(tmp_path: Path) -> None:
             lambda: "database_unavailable" in relay.log(), 30, "the wait for the database"
         )
         assert relay.terminate() == 0
+    assert "Traceback" not in relay.log()
+
+
+def test_run_started_without_its_database_polls_and_forwards_once_it_is_reachable(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    imap.append(samples.invoice_mail(pdfs=[("Invoice 1044.pdf", samples.invoice_pdf())]))
+    port = free_port()
+    database_port = free_port()  # nothing listens there until a proxy below does
+    with temporary_database() as database_url:
+        assert ":5432/" in database_url
+        env = relay_env(
+            imap,
+            smtp,
+            database_url.replace(":5432/", f":{database_port}/"),
+            smtp_ca=smtp_ca,
+            INVOICE_RELAY_SCHEDULE="2s",
+            INVOICE_RELAY_HTTP_PORT=str(port),
+            INVOICE_RELAY_TIMEOUT="5",
+        )
+
+        def polls(result: str) -> float:
+            status, text = get(port, "/metrics")
+            if status != 200:
+                return 0.0  # not listening yet
+            return samples_of(text)[f'invoice_relay_polls_total{{result="{result}"}}']
+
+        with running_relay(env, tmp_path / "run.log", port) as relay:
+            relay.wait_until(
+                lambda: relay.log().count("database_unavailable") >= 2,
+                30,
+                "two failed tries to reach the database at start-up",
+            )
+            assert smtp.messages == []
+            # The database becomes reachable at the address the relay was given.
+            with running_proxy(5432, listen_port=database_port):
+                reachable = time.monotonic()
+                relay.wait_until(lambda: len(smtp.messages) == 1, 90, "the first forward")
+                first_forward = time.monotonic() - reachable
+                relay.wait_until(lambda: get(port, "/healthz")[0] == 200, 30, "/healthz 200")
+            # Gone again while the service runs (every connection cut), and back.
+            imap.append(
+                samples.invoice_mail(
+                    pdfs=[("Invoice 1045.pdf", samples.invoice_pdf(number="1045"))]
+                )
+            )
+            relay.wait_until(lambda: polls("error") >= 1, 60, "a poll failing on the database")
+            assert len(smtp.messages) == 1
+            with running_proxy(5432, listen_port=database_port):
+                back = time.monotonic()
+                relay.wait_until(lambda: len(smtp.messages) == 2, 60, "the forward after it")
+                print(
+                    f"\nrun without its database: forwarded {first_forward:.1f}s after it "
+                    f"became reachable; lost and back: {time.monotonic() - back:.1f}s"
+                )
+                assert relay.process.poll() is None  # the same process: never restarted
+                assert relay.terminate() == 0
+    assert [m.rcpt_tos for m in smtp.messages] == [(FORWARD_TO,), (FORWARD_TO,)]
     assert "Traceback" not in relay.log()

@@ -129,6 +129,52 @@ def test_imap_fault_mid_fetch_ends_the_poll_and_keeps_state(
     assert (figures.lost, figures.duplicated, figures.stuck) == (0, 0, 0)
 
 
+def test_a_trickling_imap_server_ends_the_poll_at_its_deadline(
+    imap: DovecotServer,
+    smtp: SmtpSink,
+    smtp_ca: TestCA,
+    imap_proxy: StallProxy,
+    tmp_path: Path,
+) -> None:
+    batch = invoices(3, first=7600)
+    imap.append_many(invoice.mail for invoice in batch)
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    env = plain_env(
+        imap, smtp, database_url, smtp_ca, imap_port=imap_proxy.port, smtp_port=smtp.port
+    )
+    # Not the default (30 minutes): the test would take that long. The property is the
+    # same: however the server paces its bytes, the poll ends at its deadline.
+    deadline = 5.0
+    env["INVOICE_RELAY_POLL_DEADLINE"] = f"{deadline:g}s"
+    # From the first PDF on, one byte every half second: never silent for the 2 s
+    # timeout, so only the deadline ends the wait.
+    imap_proxy.add_fault(
+        Fault(
+            direction="to_client",
+            action="trickle",
+            after_pattern=b"BODY[2] {",
+            after_bytes=100,
+            trickle_seconds=0.5,
+        )
+    )
+    result, seconds = timed_once(env)
+    print(f"\nIMAP trickle mid-FETCH: once exited {result.returncode} after {seconds:.1f}s")
+    assert imap_proxy.tripped.is_set()
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = error_lines(result)
+    assert "INVOICE_RELAY_POLL_DEADLINE" in line
+    assert "Traceback" not in result.stderr
+    assert seconds < deadline + BOUND  # start-up and the logout on top of the deadline
+    # Nothing was recorded as read, nothing sent: the next poll starts where this one did.
+    assert sql_rows(database_url, "SELECT * FROM sightings") == []
+    assert sql_rows(database_url, "SELECT last_uid FROM mailbox_state") == [{"last_uid": 0}]
+    assert smtp.messages == []
+
+    run_until_done(env, database_url)
+    figures = tally([invoice.sha256 for invoice in batch], smtp.messages, database_url)
+    assert (figures.lost, figures.duplicated, figures.stuck) == (0, 0, 0)
+
+
 def test_smtp_stall_mid_data_is_bounded_and_sent_once_later(
     imap: DovecotServer,
     smtp: SmtpSink,

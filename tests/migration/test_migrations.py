@@ -15,12 +15,24 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from worker.models import AuditFilter, DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
+from worker.mail.verdicts import NOTICE_LOOP_REASON
+from worker.models import (
+    AuditFilter,
+    DedupMode,
+    MailHeaders,
+    MailRecord,
+    PartRecord,
+    ReasonCode,
+    SightingKind,
+)
 from worker.store import migrate, schema
+from worker.store.engine import create_schema, make_engine
 from worker.store.sqlstore import SqlStore
 
 REPO = Path(__file__).resolve().parents[2]
-DESIGN_AUDIT_COLUMNS = [
+# The audit view's columns in the order the README shows them ("What is stored, and the
+# audit log"): a user's queries depend on the names.
+README_AUDIT_COLUMNS = [
     "id",
     "received_at",
     "mail_date",
@@ -45,7 +57,7 @@ DESIGN_AUDIT_COLUMNS = [
 
 
 def view_columns(url: str) -> list[str]:
-    engine = schema.make_engine(url)
+    engine = make_engine(url)
     try:
         with engine.connect() as connection:
             result = connection.exec_driver_sql("SELECT * FROM audit_log WHERE 1 = 0")
@@ -55,7 +67,7 @@ def view_columns(url: str) -> list[str]:
 
 
 def table_names(url: str) -> set[str]:
-    engine = schema.make_engine(url)
+    engine = make_engine(url)
     try:
         inspector = sa.inspect(engine)
         return set(inspector.get_table_names()) | set(inspector.get_view_names())
@@ -106,7 +118,7 @@ def test_a_current_database_is_checked_without_importing_alembic(empty_database:
 
 def test_models_and_migrations_agree(empty_database: str) -> None:
     migrate.upgrade_database(empty_database)
-    engine = schema.make_engine(empty_database)
+    engine = make_engine(empty_database)
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(
@@ -119,15 +131,15 @@ def test_models_and_migrations_agree(empty_database: str) -> None:
 
 def test_the_view_has_exactly_the_design_columns(empty_database: str, tmp_path: Path) -> None:
     migrate.upgrade_database(empty_database)
-    assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
-    assert list(schema.AUDIT_COLUMNS) == DESIGN_AUDIT_COLUMNS
-    assert [column.name for column in schema.audit_log.columns] == DESIGN_AUDIT_COLUMNS
+    assert view_columns(empty_database) == README_AUDIT_COLUMNS
+    assert list(schema.AUDIT_COLUMNS) == README_AUDIT_COLUMNS
+    assert [column.name for column in schema.audit_log.columns] == README_AUDIT_COLUMNS
     # The current definition in worker.store.schema (create_all in tests) yields the same columns.
     current = f"sqlite:///{tmp_path / 'current.db'}"
-    engine = schema.make_engine(current)
-    schema.create_schema(engine)
+    engine = make_engine(current)
+    create_schema(engine)
     engine.dispose()
-    assert view_columns(current) == DESIGN_AUDIT_COLUMNS
+    assert view_columns(current) == README_AUDIT_COLUMNS
 
 
 def _insert_bogus(table: str) -> sa.Insert:
@@ -144,7 +156,7 @@ def _insert_bogus(table: str) -> sa.Insert:
 @pytest.mark.parametrize("table", ["documents", "sightings"])
 def test_check_constraints_refuse_unknown_states(empty_database: str, table: str) -> None:
     migrate.upgrade_database(empty_database)
-    engine = schema.make_engine(empty_database)
+    engine = make_engine(empty_database)
     try:
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
             connection.execute(_insert_bogus(table))
@@ -209,7 +221,7 @@ def test_processes_opening_a_fresh_sqlite_file_at_once_all_start(tmp_path: Path)
     # Each must switch the new file to WAL, which takes its exclusive lock; SQLite
     # answers "database is locked" at once rather than risk a deadlock. Fifteen rounds
     # of two processes (two start closer together than three on two cores): before the
-    # retry in worker.store.schema, about a fifth of the processes failed.
+    # retry in worker.store.engine, about a fifth of the processes failed.
     for round_number in range(15):
         upgrade_together(f"sqlite:///{tmp_path / f'relay-{round_number}.db'}", 2)
 
@@ -240,7 +252,7 @@ def test_downgrade_to_base_removes_everything(empty_database: str) -> None:
     assert migrate.current_revision(empty_database) is None
     assert table_names(empty_database) == {"alembic_version"}
     migrate.upgrade_database(empty_database)
-    assert view_columns(empty_database) == DESIGN_AUDIT_COLUMNS
+    assert view_columns(empty_database) == README_AUDIT_COLUMNS
 
 
 def test_stored_pdfs_move_to_their_own_table_and_back(empty_database: str) -> None:
@@ -248,7 +260,7 @@ def test_stored_pdfs_move_to_their_own_table_and_back(empty_database: str) -> No
     # and a forwarded document whose PDF was dropped gets no row.
     migrate.upgrade_database(empty_database, "0002_notifications")
     kept, large = b"%PDF-1.7 kept", b"%PDF-1.7 " + bytes(range(256)) * 8192
-    engine = schema.make_engine(empty_database)
+    engine = make_engine(empty_database)
     try:
         with engine.begin() as connection:
             for number, content in enumerate([kept, None, large], start=1):
@@ -283,6 +295,51 @@ def test_stored_pdfs_move_to_their_own_table_and_back(empty_database: str) -> No
             (2, None),
             (3, large),
         ]
+    finally:
+        engine.dispose()
+
+
+def test_loop_sightings_get_their_reason_code_and_lose_it_on_downgrade(
+    empty_database: str,
+) -> None:
+    # 0004 adds sightings.reason_code; rows written before it by the notice loop guard get
+    # their code from the text they were written with, and no other row gets one.
+    migrate.upgrade_database(empty_database, "0003_document_contents")
+    reasons = [NOTICE_LOOP_REASON, "sender not allowed: x@evil.example", None]
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            for uid, reason in enumerate(reasons, start=1):
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO sightings (id, mailbox, uidvalidity, uid, part, received_at,"
+                        " kind, reason, tries) VALUES (:uid, 'm', 1, :uid, '', :now, :kind,"
+                        " :reason, 1)"
+                    ),
+                    {
+                        "uid": uid,
+                        "now": datetime(2026, 11, 24, tzinfo=UTC),
+                        "kind": "no_pdf" if reason is None else "rejected",
+                        "reason": reason,
+                    },
+                )
+        migrate.upgrade_database(empty_database)
+        with engine.connect() as connection:
+            coded = connection.execute(
+                sa.text("SELECT id, reason, reason_code FROM sightings ORDER BY id")
+            ).all()
+        assert [(row.id, row.reason, row.reason_code) for row in coded] == [
+            (1, NOTICE_LOOP_REASON, ReasonCode.NOTICE_LOOP.value),
+            (2, reasons[1], None),
+            (3, None, None),
+        ]
+        assert view_columns(empty_database) == README_AUDIT_COLUMNS
+
+        migrate.downgrade_database(empty_database, "0003_document_contents")
+        with engine.connect() as connection:
+            back = connection.execute(sa.text("SELECT * FROM sightings ORDER BY id"))
+            assert "reason_code" not in list(back.keys())
+            assert [row.reason for row in back] == reasons
     finally:
         engine.dispose()
 

@@ -68,7 +68,6 @@ class OAuth2Passdb:
 def _passdb(password: str, oauth2: OAuth2Passdb | None, root: Path) -> list[str]:
     if oauth2 is None:
         return [
-            "auth_mechanisms = plain login",
             "passdb {",
             "  driver = static",
             f"  args = password={password}",
@@ -96,7 +95,6 @@ def _passdb(password: str, oauth2: OAuth2Passdb | None, root: Path) -> list[str]
     )
     args.chmod(0o644)
     return [
-        "auth_mechanisms = xoauth2 oauthbearer",
         "passdb {",
         "  driver = oauth2",
         "  mechanisms = xoauth2 oauthbearer",
@@ -113,6 +111,7 @@ def _config(
     tls_port: int | None,
     tls: TestCA | None,
     password: str,
+    mechanisms: str,
     oauth2: OAuth2Passdb | None = None,
 ) -> str:
     account = pwd.getpwnam(MAIL_USER)
@@ -131,6 +130,8 @@ def _config(
         f"mail_uid = {MAIL_USER}",
         f"mail_gid = {MAIL_USER}",
         f"mail_location = maildir:{root / 'mail'}/%u",
+        # An oauth2 passdb takes only the mechanisms that carry a token.
+        f"auth_mechanisms = {'xoauth2 oauthbearer' if oauth2 else mechanisms}",
         "disable_plaintext_auth = no",
         # Tests log in wrongly on purpose: no 2 s failure delay, and no anvil penalty
         # that would slow down the next (right) login from the same address.
@@ -176,11 +177,19 @@ class DovecotServer:
     """One Dovecot instance; `start()`/`stop()` keep its ports, for outage tests."""
 
     def __init__(
-        self, base_dir: Path, *, tls: bool = True, oauth2: OAuth2Passdb | None = None
+        self,
+        base_dir: Path,
+        *,
+        tls: bool = True,
+        password: str | None = None,
+        mechanisms: str = "plain login",
+        oauth2: OAuth2Passdb | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self.user = "invoices@shop.example"
-        self.password = "pw-" + secrets.token_urlsafe(12)
+        # A password of the test's own (`pässwörd`) is sent as UTF-8 by AUTHENTICATE PLAIN.
+        self.password = password if password is not None else "pw-" + secrets.token_urlsafe(12)
+        self.mechanisms = mechanisms  # SASL mechanisms offered as AUTH=...
         self.port = free_port()
         self.tls_port: int | None = free_port() if tls else None
         # Dovecot's unprivileged processes must reach sockets and mail, and a test's
@@ -213,6 +222,7 @@ class DovecotServer:
                 tls_port=self.tls_port,
                 tls=self._tls,
                 password=self.password,
+                mechanisms=self.mechanisms,
                 oauth2=self._oauth2,
             )
         )
@@ -283,7 +293,11 @@ class DovecotServer:
         """A logged-in plain IMAP session (the test's own, not the relay's)."""
         client = imaplib.IMAP4(self.host, self.port, timeout=30)
         try:
-            _check(client.login(self.user, self.password), "LOGIN")
+            if self.password.isascii():
+                _check(client.login(self.user, self.password), "LOGIN")
+            else:
+                plain = f"\0{self.user}\0{self.password}".encode()
+                _check(client.authenticate("PLAIN", lambda _: plain), "AUTHENTICATE")
             yield client
         finally:
             with contextlib.suppress(imaplib.IMAP4.error, OSError):
@@ -409,10 +423,17 @@ def _append(
 
 @contextlib.contextmanager
 def running_dovecot(
-    base_dir: Path, *, tls: bool = True, oauth2: OAuth2Passdb | None = None
+    base_dir: Path,
+    *,
+    tls: bool = True,
+    password: str | None = None,
+    mechanisms: str = "plain login",
+    oauth2: OAuth2Passdb | None = None,
 ) -> Iterator[DovecotServer]:
     """Start Dovecot with its own configuration under `base_dir`; stop it on exit."""
-    server = DovecotServer(base_dir, tls=tls, oauth2=oauth2)
+    server = DovecotServer(
+        base_dir, tls=tls, password=password, mechanisms=mechanisms, oauth2=oauth2
+    )
     try:
         server.start()
     except BaseException:

@@ -222,6 +222,7 @@ class SmtpSink:
         tls_context: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         auth: tuple[str, str] | None = None,
+        auth_excluded: tuple[str, ...] = (),
         oauth2: Callable[[str, str], bool] | None = None,
     ) -> None:
         if implicit_tls and tls_context is None:
@@ -231,6 +232,7 @@ class SmtpSink:
         self._tls_context = tls_context
         self._implicit_tls = implicit_tls
         self._auth = auth
+        self._auth_excluded = auth_excluded  # mechanisms not offered, e.g. ("PLAIN",)
         self._oauth2 = oauth2  # (user, token) -> valid: then AUTH XOAUTH2 is all it offers
         self._script = _Script()
         self._lock = threading.Lock()
@@ -340,6 +342,7 @@ class SmtpSink:
         if self._auth is not None or self._oauth2 is not None:
             options["authenticator"] = self._authenticate
             options["auth_require_tls"] = False  # loopback only
+            options["auth_exclude_mechanism"] = self._auth_excluded
         if self._oauth2 is not None:
             options["auth_exclude_mechanism"] = ["PLAIN", "LOGIN"]
         controller_class = Controller if self._oauth2 is None else _OAuthController
@@ -382,6 +385,7 @@ def running_sink(
     *,
     tls_cert: tuple[Path, Path] | None = None,
     auth: tuple[str, str] | None = None,
+    auth_excluded: tuple[str, ...] = (),
     implicit_tls: bool = False,
     oauth2: Callable[[str, str], bool] | None = None,
 ) -> Iterator[SmtpSink]:
@@ -389,7 +393,12 @@ def running_sink(
     `oauth2` (user, token) -> valid makes AUTH XOAUTH2 its only login."""
     context = server_tls_context(*tls_cert) if tls_cert is not None else None
     sink = SmtpSink(
-        port=free_port(), tls_context=context, implicit_tls=implicit_tls, auth=auth, oauth2=oauth2
+        port=free_port(),
+        tls_context=context,
+        implicit_tls=implicit_tls,
+        auth=auth,
+        auth_excluded=auth_excluded,
+        oauth2=oauth2,
     )
     sink.start()
     try:

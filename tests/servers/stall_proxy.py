@@ -5,7 +5,9 @@ Put it between the relay and a real server (Dovecot, the SMTP sink) and script a
 regard to case, so `b"data\\r\\n"` finds smtplib's DATA), let `after_bytes` more
 through, then stop forwarding that direction (`stall`: the peer waits for bytes
 that never come, while the connection stays open), close both sides (`drop`: a cut
-line) or pause until `release()` (`hold`: for a test to act at that exact moment).
+line), pause until `release()` (`hold`: for a test to act at that exact moment) or
+pass the rest one byte per `trickle_seconds` (`trickle`: a server slow enough to
+stretch a poll, yet never silent long enough for a socket timeout).
 Plain protocols only: a pattern cannot be found inside TLS.
 """
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Direction = Literal["to_server", "to_client"]
-Action = Literal["stall", "drop", "hold"]
+Action = Literal["stall", "drop", "hold", "trickle"]
 CHUNK = 4096
 
 
@@ -32,6 +34,7 @@ class Fault:
     after_pattern: bytes = b""
     after_bytes: int = 0
     connections: int = 1
+    trickle_seconds: float = 0.2  # for `trickle`: the pause before each byte
 
 
 class _Pump:
@@ -56,6 +59,7 @@ class _Pump:
         self._seen = b""  # a tail of what passed, to find a pattern split across reads
         self._allowance: int | None = None if fault and fault.after_pattern else self._start()
         self._stalled = False
+        self._trickling = False
 
     def _start(self) -> int | None:
         return self._fault.after_bytes if self._fault is not None else None
@@ -78,6 +82,9 @@ class _Pump:
     def _forward(self, data: bytes) -> None:
         if self._stalled:
             return  # swallowed: the other side waits for bytes that never come
+        if self._trickling:
+            self._trickle(data)
+            return
         fault = self._fault
         if fault is None:
             self._target.sendall(data)
@@ -104,6 +111,16 @@ class _Pump:
             if fault.action == "hold":
                 self._fault = None  # released: from now on a plain copy
                 self._target.sendall(data[len(passing) :])
+            elif fault.action == "trickle":
+                self._trickle(data[len(passing) :])
+
+    def _trickle(self, data: bytes) -> None:
+        assert self._fault is not None
+        for index in range(len(data)):
+            # The pace of the simulated server, not a wait for a condition.
+            if self._cut.wait(self._fault.trickle_seconds):
+                return
+            self._target.sendall(data[index : index + 1])
 
     def _trip(self, fault: Fault) -> None:
         self._on_fault.set()
@@ -112,6 +129,8 @@ class _Pump:
             while not self._released.wait(0.05):
                 if self._cut.is_set():
                     return
+        elif fault.action == "trickle":
+            self._trickling = True
         elif fault.action == "drop":
             self._cut.set()
             _abort(self._source)
@@ -121,12 +140,15 @@ class _Pump:
 
 
 class StallProxy:
-    """Listens on a free loopback port and forwards to `target_port`."""
+    """Listens on a loopback port (a free one unless `listen_port` is given) and
+    forwards to `target_port`."""
 
-    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, *, target_host: str = "127.0.0.1", listen_port: int = 0
+    ) -> None:
         self.host = "127.0.0.1"
         self._target = (target_host, target_port)
-        self._listener = socket.create_server((self.host, 0))
+        self._listener = socket.create_server((self.host, listen_port))
         self.port = int(self._listener.getsockname()[1])
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -221,9 +243,10 @@ def _abort(sock: socket.socket) -> None:
 
 
 @contextlib.contextmanager
-def running_proxy(target_port: int) -> Iterator[StallProxy]:
-    """A started proxy to `target_port` on loopback; every connection is cut afterwards."""
-    proxy = StallProxy(target_port)
+def running_proxy(target_port: int, *, listen_port: int = 0) -> Iterator[StallProxy]:
+    """A started proxy to `target_port` on loopback; every connection is cut afterwards.
+    `listen_port` lets a port nobody listened on become reachable."""
+    proxy = StallProxy(target_port, listen_port=listen_port)
     proxy.start()
     try:
         yield proxy

@@ -1,6 +1,6 @@
 """Database URLs in messages never show a password, wherever the URL carries it; each
 SQLite connection gets WAL, the busy timeout and foreign keys, even on a file another
-connection is writing when it opens."""
+connection is writing when it opens; one reading of SQLite URLs."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from worker.errors import StoreError
-from worker.relay.retry import DATABASE_WAIT_SECONDS
-from worker.store.schema import describe, make_engine, parse_url, translate
+from worker.models import DATABASE_WAIT_SECONDS, sqlite_file, sqlite_location
+from worker.store.engine import describe, make_engine, parse_url, translate
 
 
 @pytest.mark.parametrize(
@@ -68,3 +69,27 @@ def test_a_sqlite_connection_opens_while_another_holds_the_write_lock(tmp_path: 
         done.join()
         writer.close()
     assert settings == ["wal", int(DATABASE_WAIT_SECONDS * 1000), 1]
+
+
+@pytest.mark.parametrize(
+    ("url", "location", "path"),
+    [
+        ("sqlite:////data/relay.db", "/data/relay.db", Path("/data/relay.db")),
+        ("sqlite+pysqlite:////data/relay.db?timeout=5", "/data/relay.db", Path("/data/relay.db")),
+        ("sqlite:///relative.db", "relative.db", Path("relative.db")),
+        ("sqlite:///~/relay.db", "~/relay.db", Path("~/relay.db").expanduser()),
+        ("sqlite:///file:relay.db?mode=ro&uri=true", "file:relay.db", None),
+        ("sqlite://", "", None),
+        ("sqlite:///:memory:", ":memory:", None),
+        ("postgresql+psycopg://relay@db/relay", None, None),
+        ("not a url", None, None),
+    ],
+)
+def test_one_reading_of_sqlite_urls_agrees_with_sqlalchemy(
+    url: str, location: str | None, path: Path | None
+) -> None:
+    # Settings check the path and the store creates its folder from this one reading.
+    assert sqlite_location(url) == location
+    assert sqlite_file(url) == path
+    if location is not None:
+        assert (make_url(url).database or "") == location

@@ -13,11 +13,11 @@ import sqlalchemy as sa
 
 from tests.documents import add_pending_documents, send_loop
 from tests.fakes import FakeOutbox
-from worker.delivery.message import ForwardMail
 from worker.errors import StoreError
-from worker.models import DocumentState
+from worker.models import DocumentState, Parcel, Receipt
 from worker.relay.forwarding import Forwarder
 from worker.store import schema
+from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -52,20 +52,20 @@ class WatchingOutbox(FakeOutbox):
         self.unmarked = unmarked
         self.unmarked_at_end: list[int] = []
 
-    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
         def end() -> None:
-            if before_end is not None:
-                before_end()
+            if before_final is not None:
+                before_final()
             self.unmarked_at_end.append(self.unmarked())
 
-        return super().send(message, before_end=end)
+        return super().deliver(parcel, before_final=end)
 
 
 @pytest.fixture
 def url(tmp_path: Path) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'relay.db'}"
     store = SqlStore(url)
-    schema.create_schema(store.engine)
+    create_schema(store.engine)
     store.close()
     yield url
 

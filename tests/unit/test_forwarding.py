@@ -1,21 +1,18 @@
-"""The send loop against a fake outbox and a real SQLite store: the order of the steps
+"""The send loop against a fake outbox and the in-memory store: the order of the steps
 the crash points name, fresh sessions after a refusal, the retry delay; and the
 test-only crash hook itself."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from tests.documents import add_pending_documents, send_loop
-from tests.fakes import FakeOutbox
-from worker.delivery.message import ForwardMail
-from worker.errors import SendRejected, SessionRefused, StoreError
+from tests.fakes import FakeOutbox, FakeStore
+from worker.errors import DeliveryDeferred, DeliveryRefused, SessionRefused, StoreError
 from worker.faults import (
     CRASH_EXIT_STATUS,
     Checkpoint,
@@ -24,27 +21,26 @@ from worker.faults import (
     CrashPoint,
     checkpoint_for,
 )
-from worker.models import OutgoingDocument
+from worker.models import OutgoingDocument, Parcel, Receipt
 from worker.relay.forwarding import Forwarder
 from worker.relay.pacer import SendPacer
-from worker.store import schema
-from worker.store.sqlstore import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
-def states(store: SqlStore) -> dict[str, tuple[str, int]]:
-    with store.engine.connect() as connection:
-        rows = connection.execute(
-            sa.select(
-                schema.documents.c.sha256, schema.documents.c.state, schema.documents.c.attempts
-            )
-        )
-        return {sha256: (state, attempts) for sha256, state, attempts in rows}
+@pytest.fixture
+def store() -> FakeStore:
+    """In memory: the send loop's order of steps needs no SQL (the queue's own SQL is
+    tested in test_store_queue.py; the fake is held to it by test_store_contract.py)."""
+    return FakeStore()
+
+
+def states(store: FakeStore) -> dict[str, tuple[str, int]]:
+    return {d.sha256: (d.state.value, d.attempts) for d in list(store.documents.values())}
 
 
 def forwarder(
-    store: SqlStore,
+    store: FakeStore,
     outbox: FakeOutbox,
     *,
     checkpoint: Checkpoint | None = None,
@@ -58,7 +54,7 @@ def forwarder(
     return send_loop(store, outbox, now=NOW, send_batch=2, stop=stop, checkpoint=checkpoint or seen)
 
 
-def test_each_step_happens_in_the_order_the_guarantees_need(store: SqlStore) -> None:
+def test_each_step_happens_in_the_order_the_guarantees_need(store: FakeStore) -> None:
     first, second, third = add_pending_documents(store, 3, now=NOW)
     outbox = FakeOutbox()
     record: list[tuple[CrashPoint, dict[str, tuple[str, int]]]] = []
@@ -80,33 +76,23 @@ def test_each_step_happens_in_the_order_the_guarantees_need(store: SqlStore) -> 
     assert outbox.sent_hashes() == [first, second, third]
 
 
-def test_a_refused_mail_is_retried_later_over_a_fresh_session(store: SqlStore) -> None:
+def test_a_refused_mail_is_retried_later_over_a_fresh_session(store: FakeStore) -> None:
     first, second = add_pending_documents(store, 2, now=NOW)
     outbox = FakeOutbox()
-    outbox.answers = [SendRejected("451 4.3.0 try later", code=451), None]
+    outbox.answers = [DeliveryDeferred("451 4.3.0 try later", code=451), None]
     assert forwarder(store, outbox).forward_due() == (1, 1, 0)
     assert outbox.opened == 2  # the refusal may have cost the session: a new one
     assert states(store) == {first: ("pending", 1), second: ("forwarded", 1)}
-    with store.engine.connect() as connection:
-        due = connection.execute(
-            sa.select(schema.documents.c.next_attempt_at).where(schema.documents.c.sha256 == first)
-        ).scalar_one()
+    (due,) = [d.next_attempt_at for d in store.documents.values() if d.sha256 == first]
     assert timedelta(seconds=8) <= due - NOW <= timedelta(seconds=12)  # base, +-20 %
 
 
-def leased(store: SqlStore) -> list[str]:
-    with store.engine.connect() as connection:
-        return list(
-            connection.execute(
-                sa.select(schema.documents.c.sha256).where(
-                    schema.documents.c.lease_until.is_not(None)
-                )
-            ).scalars()
-        )
+def leased(store: FakeStore) -> list[str]:
+    return [d.sha256 for d in store.documents.values() if d.lease_until is not None]
 
 
 @pytest.mark.parametrize("sent", [1, 2], ids=["mid-batch", "between batches"])
-def test_a_stop_releases_the_batch_claimed_ahead_too(store: SqlStore, sent: int) -> None:
+def test_a_stop_releases_the_batch_claimed_ahead_too(store: FakeStore, sent: int) -> None:
     hashes = add_pending_documents(store, 5, now=NOW)
     outbox = FakeOutbox()
     stop = threading.Event()
@@ -131,7 +117,7 @@ def test_a_stop_releases_the_batch_claimed_ahead_too(store: SqlStore, sent: int)
     )
 
 
-def assert_a_refused_session_leaves_nothing_leased(store: SqlStore, hashes: list[str]) -> None:
+def assert_a_refused_session_leaves_nothing_leased(store: FakeStore, hashes: list[str]) -> None:
     """The second send meets a refused session: the first mail went out, and neither
     the rest of its batch nor the batch claimed ahead stays leased."""
     outbox = FakeOutbox()
@@ -142,11 +128,11 @@ def assert_a_refused_session_leaves_nothing_leased(store: SqlStore, hashes: list
     assert leased(store) == []
 
 
-def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: SqlStore) -> None:
+def test_a_refused_session_releases_the_batch_claimed_ahead_too(store: FakeStore) -> None:
     assert_a_refused_session_leaves_nothing_leased(store, add_pending_documents(store, 5, now=NOW))
 
 
-def test_an_unexpected_error_keeps_only_the_document_in_hand_leased(store: SqlStore) -> None:
+def test_an_unexpected_error_keeps_only_the_document_in_hand_leased(store: FakeStore) -> None:
     # Something other than SMTP or the database goes wrong before the second mail of a
     # batch of three goes out (here the pacer): that document keeps its lease (it might
     # have gone out), the rest of its batch and the batch claimed ahead are free for the
@@ -163,12 +149,12 @@ def test_an_unexpected_error_keeps_only_the_document_in_hand_leased(store: SqlSt
     assert leased(store) == hashes[1:2]
 
 
-class WatchedClaims(SqlStore):
-    """A real store that writes each claim into `events`; claim number `fail_on`
+class WatchedClaims(FakeStore):
+    """A store that writes each claim into `events`; claim number `fail_on`
     raises StoreError instead, as a locked database would."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self) -> None:
+        super().__init__()
         self.events: list[tuple[str, ...]] = []
         self.fail_on: int | None = None
         self._claims = 0
@@ -185,11 +171,8 @@ class WatchedClaims(SqlStore):
 
 
 @pytest.fixture
-def watched(tmp_path: Path) -> Iterator[WatchedClaims]:
-    store = WatchedClaims(f"sqlite:///{tmp_path / 'watched.db'}")
-    schema.create_schema(store.engine)
-    yield store
-    store.close()
+def watched() -> WatchedClaims:
+    return WatchedClaims()
 
 
 class RecordingOutbox(FakeOutbox):
@@ -203,14 +186,14 @@ class RecordingOutbox(FakeOutbox):
         super().open()
         self.events.append(("open",))
 
-    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
         try:
-            answer = super().send(message, before_end=before_end)
-        except SendRejected:
-            self.events.append(("refused", message.sha256))
+            receipt = super().deliver(parcel, before_final=before_final)
+        except DeliveryRefused:
+            self.events.append(("refused", parcel.sha256))
             raise
-        self.events.append(("sent", message.sha256))
-        return answer
+        self.events.append(("sent", parcel.sha256))
+        return receipt
 
 
 def test_after_a_refusal_the_rest_is_claimed_again_before_a_new_session(
@@ -221,7 +204,7 @@ def test_after_a_refusal_the_rest_is_claimed_again_before_a_new_session(
     hashes = add_pending_documents(watched, 5, now=NOW)
     events = watched.events
     outbox = RecordingOutbox(events)
-    later = SendRejected("451 4.3.0 try later", code=451)
+    later = DeliveryDeferred("451 4.3.0 try later", code=451)
     outbox.answers = [later, None, later, None, None]
     assert forwarder(watched, outbox).forward_due() == (3, 2, 0)
     assert outbox.opened == 3

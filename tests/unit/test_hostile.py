@@ -30,14 +30,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import samples
-from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
+from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from tests.hostile import injected_headers, injection_mails
 from worker.mail.mime import FILENAME_MAX_CHARS
 from worker.models import AuditFilter, DedupMode, Outcome, SightingKind
 from worker.pdf.inspection import inspect_pdf
 from worker.relay.intake import Intake, IntakeRules
 from worker.relay.pipeline import Pipeline, PipelineConfig
-from worker.store.sqlstore import SqlStore
 
 PROPERTY_SETTINGS = settings(
     max_examples=300,
@@ -68,7 +67,13 @@ def report_examples(request: pytest.FixtureRequest) -> Iterator[None]:
 INJECTIONS = injection_mails()
 
 
-def poll(store: SqlStore, mailbox: FakeMailbox) -> FakeOutbox:
+@pytest.fixture
+def store() -> FakeStore:
+    """The store in memory: these tests are about what a poll forwards, not about SQL."""
+    return FakeStore()
+
+
+def poll(store: FakeStore, mailbox: FakeMailbox) -> FakeOutbox:
     outbox = FakeOutbox()
     Pipeline(
         config=PipelineConfig(
@@ -89,7 +94,7 @@ def poll(store: SqlStore, mailbox: FakeMailbox) -> FakeOutbox:
 
 
 @pytest.mark.parametrize("name", list(INJECTIONS))
-def test_no_injected_header_reaches_the_forwarded_mail(store: SqlStore, name: str) -> None:
+def test_no_injected_header_reaches_the_forwarded_mail(store: FakeStore, name: str) -> None:
     mailbox = FakeMailbox()
     mailbox.add(INJECTIONS[name])
     outbox = poll(store, mailbox)
@@ -102,7 +107,7 @@ def test_no_injected_header_reaches_the_forwarded_mail(store: SqlStore, name: st
         assert not any(unicodedata.category(char) == "Cc" for char in text), text
 
 
-def test_the_control_mail_is_clean_too(store: SqlStore) -> None:
+def test_the_control_mail_is_clean_too(store: FakeStore) -> None:
     """The check itself: a forwarded mail with an added header is caught."""
     mailbox = FakeMailbox()
     mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", b"%PDF-1.4\n%%EOF\n")]))

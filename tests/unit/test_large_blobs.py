@@ -7,7 +7,7 @@ import hashlib
 from datetime import UTC, datetime
 
 from worker.models import DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
-from worker.store.base import LARGE_BLOB
+from worker.store.engine import LARGE_BLOB
 from worker.store.sqlstore import SqlStore
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

@@ -13,8 +13,10 @@ from worker.logs import (
     SECRETS,
     RedactingFilter,
     configure_logging,
+    mask_url,
     register_secret,
     register_secrets,
+    url_passwords,
 )
 
 SECRET = "Zx9-log-secret-41"
@@ -201,3 +203,23 @@ def test_configuring_twice_replaces_the_handler() -> None:
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="xml"):
         configure_logging("xml")
+
+
+@pytest.mark.parametrize(
+    ("url", "masked", "passwords"),
+    [
+        ("postgresql://relay:secret@db/relay", "postgresql://relay:****@db/relay", ["secret"]),
+        ("postgresql://relay:se@cr/et@db/r", "postgresql://relay:****@db/r", ["se@cr/et"]),
+        ("postgresql://relay:@db/relay", "postgresql://relay:****@db/relay", []),
+        ("postgresql://relay@db/relay", "postgresql://relay@db/relay", []),
+        ("postgresql://db/r?password=x&a=1", "postgresql://db/r?password=****&a=1", ["x"]),
+        ("postgresql://u:p@db/r?PASSWORD=q", "postgresql://u:****@db/r?PASSWORD=****", ["p", "q"]),
+        ("sqlite:////data/relay.db", "sqlite:////data/relay.db", []),
+        ("not a url: user:pw@host", "not a url: user:pw@host", []),
+    ],
+)
+def test_mask_url_masks_every_password_and_only_them(
+    url: str, masked: str, passwords: list[str]
+) -> None:
+    assert mask_url(url) == masked
+    assert url_passwords(url) == passwords

@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from imapclient.response_parser import parse_fetch_response
 
+from tests import samples
+from tests.fakes import FakeMailbox
 from worker.mail.mime import (
     FILENAME_MAX_CHARS,
     decode_filename,
-    decode_transfer,
     find_candidates,
-    is_pdf_bytes,
     parse_bodystructure,
-    probe_is_pdf,
+    section_bodies,
     structure_limit,
 )
-from worker.mail.mime import _lenient_base64 as lenient_base64
+from worker.mail.transfer import Base64Stream, decode_transfer, is_pdf_bytes, probe_is_pdf
 from worker.models import BodyPart
 
 # --- builders in imapclient's shape ----------------------------------------------------
@@ -492,7 +493,9 @@ FILENAME_CASES: list[tuple[str, dict[str, str], dict[str, str], str | None]] = [
     ("path traversal", {"filename": "../../etc/x.pdf"}, {}, "x.pdf"),
     ("windows path", {"filename": "C:\\Users\\me\\x.pdf"}, {}, "x.pdf"),
     ("encoded traversal", {"filename*": "utf-8''..%2F..%2Fx.pdf"}, {}, "x.pdf"),
-    ("control chars and NUL", {"filename": "in\x00vo\rice\n\x1b.pdf"}, {}, "invoice.pdf"),
+    # worker.mail.text's rules: NUL and ESC vanish, a line break separates words.
+    ("control chars and NUL", {"filename": "in\x00vo\rice\n\x1b.pdf"}, {}, "invo ice .pdf"),
+    ("hidden file", {"filename": ".hidden.pdf"}, {}, "hidden.pdf"),
     ("bidi override", {"filename": "invoice\u202efdp.exe"}, {}, "invoicefdp.exe"),
     ("only a directory", {"filename": "../"}, {}, None),
     ("dot dot", {"filename": ".."}, {}, None),
@@ -657,7 +660,9 @@ def test_well_formed_fast_path_agrees_with_the_lenient_decoder(text: str) -> Non
     # decode_transfer tries binascii's strict mode first; wherever that accepts the
     # text, the answer must be the one the lenient decoder gives.
     compact = text.encode()
-    assert decode_transfer(compact, "base64") == lenient_base64(compact)
+    stream = Base64Stream()
+    stream.feed(compact)
+    assert decode_transfer(compact, "base64") == stream.finish()
 
 
 @given(st.binary(max_size=300))
@@ -726,3 +731,63 @@ def test_parsed_forwarded_mail_has_depth_three() -> None:
     )
     assert structure_limit(forwarded, max_parts=100, max_depth=3) is None
     assert structure_limit(forwarded, max_parts=100, max_depth=2) is not None
+
+
+# --- parts cut from a whole mail (the one fetched for DKIM) ------------------------------
+
+
+def _single_part_pdf_mail() -> bytes:
+    body = base64.encodebytes(_SECTION_PDF).replace(b"\n", b"\r\n")
+    return (
+        b"From: invoices@shop.example\r\nSubject: one part\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: application/pdf; name=a.pdf\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + body
+    )
+
+
+_SECTION_PDF = b"%PDF-1.4\n" + bytes(range(256)) * 8 + b"\n%%EOF\n"
+
+
+@pytest.mark.parametrize(
+    ("mail", "section"),
+    [
+        (lambda: samples.invoice_mail(pdfs=[("a.pdf", _SECTION_PDF)]), "2"),
+        (lambda: samples.invoice_mail(pdfs=[("a.pdf", b"x"), ("b.pdf", _SECTION_PDF)]), "3"),
+        (
+            lambda: samples.forwarded_mail(samples.invoice_mail(pdfs=[("a.pdf", _SECTION_PDF)])),
+            "2.2",
+        ),
+        (_single_part_pdf_mail, "1"),
+    ],
+    ids=["attachment", "second attachment", "inside an attached mail", "single-part mail"],
+)
+def test_a_section_cut_from_the_whole_mail_is_what_the_server_returns(
+    mail: Callable[[], bytes], section: str
+) -> None:
+    raw = mail()
+    server = FakeMailbox()  # returns BODY[section] as an IMAP server does
+    uid = server.add(raw)
+    (summary,) = server.summaries([uid])
+    assert summary.structure is not None
+    sizes = {c.section: c.size for c in find_candidates(summary.structure)}
+    expected = server.fetch_sections({uid: [section]})[(uid, section)]
+
+    cut = section_bodies(raw, {section: sizes[section]})
+
+    assert cut == {section: expected}
+    assert decode_transfer(cut[section], "base64") == _SECTION_PDF
+
+
+@pytest.mark.parametrize(
+    ("section", "size_change"),
+    [("2", 1), ("2", -1), ("9", 0), ("2.1", 0), ("x", 0), ("", 0)],
+    ids=["longer", "shorter", "no such part", "below a leaf", "not a number", "the root"],
+)
+def test_a_section_not_found_as_described_is_left_to_the_server(
+    section: str, size_change: int
+) -> None:
+    raw = samples.invoice_mail(pdfs=[("a.pdf", _SECTION_PDF)])
+    server = FakeMailbox()
+    uid = server.add(raw)
+    size = len(server.fetch_sections({uid: ["2"]})[(uid, "2")]) + size_change
+    assert section_bodies(raw, {section: size}) == {}

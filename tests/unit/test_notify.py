@@ -12,24 +12,33 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import SendRejected, SessionRefused, StoreError
-from worker.mail.verdicts import NOTICE_LOOP_REASON, loop_reason
-from worker.models import DedupMode, MailHeaders, MailRecord, MailSummary, PartRecord, SightingKind
-from worker.relay.notify import (
-    LISTED_LIMIT,
-    NOTICE_HEADER,
+from worker.delivery.message import NOTICE_HEADER, notice_message
+from worker.errors import DeliveryRefused, DeliveryRejected, SessionRefused, StoreError
+from worker.mail.verdicts import NOTICE_LOOP_REASON, loop_code, loop_reason
+from worker.models import (
+    DedupMode,
+    MailHeaders,
+    MailRecord,
+    MailSummary,
+    Notice,
     NoticeMark,
-    NoticeResult,
-    Notifier,
+    PartRecord,
     Problem,
     ProblemKind,
+    ReasonCode,
+    SightingKind,
+)
+from worker.relay.notify import (
+    LISTED_LIMIT,
+    NoticeResult,
+    Notifier,
     build_notice,
     covered_sighting_id,
     notice_due,
     notice_subject,
 )
+from worker.store.engine import create_schema, make_engine
 from worker.store.notices import SqlNoticeLog
-from worker.store.schema import create_schema, make_engine
 from worker.store.sqlstore import SqlStore
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -100,13 +109,16 @@ def test_notice_subject(kinds: list[ProblemKind], subject: str) -> None:
 
 
 def notice(problems: Sequence[Problem]) -> EmailMessage:
-    return build_notice(
-        problems,
-        notify_from=NOTIFY_FROM,
-        notify_to=NOTIFY_TO,
-        mailbox="invoices@imap.example/INBOX",
-        now=T0,
-        interval_seconds=HOUR,
+    """The notice as the SMTP adapter sends it."""
+    return notice_message(
+        build_notice(
+            problems,
+            notify_from=NOTIFY_FROM,
+            notify_to=NOTIFY_TO,
+            mailbox="invoices@imap.example/INBOX",
+            now=T0,
+            interval_seconds=HOUR,
+        )
     )
 
 
@@ -196,10 +208,10 @@ class FakeSender:
         if isinstance(self.refuse, SessionRefused):
             raise self.refuse
 
-    def send(self, message: EmailMessage, *, recipient: str | None = None) -> str:
-        if isinstance(self.refuse, SendRejected):
+    def send_notice(self, notice: Notice) -> str:
+        if isinstance(self.refuse, DeliveryRefused):
             raise self.refuse
-        self.sent.append((message, recipient))
+        self.sent.append((notice_message(notice), notice.recipient))
         return "250 ok"
 
     def close(self) -> None:
@@ -255,7 +267,7 @@ def test_one_notice_then_nothing_until_the_interval_is_over_and_never_the_same_r
     "refusal",
     [
         SessionRefused("connection refused", host="smtp", port=25),
-        SendRejected("550 no", code=550),
+        DeliveryRejected("550 no", code=550),
     ],
 )
 def test_a_refused_notice_is_not_recorded_and_is_tried_after_a_later_poll(
@@ -317,8 +329,10 @@ def accepted(text: str) -> PartRecord:
     )
 
 
-def rejected(reason: str) -> PartRecord:
-    return PartRecord(part="2", kind=SightingKind.REJECTED, reason=reason, filename="x.pdf")
+def rejected(reason: str, code: ReasonCode | None = None) -> PartRecord:
+    return PartRecord(
+        part="2", kind=SightingKind.REJECTED, reason=reason, reason_code=code, filename="x.pdf"
+    )
 
 
 def test_the_queries_list_each_problem_row_until_a_notice_covered_it(store: SqlStore) -> None:
@@ -327,7 +341,9 @@ def test_the_queries_list_each_problem_row_until_a_notice_covered_it(store: SqlS
     (failing,) = record(store, 2, accepted("refused"))
     (stranger,) = record(store, 3, rejected("sender not allowed"))
     (broken,) = record(store, 4, PartRecord(part="2", kind=SightingKind.ERROR, reason="timeout"))
-    record(store, 5, rejected(NOTICE_LOOP_REASON))  # our own notice come back: left out
+    # Our own notice come back: left out by its code, whatever its text says.
+    record(store, 5, rejected(NOTICE_LOOP_REASON, ReasonCode.NOTICE_LOOP))
+    record(store, 8, rejected("reworded", ReasonCode.NOTICE_LOOP))
     record(store, 6, PartRecord(part="", kind=SightingKind.NO_PDF))
     documents = {d.filename: d for d in store.claim_due(now=T0, limit=10, lease_seconds=60)}
     store.mark_forwarded(
@@ -369,13 +385,25 @@ def test_the_limit_keeps_the_high_water_mark_sound(store: SqlStore) -> None:
 
 
 @pytest.mark.parametrize(
-    ("headers", "expected"),
+    ("headers", "expected", "code"),
     [
-        (MailHeaders(notice_marker="v1; rows=2"), NOTICE_LOOP_REASON),
-        (MailHeaders(notice_marker="v1", relay_marker="x"), NOTICE_LOOP_REASON),
-        (MailHeaders(sender_address="someone@else.example"), None),
+        (MailHeaders(notice_marker="v1; rows=2"), NOTICE_LOOP_REASON, ReasonCode.NOTICE_LOOP),
+        (
+            MailHeaders(notice_marker="v1", relay_marker="x"),
+            NOTICE_LOOP_REASON,
+            ReasonCode.NOTICE_LOOP,
+        ),
+        (
+            MailHeaders(relay_marker="x"),
+            "loop: carries the X-Invoice-Relay header of a forwarded mail",
+            None,
+        ),
+        (MailHeaders(sender_address="someone@else.example"), None, None),
     ],
 )
-def test_a_notice_that_comes_back_is_a_loop(headers: MailHeaders, expected: str | None) -> None:
+def test_a_notice_that_comes_back_is_a_loop(
+    headers: MailHeaders, expected: str | None, code: ReasonCode | None
+) -> None:
     summary = MailSummary(uid=1, size=10, internaldate=None, headers=headers, structure=None)
     assert loop_reason(summary, NOTIFY_FROM) == expected
+    assert loop_code(summary) is code

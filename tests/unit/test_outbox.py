@@ -17,12 +17,12 @@ from worker.delivery.message import (
     FILENAME_LIMIT,
     SUBJECT_LIMIT,
     ForwardMail,
+    attachment_filename,
     build_forward,
-    clean_filename,
-    clean_text,
     forward_message_id,
 )
-from worker.models import OutgoingDocument
+from worker.mail.text import clean_text
+from worker.models import OutgoingDocument, Parcel
 from worker.relay.pacer import SendPacer
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -33,7 +33,9 @@ FORWARD_FROM = "relay@shop.example.com"
 ATTACHMENT_HEADERS = {"content-type", "content-transfer-encoding", "content-disposition"}
 
 
-def make_document(**changes: object) -> OutgoingDocument:
+def make_document(**changes: object) -> Parcel:
+    """The parcel the forwarder hands over for a claimed document (queue fields too, so
+    that a test can show they make no difference to the mail)."""
     document = OutgoingDocument(
         document_id=7,
         sha256=SHA,
@@ -46,10 +48,10 @@ def make_document(**changes: object) -> OutgoingDocument:
         original_date=datetime(2024, 3, 5, 9, 15, tzinfo=timezone(timedelta(hours=1))),
         original_message_id="<abc.123@printout.example>",
     )
-    return replace(document, **changes)  # type: ignore[arg-type]
+    return Parcel.from_outgoing(replace(document, **changes))  # type: ignore[arg-type]
 
 
-def forward(document: OutgoingDocument) -> ForwardMail:
+def forward(document: Parcel) -> ForwardMail:
     return build_forward(document, forward_to=FORWARD_TO, forward_from=FORWARD_FROM, now=NOW)
 
 
@@ -122,7 +124,7 @@ def test_date_defaults_to_now() -> None:
         ("  Invoice\t 1042  ", "a.pdf", "Invoice 1042"),
         ("Rechnung Nr. 1042 \u2013 Müller GmbH", "a.pdf", "Rechnung Nr. 1042 \u2013 Müller GmbH"),
         ("Invoice\r\nBcc: victim@example.org", "a.pdf", "Invoice Bcc: victim@example.org"),
-        ("Invoice\x00\x1b[31m 1042\x7f", "a.pdf", "Invoice [31m 1042"),
+        ("Invoice\x00\x1b[31m 1042\x7f", "a.pdf", "Invoice[31m 1042"),
         ("Invoice\u2028line", "a.pdf", "Invoice line"),
         ("", "invoice-7.pdf", "Invoice invoice-7.pdf"),
         (" \r\n\t\x00 ", "invoice-7.pdf", "Invoice invoice-7.pdf"),
@@ -140,7 +142,7 @@ def test_subject_is_cleaned(subject: str, filename: str, expected: str) -> None:
     [
         ("plain", 10, "plain"),
         ("a\r\nb", 10, "a b"),
-        ("a\x00b", 10, "a b"),
+        ("a\x00b", 10, "ab"),  # worker.mail.text: a NUL vanishes, it never was a space
         ("  many   spaces  ", 20, "many spaces"),
         ("cut here please", 8, "cut here"),
         ("cut  ", 4, "cut"),
@@ -156,19 +158,21 @@ def test_clean_text(value: str, limit: int, expected: str) -> None:
     [
         ("invoice-1042.pdf", "invoice-1042.pdf"),
         ("Rechnung Müller.pdf", "Rechnung Müller.pdf"),
-        ("../../etc/passwd.pdf", "etc passwd.pdf"),
-        ("C:\\Users\\shop\\invoice.pdf", "C: Users shop invoice.pdf"),
+        # worker.mail.text.clean_filename: only the leaf, never a path
+        ("../../etc/passwd.pdf", "passwd.pdf"),
+        ("C:\\Users\\shop\\invoice.pdf", "invoice.pdf"),
         (".hidden.pdf", "hidden.pdf"),
-        ("in\r\nContent-Type: text/html\r\n.pdf", "in Content-Type: text html .pdf"),
-        ("nul\x00byte.pdf", "nul byte.pdf"),
+        ("in\r\nContent-Type: text/html\r\n.pdf", "html .pdf"),
+        ("in\r\nContent-Type: text html\r\n.pdf", "in Content-Type: text html .pdf"),
+        ("nul\x00byte.pdf", "nulbyte.pdf"),
         ("", "invoice.pdf"),
         ("/\\\x00", "invoice.pdf"),
         ("a" * 300 + ".pdf", "a" * (FILENAME_LIMIT - 4) + ".pdf"),
         ("b" * 300, "b" * FILENAME_LIMIT),
     ],
 )
-def test_clean_filename(filename: str, expected: str) -> None:
-    assert clean_filename(filename) == expected
+def test_attachment_filename(filename: str, expected: str) -> None:
+    assert attachment_filename(filename) == expected
 
 
 @pytest.mark.parametrize(
@@ -259,7 +263,7 @@ def test_naive_original_date_is_taken_as_utc() -> None:
 )
 def test_long_filenames_survive_the_round_trip(filename: str) -> None:
     raw, parsed = round_trip(forward(make_document(filename=filename)))
-    assert only_attachment(parsed).get_filename() == clean_filename(filename)
+    assert only_attachment(parsed).get_filename() == attachment_filename(filename)
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import re
@@ -11,8 +12,12 @@ import pytest
 from tests import samples
 from worker.errors import PdfCheckFailed
 from worker.models import PdfReport
-from worker.pdf.inspection import DEFAULT_INVOICE_NUMBER_PATTERN, inspect_pdf
-from worker.pdf.pool import PdfInspector
+from worker.pdf.inspection import (
+    DEFAULT_INVOICE_NUMBER_PATTERN,
+    INVOICE_NUMBER_MAX_CHARS,
+    inspect_pdf,
+)
+from worker.pdf.pool import FORKSERVER_PRELOAD, PdfInspector
 
 INVOICE = samples.invoice_pdf()
 
@@ -226,6 +231,16 @@ def test_custom_pattern_without_named_group_uses_group_one() -> None:
     assert report.invoice_number == "99.00"
 
 
+def test_what_a_custom_pattern_captures_is_cleaned_and_capped() -> None:
+    # A greedy pattern takes the rest of the page's text, line breaks included.
+    report = inspect_pdf(INVOICE, invoice_pattern=re.compile(r"(?s)Total(.*)"))
+    assert report.invoice_number == "99.00 Thank you!"
+    many_lines = samples.invoice_pdf(lines=[(f"Item {n} " + "x" * 40, "1.00") for n in range(9)])
+    report = inspect_pdf(many_lines, invoice_pattern=re.compile(r"(?s)(Item.*)"))
+    assert report.invoice_number is not None
+    assert len(report.invoice_number) == INVOICE_NUMBER_MAX_CHARS
+
+
 # --- the inspector --------------------------------------------------------------------
 
 
@@ -382,3 +397,14 @@ def test_close_right_after_prestart_leaves_no_child_processes() -> None:
     assert _no_children_left()
     inspector.prestart()  # closed: does nothing
     assert _no_children_left()
+
+
+@pytest.mark.parametrize("name", FORKSERVER_PRELOAD)
+def test_the_forkserver_preload_names_still_import(name: str) -> None:
+    # multiprocessing ignores a preload name that fails to import: a module moved
+    # without this list would only make every worker start slowly.
+    assert importlib.import_module(name).__name__ == name
+
+
+def test_the_forkserver_preloads_what_the_workers_run() -> None:
+    assert {inspect_pdf.__module__, PdfInspector.__module__} <= set(FORKSERVER_PRELOAD)

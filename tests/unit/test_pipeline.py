@@ -1,5 +1,8 @@
-"""The pipeline against in-memory fakes of IMAP, SMTP and the PDF checker, and a real
-SQLite store (embedded, so it needs no server)."""
+"""The pipeline against in-memory fakes of IMAP, SMTP, the PDF checker and the store.
+
+The store's own rules (uniqueness by sha256 and content key, which rows an ERROR retry
+replaces) are tested on SQL in test_store_*.py, and `test_store_contract.py` holds the
+fake to them; the pipeline on a real store is tested in tests/integration."""
 
 from __future__ import annotations
 
@@ -12,12 +15,11 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from tests import samples
-from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
-from worker.errors import MailboxError, SendRejected, SessionRefused
+from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
+from worker.errors import DeliveryDeferred, DeliveryRejected, MailboxError, SessionRefused
 from worker.mail.verdicts import loop_reason, sender_allowed
 from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome, PdfReport
 from worker.relay.pipeline import Pipeline, PipelineConfig
-from worker.store.sqlstore import SqlStore
 
 FORWARD_TO = "inbox-123@getmyinvoices.example"
 FORWARD_FROM = "relay@shop.example"
@@ -32,9 +34,9 @@ class Clock:
 
 
 class Relay:
-    """One relay under test: fakes plus a real store, and a way to poll."""
+    """One relay under test: fakes of every outside system, and a way to poll."""
 
-    def __init__(self, store: SqlStore, **config: object) -> None:
+    def __init__(self, store: FakeStore, **config: object) -> None:
         self.mailbox = FakeMailbox()
         self.outbox = FakeOutbox()
         self.inspector = FakeInspector()
@@ -73,7 +75,12 @@ class Relay:
 
 
 @pytest.fixture
-def relay(store: SqlStore) -> Relay:
+def store() -> FakeStore:
+    return FakeStore()
+
+
+@pytest.fixture
+def relay(store: FakeStore) -> Relay:
     return Relay(store)
 
 
@@ -196,7 +203,7 @@ def test_sender_allowed(address: str, allowed: tuple[str, ...], expected: bool) 
     assert sender_allowed(address, allowed) is expected
 
 
-def test_strangers_are_rejected_without_downloading_their_attachments(store: SqlStore) -> None:
+def test_strangers_are_rejected_without_downloading_their_attachments(store: FakeStore) -> None:
     relay = Relay(store, allowed_senders=("@shop.example",))
     relay.mailbox.add(samples.invoice_mail(pdfs=[("fake.pdf", PDF_A)], sender="x@evil.example"))
     relay.poll()
@@ -233,8 +240,8 @@ def test_temporary_refusal_retries_later_and_permanent_refusal_fails(relay: Rela
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
     relay.mailbox.add(samples.invoice_mail(pdfs=[("b.pdf", PDF_B)]))
     relay.outbox.answers = [
-        SendRejected("451 try again later", code=451),
-        SendRejected("550 5.7.1 message content rejected", code=550),
+        DeliveryDeferred("451 try again later", code=451),
+        DeliveryRejected("550 5.7.1 message content rejected", code=550),
     ]
     relay.poll()
     rows = {row.filename: row for row in relay.audit()}
@@ -254,10 +261,10 @@ def test_temporary_refusal_retries_later_and_permanent_refusal_fails(relay: Rela
     }
 
 
-def test_out_of_attempts_becomes_failed(store: SqlStore) -> None:
+def test_out_of_attempts_becomes_failed(store: FakeStore) -> None:
     relay = Relay(store, max_attempts=2)
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
-    relay.outbox.answers = [SendRejected("451 later", code=451)] * 2
+    relay.outbox.answers = [DeliveryDeferred("451 later", code=451)] * 2
     relay.poll()
     relay.clock.now += timedelta(hours=1)
     relay.poll()
@@ -289,7 +296,7 @@ def test_a_mail_that_failed_as_a_whole_is_read_part_by_part_on_retry(relay: Rela
     assert relay.outcomes() == [(1, "a.pdf", "forwarded"), (1, "b.pdf", "forwarded")]
 
 
-def test_an_error_that_persists_becomes_rejected(store: SqlStore) -> None:
+def test_an_error_that_persists_becomes_rejected(store: FakeStore) -> None:
     relay = Relay(store, error_retries=2)
     relay.inspector.crash_on.add(PDF_A)
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
@@ -323,7 +330,7 @@ def test_a_changed_uidvalidity_rescans_without_forwarding_again(relay: Relay) ->
     assert [r.outcome for r in relay.audit()] == [Outcome.FORWARDED, Outcome.DUPLICATE]
 
 
-def test_since_leaves_older_mail_alone(store: SqlStore) -> None:
+def test_since_leaves_older_mail_alone(store: FakeStore) -> None:
     relay = Relay(store, since=date(2026, 11, 10))
     relay.mailbox.add(
         samples.invoice_mail(pdfs=[("old.pdf", PDF_A)]),
@@ -337,7 +344,7 @@ def test_since_leaves_older_mail_alone(store: SqlStore) -> None:
     assert relay.outcomes() == [(2, "new.pdf", "forwarded")]
 
 
-def test_mail_over_the_size_limit_is_rejected_unread(store: SqlStore) -> None:
+def test_mail_over_the_size_limit_is_rejected_unread(store: FakeStore) -> None:
     relay = Relay(store, max_mail_bytes=1000)
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
     relay.poll()
@@ -347,7 +354,7 @@ def test_mail_over_the_size_limit_is_rejected_unread(store: SqlStore) -> None:
     assert "fetch_sections" not in relay.mailbox.calls
 
 
-def test_pdf_over_the_size_limit_is_rejected_unread(store: SqlStore) -> None:
+def test_pdf_over_the_size_limit_is_rejected_unread(store: FakeStore) -> None:
     relay = Relay(store, max_pdf_bytes=1000)
     relay.mailbox.add(samples.invoice_mail(pdfs=[("a.pdf", PDF_A)]))
     relay.poll()
@@ -355,7 +362,7 @@ def test_pdf_over_the_size_limit_is_rejected_unread(store: SqlStore) -> None:
     assert relay.mailbox.whole_fetches == []
 
 
-def test_content_dedup_catches_a_re_render(store: SqlStore) -> None:
+def test_content_dedup_catches_a_re_render(store: FakeStore) -> None:
     relay = Relay(store, dedup=DedupMode.CONTENT)
     # The fake fingerprint ignores the first line, which holds the version here.
     first = b"%PDF-1.4\nsame pages\n%%EOF"

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
-from pathlib import Path
 
 import pytest
 
 from tests import samples
-from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
+from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from worker.errors import MailboxError
 from worker.models import (
     DedupMode,
@@ -23,8 +22,6 @@ from worker.models import (
     RecordedSighting,
 )
 from worker.relay.pipeline import Pipeline, PipelineConfig
-from worker.store import schema
-from worker.store.sqlstore import SqlStore
 
 MAILBOX = "invoices@imap.example/INBOX"
 WAIT = 5.0  # seconds a test waits for the other thread before it gives up
@@ -103,11 +100,11 @@ class OverlapInspector(FakeInspector):
         return super().inspect_many(files)
 
 
-class CheckedStore(SqlStore):
+class CheckedStore(FakeStore):
     """After each recorded batch: every UID up to the position is recorded."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self) -> None:
+        super().__init__()
         self.recorded_uids: set[int] = set()
         self.positions: list[int] = []
 
@@ -139,14 +136,11 @@ class CheckedStore(SqlStore):
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[CheckedStore]:
-    store = CheckedStore(f"sqlite:///{tmp_path / 'relay.db'}")
-    schema.create_schema(store.engine)
-    yield store
-    store.close()
+def store() -> CheckedStore:
+    return CheckedStore()
 
 
-def pipeline(mailbox: WatchedMailbox, inspector: FakeInspector, store: SqlStore) -> Pipeline:
+def pipeline(mailbox: WatchedMailbox, inspector: FakeInspector, store: FakeStore) -> Pipeline:
     return Pipeline(
         config=PipelineConfig(
             mailbox=MAILBOX,

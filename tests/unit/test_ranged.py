@@ -9,8 +9,8 @@ import pytest
 
 from tests import samples
 from tests.fakes import FakeMailbox
-from worker.mail.mime import decode_transfer
-from worker.mail.ranged import Base64Stream, RangedFetch, fetch_decoded
+from worker.mail.ranged import RangedFetch, fetch_decoded
+from worker.mail.transfer import Base64Stream, decode_transfer
 
 PDF = b"%PDF-1.7\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
 

@@ -26,9 +26,10 @@ from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped,unused-ignore]
 
-from worker.errors import ConfigError, MailboxError, PollLocked
+from worker.errors import ConfigError, MailboxError
 from worker.models import PollReport
 from worker.service.health import probe_health
+from worker.service.idle import PollRequests
 from worker.service.metrics import RelayMetrics
 from worker.service.runner import Service, misfire_grace_seconds, stop_on_signals
 
@@ -306,8 +307,9 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_polling_goes_on(
     assert isinstance(failed[0].exc_info[1], RuntimeError)
 
 
-def test_a_poll_that_raises_poll_locked_counts_as_locked_and_healthy() -> None:
-    poll = FakePoll([PollLocked("another replica")])
+def test_a_locked_poll_counts_as_locked_and_healthy() -> None:
+    # A lock held by another replica comes back as a PollReport (worker.cli.commands).
+    poll = FakePoll([report(locked=True)])
     with running_service(poll, interval=3600) as running:
         wait_until(lambda: poll.finished == 1)
         wait_until(lambda: healthz(running.port)[0] == 200)
@@ -476,3 +478,46 @@ def test_stop_on_signals_turns_sigterm_into_the_stop_event_and_restores_the_hand
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop_event.wait(2)  # the process is still here: the handler caught it
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_mail_announced_during_a_poll_gets_one_poll_right_after_it() -> None:
+    # PollRequests asks for the follow-up when the poll function returns, while
+    # APScheduler still counts the job as running: the Service must run it once the job
+    # has ended, however short that moment is (no timing margin).
+    gate = threading.Event()
+    fake = FakePoll([report()], gate=gate)
+    requests: PollRequests
+    announced: list[bool] = []
+
+    def poll() -> PollReport:
+        if not announced:
+            announced.append(True)
+            requests.new_mail()  # during the first poll
+        return fake()
+
+    requests = PollRequests(poll)
+    with running_service(requests.poll, interval=3600) as running:
+        service = running.service
+
+        def ask_and_let_the_scheduler_look() -> None:
+            service.poll_now()
+            # Hold the job's last moment open until the scheduler has looked at it: a
+            # request it acted on now would be dropped as an overlap and the job put
+            # back on its hourly schedule (the race a timing margin used to paper over).
+            job = service._scheduler.get_job("poll")
+            wait_until(lambda: job.next_run_time > datetime.now(UTC) + timedelta(minutes=1))
+
+        requests.connect(ask_and_let_the_scheduler_look)
+        gate.set()
+        wait_until(lambda: fake.finished == 2, timeout=15)
+    assert len(fake.calls) == 2  # the start-up poll and exactly one follow-up
+    assert fake.max_running == 1
+
+
+def test_poll_now_while_idle_polls_at_once() -> None:
+    fake = FakePoll([report()])
+    with running_service(fake, interval=3600) as running:
+        wait_until(lambda: fake.finished == 1)
+        running.service.poll_now()
+        wait_until(lambda: fake.finished == 2)
+    assert fake.max_running == 1

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from datetime import date
 from pathlib import Path
 
@@ -7,7 +9,11 @@ import pytest
 
 from worker.config.settings import Secret, Settings, database_url_from_env, http_port_from_env
 from worker.errors import ConfigError, ConfigProblems
-from worker.models import DedupMode, Security
+from worker.mail.trust import SenderProof
+from worker.models import DEFAULT_MAX_MAIL_BYTES, DedupMode, Security
+from worker.relay.forwarding import ForwardRules
+from worker.relay.intake import IntakeRules
+from worker.relay.pipeline import PipelineConfig
 
 IMAP_SECRET = "imap-Pa55-zq81"
 SMTP_SECRET = "smtp-Pa55-kx47"
@@ -58,6 +64,7 @@ def problem(**overrides: str) -> ConfigError:
         ("ca_file", None),
         ("log_format", "json"),
         ("timeout_seconds", 60.0),
+        ("poll_deadline_seconds", 1800.0),
         ("max_attempts", 10),
         ("max_mail_bytes", 50 * 1024 * 1024),
         ("max_pdf_bytes", 30 * 1024 * 1024),
@@ -148,6 +155,8 @@ def test_explicit_ports_win() -> None:
         ("PDF_MEMORY_MB", "16", "less than 64"),
         ("ERROR_RETRIES", "-1", "less than 0"),
         ("HEALTHY_AFTER", "a while", "not a duration"),
+        ("POLL_DEADLINE", "soon", "not a duration"),
+        ("POLL_DEADLINE", "0s", "longer than zero"),
         ("INVOICE_NUMBER_PATTERN", "(unclosed", "not a regular expression"),
         ("CA_FILE", "/nonexistent/ca.pem", "not a file"),
         ("DATABASE_URL", "relay.db", "not a URL"),
@@ -176,6 +185,7 @@ def test_malformed_values_name_their_variable(name: str, value: str, message: st
         ("DEDUP", "bytes", "dedup", DedupMode.BYTES),
         ("LOG_FORMAT", "TEXT", "log_format", "text"),
         ("TIMEOUT", "12.5", "timeout_seconds", 12.5),
+        ("POLL_DEADLINE", "10m", "poll_deadline_seconds", 600.0),
         ("MAX_ATTEMPTS", "3", "max_attempts", 3),
         ("MAX_MAIL_BYTES", "1000000", "max_mail_bytes", 1_000_000),
         ("MAX_PDF_BYTES", "500000", "max_pdf_bytes", 500_000),
@@ -493,3 +503,33 @@ def test_http_port_alone(environ: dict[str, str], port: int) -> None:
 def test_http_port_alone_is_checked() -> None:
     with pytest.raises(ConfigError, match="INVOICE_RELAY_HTTP_PORT"):
         http_port_from_env({"INVOICE_RELAY_HTTP_PORT": "http"})
+
+
+# --- one home for each default -----------------------------------------------------------
+
+
+def _defaults(cls: type) -> dict[str, object]:
+    return {
+        item.name: item.default
+        for item in dataclasses.fields(cls)
+        if item.default is not dataclasses.MISSING
+    }
+
+
+def test_what_from_env_fills_in_is_the_dataclass_default() -> None:
+    read = settings()
+    assert {name: getattr(read, name) for name in _defaults(Settings)} == _defaults(Settings)
+
+
+@pytest.mark.parametrize("cls", [IntakeRules, PipelineConfig, ForwardRules, SenderProof])
+def test_the_relay_defaults_are_the_users(cls: type) -> None:
+    # A pipeline built without settings (tests, bench) behaves as the user's default.
+    if cls is SenderProof:
+        batch_bytes = inspect.signature(SenderProof).parameters["batch_bytes"].default
+        assert batch_bytes == _defaults(Settings)["max_mail_bytes"] == DEFAULT_MAX_MAIL_BYTES
+        return
+    shared = _defaults(cls).keys() & _defaults(Settings).keys()
+    assert shared
+    assert {name: _defaults(cls)[name] for name in shared} == {
+        name: _defaults(Settings)[name] for name in shared
+    }

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests import samples
-from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
+from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from tests.signing import KeyServer, sign, signing_key
 from worker.config import values
 from worker.config.settings import Settings
@@ -26,7 +26,6 @@ from worker.mail.trust import (
 )
 from worker.models import AuditFilter, AuditRow, DedupMode, MailSummary, Outcome
 from worker.relay.pipeline import Pipeline, PipelineConfig
-from worker.store.sqlstore import SqlStore
 
 SHOP = signing_key("shop.example")
 PARENT = signing_key("example.net")  # signs for billing.example.net
@@ -393,8 +392,14 @@ def test_no_policy_no_verdicts() -> None:
 # --- a poll against fakes ---------------------------------------------------------------
 
 
+@pytest.fixture
+def store() -> FakeStore:
+    """The store in memory: these tests are about what a poll forwards, not about SQL."""
+    return FakeStore()
+
+
 def poll(
-    store: SqlStore,
+    store: FakeStore,
     mailbox: FakeMailbox,
     config: dict[str, object],
     keys: KeyServer | None = None,
@@ -421,7 +426,7 @@ def poll(
     return outbox, sorted(store.audit(AuditFilter()), key=lambda row: row.id)
 
 
-def test_with_dkim_required_only_proven_mail_is_forwarded(store: SqlStore) -> None:
+def test_with_dkim_required_only_proven_mail_is_forwarded(store: FakeStore) -> None:
     mailbox = FakeMailbox()
     good = mailbox.add(sign(shop_mail(), SHOP))
     forged = mailbox.add(shop_mail())
@@ -434,11 +439,35 @@ def test_with_dkim_required_only_proven_mail_is_forwarded(store: SqlStore) -> No
         assert by_uid[uid].outcome is Outcome.REJECTED
         assert (by_uid[uid].reason or "").startswith("DKIM: ")
         assert by_uid[uid].filename == "Invoice 1042.pdf"
-    # Unproven mails' PDFs were never downloaded.
-    assert {uid for uid, _ in mailbox.whole_fetches} == {good}
+    # Unproven mails' PDFs were never downloaded; the proven mail's PDF was cut from
+    # the whole mail fetched for DKIM, not downloaded a second time.
+    assert mailbox.whole_fetches == []
+    assert sorted(mailbox.whole_mails) == sorted([good, forged, foreign])
+    (forwarded,) = outbox.sent
+    (attachment,) = [p for p in forwarded.walk() if p.get_content_type() == "application/pdf"]
+    assert attachment.get_payload(decode=True) == PDF
 
 
-def test_a_dns_timeout_makes_the_mail_an_error_for_a_later_poll(store: SqlStore) -> None:
+def test_with_dkim_on_each_pdf_is_downloaded_once(store: FakeStore) -> None:
+    mailbox = FakeMailbox()
+    first = mailbox.add(sign(shop_mail(), SHOP))
+    nested = mailbox.add(sign(samples.forwarded_mail(shop_mail()), SHOP))
+    outbox, rows = poll(store, mailbox, {"trust": DKIM_ON}, KeyServer().publish(SHOP))
+
+    assert {row.uid: row.outcome for row in rows} == {
+        first: Outcome.FORWARDED,
+        nested: Outcome.DUPLICATE,
+    }
+    # Each mail is downloaded once, whole, for DKIM; its PDF is cut from it. The only
+    # other FETCH is the 64-octet probe of the text parts, before the proof.
+    assert mailbox.calls.count("fetch_messages") == 1
+    assert sorted(mailbox.whole_mails) == [first, nested]
+    assert mailbox.whole_fetches == []
+    assert mailbox.calls.count("fetch_sections") == 1
+    assert len(outbox.sent) == 1
+
+
+def test_a_dns_timeout_makes_the_mail_an_error_for_a_later_poll(store: FakeStore) -> None:
     mailbox = FakeMailbox()
     mailbox.add(sign(shop_mail(), SHOP))
     keys = KeyServer().publish(SHOP)
@@ -450,7 +479,7 @@ def test_a_dns_timeout_makes_the_mail_an_error_for_a_later_poll(store: SqlStore)
     ]
 
 
-def test_mail_without_pdfs_is_never_fetched_whole(store: SqlStore) -> None:
+def test_mail_without_pdfs_is_never_fetched_whole(store: FakeStore) -> None:
     mailbox = FakeMailbox()
     mailbox.add(samples.plain_mail())
     _, rows = poll(store, mailbox, {"trust": DKIM_ON})
@@ -466,7 +495,7 @@ def test_mail_without_pdfs_is_never_fetched_whole(store: SqlStore) -> None:
     ],
 )
 def test_past_a_structure_limit_nothing_is_downloaded(
-    store: SqlStore, config: dict[str, object], reason: str
+    store: FakeStore, config: dict[str, object], reason: str
 ) -> None:
     mailbox = FakeMailbox()
     inner = samples.invoice_mail(pdfs=[(f"{n}.pdf", PDF) for n in range(6)])

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime
 from enum import Enum
 
+from worker.cli.csvsafe import write_csv
+from worker.mail.text import clean_text
 from worker.models import AuditRow
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AuditRow))
@@ -54,20 +54,14 @@ def as_json(rows: Sequence[AuditRow]) -> str:
 
 
 def as_csv(rows: Sequence[AuditRow]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([_text(getattr(row, name)) for name in COLUMNS])
-    return buffer.getvalue()
+    """All columns; formula-like text neutralised (`worker.cli.csvsafe`)."""
+    return write_csv(COLUMNS, ([getattr(row, name) for name in COLUMNS] for row in rows))
 
 
 def _cell(name: str, value: object) -> str:
-    text = " ".join(_text(value).split())
-    cap = _WIDTH_CAP.get(name)
-    if cap is not None and len(text) > cap:
-        text = text[: cap - 1] + "…"
-    return text
+    # One line per row, and no terminal escape from a stranger's sender or filename.
+    text = _text(value)
+    return clean_text(text, _WIDTH_CAP.get(name, len(text)), mark_cut=True)
 
 
 def as_table(rows: Sequence[AuditRow]) -> str:

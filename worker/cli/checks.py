@@ -10,6 +10,7 @@ from typing import TextIO
 from worker.cli.commands import imap_mailbox, smtp_outbox
 from worker.config.settings import Settings
 from worker.errors import (
+    DeliveryRefused,
     MailboxError,
     MailboxFolderError,
     MailboxLoginError,
@@ -17,7 +18,6 @@ from worker.errors import (
     OAuthLoginRefused,
     OutboxError,
     RelayError,
-    SendRejected,
     StoreError,
     TokenEndpointError,
 )
@@ -162,7 +162,7 @@ def _send_test(settings: Settings, address: str) -> str:
     try:
         outbox.open()
         answer = outbox.send(test_message(settings, address), recipient=address)
-    except SendRejected as exc:
+    except DeliveryRefused as exc:
         raise RelayError(f"test mail refused: {exc}") from exc
     finally:
         outbox.close()

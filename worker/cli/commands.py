@@ -7,21 +7,22 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 
-from worker.config.settings import Settings, http_port_from_env
+from worker.config.settings import Secret, Settings, http_port_from_env
 from worker.delivery.smtp import SmtpOutbox
 from worker.errors import StoreError
 from worker.faults import checkpoint_for
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.trust import TrustPolicy
-from worker.models import AuditFilter, AuditRow, PollReport
+from worker.models import AuditFilter, AuditRow, PasswordCredentials, PollReport, sqlite_file
 from worker.pdf.pool import PdfInspector
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
+from worker.relay.ports import PipelineStore
 from worker.relay.retry import lease_seconds
 from worker.service.idle import IdleWatcher, PollRequests
-from worker.store import migrate, schema
+from worker.store import migrate
+from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,27 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
     )
 
 
-def imap_mailbox(settings: Settings) -> ImapMailbox:
+def imap_mailbox(settings: Settings, *, for_idle: bool = False) -> ImapMailbox:
+    """The polled folder; `for_idle`: the watcher's connection of its own, which stays
+    open for hours and so has no poll deadline."""
     return ImapMailbox(
         host=settings.imap_host,
         port=settings.imap_port,
         security=settings.imap_security,
-        user=settings.imap_user,
-        password=settings.imap_password.reveal(),
+        credentials=PasswordCredentials(user=settings.imap_user, password=settings.imap_password),
         folder=settings.imap_folder,
         ca_file=settings.ca_file,
         timeout=settings.timeout_seconds,
+        deadline_seconds=None if for_idle else settings.poll_deadline_seconds,
+    )
+
+
+def smtp_credentials(settings: Settings) -> PasswordCredentials | None:
+    """None when no SMTP user is set: the server takes mail without a login."""
+    if not settings.smtp_user:
+        return None
+    return PasswordCredentials(
+        user=settings.smtp_user, password=settings.smtp_password or Secret("")
     )
 
 
@@ -85,8 +97,7 @@ def smtp_outbox(settings: Settings) -> SmtpOutbox:
         host=settings.smtp_host,
         port=settings.smtp_port,
         security=settings.smtp_security,
-        user=settings.smtp_user,
-        password=settings.smtp_password.reveal() if settings.smtp_password else None,
+        credentials=smtp_credentials(settings),
         forward_from=settings.forward_from,
         forward_to=settings.forward_to,
         ca_file=settings.ca_file,
@@ -120,12 +131,17 @@ def prepared_store(settings: Settings) -> SqlStore:
 @contextmanager
 def _pipeline(
     settings: Settings,
-    store: SqlStore,
+    store: PipelineStore,
     *,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
+    inspector: PdfInspector | None = None,
 ) -> Iterator[Pipeline]:
-    inspector = pdf_inspector(settings)
+    """A pipeline for one poll. With `inspector` (the service's warm pool) its workers
+    are used and left running; without, a pool is started for this poll and closed."""
+    owned = inspector is None
+    if inspector is None:
+        inspector = pdf_inspector(settings)
     try:
         yield Pipeline(
             config=pipeline_config(settings),
@@ -139,7 +155,8 @@ def _pipeline(
             checkpoint=checkpoint_for(settings.test_crash_at),
         )
     finally:
-        inspector.close()
+        if owned:
+            inspector.close()
 
 
 def poll_once(
@@ -148,6 +165,7 @@ def poll_once(
     *,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
+    inspector: PdfInspector | None = None,
 ) -> PollReport:
     name = mailbox_name(settings)
     with store.poll_lock(name) as acquired:
@@ -159,7 +177,9 @@ def poll_once(
                 extra={"action": "poll_locked", "mailbox": name},
             )
             return PollReport(mailbox=name, started_at=now, finished_at=now, locked=True)
-        with _pipeline(settings, store, stop=stop, progress=progress) as pipeline:
+        with _pipeline(
+            settings, store, stop=stop, progress=progress, inspector=inspector
+        ) as pipeline:
             report = pipeline.poll()
         # Inside the poll lock: no other replica records sightings while it reads them.
         notify_after_poll(settings, store)
@@ -206,7 +226,7 @@ def dry_run(settings: Settings) -> list[PlannedSighting]:
         store = SqlStore(url)
     else:
         store = SqlStore("sqlite://")
-        schema.create_schema(store.engine)
+        create_schema(store.engine)
     try:
         with _pipeline(settings, store) as pipeline:
             return pipeline.plan()
@@ -227,8 +247,15 @@ def run_service(settings: Settings) -> int:
         if store is None:
             return 0
         healthy_after = settings.healthy_after_seconds or 3 * interval_hint(spec) + 60
+        # One pool for the service's life: starting workers on every poll was most of
+        # the time from an IDLE announcement to the forwarded mail. The pool replaces a
+        # worker that crashed or timed out by itself.
+        inspector = pdf_inspector(settings)
+        inspector.prestart()  # warm before the first mail, not on its arrival
         try:
-            requests = PollRequests(lambda: poll_once(settings, store, stop=stop))
+            requests = PollRequests(
+                lambda: poll_once(settings, store, stop=stop, inspector=inspector)
+            )
             service = Service(
                 poll=requests.poll,
                 trigger=build_trigger(spec),
@@ -239,10 +266,11 @@ def run_service(settings: Settings) -> int:
             )
             if settings.idle:  # polls as soon as mail comes; the schedule stays the net
                 requests.connect(service.poll_now)
-                mailbox = imap_mailbox(settings)
+                mailbox = imap_mailbox(settings, for_idle=True)
                 IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
             return service.run()
         finally:
+            inspector.close()
             store.close()
 
 
@@ -266,10 +294,9 @@ def _store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore |
 
 def _existing_database(url: str) -> SqlStore:
     """Read-only and maintenance commands never create a database by accident."""
-    parsed = schema.parse_url(url)
-    location = parsed.database if parsed.get_backend_name() == "sqlite" else None
-    if location and not Path(location).exists():
-        raise StoreError(f"no database at {location} yet (run `invoice-relay once` first)")
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StoreError(f"no database at {path} yet (run `invoice-relay once` first)")
     if migrate.current_revision(url) is None:
         raise StoreError(
             "the database holds no relay tables yet (run `invoice-relay db upgrade` or a poll)"

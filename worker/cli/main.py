@@ -1,7 +1,7 @@
 """Composition root: parse the command, build settings, adapters and the pipeline.
 
 Expected failures end as one line on stderr (never a traceback, never a secret) with
-the exit status DESIGN.md promises: 0 done, 1 a server or the database unavailable,
+the exit status the README promises ("Commands"): 0 done, 1 a server or the database unavailable,
 2 bad configuration or usage.
 """
 

@@ -18,21 +18,20 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote
 
+from worker import models
 from worker.config import values
 from worker.config.oauth import OAuthSettings, read_oauth
 from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
-from worker.models import DedupMode, Security
+from worker.logs import MASK, mask_url, url_passwords
+from worker.models import DedupMode, Security, sqlite_file, sqlite_location
 from worker.tokens import AuthMethod
 
 PREFIX = "INVOICE_RELAY_"
-MASK = "****"
-MB = 1024 * 1024
 
 _T = TypeVar("_T")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -45,7 +44,7 @@ class Secret:
     @classmethod
     def url(cls, value: str) -> Secret:
         """A URL that prints with its password masked, and only its password."""
-        return cls(value, _mask_url(value))
+        return cls(value, mask_url(value))
 
     def reveal(self) -> str:
         return self._value
@@ -83,27 +82,31 @@ class Settings:
     keep_pdfs: bool
     ca_file: Path | None
     log_format: str
-    timeout_seconds: float = 60.0
-    max_attempts: int = 10
-    max_mail_bytes: int = 50 * MB
-    max_pdf_bytes: int = 30 * MB
-    pdf_timeout_seconds: float = 30.0
-    pdf_memory_mb: int = 1024
-    error_retries: int = 3
+    timeout_seconds: float = models.DEFAULT_TIMEOUT_SECONDS
+    # A whole poll's time on IMAP: a server trickling bytes keeps every single wait
+    # under `timeout_seconds` and would otherwise stretch a poll without bound.
+    poll_deadline_seconds: float = models.DEFAULT_POLL_DEADLINE_SECONDS
+    max_attempts: int = models.DEFAULT_MAX_ATTEMPTS
+    max_mail_bytes: int = models.DEFAULT_MAX_MAIL_BYTES
+    max_pdf_bytes: int = models.DEFAULT_MAX_PDF_BYTES
+    pdf_timeout_seconds: float = models.DEFAULT_PDF_TIMEOUT_SECONDS
+    pdf_memory_mb: int = models.DEFAULT_PDF_MEMORY_MB
+    error_retries: int = models.DEFAULT_ERROR_RETRIES
     healthy_after_seconds: float | None = None  # None: three schedule intervals
     invoice_number_pattern: str | None = None
-    max_parts: int = 100  # MIME parts per mail (docs/security.md)
-    max_depth: int = 10  # MIME nesting levels
+    max_parts: int = models.DEFAULT_MAX_PARTS  # MIME parts per mail (docs/security.md)
+    max_depth: int = models.DEFAULT_MAX_DEPTH  # MIME nesting levels
     require_dkim: bool = False  # a valid aligned DKIM signature proves From
     dkim_domains: tuple[str, ...] = ()  # signing domains accepted for any From
     trusted_authserv_id: str | None = None  # Authentication-Results trusted from this server
-    retry_delay_seconds: float = 60.0  # the first retry's delay; doubles per attempt
+    retry_delay_seconds: float = models.DEFAULT_RETRY_DELAY_SECONDS  # doubles per attempt
     # Test-only (docs/guarantees.md), never set in production: a crash at a named step,
     # and a lease short enough for a test to outlive.
     test_crash_at: CrashAt | None = None
     test_lease_seconds: float | None = None
     notify_to: str | None = None  # where failure notices go; None: no notices
-    notify_interval_seconds: float = 3600.0  # at most one failure notice this often
+    # at most one failure notice this often
+    notify_interval_seconds: float = models.DEFAULT_NOTIFY_INTERVAL_SECONDS
     unknown_variables: tuple[str, ...] = ()  # INVOICE_RELAY_* names nobody reads: typos?
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
     imap_auth: AuthMethod = AuthMethod.PASSWORD
@@ -141,7 +144,7 @@ class Settings:
             database_url=_database_url(env),
             schedule=env.text("SCHEDULE") or "*/5 * * * *",
             timezone=env.parse("TIMEZONE", values.timezone, "UTC"),
-            http_port=env.parse("HTTP_PORT", values.port(0), 8080),
+            http_port=env.parse("HTTP_PORT", values.port(0), models.DEFAULT_HTTP_PORT),
             since=env.parse("SINCE", values.iso_date, None),
             max_sends_per_minute=env.parse("MAX_SENDS_PER_MINUTE", values.integer(1), None),
             allowed_senders=env.parse("ALLOWED_SENDERS", values.senders, ()),
@@ -151,26 +154,45 @@ class Settings:
             log_format=env.parse(
                 "LOG_FORMAT", values.log_format, "text" if stderr_is_tty else "json"
             ),
-            timeout_seconds=env.parse("TIMEOUT", values.positive_float, 60.0),
-            max_attempts=env.parse("MAX_ATTEMPTS", values.integer(1), 10),
-            max_mail_bytes=env.parse("MAX_MAIL_BYTES", values.integer(1), 50 * MB),
-            max_pdf_bytes=env.parse("MAX_PDF_BYTES", values.integer(1), 30 * MB),
-            pdf_timeout_seconds=env.parse("PDF_TIMEOUT", values.positive_float, 30.0),
-            pdf_memory_mb=env.parse("PDF_MEMORY_MB", values.integer(64), 1024),
-            error_retries=env.parse("ERROR_RETRIES", values.integer(0), 3),
+            timeout_seconds=env.parse(
+                "TIMEOUT", values.positive_float, models.DEFAULT_TIMEOUT_SECONDS
+            ),
+            poll_deadline_seconds=env.parse(
+                "POLL_DEADLINE", parse_duration, models.DEFAULT_POLL_DEADLINE_SECONDS
+            ),
+            max_attempts=env.parse("MAX_ATTEMPTS", values.integer(1), models.DEFAULT_MAX_ATTEMPTS),
+            max_mail_bytes=env.parse(
+                "MAX_MAIL_BYTES", values.integer(1), models.DEFAULT_MAX_MAIL_BYTES
+            ),
+            max_pdf_bytes=env.parse(
+                "MAX_PDF_BYTES", values.integer(1), models.DEFAULT_MAX_PDF_BYTES
+            ),
+            pdf_timeout_seconds=env.parse(
+                "PDF_TIMEOUT", values.positive_float, models.DEFAULT_PDF_TIMEOUT_SECONDS
+            ),
+            pdf_memory_mb=env.parse(
+                "PDF_MEMORY_MB", values.integer(64), models.DEFAULT_PDF_MEMORY_MB
+            ),
+            error_retries=env.parse(
+                "ERROR_RETRIES", values.integer(0), models.DEFAULT_ERROR_RETRIES
+            ),
             healthy_after_seconds=env.parse("HEALTHY_AFTER", parse_duration, None),
             invoice_number_pattern=env.parse("INVOICE_NUMBER_PATTERN", values.pattern, None),
-            max_parts=env.parse("MAX_PARTS", values.integer(1), 100),
-            max_depth=env.parse("MAX_DEPTH", values.integer(1), 10),
+            max_parts=env.parse("MAX_PARTS", values.integer(1), models.DEFAULT_MAX_PARTS),
+            max_depth=env.parse("MAX_DEPTH", values.integer(1), models.DEFAULT_MAX_DEPTH),
             require_dkim=env.parse("REQUIRE_DKIM", values.boolean, False),
             dkim_domains=env.parse("DKIM_DOMAINS", values.domains, ()),
             trusted_authserv_id=env.parse("TRUSTED_AUTHSERV_ID", values.authserv_id, None),
-            retry_delay_seconds=env.parse("RETRY_DELAY", parse_duration, 60.0),
+            retry_delay_seconds=env.parse(
+                "RETRY_DELAY", parse_duration, models.DEFAULT_RETRY_DELAY_SECONDS
+            ),
             idle=env.parse("IDLE", values.boolean, False),
             test_crash_at=env.parse("TEST_CRASH_AT", CrashAt.from_text, None),
             test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),
             notify_to=env.parse("NOTIFY_TO", values.address, None),
-            notify_interval_seconds=env.parse("NOTIFY_INTERVAL", parse_duration, 3600.0),
+            notify_interval_seconds=env.parse(
+                "NOTIFY_INTERVAL", parse_duration, models.DEFAULT_NOTIFY_INTERVAL_SECONDS
+            ),
             imap_auth=imap_auth,
             smtp_auth=smtp_auth,
             oauth=oauth,
@@ -191,8 +213,7 @@ class Settings:
 
     def sqlite_path(self) -> Path | None:
         """The SQLite database file (the CLI creates its directory); None otherwise."""
-        location = _sqlite_location(self.database_url.reveal())
-        return None if location in (None, "", ":memory:") else Path(location)
+        return sqlite_file(self.database_url.reveal())
 
     def describe(self) -> dict[str, str]:
         """Every setting as text, secrets masked: for `check` output and start-up logs."""
@@ -207,7 +228,7 @@ class Settings:
             for secret in (self.oauth.client_secret, self.oauth.refresh_token):
                 if secret is not None:
                     values.append(secret.reveal())
-        for password in _url_passwords(self.database_url.reveal()):
+        for password in url_passwords(self.database_url.reveal()):
             values.extend((password, unquote(password)))
         return tuple(dict.fromkeys(value for value in values if value))
 
@@ -223,7 +244,7 @@ def database_url_from_env(environ: Mapping[str, str]) -> Secret:
 def http_port_from_env(environ: Mapping[str, str]) -> int:
     """Only INVOICE_RELAY_HTTP_PORT, for the container's health probe."""
     env = _Reader(environ)
-    port = env.parse("HTTP_PORT", values.port(0), 8080)
+    port = env.parse("HTTP_PORT", values.port(0), models.DEFAULT_HTTP_PORT)
     env.raise_problems()
     return port
 
@@ -325,7 +346,7 @@ def _database_url(env: _Reader) -> Secret:
             "or postgresql+psycopg://user:password@host/dbname",
         )
     else:
-        location = _sqlite_location(url)
+        location = sqlite_location(url)
         if location not in (None, "", ":memory:") and not os.path.isabs(location or ""):
             env.fail(
                 "DATABASE_URL",
@@ -349,45 +370,6 @@ def _default_database_url(env: _Reader) -> str:
             return "sqlite://"
         data_home = os.path.join(home, ".local", "share")
     return "sqlite:///" + os.path.join(data_home, "invoice-relay", "relay.db")
-
-
-def _sqlite_location(url: str) -> str | None:
-    """The database part of a SQLite URL ("" or ":memory:" in memory); None if not SQLite."""
-    scheme, separator, rest = url.partition("://")
-    if not separator or not scheme.lower().startswith("sqlite"):
-        return None
-    rest = rest.partition("?")[0]
-    return rest.removeprefix("/")
-
-
-def _url_passwords(url: str) -> list[str]:
-    passwords = [match[2] for match in _QUERY_PASSWORD.finditer(url)]
-    split = _split_userinfo(url)
-    if split is not None:
-        passwords.insert(0, split[1])
-    return [password for password in passwords if password]
-
-
-def _split_userinfo(url: str) -> tuple[str, str, str] | None:
-    """(before, password, after) of `scheme://user:password@rest`.
-
-    The last "@" ends the password, so an unescaped "@" or "/" in it is still masked;
-    a URL that only looks like it has a password is masked too much, never too little.
-    """
-    scheme, separator, rest = url.partition("://")
-    at = rest.rfind("@")
-    if not separator or at < 0:
-        return None
-    user, colon, password = rest[:at].partition(":")
-    if not colon:
-        return None
-    return f"{scheme}://{user}:", password, rest[at:]
-
-
-def _mask_url(url: str) -> str:
-    split = _split_userinfo(url)
-    masked = url if split is None else f"{split[0]}{MASK}{split[2]}"
-    return _QUERY_PASSWORD.sub(lambda match: match[1] + MASK, masked)
 
 
 def _describe(value: object) -> str:

@@ -1,6 +1,6 @@
-"""The forwarded mail (DESIGN.md, "Forwarded mail"), built as bytes without `email`.
+"""The forwarded mail (README, "Forwarded mail"), built as bytes without `email`.
 
-`build_forward` is pure: one `OutgoingDocument` to one `ForwardMail`, the wire form of a
+`build_forward` is pure: one `Parcel` to one `ForwardMail`, the wire form of a
 multipart/mixed mail with a quoted-printable text part and the PDF in base64. The
 headers are written here directly: `email`'s header registry and generator cost more
 than the SMTP round trips of a small invoice, and they hold the whole attachment as a
@@ -13,7 +13,6 @@ from __future__ import annotations
 import binascii
 import re
 import secrets
-import unicodedata
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,20 +20,20 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import format_datetime
+from email.utils import format_datetime, make_msgid
 
-from worker.models import OutgoingDocument
+from worker.mail.text import clean_filename, clean_text
+from worker.models import Notice, Parcel
 
 RELAY_HEADER = "X-Invoice-Relay"
+NOTICE_HEADER = "X-Invoice-Relay-Notice"  # read by the loop guard, worker.mail.verdicts
 DEFAULT_RELAY_ID = "invoice-relay"
 SUBJECT_LIMIT = 200
 FILENAME_LIMIT = 200
 BODY_FIELD_LIMIT = 300
 
-_WHITESPACE = re.compile(r"\s+")
 _HEX = re.compile(r"[0-9a-f]+")
 _RELAY_ID = re.compile(r"[A-Za-z0-9.-]+")
-_PATH_SEPARATORS = str.maketrans({"/": " ", "\\": " "})
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 _LINE = 76  # base64 characters per line, as RFC 2045 asks
 _LINE_INPUT = _LINE // 4 * 3  # the 57 PDF bytes one line encodes
@@ -46,34 +45,10 @@ _PARAMETER_PIECE = 60  # characters of one RFC 2231 continuation
 # --- cleaning what came from the original mail --------------------------------------
 
 
-def _drop_controls(value: str) -> str:
-    # Cc covers CR, LF, NUL, TAB and DEL; Zl/Zp are the Unicode line and paragraph
-    # separators, which some readers treat as line breaks too. They become spaces so
-    # that words on either side stay apart.
-    return "".join(
-        " " if unicodedata.category(char) in {"Cc", "Zl", "Zp"} else char for char in value
-    )
-
-
-def clean_text(value: str, limit: int) -> str:
-    """One line of text: control characters removed, whitespace collapsed, at most `limit`."""
-    collapsed = _WHITESPACE.sub(" ", _drop_controls(value)).strip()
-    return collapsed[:limit].rstrip()
-
-
-def clean_filename(value: str, limit: int = FILENAME_LIMIT) -> str:
-    """An attachment name with no control characters and no path; "invoice.pdf" when empty.
-
-    A name cut at `limit` keeps its `.pdf` ending so the receiver still sees a PDF.
-    """
-    name = clean_text(value.translate(_PATH_SEPARATORS), limit=len(value) + 1)
-    name = name.lstrip(". ")  # no hidden files, no "..": the name is a leaf, never a path
-    if not name:
-        return "invoice.pdf"
-    if len(name) <= limit:
-        return name
-    suffix = ".pdf" if name.lower().endswith(".pdf") else ""
-    return name[: limit - len(suffix)].rstrip() + suffix
+def attachment_filename(value: str) -> str:
+    """The forwarded attachment's name (`worker.mail.text.clean_filename`, at most
+    `FILENAME_LIMIT`); "invoice.pdf" when nothing is left."""
+    return clean_filename(value, FILENAME_LIMIT) or "invoice.pdf"
 
 
 def forward_message_id(sha256: str, resend_count: int, *, relay_id: str = DEFAULT_RELAY_ID) -> str:
@@ -99,7 +74,7 @@ def _describe_date(value: datetime | None) -> str:
     return format_datetime(aware)
 
 
-def _body(document: OutgoingDocument, filename: str) -> str:
+def _body(document: Parcel, filename: str) -> str:
     def field(value: str) -> str:
         return clean_text(value, BODY_FIELD_LIMIT) or "unknown"
 
@@ -229,21 +204,21 @@ class ForwardMail:
 
 
 def build_forward(
-    document: OutgoingDocument,
+    document: Parcel,
     *,
     forward_to: str,
     forward_from: str,
     relay_id: str = DEFAULT_RELAY_ID,
     now: datetime | None = None,
 ) -> ForwardMail:
-    """The mail that forwards one document (DESIGN.md, "Forwarded mail").
+    """The mail that forwards one document (README, "Forwarded mail").
 
     `now` is the Date header (the current time when None). Raises ValueError for a
     `sha256` that is not hexadecimal or an address that cannot be a header.
     """
     message_id = forward_message_id(document.sha256, document.resend_count, relay_id=relay_id)
     sha256 = document.sha256.lower()
-    filename = clean_filename(document.filename)
+    filename = attachment_filename(document.filename)
     subject = clean_text(document.original_subject, SUBJECT_LIMIT) or f"Invoice {filename}"
     sent_at = now if now is not None else datetime.now(UTC)
     date = format_datetime(sent_at if sent_at.tzinfo is not None else sent_at.replace(tzinfo=UTC))
@@ -282,3 +257,18 @@ def build_forward(
         content=document.content,
         tail=f"--{boundary}--\r\n".encode("ascii"),
     )
+
+
+def notice_message(notice: Notice) -> EmailMessage:
+    """A failure notice as mail: plain text, `Auto-Submitted` so that no autoresponder
+    answers it, marked so that the loop guard knows it should it come back."""
+    message = EmailMessage()
+    message["From"] = notice.sender
+    message["To"] = notice.recipient
+    message["Subject"] = notice.subject
+    message["Date"] = format_datetime(notice.written_at.astimezone(UTC))
+    message["Message-ID"] = make_msgid(idstring="notice", domain=notice.sender.rpartition("@")[2])
+    message["Auto-Submitted"] = "auto-generated"
+    message[NOTICE_HEADER] = f"v1; rows={notice.rows}"
+    message.set_content(notice.body)
+    return message

@@ -1,31 +1,48 @@
 """Sending forwarded mail; the only module that speaks SMTP.
 
-`SmtpOutbox` is the adapter behind `worker.relay.ports.Outbox`: it turns every smtplib, socket
-and TLS failure into `SessionRefused` (the session is unusable, nothing counts) or
-`SendRejected` (this one mail was refused; `code` says temporary or permanent). The mail
-itself is built by `worker.delivery.message`.
+`SmtpOutbox` is the adapter behind `worker.relay.ports.Destination` (and the notices'
+`worker.relay.notify.NoticeSender`): it turns every smtplib, socket and TLS failure into
+`SessionRefused` (the session is unusable, nothing counts) or a `DeliveryRefused` for this
+one mail: 5xx `DeliveryRejected`, 4xx `DeliveryDeferred`, a connection lost while the
+content went out `DeliveryUncertain`. The mail itself is built by `worker.delivery.message`.
 (`worker.relay.pacer.SendPacer` enforces `INVOICE_RELAY_MAX_SENDS_PER_MINUTE`.)
 """
 
 from __future__ import annotations
 
+import base64
 import logging
-import re
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Sequence
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from worker.delivery.message import RELAY_HEADER, ForwardMail, clean_text
-from worker.errors import SendRejected, SessionRefused
-from worker.models import Security
+from worker.delivery.framing import Abandoned, data, forward_pieces, stuffed_slices
+from worker.delivery.message import RELAY_HEADER, ForwardMail, build_forward, notice_message
+from worker.errors import (
+    DeliveryDeferred,
+    DeliveryRefused,
+    DeliveryRejected,
+    DeliveryUncertain,
+    SessionRefused,
+)
+from worker.mail.text import clean_text
+from worker.models import (
+    DEFAULT_TIMEOUT_SECONDS,
+    Credentials,
+    Notice,
+    Parcel,
+    PasswordCredentials,
+    Receipt,
+    Security,
+)
 
-__all__ = ["LOST_DURING_SEND", "SmtpOutbox", "clean_text"]  # clean_text: for worker.relay.notify
+__all__ = ["LOST_DURING_SEND", "SmtpOutbox"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +98,8 @@ def _open_failure_reason(exc: Exception, *, timeout: float) -> str:
 
 
 class SmtpOutbox:
-    """One SMTP session to the outgoing server (`worker.relay.ports.Outbox`)."""
+    """One SMTP session to the outgoing server: `worker.relay.ports.Destination` for
+    forwarded PDFs, `worker.relay.notify.NoticeSender` for notices."""
 
     def __init__(
         self,
@@ -89,18 +107,16 @@ class SmtpOutbox:
         host: str,
         port: int,
         security: Security,
-        user: str | None,
-        password: str | None,
+        credentials: Credentials | None,
         forward_from: str,
         forward_to: str,
         ca_file: Path | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self._host = host
         self._port = port
         self._security = security
-        self._user = user
-        self._password = password
+        self._credentials = credentials
         self._forward_from = forward_from
         self._forward_to = forward_to
         self._ca_file = ca_file
@@ -110,7 +126,7 @@ class SmtpOutbox:
     def __repr__(self) -> str:
         return (
             f"SmtpOutbox(host={self._host!r}, port={self._port}, "
-            f"security={self._security.value!r}, user={self._user!r})"
+            f"security={self._security.value!r}, credentials={self._credentials!r})"
         )
 
     def __enter__(self) -> Self:
@@ -161,17 +177,18 @@ class SmtpOutbox:
                     )
                 smtp.starttls(context=self._tls_context())
                 smtp.ehlo()
-            if self._user:
-                smtp.login(self._user, self._password or "")
+            if self._credentials is not None:
+                self._log_in(smtp, self._credentials)
         except SessionRefused:
             _discard(smtp)
             raise
         except (smtplib.SMTPException, OSError) as exc:
             _discard(smtp)
             reason = _open_failure_reason(exc, timeout=self._timeout)
-            if self._password and isinstance(exc, smtplib.SMTPAuthenticationError):
+            password = _password(self._credentials)
+            if password and isinstance(exc, smtplib.SMTPAuthenticationError):
                 # A server may quote what it was sent; the password never goes further.
-                reason = reason.replace(self._password, "****")
+                reason = reason.replace(password, "****")
             raise self._refused(reason) from exc
         if smtp.sock is not None:
             smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -180,6 +197,51 @@ class SmtpOutbox:
             "smtp session open",
             extra={"action": "smtp_opened", "host": self._host, "port": self._port},
         )
+
+    def _log_in(self, smtp: smtplib.SMTP, credentials: Credentials) -> None:
+        """AUTH with smtplib's choice of mechanism, or, for a user or password that is
+        not ASCII (which smtplib cannot encode), AUTH PLAIN in UTF-8 (RFC 4954, RFC 4616).
+        Raises `SessionRefused` when the server offers no mechanism that carries it."""
+        match credentials:
+            case PasswordCredentials(user=user, password=secret):
+                password = secret.reveal()
+        if not user:
+            return
+        if not smtp.has_extn("auth"):
+            # What smtplib's login() says, before it could try to encode anything.
+            raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
+        offered = smtp.esmtp_features.get("auth", "").upper().split()
+        mechanism = login_mechanism(user, password, offered)
+        if mechanism == SMTPLIB_CHOICE:
+            smtp.login(user, password)
+            return
+        if mechanism is None:
+            # Named by position in the settings, never by a character of the secret.
+            raise self._refused(
+                "the user or password has non-ASCII characters and the server offers no "
+                "login that can carry them (they need AUTH PLAIN; it offers "
+                f"{' '.join(offered) or 'none'}); check INVOICE_RELAY_SMTP_USER/_PASSWORD"
+            )
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+        code, answer = smtp.docmd("AUTH", "PLAIN " + response.decode("ascii"))
+        if code == 503:  # already authenticated, as smtplib's login() accepts too
+            return
+        if code != 235:
+            raise smtplib.SMTPAuthenticationError(code, answer)
+
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+        """Forward one PDF to FORWARD_TO (`worker.relay.ports.Destination.deliver`).
+
+        The mail is built here (`worker.delivery.message.build_forward`); `before_final`
+        runs before the terminating dot, the point after which the server may accept it.
+        """
+        mail = build_forward(parcel, forward_to=self._forward_to, forward_from=self._forward_from)
+        answer = self.send(mail, before_end=before_final)
+        return Receipt(delivery_id=mail.message_id, answer=answer)
+
+    def send_notice(self, notice: Notice) -> str:
+        """One failure notice (`worker.relay.notify.NoticeSender`)."""
+        return self.send(notice_message(notice), recipient=notice.recipient)
 
     def send(
         self,
@@ -193,20 +255,21 @@ class SmtpOutbox:
         Returns the server's acceptance, e.g. "250 OK ...".
 
         Raises `SessionRefused` when the session cannot carry any mail (not open,
-        sender or recipient refused, connection lost before the content went out) and
-        `SendRejected` when the server answered this mail's content (4xx temporary,
-        5xx permanent) or the connection died while it went out (451: it may or may
-        not have arrived; the outbox is closed then).
+        sender or recipient refused, connection lost before the content went out) and a
+        `DeliveryRefused` when the server answered this mail's content (4xx
+        `DeliveryDeferred`, 5xx `DeliveryRejected`) or the connection died while it went
+        out (`DeliveryUncertain`, code 451: it may or may not have arrived; the outbox is
+        closed then).
         """
         smtp = self._smtp
         if smtp is None:
             raise self._refused("the session is not open")
         if isinstance(message, ForwardMail):
             sha256 = message.sha256
-            pieces = _forward_pieces(message)
+            pieces = forward_pieces(message)
         else:
             sha256 = str(message.get(RELAY_HEADER, ""))
-            pieces = _stuffed_slices(message.as_bytes(policy=policy.SMTP))
+            pieces = stuffed_slices(message.as_bytes(policy=policy.SMTP))
 
         # Envelope first: a refusal here concerns the session (sender, recipient,
         # connection), never this mail's content.
@@ -232,14 +295,14 @@ class SmtpOutbox:
             raise self._refused(f"connection lost before sending: {reason}") from exc
 
         try:
-            code, answer = _data(smtp, pieces, before_end)
+            code, answer = data(smtp, pieces, before_end)
         except smtplib.SMTPDataError as exc:
             # The server refused the DATA command itself: an answer about this mail.
             self._reset_or_drop()
-            raise SendRejected(
+            raise _refusal(
                 _answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
             ) from exc
-        except _Abandoned as abandoned:
+        except Abandoned as abandoned:
             # `before_end` raised: the mail is abandoned without its terminating dot, so
             # the server drops what it received with the connection.
             self._drop()
@@ -248,7 +311,7 @@ class SmtpOutbox:
             # Part or all of the mail went out and no answer came back: the server may
             # have accepted it. Temporary, so it is retried under the same Message-ID.
             self._drop()
-            raise SendRejected(
+            raise DeliveryUncertain(
                 f"connection lost during send: {_open_failure_reason(exc, timeout=self._timeout)}",
                 code=LOST_DURING_SEND,
                 sha256=sha256,
@@ -257,9 +320,11 @@ class SmtpOutbox:
         if 200 <= code < 300:
             return _answer(code, answer)
         self._reset_or_drop()
-        # Neither 2xx, 4xx nor 5xx after the content is a broken server; retry later.
-        rejected_code = code if 400 <= code < 600 else LOST_DURING_SEND
-        raise SendRejected(_answer(code, answer), code=rejected_code, sha256=sha256)
+        if 400 <= code < 600:
+            raise _refusal(_answer(code, answer), code=code, sha256=sha256)
+        # Neither 2xx, 4xx nor 5xx after the content is a broken server, which may have
+        # kept the mail: retry later, like a connection lost during the send.
+        raise DeliveryUncertain(_answer(code, answer), code=LOST_DURING_SEND, sha256=sha256)
 
     def close(self) -> None:
         """QUIT; never raises."""
@@ -289,75 +354,33 @@ class SmtpOutbox:
         _discard(smtp)
 
 
-_DATA_CHUNK = 1 << 20
-_LEADING_DOT = re.compile(rb"(?m)^\.")
+SMTPLIB_CHOICE = "smtplib"  # CRAM-MD5, PLAIN or LOGIN, as smtplib prefers
 
 
-def _stuffed(text: bytes) -> bytes:
-    return _LEADING_DOT.sub(b"..", text)
+def login_mechanism(user: str, password: str, offered: Sequence[str]) -> str | None:
+    """How to log in: smtplib's choice for ASCII; for anything else AUTH PLAIN in UTF-8
+    (RFC 4954, RFC 4616) when the server offers it, since smtplib encodes every
+    mechanism in ASCII; None when nothing offered can carry these."""
+    if user.isascii() and password.isascii():
+        return SMTPLIB_CHOICE
+    if "PLAIN" in (mechanism.upper() for mechanism in offered):
+        return "PLAIN"
+    return None
 
 
-def _forward_pieces(mail: ForwardMail) -> Iterator[bytes]:
-    """A forwarded mail for DATA: base64 lines never start with a dot, so only the head
-    and the tail are dot-stuffed; the attachment is encoded 1 MiB at a time."""
-    yield _stuffed(mail.head)
-    yield from mail.attachment_slices(_DATA_CHUNK)
-    yield _stuffed(mail.tail)
+def _refusal(detail: str, *, code: int, sha256: str) -> DeliveryRefused:
+    """A reply to this mail's content: 5xx refuses it for good, anything else for now."""
+    if 500 <= code < 600:
+        return DeliveryRejected(detail, code=code, sha256=sha256)
+    return DeliveryDeferred(detail, code=code, sha256=sha256)
 
 
-def _stuffed_slices(content: bytes) -> Iterator[bytes]:
-    """Any other mail for DATA: 1 MiB slices, each ending after a line break,
-    dot-stuffed one by one (smtplib's `data()` would make three whole copies)."""
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"  # the terminating dot must start a line
-    view = memoryview(content)
-    start = 0
-    while start < len(content):
-        end = content.find(b"\n", min(start + _DATA_CHUNK, len(content)) - 1)
-        end = len(content) if end < 0 else end + 1
-        yield _stuffed(view[start:end].tobytes())
-        start = end
-
-
-class _Abandoned(Exception):  # a carrier, never seen outside this module
-    """What `before_end` raised, carried past the handlers of SMTP failures."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-def _data(
-    smtp: smtplib.SMTP, pieces: Iterable[bytes], before_end: Callable[[], None] | None
-) -> tuple[int, bytes]:
-    """DATA with the content in `pieces` (dot-stuffed, together ending in CRLF), gathered
-    into writes of about 1 MiB. Without `before_end` the terminating dot goes in the
-    last write; with it, it runs once the content went out and the dot follows on its
-    own (the socket has TCP_NODELAY: a small write after another would otherwise wait on
-    Nagle's algorithm and the receiver's delayed ACK, 40 ms a mail)."""
-    smtp.putcmd("data")
-    code, answer = smtp.getreply()
-    if code != 354:
-        raise smtplib.SMTPDataError(code, answer)
-    gathered: list[bytes] = []
-    size = 0
-    for piece in pieces:
-        if gathered and size + len(piece) > _DATA_CHUNK:
-            smtp.send(b"".join(gathered))
-            gathered, size = [], 0
-        gathered.append(piece)
-        size += len(piece)
-    if before_end is None:
-        gathered.append(b".\r\n")
-        smtp.send(b"".join(gathered))
-        return smtp.getreply()
-    smtp.send(b"".join(gathered))
-    try:
-        before_end()
-    except Exception as exc:
-        raise _Abandoned(exc) from exc
-    smtp.send(b".\r\n")
-    return smtp.getreply()
+def _password(credentials: Credentials | None) -> str:
+    match credentials:
+        case PasswordCredentials(password=secret):
+            return secret.reveal()
+        case None:
+            return ""
 
 
 def _discard(smtp: smtplib.SMTP | None) -> None:

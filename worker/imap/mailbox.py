@@ -10,38 +10,36 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
+import socket
 import ssl
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn
 
-from imapclient import IMAPClient  # type: ignore[import-untyped,unused-ignore]
 from imapclient import exceptions as imap_errors  # type: ignore[import-untyped,unused-ignore]
 
-from worker.errors import MailboxError, MailboxFolderError, MailboxLoginError
-from worker.mail import headers, mime
-from worker.models import FolderStatus, MailSummary, Security
+from worker.errors import (
+    MailboxError,
+    MailboxFolderError,
+    MailboxLoginError,
+    MailboxLoginUnsupported,
+)
+from worker.imap.results import SUMMARY_ITEMS, section_of, summary_of
+from worker.imap.session import AUTHENTICATE_PLAIN, LOGIN, Client, login_command
+from worker.models import (
+    DEFAULT_TIMEOUT_SECONDS,
+    Credentials,
+    FolderStatus,
+    MailSummary,
+    PasswordCredentials,
+    Security,
+)
 
 logger = logging.getLogger(__name__)
-
-HEADER_FIELDS = (
-    "FROM",
-    "SUBJECT",
-    "DATE",
-    "MESSAGE-ID",
-    "AUTO-SUBMITTED",
-    "X-INVOICE-RELAY",
-    "X-INVOICE-RELAY-NOTICE",
-    "AUTHENTICATION-RESULTS",  # every one of them, in mail order (worker.mail.trust)
-)
-_HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (" + " ".join(HEADER_FIELDS) + ")]"
-_SUMMARY_ITEMS = ("UID", "RFC822.SIZE", "INTERNALDATE", "BODYSTRUCTURE", _HEADER_ITEM)
-# What the server answers for BODY.PEEK[<section>] and BODY.PEEK[<section>]<offset.n>.
-_SECTION_KEY = re.compile(rb"^BODY\[([^\]]*)\](?:<\d+>)?$")
 
 
 class ImapMailbox:
@@ -53,25 +51,34 @@ class ImapMailbox:
         host: str,
         port: int,
         security: Security,
-        user: str,
-        password: str,
+        credentials: Credentials,
         folder: str = "INBOX",
         ca_file: Path | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
         batch_size: int = 200,
+        deadline_seconds: float | None = None,
     ) -> None:
+        """`timeout` bounds each wait on the server; `deadline_seconds`, when set, the
+        whole session from `open()` to `close()` (one poll), however the server paces
+        its bytes: at the deadline the connection is cut and the command under way
+        fails with a `MailboxError` that says so."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if deadline_seconds is not None and deadline_seconds <= 0:
+            raise ValueError("deadline_seconds must be positive")
         self.host = host
         self.port = port
         self.security = security
-        self.user = user
-        self._password = password
+        self.credentials = credentials
         self.folder = folder
         self.ca_file = ca_file
         self.timeout = timeout
         self.batch_size = batch_size
+        self.deadline_seconds = deadline_seconds
         self._client: Any = None
+        self._deadline: float | None = None  # time.monotonic() the session must end by
+        self._watchdog: threading.Timer | None = None
+        self._expired = threading.Event()
 
     def __repr__(self) -> str:
         return (
@@ -79,23 +86,39 @@ class ImapMailbox:
             f"user={self.user!r}, password='****', folder={self.folder!r})"
         )
 
+    @property
+    def user(self) -> str:
+        return self.credentials.user
+
+    @property
+    def _password(self) -> str:
+        match self.credentials:
+            case PasswordCredentials(password=secret):
+                return secret.reveal()
+
     # --- the session -----------------------------------------------------------------
 
     def open(self) -> FolderStatus:
         """Connect, (STARTTLS,) log in and EXAMINE the folder.
 
-        On Dovecot this costs LOGIN and EXAMINE over plain or implicit TLS; STARTTLS
-        adds the STARTTLS command and the CAPABILITY that imaplib sends after it.
+        On Dovecot this costs LOGIN and EXAMINE over plain or implicit TLS (its greeting
+        lists the capabilities); STARTTLS adds the STARTTLS command and the CAPABILITY
+        that must follow it. A server whose greeting lists none costs one CAPABILITY.
         """
         self.close()
-        client = self._connect()
+        self._start_deadline()
+        try:
+            client = self._connect()
+        except MailboxError:
+            self.close()  # stops the watchdog
+            raise
+        self._client = client  # from here the watchdog can cut it
         try:
             self._login(client)
             status = self._examine(client)
         except MailboxError:
-            _quietly_logout(client)
+            self.close()
             raise
-        self._client = client
         logger.debug(
             "IMAP folder opened",
             extra={"action": "mailbox_opened", "folder": self.folder, "exists": status.exists},
@@ -104,8 +127,55 @@ class ImapMailbox:
 
     def close(self) -> None:
         client, self._client = self._client, None
+        try:
+            if client is not None:
+                _quietly_logout(client)
+        finally:
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                watchdog.cancel()
+            self._deadline = None
+
+    # --- the whole-poll deadline -------------------------------------------------------
+
+    def _start_deadline(self) -> None:
+        self._expired.clear()
+        if self.deadline_seconds is None:
+            return
+        self._deadline = time.monotonic() + self.deadline_seconds
+        # The socket timeout bounds one wait only: a server sending a byte now and then
+        # never trips it. A timer cuts the connection at the deadline instead.
+        watchdog = threading.Timer(self.deadline_seconds, self._expire)
+        watchdog.daemon = True
+        watchdog.name = "invoice-relay-imap-deadline"
+        self._watchdog = watchdog
+        watchdog.start()
+
+    def _expire(self) -> None:
+        self._expired.set()
+        client = self._client
         if client is not None:
-            _quietly_logout(client)
+            logger.warning(
+                "the poll's IMAP deadline of %gs passed: cutting the connection",
+                self.deadline_seconds,
+                extra={"action": "poll_deadline_passed"},
+            )
+            # Shutting the socket down (not reading or writing it) makes the waiting
+            # command fail at once in the thread that runs it.
+            with contextlib.suppress(OSError):
+                client.socket().shutdown(socket.SHUT_RDWR)
+
+    def _wait_bound(self) -> float:
+        """The socket timeout for connecting: the timeout, or the time left if less."""
+        if self._deadline is None:
+            return self.timeout
+        return max(min(self.timeout, self._deadline - time.monotonic()), 0.001)
+
+    def _deadline_detail(self, action: str) -> str:
+        return (
+            f"the poll took longer than its deadline of {self.deadline_seconds:g}s "
+            f"(INVOICE_RELAY_POLL_DEADLINE) and was cut during {action}"
+        )
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
@@ -124,12 +194,12 @@ class ImapMailbox:
     def _connect(self) -> Any:
         context = self._tls_context() if self.security is not Security.NONE else None
         with self._translated("connect"):
-            client = IMAPClient(
+            client = Client(
                 self.host,
                 port=self.port,
                 ssl=self.security is Security.SSL,
                 ssl_context=context,
-                timeout=self.timeout,
+                timeout=self._wait_bound(),
             )
         client.normalise_times = False  # aware datetimes, in the server's offset
         if self.security is Security.STARTTLS:
@@ -144,13 +214,29 @@ class ImapMailbox:
         return client
 
     def _login(self, client: Any) -> None:
+        """LOGIN, or AUTHENTICATE PLAIN in UTF-8 (RFC 4616) for a user or password that
+        LOGIN cannot carry (it is ASCII-only)."""
+        user, password = self.user, self._password
+        method = login_command(user, password, client.known_capabilities())
+        if method == LOGIN:
+            command = client.login
+        elif method == AUTHENTICATE_PLAIN:
+            command = client.plain_login
+        else:
+            # Said without the codec's error, which would quote a character of the secret.
+            raise MailboxLoginUnsupported(
+                "the user or password has non-ASCII characters, which LOGIN cannot carry, "
+                "and the server does not offer AUTHENTICATE PLAIN",
+                host=self.host,
+                port=self.port,
+            )
         try:
-            with self._translated("LOGIN"):
-                client.login(self.user, self._password)
+            with self._translated(method):
+                command(user, password)
         except UnicodeError:
             # The codec error would quote a character of the password: do not chain it.
-            raise MailboxLoginError(
-                "user or password has characters IMAP LOGIN cannot send",
+            raise MailboxLoginUnsupported(
+                f"the user or password has characters {method} cannot send",
                 host=self.host,
                 port=self.port,
             ) from None
@@ -188,11 +274,21 @@ class ImapMailbox:
         result: list[MailSummary] = []
         for batch in _batches(sorted(set(uids)), self.batch_size):
             with self._translated("UID FETCH"):
-                response = client.fetch(batch, _SUMMARY_ITEMS)
+                response = client.fetch(batch, SUMMARY_ITEMS)
             for uid in batch:
                 data = response.get(uid)
                 if data is not None and b"RFC822.SIZE" in data:
-                    result.append(_summary(uid, data))
+                    result.append(summary_of(uid, data))
+        # Dovecot answers a FETCH of a mail that another session expunged a moment ago
+        # with made-up data (RFC822.SIZE 0, an empty text/plain: RFC 3501 allows it) and
+        # `OK [EXPUNGEISSUED]`. No real mail has 0 bytes, so such a UID is looked up
+        # (the FETCH delivered the EXPUNGE, so SEARCH knows) and left out when gone,
+        # like a UID the server did not describe: recorded as vanished, not `no_pdf`.
+        empty = [summary.uid for summary in result if summary.size == 0]
+        if empty:
+            with self._translated("UID SEARCH"):
+                found = {int(value) for value in client.search(["UID", _uid_set(empty)])}
+            result = [summary for summary in result if summary.size or summary.uid in found]
         return result
 
     def fetch_sections(
@@ -217,7 +313,7 @@ class ImapMailbox:
                     response = client.fetch(batch, items)
                 for uid in batch:
                     for key, value in response.get(uid, {}).items():
-                        section = _section_of(key)
+                        section = section_of(key)
                         if section in sections and isinstance(value, bytes):
                             result[(uid, section)] = value
         return result
@@ -279,36 +375,47 @@ class ImapMailbox:
     @contextlib.contextmanager
     def _translated(self, action: str, *, folder: bool = False) -> Iterator[None]:
         """Turn imapclient, ssl and socket errors during `action` into MailboxError."""
+        if self._expired.is_set():
+            raise MailboxError(self._deadline_detail(action), host=self.host, port=self.port)
         try:
             yield
         except MailboxError:
             raise
         except imap_errors.LoginError as exc:
-            self._fail(MailboxLoginError, f"login refused: {_server_text(exc)}", exc)
+            self._fail(MailboxLoginError, f"login refused: {_server_text(exc)}", exc, action)
         except imap_errors.CapabilityError as exc:
-            self._fail(MailboxError, f"{action} not offered by the server", exc)
+            self._fail(MailboxError, f"{action} not offered by the server", exc, action)
         except imap_errors.IMAPClientAbortError as exc:
-            self._fail(MailboxError, f"connection dropped during {action}: {exc}", exc)
+            self._fail(MailboxError, f"connection dropped during {action}: {exc}", exc, action)
         except imap_errors.IMAPClientError as exc:
             if folder:
-                self._fail(MailboxFolderError, f"{self.folder}: {_server_text(exc)}", exc)
-            self._fail(MailboxError, f"{action} failed: {_server_text(exc)}", exc)
+                self._fail(MailboxFolderError, f"{self.folder}: {_server_text(exc)}", exc, action)
+            self._fail(MailboxError, f"{action} failed: {_server_text(exc)}", exc, action)
         except ssl.SSLCertVerificationError as exc:
             self._fail(
                 MailboxError,
                 f"TLS certificate not trusted (set INVOICE_RELAY_CA_FILE): {exc.verify_message}",
                 exc,
+                action,
             )
         except ssl.SSLError as exc:
-            self._fail(MailboxError, f"TLS failed during {action}: {exc.reason or exc}", exc)
+            self._fail(
+                MailboxError, f"TLS failed during {action}: {exc.reason or exc}", exc, action
+            )
         except TimeoutError as exc:
-            self._fail(MailboxError, f"timed out after {self.timeout:g}s during {action}", exc)
+            self._fail(
+                MailboxError, f"timed out after {self.timeout:g}s during {action}", exc, action
+            )
         except ConnectionRefusedError as exc:
-            self._fail(MailboxError, "connection refused", exc)
+            self._fail(MailboxError, "connection refused", exc, action)
         except OSError as exc:
-            self._fail(MailboxError, f"network error during {action}: {exc}", exc)
+            self._fail(MailboxError, f"network error during {action}: {exc}", exc, action)
 
-    def _fail(self, kind: type[MailboxError], detail: str, exc: BaseException) -> NoReturn:
+    def _fail(
+        self, kind: type[MailboxError], detail: str, exc: BaseException, action: str
+    ) -> NoReturn:
+        if self._expired.is_set():  # the watchdog cut the connection: say so
+            kind, detail = MailboxError, self._deadline_detail(action)
         # Servers do not echo the password; this is a guard, not a expected path.
         if len(self._password) >= 4:
             detail = detail.replace(self._password, "****")
@@ -332,52 +439,13 @@ def _server_text(exc: BaseException) -> str:
     return str(exc).removeprefix("b'").removesuffix("'")
 
 
-def _section_of(key: object) -> str | None:
-    if not isinstance(key, bytes):
-        return None
-    match = _SECTION_KEY.match(key.upper())
-    return match.group(1).decode("ascii") if match else None
-
-
-def _summary(uid: int, data: Mapping[bytes, Any]) -> MailSummary:
-    header_bytes = b""
-    for key, value in data.items():
-        if key.upper().startswith(b"BODY[HEADER.FIELDS") and isinstance(value, bytes):
-            header_bytes = value
-    internaldate = data.get(b"INTERNALDATE")
-    if isinstance(internaldate, datetime):
-        internaldate = (
-            internaldate.astimezone(UTC)
-            if internaldate.tzinfo
-            else internaldate.replace(tzinfo=UTC)
-        )
-    else:
-        internaldate = None
-    raw_structure = data.get(b"BODYSTRUCTURE")
-    structure_problem: str | None = None
-    try:
-        structure = mime.parse_bodystructure(raw_structure) if raw_structure else None
-    except ValueError as exc:
-        logger.warning(
-            "unreadable BODYSTRUCTURE",
-            extra={"action": "bodystructure_unreadable", "uid": uid},
-            exc_info=True,
-        )
-        structure = None
-        structure_problem = str(exc)
-    return MailSummary(
-        structure_problem=structure_problem,
-        uid=uid,
-        size=int(data[b"RFC822.SIZE"]),
-        internaldate=internaldate,
-        headers=headers.parse_headers(header_bytes),
-        structure=structure,
-    )
-
-
 def _quietly_logout(client: Any) -> None:
     try:
         client.logout()
     except (imap_errors.IMAPClientError, OSError):
         with contextlib.suppress(imap_errors.IMAPClientError, OSError):
             client.shutdown()
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    return ",".join(str(uid) for uid in sorted(uids))

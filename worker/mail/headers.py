@@ -1,10 +1,10 @@
 """Pure header decisions: a raw header block to the few values the relay reads.
 
-Nothing here does I/O. Every value that leaves this module is cleaned: control
-characters (CR, LF, NUL and the rest of C0/C1), line and paragraph separators and the
-bidi controls are gone, tabs and line breaks became spaces, and the length is capped.
+Nothing here does I/O. Every value that leaves this module went through
+`worker.mail.text.clean_text`: control characters (CR, LF, NUL and the rest of C0/C1)
+and bidi controls are gone, each run of whitespace is one space, and the length is capped.
 That holds for encoded words too: `=?utf-8?q?a=0D=0ABcc:_x?=` decodes to a CR LF,
-which is then removed like a raw one. So no text copied from an incoming mail can
+which then becomes a space like a raw one. So no text copied from an incoming mail can
 start a header of its own in a forwarded one.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import codecs
 import email.errors
-import unicodedata
 from datetime import UTC, datetime
 from email import policy
 from email.header import decode_header
@@ -21,6 +20,7 @@ from email.message import Message
 from email.parser import Parser
 from email.utils import parsedate_to_datetime
 
+from worker.mail.text import clean_text
 from worker.models import MailHeaders
 
 SUBJECT_MAX_CHARS = 998
@@ -28,11 +28,6 @@ HEADER_MAX_CHARS = 500
 AUTH_RESULTS_MAX_CHARS = 4000  # one Authentication-Results header; Gmail's run to ~1000
 AUTH_RESULTS_MAX_COUNT = 20  # a mail carries a handful; more are ignored
 
-# Characters that must never reach a filename, subject or log line: C0/C1 controls,
-# line/paragraph separators and the bidi controls used to disguise extensions.
-INVISIBLE = frozenset(
-    "\u2028\u2029\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-)
 # What the standard library's header parsing raises on hostile input.
 HEADER_PARSE_ERRORS = (
     ValueError,
@@ -44,20 +39,7 @@ HEADER_PARSE_ERRORS = (
 )
 
 
-# --- text helpers (shared with worker.mail.mime for filenames) --------------------------------
-
-
-def strip_controls(value: str, *, breaks: str = " ") -> str:
-    """Tabs and line breaks become `breaks`; other control and bidi characters vanish."""
-    kept: list[str] = []
-    for char in value:
-        if char in "\t\r\n":
-            kept.append(breaks)
-        elif char in INVISIBLE or unicodedata.category(char) in ("Cc", "Cs"):
-            continue
-        else:
-            kept.append(char)
-    return "".join(kept)
+# --- decoding helpers (shared with worker.mail.mime for filenames) ----------------------------
 
 
 def decode_octets(octets: bytes, charset: str | None) -> str:
@@ -100,7 +82,7 @@ def parse_headers(raw: bytes) -> MailHeaders:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
-    # NUL, bare CR and other controls inside a line survive parsing: _clean removes them.
+    # NUL, bare CR and other controls inside a line survive parsing: clean_text removes them.
     message = Parser(policy=policy.default).parsestr(text, headersonly=True)
     sender, sender_address, sender_defect = _sender(message)
     return MailHeaders(
@@ -119,10 +101,6 @@ def parse_headers(raw: bytes) -> MailHeaders:
     )
 
 
-def _clean(value: str, limit: int) -> str:
-    return strip_controls(value).strip()[:limit]
-
-
 def _first_raw(message: Message, name: str) -> str | None:
     for key, value in message.raw_items():
         if key.lower() == name.lower():
@@ -132,7 +110,7 @@ def _first_raw(message: Message, name: str) -> str | None:
 
 def _all_raw(message: Message, name: str, limit: int, count: int) -> tuple[str, ...]:
     found = [
-        _clean(str(value), limit)
+        clean_text(str(value), limit)
         for key, value in message.raw_items()
         if key.lower() == name.lower()
     ]
@@ -147,12 +125,12 @@ def _header_text(message: Message, name: str, limit: int) -> str:
         decoded = str(message[name])
     except HEADER_PARSE_ERRORS:
         decoded = raw
-    return _clean(decoded, limit)
+    return clean_text(decoded, limit)
 
 
 def _raw_header(message: Message, name: str) -> str | None:
     raw = _first_raw(message, name)
-    return None if raw is None else _clean(raw, HEADER_MAX_CHARS)
+    return None if raw is None else clean_text(raw, HEADER_MAX_CHARS)
 
 
 def _sender(message: Message) -> tuple[str, str, str | None]:
@@ -160,7 +138,7 @@ def _sender(message: Message) -> tuple[str, str, str | None]:
     if not raw_values:
         return "", "", "no From header"
     # When From cannot be trusted, show what it claimed rather than the parser's remains.
-    display = _clean(decode_encoded_words(str(raw_values[0])), HEADER_MAX_CHARS)
+    display = clean_text(decode_encoded_words(str(raw_values[0])), HEADER_MAX_CHARS)
     try:
         header = message["From"]
         if len(raw_values) > 1:
@@ -169,7 +147,7 @@ def _sender(message: Message) -> tuple[str, str, str | None]:
             return display, "", "From is not an address header"
         defects = header.defects if isinstance(header, BaseHeader) else ()
         if defects:
-            return display, "", f"malformed From: {_clean(str(defects[0]), 100)}"
+            return display, "", f"malformed From: {clean_text(str(defects[0]), 100)}"
         addresses = header.addresses
         if len(addresses) != 1:
             reason = "several From addresses" if addresses else "From has no address"
@@ -178,10 +156,10 @@ def _sender(message: Message) -> tuple[str, str, str | None]:
         if not address.username or not address.domain:
             return display, "", "From address lacks a user or domain"
         addr_spec = address.addr_spec
-        parsed_display = _clean(str(header), HEADER_MAX_CHARS)
+        parsed_display = clean_text(str(header), HEADER_MAX_CHARS)
     except HEADER_PARSE_ERRORS as exc:
         return display, "", f"unparseable From: {type(exc).__name__}"
-    cleaned = _clean(addr_spec, HEADER_MAX_CHARS).lower()
+    cleaned = clean_text(addr_spec, HEADER_MAX_CHARS).lower()
     if cleaned != addr_spec.lower() or " " in cleaned:
         return display, "", "From address contains control characters or spaces"
     return parsed_display, cleaned, None
@@ -192,7 +170,7 @@ def _date(message: Message) -> datetime | None:
     if raw is None:
         return None
     try:
-        parsed = parsedate_to_datetime(_clean(raw, HEADER_MAX_CHARS))
+        parsed = parsedate_to_datetime(clean_text(raw, HEADER_MAX_CHARS))
     except (ValueError, TypeError, IndexError, OverflowError):
         return None
     # RFC 5322 "-0000" (local time unknown) gives a naive value; read it as UTC.

@@ -12,32 +12,28 @@ Nothing here does I/O or imports imapclient. The rules, in one place:
 * A part is a PDF candidate when it is a non-empty leaf, or when its label says PDF
   (then even when empty, so that the rejection is recorded). Labelled parts are
   `certain` and fetched whole; the others are probed by their first octets.
-* "Is a PDF" means: the decoded bytes start with `%PDF-`, after optional ASCII
-  whitespace within the first 1024 octets.
+* Transfer decoding and "is a PDF" live in `worker.mail.transfer`.
 """
 
 from __future__ import annotations
 
-import binascii
-import re
+import email.parser
+import email.policy
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from email.message import Message
 from email.utils import decode_rfc2231
 
-from worker.mail.headers import decode_encoded_words, decode_octets, strip_controls
+from worker.mail.headers import decode_encoded_words, decode_octets
+from worker.mail.text import clean_filename
 from worker.models import BodyPart, Candidate
 
 PDF_CONTENT_TYPES = frozenset({"application/pdf", "application/x-pdf", "application/acrobat"})
-PDF_MAGIC = b"%PDF-"
 PROBE_OCTETS = 64  # how many raw octets the pipeline fetches to probe an unlabelled part
 FILENAME_MAX_CHARS = 255
 
 _MAX_DEPTH = 40  # deeper nesting is hostile; Dovecot itself stops well before this
-_MAGIC_WINDOW = 1024  # leading whitespace tolerated before %PDF-
-_ASCII_WHITESPACE = b" \t\r\n\x0b\x0c"
 _MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
-_BASE64_ALPHABET = re.compile(rb"[A-Za-z0-9+/=]*")
-_BASE64_INVALID = re.compile(rb"[^A-Za-z0-9+/=]")
 
 
 # --- BODYSTRUCTURE --------------------------------------------------------------------
@@ -191,15 +187,16 @@ def decode_filename(part: BodyPart) -> str | None:
 
     Looks at the disposition's `filename` first, then the content type's `name`; an
     RFC 2231 form (`filename*`, continuations) wins over the plain one. RFC 2047 words
-    in a plain value are decoded too. Directory parts, control and bidi characters are
-    removed; a name longer than 255 characters is cut, keeping a short extension.
+    in a plain value are decoded too, then cleaned by `worker.mail.text.clean_filename`
+    (no directory, no leading dot, no control or bidi character; 255 characters at most,
+    keeping a short extension).
     """
     for params, base in ((part.disposition_params, "filename"), (part.params, "name")):
         value = _rfc2231_value(params, base)
         if value is None and base in params:
             value = decode_encoded_words(params[base])
         if value is not None:
-            cleaned = _clean_filename(value)
+            cleaned = clean_filename(value, FILENAME_MAX_CHARS)
             if cleaned:
                 return cleaned
     return None
@@ -238,19 +235,6 @@ def _decode_extended(segments: list[tuple[str, bool]]) -> str:
             charset = declared or "utf-8"
         octets += urllib.parse.unquote_to_bytes(value)
     return decode_octets(bytes(octets), charset)
-
-
-def _clean_filename(value: str) -> str | None:
-    name = strip_controls(value, breaks="").replace("\\", "/").rsplit("/", 1)[-1].strip()
-    if name in ("", ".", ".."):
-        return None
-    if len(name) > FILENAME_MAX_CHARS:
-        stem, dot, extension = name.rpartition(".")
-        if dot and stem and 0 < len(extension) <= 16:
-            name = stem[: FILENAME_MAX_CHARS - len(extension) - 1].rstrip() + "." + extension
-        else:
-            name = name[:FILENAME_MAX_CHARS]
-    return name
 
 
 # --- candidates -----------------------------------------------------------------------
@@ -316,65 +300,61 @@ def structure_limit(root: BodyPart, *, max_parts: int, max_depth: int) -> str | 
     return None
 
 
-# --- transfer encodings and the PDF test ------------------------------------------------
+# --- parts of a whole mail ------------------------------------------------------------
 
 
-def decode_transfer(raw: bytes, encoding: str) -> bytes:
-    """Undo a Content-Transfer-Encoding; unknown encodings leave the bytes unchanged.
+def section_bodies(raw_mail: bytes, sizes: Mapping[str, int]) -> dict[str, bytes]:
+    """The raw (still transfer-encoded) bodies of leaf sections, cut from a whole mail
+    already in hand (fetched for DKIM), as `BODY[section]` would return them.
 
-    base64 tolerates line breaks, whitespace, missing or repeated padding; raises
-    ValueError("broken base64: ...") when other characters appear.
+    `sizes` gives each wanted section's octet count from BODYSTRUCTURE; a section that
+    cannot be found, or whose cut differs from that count, is left out, so the caller
+    fetches it from the server as before: a mail parsed differently from the server's
+    view never yields other bytes than the server's.
     """
-    kind = encoding.strip().lower()
-    if kind == "base64":
-        compact = raw.translate(None, _ASCII_WHITESPACE)
-        try:  # well-formed base64, nearly every mail: one pass in C
-            return binascii.a2b_base64(compact, strict_mode=True)
-        except binascii.Error:
-            pass
-        invalid = _BASE64_INVALID.search(compact)
-        if invalid is not None:
-            raise ValueError(
-                f"broken base64: byte 0x{compact[invalid.start()]:02x} "
-                f"at offset {invalid.start()} of {len(compact)}"
-            )
-        return _lenient_base64(compact)
-    if kind == "quoted-printable":
-        return binascii.a2b_qp(raw)
-    return raw
+    if not sizes:
+        return {}
+    root = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw_mail)
+    found: dict[str, bytes] = {}
+    for section, size in sizes.items():
+        node = _section_node(root, section)
+        if node is None or node.is_multipart():
+            continue
+        payload = node.get_payload()
+        if not isinstance(payload, str):
+            continue
+        body = payload.encode("ascii", "surrogateescape")  # the parser's own mapping back
+        if len(body) == size:
+            found[section] = body
+    return found
 
 
-def _lenient_base64(compact: bytes) -> bytes:
-    """Decode base64 text that contains only alphabet and '=' characters.
-
-    Some encoders pad each line, so '=' may appear mid-text: each run between padding
-    is decoded on its own. A trailing quantum cut short still yields its whole octets.
-    """
-    decoded = bytearray()
-    for chunk in re.split(rb"=+", compact):
-        usable = len(chunk) - (1 if len(chunk) % 4 == 1 else 0)  # one char is < 1 octet
-        if usable:
-            padded = chunk[:usable] + b"=" * (-usable % 4)
-            decoded += binascii.a2b_base64(padded)
-    return bytes(decoded)
-
-
-def probe_is_pdf(prefix: bytes, encoding: str) -> bool:
-    """Whether the first raw (still transfer-encoded) octets of a part decode to a PDF start.
-
-    The prefix may be cut anywhere, mid base64 quantum or mid quoted-printable escape.
-    """
-    kind = encoding.strip().lower()
-    if kind == "base64":
-        compact = prefix.translate(None, _ASCII_WHITESPACE)
-        valid = _BASE64_ALPHABET.match(compact)
-        return is_pdf_bytes(_lenient_base64(valid.group() if valid else b""))
+def _section_node(root: Message, section: str) -> Message | None:
+    """The node RFC 3501 numbers `section`: children of a multipart count from 1, a
+    single-part body is its "1", and numbers below a message/rfc822 part go on inside
+    the mail it carries."""
+    node = root
     try:
-        return is_pdf_bytes(decode_transfer(prefix, kind))
+        numbers = [int(number) for number in section.split(".")]
     except ValueError:
-        return False
-
-
-def is_pdf_bytes(data: bytes) -> bool:
-    """Whether decoded bytes start with `%PDF-`, after optional ASCII whitespace."""
-    return data[:_MAGIC_WINDOW].lstrip(_ASCII_WHITESPACE).startswith(PDF_MAGIC)
+        return None
+    whole_mail = True  # `node` is a mail (the root, or one a message/rfc822 part carries)
+    for number in numbers:
+        if not whole_mail and node.get_content_type() in _MESSAGE_TYPES:
+            inner = node.get_payload()
+            if not isinstance(inner, list) or len(inner) != 1 or not isinstance(inner[0], Message):
+                return None
+            node, whole_mail = inner[0], True
+        if node.get_content_maintype() == "multipart":
+            children = node.get_payload()
+            if not isinstance(children, list) or not 1 <= number <= len(children):
+                return None
+            child = children[number - 1]
+            if not isinstance(child, Message):
+                return None
+            node, whole_mail = child, False
+        elif whole_mail and number == 1 and not node.is_multipart():
+            whole_mail = False  # a single-part mail's body is its part 1
+        else:
+            return None
+    return node

@@ -25,8 +25,9 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import authres  # type: ignore[import-untyped,unused-ignore]
@@ -35,8 +36,9 @@ import dns.exception  # type: ignore[import-untyped,unused-ignore]
 from dkim.dnsplug import get_txt  # type: ignore[import-untyped,unused-ignore]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped,unused-ignore]
 
-from worker.models import MailSummary
-from worker.relay.ports import Mailbox
+from worker.mail.batches import size_batches
+from worker.mail.text import clean_text
+from worker.models import DEFAULT_MAX_MAIL_BYTES, MailSummary
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +62,38 @@ _DKIM_ERRORS = (
 )
 
 
+class WholeMails(Protocol):
+    """The one thing DKIM asks of a mailbox (`worker.relay.ports.Mailbox` has it): whole
+    raw mails, so it is declared here and mail/ depends on no port of the relay."""
+
+    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """Whole raw mails by UID; mails the server does not return are absent."""
+
+
 class TxtLookup(Protocol):
     """dkimpy's DNS hook: the TXT record at `name` (b"sel._domainkey.example.com."), or None."""
 
     def __call__(self, name: bytes, timeout: float = 5) -> bytes | None: ...
 
 
+class ProofGuard(Protocol):
+    """Runs one mail's proof step; whatever the step raises becomes that mail's verdict
+    (the intake's per-mail catch: a hostile key or signature can make dkimpy raise
+    anything, and that must not stop the other mails' proofs)."""
+
+    def __call__(self, uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict: ...
+
+
+def unguarded(uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict:
+    """No guard: the step's exceptions propagate (for callers that catch themselves)."""
+    del uid
+    return step()
+
+
 class Proof(enum.Enum):
     PASSED = "passed"  # the From is proven
     FAILED = "failed"  # no proof: the mail's PDFs are rejected
-    UNSURE = "unsure"  # a DNS lookup timed out: the mail is an error, retried later
+    UNSURE = "unsure"  # undecided (DNS timed out, the check crashed): an error, retried later
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,7 +143,7 @@ def _accepted_signer(signing_domain: str, from_domain: str, policy: TrustPolicy)
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 1] + "…"
+    return clean_text(text, REASON_MAX_CHARS, mark_cut=True)
 
 
 # --- Authentication-Results ------------------------------------------------------------
@@ -224,7 +248,9 @@ class DkimVerifier:
         try:
             checker = dkim.DKIM(raw, logger=_dkimpy_log, timeout=self._timeout)
         except _DKIM_ERRORS as exc:
-            return TrustVerdict(proof=Proof.FAILED, reason=f"DKIM: unreadable mail: {exc!r}"[:200])
+            return TrustVerdict(
+                proof=Proof.FAILED, reason=clean_text(f"DKIM: unreadable mail: {exc!r}", 200)
+            )
         signatures = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
         if not signatures:
             return TrustVerdict(proof=Proof.FAILED, reason="DKIM: no signature")
@@ -271,7 +297,7 @@ class DkimVerifier:
             valid = bool(checker.verify(idx=index, dnsfunc=self._lookup))
         except _DKIM_ERRORS as exc:
             # "body hash mismatch (got ..., expected ...)": the hashes help nobody
-            detail = str(exc).split(" (", 1)[0][:120]
+            detail = clean_text(str(exc).split(" (", 1)[0], 120)
             return False, f"{label}: {type(exc).__name__}: {detail}"
         return valid, (f"valid signature of {label}" if valid else f"{label}: does not verify")
 
@@ -286,17 +312,28 @@ class SenderProof:
         self,
         *,
         policy: TrustPolicy,
-        mailbox: Mailbox,
+        mailbox: WholeMails,
         verifier: DkimVerifier | None = None,
-        batch_bytes: int = 50_000_000,
+        batch_bytes: int = DEFAULT_MAX_MAIL_BYTES,
     ) -> None:
         self._policy = policy
         self._mailbox = mailbox
         self._verifier = verifier or DkimVerifier()
         self._batch_bytes = batch_bytes
 
-    def check(self, summaries: Sequence[MailSummary]) -> dict[int, TrustVerdict]:
-        """A verdict per mail; empty when the policy demands no proof."""
+    def check(
+        self,
+        summaries: Sequence[MailSummary],
+        *,
+        guard: ProofGuard = unguarded,
+        keep: Callable[[int, bytes], None] | None = None,
+    ) -> dict[int, TrustVerdict]:
+        """A verdict per mail; empty when the policy demands no proof.
+
+        Each mail's header check and DKIM check runs under `guard`; fetching whole mails
+        does not (a server failing ends the poll). `keep(uid, raw)` is given each whole
+        mail whose DKIM proof passed, while it is in hand, so its parts need not be
+        downloaded a second time."""
         policy = self._policy
         if not policy.active:
             return {}
@@ -306,8 +343,14 @@ class SenderProof:
         for summary in summaries:
             from_domain = domain_of(summary.headers.sender_address)
             if policy.trusted_authserv_id is not None:
-                verdict = check_authentication_results(
-                    summary.headers.authentication_results, from_domain, policy
+                verdict = guard(
+                    summary.uid,
+                    partial(
+                        check_authentication_results,
+                        summary.headers.authentication_results,
+                        from_domain,
+                        policy,
+                    ),
                 )
                 if verdict.proof is Proof.PASSED or not policy.require_dkim:
                     verdicts[summary.uid] = verdict
@@ -323,11 +366,17 @@ class SenderProof:
                         proof=Proof.UNSURE, reason="DKIM: the mail vanished from the server"
                     )
                 else:
-                    verdict = self._verifier.verify(
-                        raw,
-                        from_domain=domain_of(summary.headers.sender_address),
-                        policy=policy,
+                    verdict = guard(
+                        summary.uid,
+                        partial(
+                            self._verifier.verify,
+                            raw,
+                            from_domain=domain_of(summary.headers.sender_address),
+                            policy=policy,
+                        ),
                     )
+                if keep is not None and raw is not None and verdict.proof is Proof.PASSED:
+                    keep(summary.uid, raw)
                 other = header_reasons.get(summary.uid)
                 if verdict.proof is not Proof.PASSED and other is not None:
                     verdict = TrustVerdict(
@@ -347,15 +396,9 @@ class SenderProof:
 
 def _size_batches(summaries: Sequence[MailSummary], budget: int) -> list[list[MailSummary]]:
     """Consecutive groups whose mails add up to at most `budget` bytes (at least one each)."""
-    batches: list[list[MailSummary]] = []
-    current: list[MailSummary] = []
-    total = 0
-    for summary in summaries:
-        if current and total + summary.size > budget:
-            batches.append(current)
-            current, total = [], 0
-        current.append(summary)
-        total += summary.size
-    if current:
-        batches.append(current)
-    return batches
+    groups: list[list[MailSummary]] = []
+    start = 0
+    for length in size_batches([summary.size for summary in summaries], max_bytes=budget):
+        groups.append(list(summaries[start : start + length]))
+        start += length
+    return groups

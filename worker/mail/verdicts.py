@@ -7,7 +7,10 @@ import hashlib
 from collections.abc import Sequence
 
 from worker.errors import PdfCheckFailed
-from worker.models import Candidate, MailSummary, PartRecord, PdfReport, SightingKind
+from worker.mail.text import clean_text
+from worker.models import Candidate, MailSummary, PartRecord, PdfReport, ReasonCode, SightingKind
+
+DESCRIBE_MAX_CHARS = 500  # an exception's text in an audit row's reason
 
 
 def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
@@ -20,9 +23,30 @@ def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
     return address in allowed or domain in allowed
 
 
-# Our own failure notice (worker.relay.notify) come back; notices leave these rows out, or a
-# notice sent to the polled mailbox would cause the next one.
+# Our own failure notice (worker.relay.notify) come back; notices leave these rows out (by
+# their ReasonCode.NOTICE_LOOP), or a notice sent to the polled mailbox would cause the next one.
 NOTICE_LOOP_REASON = "loop: an invoice-relay failure notice (X-Invoice-Relay-Notice)"
+
+# A UID that SEARCH listed and FETCH no longer described: someone expunged or moved the
+# mail in between. IMAP never gives an expunged UID to another mail (RFC 3501 2.3.1.1),
+# and a mail moved back gets a new UID, read as new mail: so the row is final (rejected,
+# never retried), and notices leave it out by its ReasonCode.VANISHED (a person removed
+# the mail on purpose).
+VANISHED_REASON = "vanished before fetch"
+
+
+def vanished_part() -> PartRecord:
+    """The one row of a mail that vanished between SEARCH and FETCH."""
+    return PartRecord(
+        part="",
+        kind=SightingKind.REJECTED,
+        reason=VANISHED_REASON,
+        reason_code=ReasonCode.VANISHED,
+    )
+
+
+def is_vanished(parts: Sequence[PartRecord]) -> bool:
+    return any(part.reason_code is ReasonCode.VANISHED for part in parts)
 
 
 def loop_reason(summary: MailSummary, forward_from: str) -> str | None:
@@ -36,6 +60,11 @@ def loop_reason(summary: MailSummary, forward_from: str) -> str | None:
     if auto and auto != "no" and headers.sender_address == forward_from.lower():
         return "loop: Auto-Submitted mail from INVOICE_RELAY_FORWARD_FROM"
     return None
+
+
+def loop_code(summary: MailSummary) -> ReasonCode | None:
+    """The code stored beside `loop_reason`'s text where code must tell that loop apart."""
+    return ReasonCode.NOTICE_LOOP if summary.headers.notice_marker is not None else None
 
 
 def estimated_decoded_size(candidate: Candidate) -> int:
@@ -93,8 +122,12 @@ def too_large(candidate: Candidate, limit: int) -> PartRecord:
 
 def describe(exc: BaseException) -> str:
     """One line naming the exception, for an audit row's reason."""
-    text = str(exc).replace("\n", " ").strip()
-    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+    text = clean_text(str(exc), DESCRIBE_MAX_CHARS)
+    return (
+        clean_text(f"{type(exc).__name__}: {text}", DESCRIBE_MAX_CHARS)
+        if text
+        else type(exc).__name__
+    )
 
 
 def section_key(section: str) -> tuple[int, ...]:

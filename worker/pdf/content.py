@@ -6,9 +6,11 @@ Also the errors `worker.pdf.inspection` reports a damaged file with.
 from __future__ import annotations
 
 import io
+import os
 import zlib
 from typing import Any, Final
 
+import pypdf
 from pypdf import PdfReader
 from pypdf.errors import PyPdfError
 from pypdf.generic import (
@@ -20,17 +22,39 @@ from pypdf.generic import (
     create_string_object,
 )
 
+from worker.mail.text import clean_text
+
 READ_ERRORS: Final = (PyPdfError, ValueError, KeyError, TypeError, AttributeError, zlib.error)
+
+
+_PYPDF_CODE: Final = os.path.dirname(pypdf.__file__) + os.sep
 
 
 class Unparseable(Exception):
     """The file is damaged: the reason becomes the report's."""
 
 
+def our_bug(exc: BaseException) -> bool:
+    """Whether `exc`, caught among READ_ERRORS, is a mistake of our own code rather than
+    pypdf failing on a damaged file: a TypeError or AttributeError with no pypdf code
+    on its way up. pypdf raises those on hostile files (the file is then rejected);
+    ours raise them only by mistake, and a mistake must not reject an invoice for good:
+    re-raised, it makes the check fail, and the sighting is an `error`, tried again."""
+    if not isinstance(exc, TypeError | AttributeError):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.startswith(_PYPDF_CODE):
+            return False
+        frame = frame.tb_next
+    return True
+
+
 def short(exc: BaseException) -> str:
     """The exception's type and the first line of its message, for a reason."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    text = clean_text(lines[0], 160) if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def text_content(reader: PdfReader, data: bytes, where: str) -> ContentStream:
@@ -42,6 +66,8 @@ def text_content(reader: PdfReader, data: bytes, where: str) -> ContentStream:
         content = ContentStream(stream, reader, "bytes")
         content.operations  # noqa: B018 - parses now, so damage is reported here
     except READ_ERRORS as exc:
+        if our_bug(exc):
+            raise
         raise Unparseable(f"{where}: content stream: {short(exc)}") from exc
     return content
 
@@ -81,6 +107,8 @@ def canonical_operations(
         try:
             operations = ContentStream(stream, reader).operations
         except READ_ERRORS as exc:
+            if our_bug(exc):
+                raise
             raise Unparseable(f"{where}: content stream: {short(exc)}") from exc
     out = io.BytesIO()
     for operands, operator in operations:

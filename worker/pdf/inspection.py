@@ -41,11 +41,13 @@ from pypdf.generic import (
     StreamObject,
 )
 
+from worker.mail.text import clean_text
 from worker.models import PdfReport
 from worker.pdf.content import (
     READ_ERRORS,
     Unparseable,
     canonical_operations,
+    our_bug,
     short,
     text_content,
 )
@@ -53,6 +55,7 @@ from worker.pdf.content import (
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_PREFIX: Final = "fp1:"
+INVOICE_NUMBER_MAX_CHARS: Final = 100  # what a custom pattern captures is cut here
 
 # "Invoice No. 1042", "Rechnung Nr. 2024-17", "Facture N° F-88", "Factura nº 12",
 # "Fattura n. 7", "Factuur nr 55", "Invoice number: INV-1042", "Invoice #1042".
@@ -112,6 +115,8 @@ def inspect_pdf(
         except RecursionError:
             return PdfReport(accepted=False, reason="unparseable PDF: nested too deeply")
         except READ_ERRORS as exc:
+            if our_bug(exc):
+                raise  # the check failed, not the file: see `our_bug`
             return PdfReport(accepted=False, reason=f"unparseable PDF: {short(exc)}")
 
 
@@ -140,7 +145,9 @@ def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint
     if encrypted:
         try:
             opened = reader.decrypt("") != PasswordType.NOT_DECRYPTED
-        except (*READ_ERRORS, DependencyError, NotImplementedError):
+        except (*READ_ERRORS, DependencyError, NotImplementedError) as exc:
+            if our_bug(exc):
+                raise
             opened = False
         if not opened:
             return PdfReport(
@@ -160,6 +167,8 @@ def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint
         except Unparseable:
             raise
         except READ_ERRORS as exc:
+            if our_bug(exc):
+                raise
             raise Unparseable(f"page {number}: {short(exc)}") from exc
         except (DependencyError, NotImplementedError, RecursionError) as exc:
             fingerprint.give_up(f"page {number}: {short(exc)}")
@@ -334,6 +343,8 @@ def _decoded(stream: PdfObject | None, what: str) -> bytes:
     except (DependencyError, NotImplementedError):
         raise
     except READ_ERRORS as exc:
+        if our_bug(exc):
+            raise
         raise Unparseable(f"{what}: {short(exc)}") from exc
 
 
@@ -367,7 +378,9 @@ def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
             text += page.extract_text() + "\n"
             if len(text) >= _TEXT_LIMIT:
                 break
-    except (*READ_ERRORS, DependencyError, NotImplementedError, RecursionError):
+    except (*READ_ERRORS, DependencyError, NotImplementedError, RecursionError) as exc:
+        if our_bug(exc):
+            raise
         logger.debug("text extraction failed", exc_info=True)
     match = pattern.search(text[:_TEXT_LIMIT])
     if match is None:
@@ -376,4 +389,5 @@ def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
         number = match.group("number")
     else:
         number = match.group(1) if pattern.groups else match.group(0)
-    return number.strip() or None if number else None
+    # PDF text is a stranger's: it reaches the audit table and CSV like a subject does.
+    return clean_text(number, INVOICE_NUMBER_MAX_CHARS) or None if number else None

@@ -23,13 +23,18 @@ from types import TracebackType
 from typing import Final, Literal, Self
 
 from worker.errors import PdfCheckFailed
-from worker.models import PdfReport
+from worker.models import DEFAULT_PDF_MEMORY_MB, DEFAULT_PDF_TIMEOUT_SECONDS, MB, PdfReport
 
 logger = logging.getLogger(__name__)
 
 # The share of the per-file timeout the fingerprint may use; past it the file is still
 # validated and the fingerprint falls back to the bytes hash (see `inspect_pdf`).
 FINGERPRINT_SHARE: Final = 0.5
+
+# What the fork server imports once, so that workers forked from it start in
+# milliseconds. multiprocessing skips a name that does not import without a word (every
+# worker then imports pypdf itself): tests/unit/test_pdf.py imports each.
+FORKSERVER_PRELOAD: Final = ("worker.pdf.inspection", "worker.pdf.pool")
 
 Check = Callable[[bytes], PdfReport]
 _Reply = tuple[Literal["ok"], PdfReport] | tuple[Literal["error", "fatal"], str]
@@ -109,8 +114,8 @@ class PdfInspector:
         self,
         *,
         workers: int = 2,
-        timeout_seconds: float = 30.0,
-        memory_limit_bytes: int | None = 1 << 30,
+        timeout_seconds: float = DEFAULT_PDF_TIMEOUT_SECONDS,
+        memory_limit_bytes: int | None = DEFAULT_PDF_MEMORY_MB * MB,
         max_tasks_per_worker: int = 200,
         invoice_pattern: str | None = None,
         fingerprint: bool = True,
@@ -136,8 +141,7 @@ class PdfInspector:
         self._memory_limit = memory_limit_bytes
         self._max_tasks = max_tasks_per_worker
         self._context = multiprocessing.get_context("forkserver")
-        # Workers forked from a server that already imported pypdf start in milliseconds.
-        self._context.set_forkserver_preload(["worker.pdf.inspection", "worker.pdf.pool"])
+        self._context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
         self._idle: list[_Worker] = []
         self._closed = False
         self._warming: threading.Thread | None = None

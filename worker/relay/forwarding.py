@@ -1,7 +1,7 @@
 """Forwarding: lease due documents, send each, record what the server answered.
 
-A document is leased before it is sent and marked forwarded only after the SMTP
-server accepted it; a refused session releases every lease without counting an
+A document is leased before it is delivered and marked forwarded only after the
+destination accepted it; a refused session releases every lease without counting an
 attempt.
 """
 
@@ -15,12 +15,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from worker.delivery.message import build_forward
-from worker.errors import SendRejected, SessionRefused, StoreError
+from worker.errors import DeliveryRefused, DeliveryUnavailable, StoreError
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
-from worker.models import OutgoingDocument
+from worker.models import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_SEND_BATCH,
+    OutgoingDocument,
+    Parcel,
+)
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Outbox, Store
+from worker.relay.ports import Destination, SendQueue
 from worker.relay.retry import BASE_DELAY, out_of_attempts, retry_delay
 
 log = logging.getLogger(__name__)
@@ -28,12 +33,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardRules:
-    forward_to: str
-    forward_from: str
+    # Where to (FORWARD_TO, FORWARD_FROM) is the destination's own setting.
     keep_pdfs: bool = False
-    max_attempts: int = 10
-    lease_seconds: float = 3600.0
-    send_batch: int = 10
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    send_batch: int = DEFAULT_SEND_BATCH
     retry_base: timedelta = BASE_DELAY
 
 
@@ -93,16 +97,28 @@ class BackgroundForwarding:
             raise self._result
         return self._result
 
+    def log_failure(self) -> None:
+        """Log what the thread raised, with its traceback, for a poll that fails for
+        another reason and so never calls `result`."""
+        failure = self._result
+        if isinstance(failure, BaseException):
+            log.error(
+                "forwarding failed while the poll was reading: %s",
+                failure,
+                exc_info=failure,
+                extra={"action": "forwarding_failed"},
+            )
+
 
 class Forwarder:
-    """Sends every due document over one SMTP session per call."""
+    """Delivers every due document over one session with the destination per call."""
 
     def __init__(
         self,
         *,
         rules: ForwardRules,
-        outbox: Outbox,
-        store: Store,
+        outbox: Destination,
+        store: SendQueue,
         pacer: SendPacer,
         clock: Callable[[], datetime],
         rng: random.Random,
@@ -126,11 +142,10 @@ class Forwarder:
         With `arrivals`, it runs beside the reading of mail: when nothing is due it
         waits for the next recorded batch, and returns once reading has ended.
 
-        A document accepted by the server is marked forwarded in a second thread while
-        the next one goes out; that mark is committed before the next mail's terminating
-        dot (`Outbox.send(before_end=...)`), so at any moment at most one accepted mail
-        is not yet marked, as if the marks were made in line."""
-        config = self._config
+        A document accepted by the destination is marked forwarded in a second thread
+        while the next one goes out; that mark is committed before the next delivery can
+        become final (`Destination.deliver(before_final=...)`), so at any moment at most
+        one accepted document is not yet marked, as if the marks were made in line."""
         tally = _Tally()
         opened = False
         marks = _Marks(self._mark_forwarded, tally, self._marked)
@@ -158,20 +173,19 @@ class Forwarder:
                             self._outbox.open()
                             opened = True
                         self._pacer.wait()
-                        message = build_forward(
-                            document, forward_to=config.forward_to, forward_from=config.forward_from
+                        receipt = self._outbox.deliver(
+                            Parcel.from_outgoing(document), before_final=marks.settle
                         )
-                        answer = self._outbox.send(message, before_end=marks.settle)
                         self._checkpoint(CrashPoint.AFTER_SEND)
-                    except SessionRefused:
+                    except DeliveryUnavailable:
                         marks.settle()
                         untouched = []
                         self._release(claimed[index:])
                         raise
-                    except SendRejected as refusal:
+                    except DeliveryRefused as refusal:
                         marks.settle()
-                        # The outbox may have dropped a session that died mid-send (or
-                        # answered 421): the next document starts a fresh one. A lease
+                        # The destination may have dropped a session that died mid-send
+                        # (or answered 421): the next document starts a fresh one. A lease
                         # is sized for one session opening (worker.relay.retry.lease_seconds),
                         # so the rest are released and claimed again with fresh leases.
                         self._outbox.close()
@@ -180,7 +194,7 @@ class Forwarder:
                         untouched = []
                         self._release([*claimed[index + 1 :], *claims.drop()])
                         break
-                    marks.start(document, message.message_id, answer)
+                    marks.start(document, receipt.delivery_id, receipt.answer)
             marks.settle()
         finally:
             marks.close()
@@ -217,7 +231,7 @@ class Forwarder:
                 extra={"action": "release_failed"},
             )
 
-    def _refused(self, document: OutgoingDocument, refusal: SendRejected, tally: _Tally) -> None:
+    def _refused(self, document: OutgoingDocument, refusal: DeliveryRefused, tally: _Tally) -> None:
         config = self._config
         answer_text = str(refusal)
         attempts = document.attempts + 1

@@ -3,8 +3,9 @@ documents that `failed` and sightings `rejected` or in `error` that nobody was t
 
 At most one notice per INVOICE_RELAY_NOTIFY_INTERVAL, never about the same rows twice
 (what was notified is kept in the database, `worker.store.notices`). The mail carries no PDF
-and no mail body: audit ids, outcomes, file names and reasons only. It is
-`Auto-Submitted` and carries `X-Invoice-Relay-Notice`, which the loop guard
+and no mail body: audit ids, outcomes, file names and reasons only. Its mail
+(`worker.delivery.message.notice_message`) is `Auto-Submitted` and carries
+`X-Invoice-Relay-Notice`, which the loop guard
 (`worker.mail.verdicts.loop_reason`) rejects should a notice land in the polled mailbox.
 """
 
@@ -13,48 +14,20 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
 from typing import Protocol
 
-from worker.delivery.smtp import clean_text
 from worker.errors import RelayError
+from worker.mail.text import clean_text
+from worker.models import Notice, NoticeMark, Problem, ProblemKind
 
 log = logging.getLogger(__name__)
 
-NOTICE_HEADER = "X-Invoice-Relay-Notice"
 LISTED_LIMIT = 50  # rows spelled out in one mail; the rest are counted
 FETCH_LIMIT = 1000  # rows one notice covers; more wait for the next notice
 REASON_LIMIT = 200
 FILENAME_LIMIT = 80
 AUDIT_HINT = "invoice-relay audit --outcome failed --outcome rejected --outcome error"
-
-
-class ProblemKind(enum.Enum):
-    FAILED = "failed"  # a document refused for good or out of attempts: it was not forwarded
-    REJECTED = "rejected"  # a sighting refused by a rule (not a PDF, stranger, too large, ...)
-    ERROR = "error"  # a sighting whose check crashed or timed out; retried on later polls
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Problem:
-    """One audit_log row a person should look at."""
-
-    audit_id: int  # the audit_log row's id (the sighting)
-    kind: ProblemKind
-    reason: str
-    filename: str | None = None
-    document_id: int | None = None  # for FAILED: the document that was not forwarded
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NoticeMark:
-    """The latest notice: when it went out and how far its sightings reached."""
-
-    sent_at: datetime
-    last_sighting_id: int
 
 
 class NoticeLog(Protocol):
@@ -75,11 +48,14 @@ class NoticeLog(Protocol):
 
 
 class NoticeSender(Protocol):
-    """An SMTP session (`worker.delivery.smtp.SmtpOutbox`)."""
+    """A session that sends notices (`worker.delivery.smtp.SmtpOutbox`, which writes
+    the mail with `worker.delivery.message.notice_message`). Raises
+    `DeliveryUnavailable` or `DeliveryRefused`."""
 
     def open(self) -> None: ...
 
-    def send(self, message: EmailMessage, *, recipient: str | None = None) -> str: ...
+    def send_notice(self, notice: Notice) -> str:
+        """Send one notice; returns the server's answer."""
 
     def close(self) -> None: ...
 
@@ -121,20 +97,18 @@ def build_notice(
     mailbox: str,
     now: datetime,
     interval_seconds: float,
-) -> EmailMessage:
-    """The summary mail: counts, then one line per row (at most LISTED_LIMIT)."""
+) -> Notice:
+    """The summary: counts, then one line per row (at most LISTED_LIMIT)."""
     if not problems:
         raise ValueError("a notice needs at least one problem")
-    message = EmailMessage()
-    message["From"] = notify_from
-    message["To"] = notify_to
-    message["Subject"] = notice_subject(problems)
-    message["Date"] = format_datetime(now.astimezone(UTC))
-    message["Message-ID"] = make_msgid(idstring="notice", domain=notify_from.rpartition("@")[2])
-    message["Auto-Submitted"] = "auto-generated"
-    message[NOTICE_HEADER] = f"v1; rows={len(problems)}"
-    message.set_content(_body(problems, mailbox=mailbox, interval_seconds=interval_seconds))
-    return message
+    return Notice(
+        sender=notify_from,
+        recipient=notify_to,
+        subject=notice_subject(problems),
+        body=_body(problems, mailbox=mailbox, interval_seconds=interval_seconds),
+        rows=len(problems),
+        written_at=now,
+    )
 
 
 def _counts(problems: Sequence[Problem]) -> dict[ProblemKind, int]:
@@ -218,7 +192,7 @@ class Notifier:
         problems = self._log.unnotified(after_sighting_id=previous, limit=FETCH_LIMIT)
         if not problems:
             return NoticeResult.NOTHING_NEW
-        message = build_notice(
+        notice = build_notice(
             problems,
             notify_from=self._notify_from,
             notify_to=self._notify_to,
@@ -229,7 +203,7 @@ class Notifier:
         sender = self._sender()
         try:
             sender.open()
-            sender.send(message, recipient=self._notify_to)
+            sender.send_notice(notice)
         finally:
             sender.close()
         # Recorded after the server accepted it: a crash in between repeats one notice

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +19,18 @@ from datetime import UTC, date, datetime, timedelta
 
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.mail.trust import NO_PROOF, TrustPolicy, TxtLookup
+from worker.mail.verdicts import is_vanished
 from worker.models import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_ERROR_RETRIES,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_MAIL_BYTES,
+    DEFAULT_MAX_PARTS,
+    DEFAULT_MAX_PDF_BYTES,
+    DEFAULT_RETRY_DELAY_SECONDS,
+    DEFAULT_SEND_BATCH,
     DedupMode,
     DocumentState,
     FolderStatus,
@@ -33,7 +44,7 @@ from worker.models import (
 from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules
 from worker.relay.intake import FetchedBatch, Intake, IntakeRules
 from worker.relay.pacer import SendPacer
-from worker.relay.ports import Inspector, Mailbox, Outbox, Store
+from worker.relay.ports import Destination, Inspector, Mailbox, PipelineStore
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +60,18 @@ class PipelineConfig:
     dedup: DedupMode = DedupMode.CONTENT
     keep_pdfs: bool = False
     allowed_senders: tuple[str, ...] = ()
-    max_mail_bytes: int = 50_000_000
-    max_pdf_bytes: int = 30_000_000
-    max_parts: int = 100
-    max_depth: int = 10
+    max_mail_bytes: int = DEFAULT_MAX_MAIL_BYTES
+    max_pdf_bytes: int = DEFAULT_MAX_PDF_BYTES
+    max_parts: int = DEFAULT_MAX_PARTS
+    max_depth: int = DEFAULT_MAX_DEPTH
     trust: TrustPolicy = NO_PROOF
-    max_attempts: int = 10
-    error_retries: int = 3
-    lease_seconds: float = 3600.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    error_retries: int = DEFAULT_ERROR_RETRIES
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
     batch_size: int = 200
-    send_batch: int = 10
-    retry_delay_seconds: float = 60.0  # the first retry's delay; doubles per attempt
+    batch_bytes: int = DEFAULT_BATCH_BYTES  # RFC822.SIZE a batch reads (worker.relay.intake)
+    send_batch: int = DEFAULT_SEND_BATCH
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS  # doubles per attempt
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,8 +94,8 @@ class Pipeline:
         *,
         config: PipelineConfig,
         mailbox: Mailbox,
-        outbox: Outbox,
-        store: Store,
+        outbox: Destination,
+        store: PipelineStore,
         inspector: Inspector,
         pacer: SendPacer | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -109,6 +121,7 @@ class Pipeline:
                 max_parts=config.max_parts,
                 max_depth=config.max_depth,
                 trust=config.trust,
+                batch_bytes=config.batch_bytes,
             ),
             mailbox=mailbox,
             inspector=inspector,
@@ -116,8 +129,6 @@ class Pipeline:
         )
         self._forwarder = Forwarder(
             rules=ForwardRules(
-                forward_to=config.forward_to,
-                forward_from=config.forward_from,
                 keep_pdfs=config.keep_pdfs,
                 max_attempts=config.max_attempts,
                 lease_seconds=config.lease_seconds,
@@ -161,24 +172,30 @@ class Pipeline:
                     sending = BackgroundForwarding(self._forwarder)
                 highest_known = max(status.uidnext - 1, 0)
                 first = _FIRST_BACKFILL_BATCH if sending is not None else None
-                batches = list(_chunks(uids, config.batch_size, first=first)) or [[]]
+                # Cut by count here; each fetch also stops at the byte budget and hands
+                # the rest on, which is then fetched next, before the following chunk.
+                chunks = deque(_chunks(uids, config.batch_size, first=first))
                 # While the PDF workers check (and the store records) one batch, a
                 # thread of its own fetches the next one: only it uses the mailbox then.
                 # Nothing is recorded out of order: batch N+1 is recorded after batch N.
                 with ThreadPoolExecutor(1, thread_name_prefix="imap-prefetch") as prefetch:
                     fetching: Future[FetchedBatch] | None
-                    fetching = prefetch.submit(self._intake.fetch, batches[0])
-                    for index, batch in enumerate(batches):
-                        if self._stop.is_set() or fetching is None:
-                            break
+                    fetching = prefetch.submit(
+                        self._intake.fetch, chunks.popleft() if chunks else []
+                    )
+                    while fetching is not None and not self._stop.is_set():
                         # No reference to a batch's PDFs may outlive its recording:
                         # the forwarding reads them back from the store (a 25 MB PDF
                         # would otherwise be held twice while it is sent).
                         fetched, fetching = fetching.result(), None
-                        is_last = index == len(batches) - 1
-                        if not is_last:
-                            fetching = prefetch.submit(self._intake.fetch, batches[index + 1])
-                        advance_to = max([*batch, highest_known if is_last else 0, last_uid])
+                        if fetched.rest:
+                            fetching = prefetch.submit(
+                                self._intake.fetch, fetched.rest, described=fetched.rest_summaries
+                            )
+                        elif chunks:
+                            fetching = prefetch.submit(self._intake.fetch, chunks.popleft())
+                        is_last = fetching is None
+                        advance_to = max([*fetched.uids, highest_known if is_last else 0, last_uid])
                         mails = self._intake.decide(fetched)
                         del fetched
                         recorded = self._record(
@@ -192,10 +209,14 @@ class Pipeline:
                         self._report_progress(f"{mails_seen} of {len(uids)} new mails read")
             if not self._stop.is_set():
                 sightings.update(self._retry_errors(status.uidvalidity))
-        finally:
-            self._mailbox.close()
+        except BaseException:
+            self._end_reading(sending)
             if sending is not None:
-                sending.finish()
+                # The reading error propagates (and is reported by the caller); the
+                # sending thread's own failure would otherwise vanish with it.
+                sending.log_failure()
+            raise
+        self._end_reading(sending)
         forwarding = sending.result() if sending else self._forwarder.forward_due()
         forwarded, retried, failed = forwarding
         counts = self._store.state_counts()
@@ -221,6 +242,13 @@ class Pipeline:
         )
         return report
 
+    def _end_reading(self, sending: BackgroundForwarding | None) -> None:
+        try:
+            self._mailbox.close()
+        finally:
+            if sending is not None:
+                sending.finish()
+
     def plan(self) -> list[PlannedSighting]:
         """A dry run: what a poll would record now, without writing or sending anything.
         Accepted PDFs whose key is known already (or seen earlier in this run) are shown
@@ -232,8 +260,9 @@ class Pipeline:
             seen: set[str] = set()
             uids = self._mailbox.new_uids(last_uid, self._config.since)
             for batch in _chunks(uids, self._config.batch_size):
-                for mail in self._intake.build_records(batch):
-                    planned.extend(self._planned(mail, seen))
+                for mails in self._intake.record_batches(batch):
+                    for mail in mails:
+                        planned.extend(self._planned(mail, seen))
             return planned
         finally:
             self._mailbox.close()
@@ -275,25 +304,26 @@ class Pipeline:
         )
         result: Counter[Outcome] = Counter()
         for batch in _chunks(uids, config.batch_size):
-            recorded = self._process(uidvalidity, batch, advance_to=None, retry=True)
-            result.update(_outcome(r) for r in recorded if r.inserted)
-            # A mail a person deleted or moved cannot be read again; retrying it on
-            # every poll would keep it `error` forever.
-            vanished = sorted(set(batch) - {r.uid for r in recorded})
-            if vanished:
-                self._store.abandon_errors(
-                    mailbox=config.mailbox,
-                    uidvalidity=uidvalidity,
-                    uids=vanished,
-                    reason="the mail left the mailbox before it could be read again",
-                )
+            for mails in self._intake.record_batches(batch):
+                result.update(self._record_retried(uidvalidity, mails))
         return result
 
-    def _process(
-        self, uidvalidity: int, uids: Sequence[int], *, advance_to: int | None, retry: bool
-    ) -> list[RecordedSighting]:
-        mails = self._intake.build_records(uids) if uids else []
-        return self._record(uidvalidity, mails, advance_to=advance_to, retry=retry)
+    def _record_retried(self, uidvalidity: int, mails: list[MailRecord]) -> Counter[Outcome]:
+        # A mail a person deleted or moved cannot be read again; retrying it on every
+        # poll would keep it `error` forever. Its error rows (one per part, perhaps)
+        # say it left; a new "vanished" row would leave them standing.
+        vanished = [mail.uid for mail in mails if is_vanished(mail.parts)]
+        kept = [mail for mail in mails if not is_vanished(mail.parts)]
+        mails.clear()  # no reference to the batch's PDFs outlives its recording
+        recorded = self._record(uidvalidity, kept, advance_to=None, retry=True)
+        if vanished:
+            self._store.abandon_errors(
+                mailbox=self._config.mailbox,
+                uidvalidity=uidvalidity,
+                uids=vanished,
+                reason="the mail left the mailbox before it could be read again",
+            )
+        return Counter(_outcome(r) for r in recorded if r.inserted)
 
     def _record(
         self,

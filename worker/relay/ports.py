@@ -1,7 +1,9 @@
 """The small Protocols through which the pipeline sees the outside world.
 
-Adapters (`mailbox.ImapMailbox`, `outbox.SmtpOutbox`, `store.SqlStore`, `pdf.PdfInspector`)
-implement them; `tests/fakes.py` has in-memory fakes for unit tests.
+Adapters (`worker.imap.mailbox`, `worker.delivery.smtp`, `worker.store.sqlstore.SqlStore`,
+`worker.pdf.pool`) implement them; `tests/fakes.py` has in-memory fakes for unit tests.
+The store is seen through one Protocol per consumer: the poll (`PollStore`), the send
+loop (`SendQueue`), the audit log (`AuditReader`) and the admin commands (`AdminStore`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Protocol
 
-from worker.delivery.message import ForwardMail
 from worker.models import (
     AuditFilter,
     AuditRow,
@@ -21,7 +22,9 @@ from worker.models import (
     MailRecord,
     MailSummary,
     OutgoingDocument,
+    Parcel,
     PdfReport,
+    Receipt,
     RecordedSighting,
 )
 
@@ -55,21 +58,29 @@ class Mailbox(Protocol):
         """Log out; never raises."""
 
 
-class Outbox(Protocol):
-    """One SMTP session. Raises `SessionRefused` or `SendRejected`."""
+class Destination(Protocol):
+    """One session with where documents go (SMTP today; an HTTP API later).
+
+    Raises `worker.errors.DeliveryUnavailable` for the session, or a
+    `worker.errors.DeliveryRefused` subclass for one document.
+    """
 
     def open(self) -> None:
-        """Connect, TLS, log in. Raises `SessionRefused`."""
+        """Connect and log in. Raises `DeliveryUnavailable`."""
 
-    def send(self, message: ForwardMail, *, before_end: Callable[[], None] | None = None) -> str:
-        """Send one mail; returns the server's answer text. Raises `SendRejected`.
+    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+        """Deliver one document; the receipt names the destination's id for it.
 
-        `before_end` runs once the content went out, before the terminating dot that
-        lets the server accept it; whatever it raises abandons the mail (the session is
-        dropped) and propagates."""
+        Raises `DeliveryUnavailable` when the session cannot take any document (nothing
+        of this one was delivered), else `DeliveryDeferred` (try later),
+        `DeliveryRejected` (never) or `DeliveryUncertain` (it may have arrived).
+
+        `before_final` runs once, after the document went out and before the step that
+        lets the destination accept it; whatever it raises abandons the document (the
+        session is dropped, the destination keeps nothing) and propagates."""
 
     def close(self) -> None:
-        """QUIT; never raises."""
+        """End the session; never raises."""
 
 
 class Inspector(Protocol):
@@ -83,8 +94,10 @@ class Inspector(Protocol):
         """Stop worker processes."""
 
 
-class Store(Protocol):
-    """The SQL store. Raises `worker.errors.StoreError`; the database decides uniqueness."""
+class PollStore(Protocol):
+    """What a poll needs: its position in the mailbox, the recording of what it read, and
+    the ERROR sightings it retries or gives up on. Raises `worker.errors.StoreError`; the
+    database decides uniqueness."""
 
     def position(self, mailbox: str) -> MailboxPosition | None:
         """How far polling got in `mailbox`, or None before the first poll."""
@@ -121,6 +134,14 @@ class Store(Protocol):
     def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
         """ERROR sightings tried `max_tries` times become REJECTED; returns how many."""
 
+    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
+        """Read-only, for a dry run: which key of a PDF is known already, or None."""
+
+
+class SendQueue(Protocol):
+    """What the send loop needs: documents due for sending, and the mark of each attempt.
+    Raises `worker.errors.StoreError`."""
+
     def claim_due(
         self, *, now: datetime, limit: int, lease_seconds: float
     ) -> list[OutgoingDocument]:
@@ -142,15 +163,25 @@ class Store(Protocol):
     def release(self, document_id: int) -> None:
         """Drop the lease without counting an attempt (the session was refused)."""
 
+
+class AuditReader(Protocol):
+    """What the audit log and the poll report read. Raises `worker.errors.StoreError`."""
+
+    def audit(self, query: AuditFilter) -> list[AuditRow]: ...
+
+    def state_counts(self) -> dict[DocumentState, int]: ...
+
+
+class AdminStore(Protocol):
+    """What the admin commands (`requeue`, `resend`) change. Raises `worker.errors.StoreError`."""
+
     def requeue(self, *, sha256: str | None, now: datetime) -> int:
         """FAILED documents (one, or all) back to PENDING; returns how many."""
 
     def resend(self, *, sha256: str, now: datetime) -> bool:
         """Queue a forwarded document again on purpose (needs its kept bytes)."""
 
-    def state_counts(self) -> dict[DocumentState, int]: ...
 
-    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
-        """Read-only, for a dry run: which key of a PDF is known already, or None."""
-
-    def audit(self, query: AuditFilter) -> list[AuditRow]: ...
+class PipelineStore(PollStore, SendQueue, AuditReader, Protocol):
+    """What a `Pipeline` is given: its poll's store, the send queue it hands to its
+    `Forwarder`, and the state counts of its report."""

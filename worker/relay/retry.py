@@ -6,7 +6,10 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-BASE_DELAY = timedelta(minutes=1)
+from worker.models import DATABASE_WAIT_SECONDS, DEFAULT_RETRY_DELAY_SECONDS
+from worker.relay.pacer import SendPacer
+
+BASE_DELAY = timedelta(seconds=DEFAULT_RETRY_DELAY_SECONDS)
 MAX_DELAY = timedelta(hours=6)
 JITTER = 0.2
 
@@ -42,10 +45,6 @@ SESSION_WAITS = 8
 # One send: MAIL, RCPT, DATA, the content (sendall is bounded as a whole), the final
 # answer, and RSET after a refusal.
 SEND_WAITS = 6
-# How long a statement waits for another writer (SQLite's busy_timeout, worker.store.schema);
-# recording one send's outcome may queue that long.
-DATABASE_WAIT_SECONDS = 30.0
-PACER_WINDOW_SECONDS = 60.0
 
 
 def lease_seconds(
@@ -64,5 +63,5 @@ def lease_seconds(
     pacing = 0.0
     if max_sends_per_minute is not None:
         windows = -(-send_batch // max_sends_per_minute)  # ceiling division
-        pacing = windows * PACER_WINDOW_SECONDS
+        pacing = windows * SendPacer.WINDOW_SECONDS
     return SESSION_WAITS * timeout_seconds + send_batch * per_send + pacing + 60.0

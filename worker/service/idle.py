@@ -151,23 +151,20 @@ class IdleWatcher:
 class PollRequests:
     """Runs the service's polls (`poll`) and turns announcements into more of them.
 
-    `ask` makes the service run its poll job after the given delay in seconds (the
-    Service's `poll_now`). An announcement during a poll is kept and asked for once
-    that poll is over: it may have come after the poll looked.
+    `ask` makes the service run its poll job (the Service's `poll_now`, which runs a
+    request made while the job is still winding down as soon as it has ended). An
+    announcement during a poll is kept and asked for once that poll is over: it may
+    have come after the poll looked.
     """
-
-    # The service counts its poll job as running until a moment after `poll` returns;
-    # a request asked in that moment would be dropped as an overlap.
-    AFTER_POLL_SECONDS = 0.2
 
     def __init__(self, poll: Callable[[], PollReport]) -> None:
         self._poll = poll
-        self._ask: Callable[[float], None] | None = None
+        self._ask: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._running = False
         self._wanted = False
 
-    def connect(self, ask: Callable[[float], None]) -> None:
+    def connect(self, ask: Callable[[], None]) -> None:
         self._ask = ask
 
     def poll(self) -> PollReport:
@@ -180,7 +177,7 @@ class PollRequests:
                 self._running = False
                 again, self._wanted = self._wanted, False
             if again:
-                self._request(self.AFTER_POLL_SECONDS)
+                self._request()
 
     def new_mail(self) -> None:
         """The watcher's `on_new_mail`."""
@@ -188,8 +185,8 @@ class PollRequests:
             if self._running:
                 self._wanted = True
                 return
-        self._request(0.0)
+        self._request()
 
-    def _request(self, delay: float) -> None:
+    def _request(self) -> None:
         if self._ask is not None:
-            self._ask(delay)
+            self._ask()

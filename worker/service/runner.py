@@ -23,7 +23,7 @@ from apscheduler.events import EVENT_SCHEDULER_STARTED  # type: ignore[import-un
 from apscheduler.executors.base import BaseExecutor, run_job  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped,unused-ignore]
 
-from worker.errors import InfrastructureError, PollLocked
+from worker.errors import InfrastructureError
 from worker.models import PollReport
 from worker.service.health import (
     HealthServer,
@@ -99,18 +99,34 @@ class _DaemonThreadExecutor(BaseExecutor):  # type: ignore[misc]
 
     APScheduler's thread pool uses non-daemon threads that the interpreter joins at exit,
     so a poll stuck on a dead server could hold the process past its shutdown bound.
+    `on_start` runs when a job is handed over and `on_end` once APScheduler no longer
+    counts it as running: only then may the job be asked to run again (a request before
+    it is dropped as an overlap of `max_instances=1`).
     """
+
+    def __init__(self, *, on_start: Callable[[], None], on_end: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_start = on_start
+        self._on_end = on_end
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
         def target() -> None:
             try:
-                events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
-            except BaseException as exc:  # noqa: BLE001 - handed to APScheduler, which logs it
-                self._run_job_error(job.id, exc, exc.__traceback__)
-            else:
-                self._run_job_success(job.id, events)
+                try:
+                    events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
+                except BaseException as exc:  # noqa: BLE001 - handed to APScheduler, which logs it
+                    self._run_job_error(job.id, exc, exc.__traceback__)
+                else:
+                    self._run_job_success(job.id, events)
+            finally:
+                self._on_end()
 
-        threading.Thread(target=target, name="invoice-relay-poll", daemon=True).start()
+        self._on_start()
+        try:
+            threading.Thread(target=target, name="invoice-relay-poll", daemon=True).start()
+        except BaseException:
+            self._on_end()  # no thread, no job: later requests must not wait for it
+            raise
 
 
 # --- the service -----------------------------------------------------------------------
@@ -153,6 +169,8 @@ class Service:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active_polls = 0
+        self._job_running = False  # from hand-over to APScheduler's end of the poll job
+        self._poll_wanted = False  # poll_now() came while the job ran: once more after it
         self._snapshot = HealthSnapshot()
         self._scheduler_thread: threading.Thread | None = None
         self._scheduler: Any = None
@@ -186,13 +204,32 @@ class Service:
         server = self._server
         return None if server is None else server.address
 
-    def poll_now(self, delay: float = 0.0) -> None:
-        """Run the poll job `delay` s from now (IMAP IDLE announced mail); the schedule
-        goes on after it. Ignored before start-up and once stopping."""
+    def poll_now(self) -> None:
+        """Run the poll job now (IMAP IDLE announced mail), or, while it runs, once
+        more as soon as it has ended; the schedule goes on after it. Ignored before
+        start-up and once stopping."""
+        with self._lock:
+            if self._job_running:
+                self._poll_wanted = True
+                return
+        self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
         scheduler = self._scheduler
         if scheduler is not None and scheduler.running and not self._stop_event.is_set():
             with contextlib.suppress(LookupError):  # the job is gone: shutting down
-                scheduler.modify_job(_JOB_ID, next_run_time=_utc_now() + timedelta(seconds=delay))
+                scheduler.modify_job(_JOB_ID, next_run_time=_utc_now())
+
+    def _job_started(self) -> None:
+        with self._lock:
+            self._job_running = True
+
+    def _job_ended(self) -> None:
+        with self._lock:
+            self._job_running = False
+            wanted, self._poll_wanted = self._poll_wanted, False
+        if wanted:
+            self._schedule_poll()
 
     # --- signals -------------------------------------------------------------------------
 
@@ -221,15 +258,8 @@ class Service:
                 return
             self._active_polls += 1
         started = time.monotonic()
-        started_at = _utc_now()
         try:
             report = self._poll()
-        except PollLocked:
-            # The pipeline normally reports this in its PollReport; accept both forms.
-            report = PollReport(
-                mailbox="", started_at=started_at, finished_at=_utc_now(), locked=True
-            )
-            self._record_success(report)
         except InfrastructureError as exc:
             self._record_failure(exc, time.monotonic() - started)
             _LOG.warning("poll failed: %s", exc, extra={"action": "poll_failed"})
@@ -302,7 +332,10 @@ class Service:
         if grace is None:
             grace = misfire_grace_seconds(self._trigger, now)
         scheduler = BlockingScheduler(
-            timezone="UTC", executors={"default": _DaemonThreadExecutor()}
+            timezone="UTC",
+            executors={
+                "default": _DaemonThreadExecutor(on_start=self._job_started, on_end=self._job_ended)
+            },
         )
         scheduler.add_job(
             self._poll_job,

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.errors import StoreError
-from worker.store.schema import READ_ONLY_OPTION, make_engine, translated
+from worker.store.engine import READ_ONLY_OPTION, make_engine, translated
 
 if TYPE_CHECKING:
     from alembic.config import Config

@@ -8,10 +8,15 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from worker.mail.verdicts import NOTICE_LOOP_REASON
-from worker.models import DocumentState, SightingKind
-from worker.relay.notify import NoticeMark, Problem, ProblemKind
-from worker.store.base import SqlBase
+from worker.models import (
+    DocumentState,
+    NoticeMark,
+    Problem,
+    ProblemKind,
+    ReasonCode,
+    SightingKind,
+)
+from worker.store.engine import SqlBase
 from worker.store.schema import documents, notifications, notified_documents, sightings
 
 _SIGHTING_PROBLEMS = {
@@ -45,8 +50,11 @@ class SqlNoticeLog(SqlBase):
         new_sighting = sa.and_(
             sightings.c.kind.in_(list(_SIGHTING_PROBLEMS)),
             sightings.c.id > after_sighting_id,
-            # Our own notice come back: reporting it would cause the next notice.
-            sa.func.coalesce(sightings.c.reason, "") != NOTICE_LOOP_REASON,
+            # Our own notice come back: reporting it would cause the next notice. A mail
+            # gone before it was fetched: a person removed it, nobody needs telling.
+            sa.func.coalesce(sightings.c.reason_code, "").not_in(
+                [ReasonCode.NOTICE_LOOP.value, ReasonCode.VANISHED.value]
+            ),
         )
         failed_document = sa.and_(
             sightings.c.kind == SightingKind.DOCUMENT.value,

@@ -10,14 +10,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
 from worker.models import DocumentState, OutgoingDocument, SightingKind
-from worker.store.base import SqlBase
+from worker.store.engine import SqlBase
 from worker.store.schema import document_contents, documents, sightings
 
 DEFAULT_FILENAME = "invoice.pdf"
 
 
 class DocumentQueue(SqlBase):
-    """The queries of `worker.relay.ports.Store` that send documents and change their state."""
+    """The queries of `worker.relay.ports.SendQueue` (and `AdminStore`) that send documents
+    and change their state."""
 
     def claim_due(
         self, *, now: datetime, limit: int, lease_seconds: float

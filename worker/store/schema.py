@@ -1,35 +1,17 @@
-"""Tables, the `audit_log` view and engines (migrations: worker/store/migrate.py).
+"""Tables and the `audit_log` view (their history: migrations/versions; engines and
+transactions: `worker.store.engine`).
 
-With the store modules (`store`, `sql`, `recording`, `queue`, `notices`, `migrate`), the
-only code that imports SQLAlchemy. The table and column names are
-public: the accountant queries them (and above all the `audit_log` view) with plain SQL.
+The table and column names are public: the accountant queries them (and above all the
+`audit_log` view) with plain SQL.
 """
 
 from __future__ import annotations
 
-import hashlib
-import sqlite3
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
-
-from worker.errors import StoreError
-from worker.relay.retry import DATABASE_WAIT_SECONDS
-
-SUPPORTED_BACKENDS: Final = ("sqlite", "postgresql")
-
-# A connection carrying this execution option opens its SQLite transaction with a plain
-# (deferred) BEGIN; every other transaction starts with BEGIN IMMEDIATE so that writers
-# queue on busy_timeout instead of failing when a read lock cannot be upgraded.
-READ_ONLY_OPTION: Final = "invoice_relay_read_only"
+from sqlalchemy.engine import Dialect
 
 
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
@@ -127,6 +109,8 @@ sightings = sa.Table(
     sa.Column("invoice_number", sa.Text, nullable=True),
     sa.Column("kind", sa.Text, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
+    # worker.models.ReasonCode: what code compares; `reason` is for people.
+    sa.Column("reason_code", sa.Text, nullable=True),
     sa.Column(
         "document_id",
         sa.Integer,
@@ -279,141 +263,3 @@ audit_log = sa.Table(
     sa.Column("forwarded_message_id", sa.Text),
     sa.Column("attempts", sa.Integer),
 )
-
-
-def create_schema(engine: Engine) -> None:
-    """Create the current tables and view directly (tests); production uses migrations."""
-    with translated(engine.url), engine.begin() as connection:
-        metadata.create_all(connection)
-        connection.exec_driver_sql(AUDIT_VIEW_SQL)
-
-
-# --- engines and errors ------------------------------------------------------------
-
-
-def advisory_key(name: str) -> int:
-    """A stable signed 64-bit key for PostgreSQL's advisory locks."""
-    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-MIGRATION_LOCK_KEY: Final = advisory_key("invoice-relay:migrate")
-
-
-def parse_url(url: str) -> URL:
-    """Parse a database URL; `postgresql://` and `postgres://` mean psycopg 3."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise StoreError("not a valid database URL") from exc
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
-        raise StoreError(
-            f"{parsed.render_as_string(hide_password=True)}: only SQLite and PostgreSQL "
-            "are supported"
-        )
-    return parsed
-
-
-def _passwords(url: URL) -> list[str]:
-    """Every password the URL carries: in its user info and in its query string."""
-    found = [str(url.password)] if url.password else []
-    for key, value in url.query.items():
-        if key.lower() == "password":
-            found.extend([value] if isinstance(value, str) else list(value))
-    return [password for password in found if password]
-
-
-def describe(url: URL) -> str:
-    """The URL for messages: every password masked, the query string's included."""
-    masked = {key: "MASKED" for key in url.query if key.lower() == "password"}
-    text = url.update_query_dict(masked).render_as_string(hide_password=True)
-    return text.replace(":***@", ":****@", 1).replace("MASKED", "****")
-
-
-def translate(exc: SQLAlchemyError, url: URL) -> StoreError:
-    """A StoreError naming the database (password hidden) and the driver's complaint."""
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        lines = str(exc.orig).strip().splitlines()
-        detail = lines[0] if lines else type(exc.orig).__name__
-    else:
-        # SQLAlchemy's own text may quote statements and parameters (PDF bytes).
-        detail = type(exc).__name__
-    for password in _passwords(url):
-        detail = detail.replace(password, "****")
-    return StoreError(f"{describe(url)}: {detail}")
-
-
-@contextmanager
-def translated(url: URL) -> Iterator[None]:
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        raise translate(exc, url) from exc
-
-
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Let SQLAlchemy's begin hook emit BEGIN instead of the driver's legacy handling.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        _enter_wal(cursor)  # leaves busy_timeout at DATABASE_WAIT_SECONDS
-        cursor.execute("PRAGMA foreign_keys = ON")
-    finally:
-        cursor.close()
-
-
-def _enter_wal(cursor: sqlite3.Cursor) -> None:
-    """WAL mode, waiting at most as long as any statement would. Two processes opening a
-    fresh file at once both need its exclusive lock to switch the mode; SQLite sees that
-    waiting could deadlock and answers "database is locked" at once instead of using
-    the busy timeout. One of them switches; the other, trying again, finds WAL set. Each
-    try may also wait in the busy handler: it gets only what is left of the wait."""
-    full = int(DATABASE_WAIT_SECONDS * 1000)
-    deadline = time.monotonic() + DATABASE_WAIT_SECONDS
-    pause = 0.01
-    try:
-        while True:
-            left = int((deadline - time.monotonic()) * 1000)
-            cursor.execute(f"PRAGMA busy_timeout = {max(left, 0)}")
-            try:
-                cursor.execute("PRAGMA journal_mode = WAL")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.5)
-    finally:
-        cursor.execute(f"PRAGMA busy_timeout = {full}")
-
-
-def _sqlite_on_begin(connection: Connection) -> None:
-    read_only = bool(connection.get_execution_options().get(READ_ONLY_OPTION, False))
-    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-
-def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """An engine set up for the relay: WAL and BEGIN IMMEDIATE on SQLite, pre-ping on PostgreSQL.
-
-    A SQLite file's directory is created when missing (the default lives under
-    $XDG_DATA_HOME, which may not exist yet).
-    """
-    parsed = parse_url(url)
-    with translated(parsed):
-        if parsed.get_backend_name() == "postgresql":
-            return sa.create_engine(parsed, echo=echo, pool_pre_ping=True)
-        database = parsed.database or ""
-        if database and database != ":memory:" and not database.startswith("file:"):
-            try:
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"{describe(parsed)}: {exc.strerror}") from exc
-        engine = sa.create_engine(parsed, echo=echo)
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
-
-
-# --- migrations ----------------------------------------------------------------------

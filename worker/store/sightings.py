@@ -21,7 +21,7 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.store.base import SqlBase
+from worker.store.engine import SqlBase
 from worker.store.schema import documents, mailbox_state, sightings
 
 _LOCATION = ("mailbox", "uidvalidity", "uid", "part")
@@ -38,8 +38,16 @@ class _Statements:
     link: sa.Executable
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _EarlierTries:
+    """What a mail-level error row leaves to the part rows that replace it."""
+
+    tries: int
+    received_at: datetime
+
+
 class MailRecorder(SqlBase):
-    """The queries of `worker.relay.ports.Store` that record what a poll read."""
+    """The queries of `worker.relay.ports.PollStore` that record what a poll read."""
 
     def position(self, mailbox: str) -> MailboxPosition | None:
         with self._read() as connection:
@@ -117,8 +125,11 @@ class MailRecorder(SqlBase):
         statements = self._statements()
         with self._write() as connection:
             whole = [mail.uid for mail in mails if all(part.part for part in mail.parts)]
-            if whole:
+            earlier = (
                 self._drop_mail_level_errors(connection, mailbox, uidvalidity, whole)
+                if whole
+                else {}
+            )
             for mail in mails:
                 for part in mail.parts:
                     recorded.append(
@@ -131,6 +142,7 @@ class MailRecorder(SqlBase):
                             part=part,
                             dedup=dedup,
                             now=now,
+                            earlier=earlier.get(mail.uid),
                         )
                     )
             if advance_to is not None:
@@ -161,18 +173,26 @@ class MailRecorder(SqlBase):
 
     def _drop_mail_level_errors(
         self, connection: Connection, mailbox: str, uidvalidity: int, uids: Sequence[int]
-    ) -> None:
+    ) -> dict[int, _EarlierTries]:
         """A mail that failed as a whole has one ERROR row at part "". Once a retry reads
-        its parts, that placeholder gives way to one row per part."""
-        connection.execute(
-            sa.delete(sightings).where(
+        its parts, that placeholder gives way to one row per part, which carry on its
+        count of tries (else a mail could be tried INVOICE_RELAY_ERROR_RETRIES times as
+        a whole and as many again part by part) and when it was first seen."""
+        dropped = connection.execute(
+            sa.delete(sightings)
+            .where(
                 sightings.c.mailbox == mailbox,
                 sightings.c.uidvalidity == uidvalidity,
                 sightings.c.uid.in_(list(uids)),
                 sightings.c.part == "",
                 sightings.c.kind == SightingKind.ERROR.value,
             )
+            .returning(sightings.c.uid, sightings.c.tries, sightings.c.received_at)
         )
+        return {
+            int(row.uid): _EarlierTries(tries=int(row.tries), received_at=row.received_at)
+            for row in dropped
+        }
 
     def _record_part(
         self,
@@ -185,6 +205,7 @@ class MailRecorder(SqlBase):
         part: PartRecord,
         dedup: DedupMode,
         now: datetime,
+        earlier: _EarlierTries | None = None,
     ) -> RecordedSighting:
         values: dict[str, Any] = {
             "mailbox": mailbox,
@@ -203,10 +224,14 @@ class MailRecorder(SqlBase):
             "invoice_number": part.invoice_number,
             "kind": part.kind.value,
             "reason": part.reason,
+            "reason_code": None if part.reason_code is None else part.reason_code.value,
             "document_id": None,
             "duplicate_of": None,
             "tries": 1,
         }
+        if earlier is not None:  # this read is another try of a mail that failed whole
+            values["tries"] = earlier.tries + 1
+            values["received_at"] = earlier.received_at
         sighting_id = connection.execute(statements.sighting, values).scalar_one_or_none()
         if sighting_id is None:
             return self._existing_sighting(connection, mailbox, uidvalidity, mail.uid, part.part)

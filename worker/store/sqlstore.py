@@ -1,15 +1,16 @@
-"""`SqlStore`: the `worker.relay.ports.Store` on SQLAlchemy Core, for SQLite and PostgreSQL.
+"""`SqlStore`: every store Protocol of `worker.relay.ports` (`PollStore`, `SendQueue`,
+`AuditReader`, `AdminStore`) on SQLAlchemy Core, for SQLite and PostgreSQL.
 
 The database decides uniqueness: sightings and documents are claimed by INSERT ... ON
 CONFLICT, and only after a conflict does the store read which row won. The queries
 live by topic: `worker.store.sightings` (what a poll read), `worker.store.queue` (forwarding);
-this module adds the audit log and the poll lock.
+this module adds the ERROR rows a poll retries, the audit log and the poll lock.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,27 +18,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.models import AuditFilter, AuditRow, Outcome
-from worker.store.errorrows import ErrorRows
+from worker.models import AuditFilter, AuditRow, Outcome, SightingKind
+from worker.store.engine import advisory_key, make_engine, translated
 from worker.store.queue import DocumentQueue
-from worker.store.schema import advisory_key, audit_log, make_engine, translated
+from worker.store.schema import audit_log, sightings
 from worker.store.sightings import MailRecorder, known_document
 
 log = logging.getLogger(__name__)
 
 
-class SqlStore(MailRecorder, ErrorRows, DocumentQueue):
+class SqlStore(MailRecorder, DocumentQueue):
     """The relay's SQL store. Every method raises `StoreError` when the database fails."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
         super().__init__(make_engine(url, echo=echo))
-
-    @classmethod
-    def from_engine(cls, engine: Engine) -> SqlStore:
-        """Wrap an engine made by `worker.store.schema.make_engine` (its SQLite hooks matter)."""
-        store = cls.__new__(cls)
-        store._engine = engine
-        return store
 
     @property
     def engine(self) -> Engine:
@@ -45,6 +39,64 @@ class SqlStore(MailRecorder, ErrorRows, DocumentQueue):
 
     def close(self) -> None:
         self._engine.dispose()
+
+    # --- error rows: retried on later polls, rejected once tried enough or unreadable ----
+
+    def error_uids(self, *, mailbox: str, uidvalidity: int, max_tries: int) -> list[int]:
+        with self._read() as connection:
+            uids = connection.execute(
+                sa.select(sightings.c.uid)
+                .distinct()
+                .where(
+                    sightings.c.mailbox == mailbox,
+                    sightings.c.uidvalidity == uidvalidity,
+                    sightings.c.kind == SightingKind.ERROR.value,
+                    sightings.c.tries < max_tries,
+                )
+                .order_by(sightings.c.uid)
+            ).scalars()
+            return [int(uid) for uid in uids]
+
+    def abandon_errors(
+        self, *, mailbox: str, uidvalidity: int, uids: Sequence[int] | None, reason: str
+    ) -> int:
+        conditions = [
+            sightings.c.mailbox == mailbox,
+            sightings.c.uidvalidity == uidvalidity,
+            sightings.c.kind == SightingKind.ERROR.value,
+        ]
+        if uids is not None:
+            conditions.append(sightings.c.uid.in_(list(uids)))
+        with self._write() as connection:
+            result = connection.execute(
+                sa.update(sightings)
+                .where(*conditions)
+                .values(
+                    kind=SightingKind.REJECTED.value,
+                    reason=sa.literal(reason + "; before: ")
+                    + sa.func.coalesce(sightings.c.reason, ""),
+                )
+            )
+            return result.rowcount
+
+    def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
+        reason = (
+            sa.literal("gave up after ")
+            + sa.cast(sightings.c.tries, sa.Text)
+            + sa.literal(" tries: ")
+            + sa.func.coalesce(sightings.c.reason, "")
+        )
+        with self._write() as connection:
+            result = connection.execute(
+                sa.update(sightings)
+                .where(
+                    sightings.c.mailbox == mailbox,
+                    sightings.c.kind == SightingKind.ERROR.value,
+                    sightings.c.tries >= max_tries,
+                )
+                .values(kind=SightingKind.REJECTED.value, reason=reason)
+            )
+            return result.rowcount
 
     # --- reading -------------------------------------------------------------------------
 
