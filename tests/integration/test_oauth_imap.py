@@ -19,7 +19,7 @@ from tests.servers.token_server import TokenServer, running_token_server
 from worker.auth.crypto import Sealer
 from worker.auth.sources import OAuthClient, TokenSources
 from worker.mail.sasl import Exchange, SaslError, login_with_token
-from worker.store import schema
+from worker.store import engine as store_engine
 from worker.store.tokens import TokenStore
 from worker.tokens import AccessToken, OAuthFlow, OAuthProvider
 
@@ -41,8 +41,8 @@ def oauth_imap(tmp_path: Path, token_server: TokenServer) -> Iterator[DovecotSer
 
 @pytest.fixture
 def sources(tmp_path: Path, token_server: TokenServer) -> Iterator[TokenSources]:
-    engine = schema.make_engine(f"sqlite:///{tmp_path / 'relay.db'}")
-    schema.create_schema(engine)
+    engine = store_engine.make_engine(f"sqlite:///{tmp_path / 'relay.db'}")
+    store_engine.create_schema(engine)
     with TokenSources(
         rows=TokenStore(engine),
         sealer=Sealer(b"k" * 32),

@@ -15,7 +15,7 @@ from tests.servers.token_server import TokenServer, running_token_server
 from worker.auth.crypto import Sealer
 from worker.auth.sources import OAuthClient, TokenSources
 from worker.mail.sasl import Exchange, SaslError
-from worker.store import schema
+from worker.store import engine as store_engine
 from worker.store.tokens import TokenStore
 from worker.tokens import OAuthFlow, OAuthProvider
 
@@ -44,8 +44,8 @@ def sink(token_server: TokenServer) -> Iterator[SmtpSink]:
 @pytest.fixture
 def token(token_server: TokenServer, tmp_path: Path) -> Iterator[str]:
     token_server.add_client("app-1", secret="app-secret", mailbox=SENDER)
-    engine = schema.make_engine(f"sqlite:///{tmp_path / 'relay.db'}")
-    schema.create_schema(engine)
+    engine = store_engine.make_engine(f"sqlite:///{tmp_path / 'relay.db'}")
+    store_engine.create_schema(engine)
     client = OAuthClient(
         provider=OAuthProvider.MICROSOFT,
         flow=OAuthFlow.APP,

@@ -16,7 +16,7 @@ from worker.auth.crypto import Sealer
 from worker.auth.sources import OAuthClient, TokenSources
 from worker.errors import TokenEndpointError
 from worker.logs import JsonFormatter
-from worker.store import schema
+from worker.store import engine as store_engine
 from worker.store.tokens import TokenStore
 from worker.tokens import OAuthFlow, OAuthProvider
 
@@ -83,8 +83,8 @@ def test_no_token_or_secret_in_logs_errors_or_reprs(
             token_url=server.token_url(),
         ),
     ]
-    engine = schema.make_engine(f"sqlite:///{tmp_path / 'relay.db'}")
-    schema.create_schema(engine)
+    engine = store_engine.make_engine(f"sqlite:///{tmp_path / 'relay.db'}")
+    store_engine.create_schema(engine)
     shown: list[str] = []
     with TokenSources(
         rows=TokenStore(engine),

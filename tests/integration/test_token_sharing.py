@@ -18,7 +18,8 @@ import pytest
 from tests.servers.token_server import TokenServer, running_token_server
 from worker.auth.crypto import Sealer
 from worker.auth.sources import OAuthClient, TokenSources
-from worker.store import migrate, schema
+from worker.store import engine as store_engine
+from worker.store import migrate
 from worker.store.tokens import TokenStore
 from worker.tokens import AccessToken, OAuthFlow, OAuthProvider
 
@@ -39,7 +40,7 @@ def replicas_refresh_together(
     then `count` replicas that all need a new one at once. The row exists, so only its
     lock keeps them apart (a first-ever row would also be serialised by its UNIQUE insert)."""
     migrate.upgrade_database(database_url)
-    engine = schema.make_engine(database_url)
+    engine = store_engine.make_engine(database_url)
     try:
         with TokenSources(
             rows=TokenStore(engine),
@@ -54,7 +55,7 @@ def replicas_refresh_together(
     barrier = threading.Barrier(count)
 
     def replica() -> AccessToken:
-        engine = schema.make_engine(database_url)
+        engine = store_engine.make_engine(database_url)
         try:
             with TokenSources(
                 rows=TokenStore(engine),

@@ -25,7 +25,7 @@ from tests.servers.token_server import (
 from worker.auth.crypto import Sealer
 from worker.auth.sources import OAuthClient, TokenSources
 from worker.errors import OAuthClientRejected, OAuthLoginRefused, TokenEndpointError
-from worker.store import schema
+from worker.store import engine as store_engine
 from worker.store.tokens import TokenStore
 from worker.tokens import OAuthFlow, OAuthProvider
 
@@ -51,8 +51,8 @@ def server(tmp_path: Path) -> Iterator[TokenServer]:
 
 @pytest.fixture
 def sources(server: TokenServer, tmp_path: Path) -> Iterator[TokenSources]:
-    engine = schema.make_engine(f"sqlite:///{tmp_path / 'relay.db'}")
-    schema.create_schema(engine)
+    engine = store_engine.make_engine(f"sqlite:///{tmp_path / 'relay.db'}")
+    store_engine.create_schema(engine)
     with TokenSources(
         rows=TokenStore(engine),
         sealer=Sealer(b"k" * 32),
@@ -300,8 +300,8 @@ def test_a_stalled_endpoint_is_an_outage_bounded_by_the_timeout(
     server: TokenServer, tmp_path: Path
 ) -> None:
     server.add_client("app-1", secret="app-secret-value", mailbox=MAILBOX)
-    engine = schema.make_engine(f"sqlite:///{tmp_path / 'stall.db'}")
-    schema.create_schema(engine)
+    engine = store_engine.make_engine(f"sqlite:///{tmp_path / 'stall.db'}")
+    store_engine.create_schema(engine)
     with (
         TokenSources(
             rows=TokenStore(engine),
@@ -346,8 +346,8 @@ def test_the_test_ca_is_trusted_only_through_the_ca_file(
     server: TokenServer, tmp_path: Path
 ) -> None:
     server.add_client("app-1", secret="app-secret-value", mailbox=MAILBOX)
-    engine = schema.make_engine(f"sqlite:///{tmp_path / 'trust.db'}")
-    schema.create_schema(engine)
+    engine = store_engine.make_engine(f"sqlite:///{tmp_path / 'trust.db'}")
+    store_engine.create_schema(engine)
     with (
         TokenSources(
             rows=TokenStore(engine), sealer=Sealer(b"k" * 32), ca_file=None, timeout_seconds=5.0

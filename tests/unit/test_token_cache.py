@@ -12,7 +12,7 @@ from tests.fakes import FakeGrantor
 from worker.auth.cache import REFRESH_MARGIN, StoredTokenSource
 from worker.auth.crypto import Sealer, read_key_file
 from worker.errors import ConfigError, OAuthLoginRefused, StoreError
-from worker.store import schema
+from worker.store import engine as store_engine
 from worker.store.tokens import TokenStore
 from worker.tokens import OAuthProvider, StoredToken, TokenIdentity
 
@@ -39,8 +39,8 @@ def db_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def rows(db_file: Path) -> Iterator[TokenStore]:
-    engine = schema.make_engine(f"sqlite:///{db_file}")
-    schema.create_schema(engine)
+    engine = store_engine.make_engine(f"sqlite:///{db_file}")
+    store_engine.create_schema(engine)
     yield TokenStore(engine)
     engine.dispose()
 

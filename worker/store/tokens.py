@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from worker.store.base import SqlBase
+from worker.store.engine import SqlBase
 from worker.store.schema import oauth_tokens
 from worker.tokens import StoredToken
 
