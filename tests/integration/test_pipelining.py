@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from email.message import EmailMessage
 
 import pytest
@@ -163,7 +164,7 @@ def test_after_a_refused_content_the_session_carries_the_next_mail(
 
 
 def test_a_large_mail_goes_out_in_chunks_and_arrives_whole(server: ScriptedEsmtp) -> None:
-    big = Parcel(**{**_fields(document(5)), "content": b"%PDF-1.7\n" + bytes(range(256)) * 12_000})
+    big = replace(document(5), content=b"%PDF-1.7\n" + bytes(range(256)) * 12_000)
     server.hold_until = last_chunks_seen(1)
     with outbox_for(server) as outbox:
         outbox.deliver(big)
@@ -248,10 +249,6 @@ def received(server: ScriptedEsmtp) -> list[bytes]:
 
 def last_chunks_seen(number: int) -> Callable[[list[str]], bool]:
     return lambda commands: last_chunks(commands) >= number
-
-
-def _fields(parcel: Parcel) -> dict[str, object]:
-    return {name: getattr(parcel, name) for name in Parcel.__dataclass_fields__}
 
 
 def _expected(parcel: Parcel) -> bytes:
