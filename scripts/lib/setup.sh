@@ -29,6 +29,16 @@ ensure_dovecot() {
     apt_install dovecot-imapd sqlite3
 }
 
+ensure_postfix() {
+    # The SMTP tests and the WAN bench start their own Postfix (PIPELINING, CHUNKING)
+    # with a private config; "No configuration" keeps the package's own one empty.
+    if ! dpkg-query -W -f='${Status}' postfix 2>/dev/null | grep -q "install ok installed"; then
+        echo "postfix postfix/main_mailer_type select No configuration" \
+            | as_root debconf-set-selections
+    fi
+    apt_install postfix
+}
+
 ensure_postgres() {
     local host="127.0.0.1" port="5432"
     if pg_isready -q -h "$host" -p "$port" 2>/dev/null; then
