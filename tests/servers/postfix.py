@@ -145,6 +145,12 @@ class Postfix:
                 counts.append({name: int(total or ok) for name, ok, total in found})
         return counts
 
+    def wait_until_relayed(self, timeout: float = 20.0) -> None:
+        """Until every mail the server took in (cleanup logs its Message-ID) has left
+        the queue again (relayed or discarded)."""
+        taken_in = len(re.findall(r"cleanup\[\d+\]: \w+: message-id=", self.log()))
+        self.wait_for_log(r": removed$", taken_in, timeout)
+
     def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 20.0) -> None:
         """Until `pattern` appears `count` times in the log (a delivery, a disconnect)."""
         deadline = time.monotonic() + timeout
