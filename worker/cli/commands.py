@@ -150,6 +150,7 @@ def _pipeline(
             config=pipeline_config(settings),
             mailbox=imap_mailbox(settings),
             outbox=smtp_outbox(settings),
+            more_outboxes=[smtp_outbox(settings) for _ in range(settings.smtp_sessions - 1)],
             store=store,
             inspector=inspector,
             pacer=SendPacer(settings.max_sends_per_minute),
