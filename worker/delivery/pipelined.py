@@ -61,24 +61,31 @@ def send_bdat(
     pieces: Iterable[bytes],
     before_end: Callable[[], None] | None,
     *,
+    first: bytes = b"",
     then: bytes = b"",
 ) -> int:
     """The content as BDAT chunks, written without waiting for their answers; returns
     how many answers the caller must read. `before_end` runs before the chunk that
-    carries LAST (whatever it raises comes out as `Abandoned`); `then` (the next mail's
-    envelope) goes out in the same write as that chunk."""
+    carries LAST (whatever it raises comes out as `Abandoned`); `first` (this mail's
+    envelope) goes out in the first write, `then` (the next mail's envelope) in the
+    same write as the last chunk: one segment where one will do, so the server never
+    answers between them."""
     sent = 0
     for chunk, last in chunks(pieces):
         if not last:
-            smtp.send(bdat_command(chunk, last=False))
+            smtp.send(first + bdat_command(chunk, last=False))
+            first = b""
             sent += 1
             continue
         if before_end is not None:
+            if first:  # out before the hook, which may wait for the last mail's mark
+                smtp.send(first)
+                first = b""
             try:
                 before_end()
             except Exception as exc:
                 raise Abandoned(exc) from exc
-        smtp.send(bdat_command(chunk, last=True) + then)
+        smtp.send(first + bdat_command(chunk, last=True) + then)
         sent += 1
     return sent
 

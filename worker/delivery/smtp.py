@@ -379,8 +379,11 @@ class SmtpOutbox:
                 self._reset_or_drop(unread=2)
                 smtp = self._session()
                 ahead = None
+            envelope = b""
             if ahead is None:
-                smtp.send(pipelined.envelope(self._forward_from, recipient, data=not chunking))
+                envelope = pipelined.envelope(self._forward_from, recipient, data=not chunking)
+                if not chunking:
+                    smtp.send(envelope)
             elif not chunking:
                 smtp.send(b"DATA\r\n")  # an envelope written ahead ends without DATA
             unread = 2
@@ -394,7 +397,9 @@ class SmtpOutbox:
                 unread = 0
             if chunking:
                 pieces = _raw_pieces(message)
-                unread += pipelined.send_bdat(smtp, pieces, before_end, then=following)
+                unread += pipelined.send_bdat(
+                    smtp, pieces, before_end, first=envelope, then=following
+                )
                 content_sent = True
                 self.round_trips += 1
                 replies = pipelined.read_replies(smtp, unread)
