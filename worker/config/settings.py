@@ -19,7 +19,7 @@ from typing import TypeVar
 from urllib.parse import unquote
 
 from worker import models
-from worker.config import values
+from worker.config import values, web
 from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
@@ -109,6 +109,8 @@ class Settings:
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
     # What happens to a settled mail after forwarding; keep: the folder is read-only.
     after_forward: AfterForward = field(default_factory=AfterForward)
+    # The status page (worker.web); None: off (no web user, or WEB_PORT 0).
+    web: web.WebSettings | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
@@ -183,6 +185,7 @@ class Settings:
             notify_interval_seconds=env.parse(
                 "NOTIFY_INTERVAL", parse_duration, models.DEFAULT_NOTIFY_INTERVAL_SECONDS
             ),
+            web=_web_settings(env),
             unknown_variables=env.unknown(),
         )
         if (settings.smtp_user is None) != (settings.smtp_password is None):
@@ -206,6 +209,8 @@ class Settings:
     def secret_values(self) -> tuple[str, ...]:
         """The strings logging must redact: passwords, also inside the database URL."""
         values = [self.imap_password.reveal()]
+        if self.web is not None:
+            values.extend(user.password for user in self.web.users)
         if self.smtp_password is not None:
             values.append(self.smtp_password.reveal())
         for password in url_passwords(self.database_url.reveal()):
@@ -313,6 +318,42 @@ class _Reader:
             raise self._problems[0]
         if self._problems:
             raise ConfigProblems(tuple(self._problems))
+
+
+def _web_settings(env: _Reader) -> web.WebSettings | None:
+    port = env.parse("WEB_PORT", values.port(0), models.DEFAULT_WEB_PORT)
+    name = env.parse("WEB_USER", web.user_name, models.DEFAULT_WEB_USER)
+    password = env.secret("WEB_PASSWORD", required=False)
+    public_url = env.parse("WEB_PUBLIC_URL", web.public_url, None)
+    no_proxies: tuple[web.IpNetwork, ...] = ()
+    proxies = env.parse("WEB_TRUSTED_PROXIES", web.networks, no_proxies)
+    idle = env.parse("WEB_IDLE", parse_duration, web.DEFAULT_IDLE_SECONDS)
+    keep_pdfs = env.parse("KEEP_PDFS", values.boolean, False)
+    key = env.raw("SECRET_KEY_FILE")
+    # MERGE (routes issue): users of `[[web_users]]` join this one.
+    users = () if password is None else (web.WebUser(name=name, password=password.reveal()),)
+    if port == 0 or not users:
+        return None
+    secret = b""
+    if key is None:
+        env.fail("SECRET_KEY_FILE", "required when the status page is on (a web user is set)")
+    else:
+        try:
+            secret = Path(key).read_bytes().strip()
+        except OSError as exc:
+            env.fail("SECRET_KEY_FILE", f"cannot read {key}: {exc.strerror}")
+        else:
+            if len(secret) < 32:
+                env.fail("SECRET_KEY_FILE", f"{key} holds fewer than 32 bytes")
+    return web.WebSettings(
+        port=port,
+        users=users,
+        secret_key=secret,
+        public_url=public_url,
+        trusted_proxies=proxies,
+        idle_seconds=idle,
+        keep_pdfs=keep_pdfs,
+    )
 
 
 def _database_url(env: _Reader) -> Secret:
