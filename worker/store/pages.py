@@ -191,7 +191,9 @@ class PageQueries(SqlBase):
     def document_pdf(self, sighting_id: int, scope: RouteScope) -> tuple[str, bytes] | None:
         with self._read() as connection:
             found = connection.execute(
-                sa.select(documents.c.id, documents.c.filename, self._selected_content())
+                sa.select(
+                    documents.c.id, documents.c.filename, self._selected_content().label("content")
+                )
                 .select_from(
                     sightings.join(documents, documents.c.id == sightings.c.document_id).join(
                         document_contents, document_contents.c.document_id == documents.c.id
