@@ -1,7 +1,7 @@
 """The status page's server-side sessions (`web_sessions`).
 
 Revision ID: 0010_web_sessions
-Revises: 0006_mail_actions
+Revises: 0007_oauth_tokens
 Create Date: 2026-12-01
 
 Migrations are frozen history: never import the current tables from worker.store.schema here.
@@ -16,7 +16,7 @@ from alembic import op
 
 revision: str = "0010_web_sessions"
 # MERGE: the single head of `layout` when this branch lands.
-down_revision: str | None = "0006_mail_actions"
+down_revision: str | None = "0007_oauth_tokens"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -93,6 +93,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "notified_documents",
         "mail_actions",
         "web_sessions",
+        "oauth_tokens",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
     assert migrate.is_up_to_date(empty_database)
@@ -355,7 +356,7 @@ def test_the_alembic_ini_finds_the_same_scripts() -> None:
 def test_web_sessions_come_and_go_with_0010(empty_database: str) -> None:
     migrate.upgrade_database(empty_database, "0010_web_sessions")
     assert "web_sessions" in table_names(empty_database)
-    migrate.downgrade_database(empty_database, "0006_mail_actions")  # MERGE: its down_revision
+    migrate.downgrade_database(empty_database, "0007_oauth_tokens")  # MERGE: its down_revision
     assert "web_sessions" not in table_names(empty_database)
     assert view_columns(empty_database) == README_AUDIT_COLUMNS
 
@@ -363,7 +364,6 @@ def test_web_sessions_come_and_go_with_0010(empty_database: str) -> None:
 def test_mail_actions_add_one_view_column_and_go_away_again(empty_database: str) -> None:
     # 0006 adds `mail_actions` and `audit_log.mail_action` at the view's end; the
     # downgrade gives back the view without it. A recorded sighting stays visible.
-    before = "0006_mail_actions"
     previous = "0004_reason_codes"  # MERGE: "0005_leases"
     migrate.upgrade_database(empty_database, previous)
     old_columns = view_columns(empty_database)
@@ -379,7 +379,7 @@ def test_mail_actions_add_one_view_column_and_go_away_again(empty_database: str)
                 ),
                 {"now": datetime(2026, 12, 1, tzinfo=UTC)},
             )
-        migrate.upgrade_database(empty_database, before)
+        migrate.upgrade_database(empty_database, "0006_mail_actions")
         assert view_columns(empty_database) == README_AUDIT_COLUMNS
         with engine.connect() as connection:
             rows = connection.execute(sa.text("SELECT uid, mail_action FROM audit_log")).all()

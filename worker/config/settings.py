@@ -20,11 +20,13 @@ from urllib.parse import unquote
 
 from worker import models
 from worker.config import values, web
+from worker.config.oauth import OAuthSettings, read_oauth
 from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
 from worker.logs import MASK, mask_url, url_passwords
 from worker.models import AfterForward, DedupMode, Security, sqlite_file, sqlite_location
+from worker.tokens import AuthMethod
 
 PREFIX = "INVOICE_RELAY_"
 
@@ -109,6 +111,10 @@ class Settings:
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
     # What happens to a settled mail after forwarding; keep: the folder is read-only.
     after_forward: AfterForward = field(default_factory=AfterForward)
+    imap_auth: AuthMethod = AuthMethod.PASSWORD
+    smtp_auth: AuthMethod = AuthMethod.PASSWORD
+    oauth: OAuthSettings | None = None  # set when IMAP or SMTP logs in with oauth2
+    secret_key_file: Path | None = None  # encrypts stored tokens (a process setting)
     # The status page (worker.web); None: off (no web user, or WEB_PORT 0).
     web: web.WebSettings | None = None
 
@@ -118,17 +124,24 @@ class Settings:
         env = _Reader(environ)
         imap_security = env.parse("IMAP_SECURITY", values.enum_of(Security), Security.SSL)
         smtp_security = env.parse("SMTP_SECURITY", values.enum_of(Security), Security.STARTTLS)
+        imap_auth = env.parse("IMAP_AUTH", values.enum_of(AuthMethod), AuthMethod.PASSWORD)
+        smtp_auth = env.parse("SMTP_AUTH", values.enum_of(AuthMethod), AuthMethod.PASSWORD)
+        smtp_user = env.text("SMTP_USER")
+        oauth, secret_key_file = read_oauth(
+            env, imap_auth=imap_auth, smtp_auth=smtp_auth, smtp_user=smtp_user
+        )
         settings = cls(
             imap_host=env.parse("IMAP_HOST", values.host, None, required=True) or "",
             imap_port=env.parse("IMAP_PORT", values.port(1), _IMAP_PORTS[imap_security]),
             imap_security=imap_security,
             imap_user=env.required("IMAP_USER"),
-            imap_password=env.secret("IMAP_PASSWORD", required=True) or Secret(""),
+            imap_password=env.secret("IMAP_PASSWORD", required=imap_auth is AuthMethod.PASSWORD)
+            or Secret(""),
             imap_folder=env.text("IMAP_FOLDER") or "INBOX",
             smtp_host=env.parse("SMTP_HOST", values.host, None, required=True) or "",
             smtp_port=env.parse("SMTP_PORT", values.port(1), _SMTP_PORTS[smtp_security]),
             smtp_security=smtp_security,
-            smtp_user=env.text("SMTP_USER"),
+            smtp_user=smtp_user,
             smtp_password=env.secret("SMTP_PASSWORD", required=False),
             forward_to=env.parse("FORWARD_TO", values.address, None, required=True) or "",
             forward_from=env.parse("FORWARD_FROM", values.address, None, required=True) or "",
@@ -185,10 +198,16 @@ class Settings:
             notify_interval_seconds=env.parse(
                 "NOTIFY_INTERVAL", parse_duration, models.DEFAULT_NOTIFY_INTERVAL_SECONDS
             ),
-            web=_web_settings(env),
+            imap_auth=imap_auth,
+            smtp_auth=smtp_auth,
+            oauth=oauth,
+            secret_key_file=secret_key_file,
+            web=_web_settings(env, secret_key_file),
             unknown_variables=env.unknown(),
         )
-        if (settings.smtp_user is None) != (settings.smtp_password is None):
+        if smtp_auth is AuthMethod.PASSWORD and (
+            (settings.smtp_user is None) != (settings.smtp_password is None)
+        ):
             missing = "SMTP_PASSWORD" if settings.smtp_password is None else "SMTP_USER"
             env.fail(missing, "required when the other half of the SMTP login is set")
         try:
@@ -213,6 +232,10 @@ class Settings:
             values.extend(user.password for user in self.web.users)
         if self.smtp_password is not None:
             values.append(self.smtp_password.reveal())
+        if self.oauth is not None:
+            for secret in (self.oauth.client_secret, self.oauth.refresh_token):
+                if secret is not None:
+                    values.append(secret.reveal())
         for password in url_passwords(self.database_url.reveal()):
             values.extend((password, unquote(password)))
         return tuple(dict.fromkeys(value for value in values if value))
@@ -320,7 +343,7 @@ class _Reader:
             raise ConfigProblems(tuple(self._problems))
 
 
-def _web_settings(env: _Reader) -> web.WebSettings | None:
+def _web_settings(env: _Reader, key_file: Path | None) -> web.WebSettings | None:
     port = env.parse("WEB_PORT", values.port(0), models.DEFAULT_WEB_PORT)
     name = env.parse("WEB_USER", web.user_name, models.DEFAULT_WEB_USER)
     password = env.secret("WEB_PASSWORD", required=False)
@@ -329,22 +352,28 @@ def _web_settings(env: _Reader) -> web.WebSettings | None:
     proxies = env.parse("WEB_TRUSTED_PROXIES", web.networks, no_proxies)
     idle = env.parse("WEB_IDLE", parse_duration, web.DEFAULT_IDLE_SECONDS)
     keep_pdfs = env.parse("KEEP_PDFS", values.boolean, False)
-    key = env.raw("SECRET_KEY_FILE")
     # MERGE (routes issue): users of `[[web_users]]` join this one.
     users = () if password is None else (web.WebUser(name=name, password=password.reveal()),)
     if port == 0 or not users:
         return None
+    # One key file for the process (the stored tokens use it too); worker.web derives
+    # its own key from it, so that a session signature never doubles as a token key.
     secret = b""
-    if key is None:
-        env.fail("SECRET_KEY_FILE", "required when the status page is on (a web user is set)")
+    if key_file is None:
+        if env.raw("SECRET_KEY_FILE") is None:  # else its own problem is listed already
+            env.fail("SECRET_KEY_FILE", "required when the status page is on (a web user is set)")
     else:
         try:
-            secret = Path(key).read_bytes().strip()
+            secret = key_file.read_bytes().strip()
         except OSError as exc:
-            env.fail("SECRET_KEY_FILE", f"cannot read {key}: {exc.strerror}")
+            env.fail("SECRET_KEY_FILE", f"cannot read {key_file}: {exc.strerror}")
         else:
-            if len(secret) < 32:
-                env.fail("SECRET_KEY_FILE", f"{key} holds fewer than 32 bytes")
+            if len(secret) < web.MIN_KEY_BYTES:
+                env.fail(
+                    "SECRET_KEY_FILE",
+                    f"{key_file} holds fewer than {web.MIN_KEY_BYTES} bytes "
+                    "(for example the output of `openssl rand -base64 32`)",
+                )
     return web.WebSettings(
         port=port,
         users=users,

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from worker.models import DEFAULT_WEB_PORT, RouteScope
 
+MIN_KEY_BYTES = 32  # of INVOICE_RELAY_SECRET_KEY_FILE, as worker.auth.crypto asks too
 DEFAULT_IDLE_SECONDS = 30 * 60.0  # INVOICE_RELAY_WEB_IDLE: a session unused this long ends
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

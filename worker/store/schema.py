@@ -198,6 +198,20 @@ web_sessions = sa.Table(
     sa.Column("last_seen_at", UtcDateTime(), nullable=False),
 )
 
+# OAuth2 tokens (worker.store.tokens), one row per identity (provider, tenant, client, user).
+# Only sealed values (AES-GCM, worker.auth.crypto): no plaintext token is ever stored, and
+# no view reads this table.
+oauth_tokens = sa.Table(
+    "oauth_tokens",
+    metadata,
+    sa.Column("identity", sa.Text, primary_key=True),
+    sa.Column("sealed_access", sa.LargeBinary),
+    sa.Column("access_expires_at", UtcDateTime()),
+    sa.Column("sealed_refresh", sa.LargeBinary),
+    sa.Column("origin", sa.Text),  # keyed digest of the configured refresh token
+    sa.Column("refreshed_at", UtcDateTime()),
+)
+
 # The view's current definition. Migrations carry their own frozen copy; a test checks
 # that both yield the same columns.
 AUDIT_VIEW_SQL: Final = """

@@ -14,6 +14,7 @@ outside it is a 404 like a row that does not exist; every change goes through th
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import time
@@ -133,7 +134,7 @@ class StatusPage:
                 Middleware(SecurityHeaders, https=settings.https),
                 Middleware(
                     SessionMiddleware,
-                    secret_key=settings.secret_key.decode("latin-1"),
+                    secret_key=session_key(settings.secret_key),
                     session_cookie=COOKIE,
                     max_age=None,  # a browser session; the database ends it when idle
                     same_site="strict",
@@ -406,6 +407,12 @@ class StatusPage:
             media_type="application/pdf",
             headers={"Content-Disposition": content_disposition(filename)},
         )
+
+
+def session_key(material: bytes) -> str:
+    """The cookie-signing key, derived from INVOICE_RELAY_SECRET_KEY_FILE for this use
+    only: the same file seals the stored OAuth2 tokens (worker.auth.crypto)."""
+    return hmac.new(material, b"invoice-relay web sessions v1", hashlib.sha256).hexdigest()
 
 
 def content_disposition(filename: str) -> str:
