@@ -130,6 +130,7 @@ class Settings:
         oauth, secret_key_file = read_oauth(
             env, imap_auth=imap_auth, smtp_auth=smtp_auth, smtp_user=smtp_user
         )
+        keep_pdfs = env.parse("KEEP_PDFS", values.boolean, False)
         settings = cls(
             imap_host=env.parse("IMAP_HOST", values.host, None, required=True) or "",
             imap_port=env.parse("IMAP_PORT", values.port(1), _IMAP_PORTS[imap_security]),
@@ -153,7 +154,7 @@ class Settings:
             max_sends_per_minute=env.parse("MAX_SENDS_PER_MINUTE", values.integer(1), None),
             allowed_senders=env.parse("ALLOWED_SENDERS", values.senders, ()),
             dedup=env.parse("DEDUP", values.enum_of(DedupMode), DedupMode.CONTENT),
-            keep_pdfs=env.parse("KEEP_PDFS", values.boolean, False),
+            keep_pdfs=keep_pdfs,
             ca_file=env.parse("CA_FILE", values.readable_file, None),
             log_format=env.parse(
                 "LOG_FORMAT", values.log_format, "text" if stderr_is_tty else "json"
@@ -202,7 +203,7 @@ class Settings:
             smtp_auth=smtp_auth,
             oauth=oauth,
             secret_key_file=secret_key_file,
-            web=_web_settings(env, secret_key_file),
+            web=_web_settings(env, secret_key_file, keep_pdfs=keep_pdfs),
             unknown_variables=env.unknown(),
         )
         if smtp_auth is AuthMethod.PASSWORD and (
@@ -343,7 +344,9 @@ class _Reader:
             raise ConfigProblems(tuple(self._problems))
 
 
-def _web_settings(env: _Reader, key_file: Path | None) -> web.WebSettings | None:
+def _web_settings(
+    env: _Reader, key_file: Path | None, *, keep_pdfs: bool
+) -> web.WebSettings | None:
     port = env.parse("WEB_PORT", values.port(0), models.DEFAULT_WEB_PORT)
     name = env.parse("WEB_USER", web.user_name, models.DEFAULT_WEB_USER)
     password = env.secret("WEB_PASSWORD", required=False)
@@ -351,7 +354,6 @@ def _web_settings(env: _Reader, key_file: Path | None) -> web.WebSettings | None
     no_proxies: tuple[web.IpNetwork, ...] = ()
     proxies = env.parse("WEB_TRUSTED_PROXIES", web.networks, no_proxies)
     idle = env.parse("WEB_IDLE", parse_duration, web.DEFAULT_IDLE_SECONDS)
-    keep_pdfs = env.parse("KEEP_PDFS", values.boolean, False)
     # MERGE (routes issue): users of `[[web_users]]` join this one.
     users = () if password is None else (web.WebUser(name=name, password=password.reveal()),)
     if port == 0 or not users:
