@@ -14,19 +14,15 @@ outside it is a 404 like a row that does not exist; every change goes through th
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import quote as quote_header
 from importlib.resources import files
 from typing import Any
-from urllib.parse import quote
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -40,43 +36,22 @@ from starlette.staticfiles import StaticFiles
 from worker.config.web import WebSettings
 from worker.mail.csvsafe import write_csv
 from worker.mail.text import clean_text
-from worker.models import AuditRow, DocumentState, Outcome, PollStatus
+from worker.models import AuditRow, Outcome, PollStatus
 from worker.relay.ports import AdminStore, PageReader, WebSessionStore
 from worker.web import search as audit_search
 from worker.web.auth import Account, LoginThrottle, PasswordBook, client_address, new_token
 from worker.web.auth import token_hash as hash_token
+from worker.web.rendering import content_disposition, session_key, templates
 from worker.web.security import SecurityHeaders, origin_allowed
 
 log = logging.getLogger(__name__)
 
 COOKIE = "invoice_relay_session"
 _CSV_COLUMNS = tuple(name for name in AuditRow.__dataclass_fields__)
-_TEXT_CAP = 200  # characters of a stranger's text shown in one cell
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _shown(value: object, limit: int = _TEXT_CAP) -> str:
-    """A value for the page: control characters gone, capped; Jinja2 escapes it."""
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    if isinstance(value, Outcome | DocumentState):
-        return str(value.value)
-    return clean_text(str(value), limit, mark_cut=True)
-
-
-def _templates() -> Environment:
-    folder = files("worker.web") / "templates"
-    environment = Environment(
-        loader=FileSystemLoader(str(folder)),
-        autoescape=select_autoescape(default=True, default_for_string=True),
-    )
-    environment.filters["shown"] = _shown
-    return environment
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,7 +89,7 @@ class StatusPage:
         self._monotonic = monotonic
         self._throttle = throttle if throttle is not None else LoginThrottle()
         self._passwords = passwords if passwords is not None else PasswordBook(settings.users)
-        self._templates = _templates()
+        self._templates = templates()
         static = StaticFiles(directory=str(files("worker.web") / "static"))
         self.app = Starlette(
             routes=[
@@ -407,22 +382,3 @@ class StatusPage:
             media_type="application/pdf",
             headers={"Content-Disposition": content_disposition(filename)},
         )
-
-
-def session_key(material: bytes) -> str:
-    """The cookie-signing key, derived from INVOICE_RELAY_SECRET_KEY_FILE for this use
-    only: the same file seals the stored OAuth2 tokens (worker.auth.crypto)."""
-    return hmac.new(material, b"invoice-relay web sessions v1", hashlib.sha256).hexdigest()
-
-
-def content_disposition(filename: str) -> str:
-    """RFC 6266: an ASCII fallback and the real name as RFC 8187 `filename*`; always an
-    attachment, so a browser never renders a stranger's PDF inside the page."""
-    cleaned = clean_text(filename, 150) or "invoice.pdf"
-    fallback = "".join(
-        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in cleaned
-    )
-    return (
-        f'attachment; filename="{quote_header(fallback)}"; '
-        f"filename*=UTF-8''{quote(cleaned, safe='')}"
-    )

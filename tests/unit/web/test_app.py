@@ -13,8 +13,9 @@ from starlette.testclient import TestClient
 from tests.fakes import FakePageStore, PageRow
 from worker.config.web import WebSettings, WebUser
 from worker.models import AuditRow, DocumentState, Outcome, RouteScope
-from worker.web.app import COOKIE, StatusPage, content_disposition
+from worker.web.app import COOKIE, StatusPage
 from worker.web.auth import LoginThrottle
+from worker.web.rendering import content_disposition
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 SECRET = b"k" * 32
