@@ -318,3 +318,18 @@ def test_a_user_of_another_route_cannot_open_a_document_by_its_url(
     assert browser.find_elements(By.CSS_SELECTOR, "#rows tbody tr") == []
     browser.get(f"{relay.web}/documents/{relay.forwarded_id}/pdf")
     assert browser.find_element(By.TAG_NAME, "h1").text == "404"
+
+
+def test_the_pages_fit_a_phones_width(relay: Relay, browser: WebDriver) -> None:
+    browser.set_window_size(390, 844)
+    sign_in(browser, relay, "accountant", "correct horse battery")
+    for path in ("/login", "/audit", f"/documents/{relay.failed_id}", "/"):
+        browser.get(relay.web + path)
+        # Wide tables scroll inside their own box; the page itself never scrolls sideways.
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth;"
+        )
+        assert overflow <= 0, f"{path} is {overflow} px wider than the screen"
+        # ... because the page's own stylesheet loaded (the CSP lets 'self' through).
+        assert browser.execute_script("return getComputedStyle(document.body).margin;") == "0px"
+    screenshot(browser, "phone")  # the overview, last
