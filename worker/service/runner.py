@@ -133,7 +133,8 @@ class SideServer(Protocol):
     """Something `run` serves beside the probes (the status page, `worker.web`)."""
 
     def start(self) -> None:
-        """Bind and serve in a thread of its own; raises OSError when it cannot bind."""
+        """Bind and serve in a thread of its own; a port it cannot bind is a
+        `worker.errors.ConfigError` naming the variable."""
 
     def stop(self) -> None: ...
 

@@ -9,14 +9,17 @@ import threading
 import uvicorn
 from starlette.types import ASGIApp
 
+from worker.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 5  # seconds for open requests to finish at shutdown
 
 
 class WebServer:
-    """`start()` binds the port at once (so the address is known, and a busy port fails
-    there and then) and serves in a daemon thread; `stop()` asks uvicorn to finish."""
+    """`start()` binds the port at once (so the address is known, and a busy port is a
+    `ConfigError` naming INVOICE_RELAY_WEB_PORT there and then) and serves in a daemon
+    thread; `stop()` asks uvicorn to finish."""
 
     def __init__(self, app: ASGIApp, *, host: str, port: int) -> None:
         self._app = app
@@ -40,9 +43,12 @@ class WebServer:
         try:
             listening.bind((self._host, self._port))
             listening.listen(128)
-        except OSError:
+        except OSError as exc:
             listening.close()
-            raise
+            raise ConfigError(
+                "INVOICE_RELAY_WEB_PORT",
+                f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}",
+            ) from exc
         self._socket = listening
         config = uvicorn.Config(
             self._app,
