@@ -30,6 +30,10 @@ class WebServer:
         self._thread: threading.Thread | None = None
 
     @property
+    def app(self) -> ASGIApp:
+        return self._app
+
+    @property
     def address(self) -> tuple[str, int] | None:
         if self._socket is None:
             return None
