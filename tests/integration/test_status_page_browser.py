@@ -25,6 +25,9 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.storecases import accepted, mail, pdf, record
 from worker.cli.audit import as_csv
@@ -210,11 +213,26 @@ def browser(tmp_path: Path, downloads: Path) -> Iterator[WebDriver]:
         driver.quit()
 
 
+def navigate_by(browser: WebDriver, act: Callable[[], object]) -> None:
+    """Do what loads a new page (a click on a link or button, a script's submit) and
+    wait until the old page is gone and the new one has loaded: `click()` alone does
+    not wait for the navigation it starts."""
+    old = browser.find_element(By.TAG_NAME, "html")
+    act()
+    wait = WebDriverWait(browser, 10)
+    wait.until(expected_conditions.staleness_of(old))
+    wait.until(lambda driver: driver.execute_script("return document.readyState") == "complete")
+
+
+def click(browser: WebDriver, element: WebElement) -> None:
+    navigate_by(browser, element.click)
+
+
 def sign_in(browser: WebDriver, relay: Relay, user: str, password: str) -> None:
     browser.get(relay.web + "/login")
     browser.find_element(By.ID, "user").send_keys(user)
     browser.find_element(By.ID, "password").send_keys(password)
-    browser.find_element(By.ID, "signin").click()
+    click(browser, browser.find_element(By.ID, "signin"))
 
 
 def screenshot(browser: WebDriver, name: str) -> None:
@@ -253,7 +271,7 @@ def test_an_accountant_follows_a_failed_invoice_through_the_page(
     # Search the audit log by invoice number.
     browser.get(relay.web + "/audit")
     browser.find_element(By.ID, "invoice").send_keys("2077")
-    browser.find_element(By.ID, "find").click()
+    click(browser, browser.find_element(By.ID, "find"))
     assert "invoice=2077" in browser.current_url
     rows = browser.find_elements(By.CSS_SELECTOR, "#rows tbody tr")
     assert len(rows) == 1
@@ -262,13 +280,13 @@ def test_an_accountant_follows_a_failed_invoice_through_the_page(
     assert browser.find_elements(By.TAG_NAME, "script") == []
 
     # The failed document's story, then retry: pending in the database.
-    rows[0].find_element(By.TAG_NAME, "a").click()
+    click(browser, rows[0].find_element(By.TAG_NAME, "a"))
     assert browser.current_url == f"{relay.web}/documents/{relay.failed_id}"
     assert browser.find_element(By.ID, "state").text == "failed"
     assert "554 5.7.1 message refused" in browser.find_element(By.ID, "answer").text
     assert SCRIPT_SUBJECT in browser.find_element(By.CSS_SELECTOR, "td.subject").text
     screenshot(browser, "document")
-    browser.find_element(By.ID, "retry").click()
+    click(browser, browser.find_element(By.ID, "retry"))
     assert browser.find_element(By.ID, "state").text == "pending"
     story = relay.store.document_story(relay.failed_id, RouteScope.everything())
     assert story is not None and story.state is DocumentState.PENDING
@@ -278,13 +296,16 @@ def test_an_accountant_follows_a_failed_invoice_through_the_page(
     assert browser.find_element(By.ID, "delivery").text == "<out-1@relay.example>"
 
     # A POST without the CSRF token is refused (and changes nothing).
-    browser.execute_script(
-        "const form = document.createElement('form');"
-        "form.method = 'post'; form.action = arguments[0];"
-        "document.body.appendChild(form); form.submit();",
-        f"/documents/{relay.forwarded_id}/resend",
+    navigate_by(
+        browser,
+        lambda: browser.execute_script(
+            "const form = document.createElement('form');"
+            "form.method = 'post'; form.action = arguments[0];"
+            "document.body.appendChild(form); form.submit();",
+            f"/documents/{relay.forwarded_id}/resend",
+        ),
     )
-    wait_until(lambda: "403" in browser.find_element(By.TAG_NAME, "h1").text)
+    assert browser.find_element(By.TAG_NAME, "h1").text == "403"
     story = relay.store.document_story(relay.forwarded_id, RouteScope.everything())
     assert story is not None and story.state is DocumentState.FORWARDED
 
@@ -300,7 +321,7 @@ def test_an_accountant_follows_a_failed_invoice_through_the_page(
     # Logging out ends the session: the old cookie opens nothing.
     old = browser.get_cookie(COOKIE)
     assert old is not None
-    browser.find_element(By.ID, "logout").click()
+    click(browser, browser.find_element(By.ID, "logout"))
     assert browser.current_url.endswith("/login")
     browser.add_cookie({"name": COOKIE, "value": old["value"], "path": "/"})
     browser.get(relay.web + "/")
