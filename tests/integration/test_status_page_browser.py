@@ -194,7 +194,12 @@ def downloads(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def browser(tmp_path: Path, downloads: Path) -> Iterator[WebDriver]:
+def browser(
+    tmp_path: Path, downloads: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[WebDriver]:
+    # Both paths are given, so Selenium Manager has nothing to find; offline, it could
+    # not download anything even if it ran.
+    monkeypatch.setenv("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in FLAGS:
