@@ -167,8 +167,8 @@ def running_postfix(
     settings: Mapping[str, str] | None = None,
 ) -> Iterator[Postfix]:
     server = Postfix(relay_port=relay_port, max_sessions=max_sessions, settings=settings)
-    server.start()
     try:
+        server.start()  # inside: a start that fails leaves no directory or process behind
         yield server
     finally:
         server.stop()
