@@ -66,6 +66,12 @@ documents = sa.Table(
     sa.Column("size_bytes", sa.BigInteger, nullable=True),
     sa.Column("resend_count", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", UtcDateTime(), nullable=False),
+    # Written before an API upload goes out: a later attempt, by any owner, first asks
+    # the API whether it has the document (`POST /documents/exists`).
+    sa.Column("upload_started_at", UtcDateTime(), nullable=True),
+    sa.Column("delivered_via", sa.Text, nullable=True),  # "smtp" or "getmyinvoices"
+    # The Message-ID or the documentUid; "" when GetMyInvoices had the document already.
+    sa.Column("delivery_id", sa.Text, nullable=True),
     sa.UniqueConstraint("sha256", name="uq_documents_sha256"),
     sa.UniqueConstraint("content_key", name="uq_documents_content_key"),
     sa.CheckConstraint("state IN ('pending', 'forwarded', 'failed')", name="ck_documents_state"),
@@ -185,6 +191,19 @@ mail_actions = sa.Table(
     sa.CheckConstraint("state IN ('copying', 'done', 'skipped')", name="ck_mail_actions_state"),
 )
 
+# The API budgets (worker.relay.budget): per destination ("getmyinvoices:<account>"), one
+# row per fixed window with its start and what it used, and a `hold` row whose
+# window_start is when a limit the API reported ends (`note` names it).
+delivery_budgets = sa.Table(
+    "delivery_budgets",
+    metadata,
+    sa.Column("destination", sa.Text, primary_key=True),
+    sa.Column("window", sa.Text, primary_key=True),
+    sa.Column("window_start", UtcDateTime(), nullable=False),
+    sa.Column("used", sa.Integer, nullable=False),
+    sa.Column("note", sa.Text, nullable=False, server_default=sa.text("''")),
+)
+
 # The view's current definition. Migrations carry their own frozen copy; a test checks
 # that both yield the same columns.
 AUDIT_VIEW_SQL: Final = """
@@ -213,7 +232,9 @@ SELECT
     CASE WHEN s.kind = 'document' THEN d.forwarded_at END AS forwarded_at,
     CASE WHEN s.kind = 'document' THEN d.forwarded_message_id END AS forwarded_message_id,
     CASE WHEN s.kind = 'document' THEN d.attempts END AS attempts,
-    CASE WHEN m.state = 'done' THEN m.action END AS mail_action
+    CASE WHEN m.state = 'done' THEN m.action END AS mail_action,
+    CASE WHEN s.kind = 'document' THEN d.delivered_via END AS delivered_via,
+    CASE WHEN s.kind = 'document' THEN d.delivery_id END AS delivery_id
 FROM sightings AS s
 LEFT JOIN documents AS d ON d.id = s.document_id
 LEFT JOIN mail_actions AS m
@@ -242,6 +263,8 @@ AUDIT_COLUMNS: Final = (
     "forwarded_message_id",
     "attempts",
     "mail_action",
+    "delivered_via",
+    "delivery_id",
 )
 
 # The view described for reading only; kept out of `metadata` so that create_all and
@@ -271,4 +294,6 @@ audit_log = sa.Table(
     sa.Column("forwarded_message_id", sa.Text),
     sa.Column("attempts", sa.Integer),
     sa.Column("mail_action", sa.Text),
+    sa.Column("delivered_via", sa.Text),
+    sa.Column("delivery_id", sa.Text),
 )

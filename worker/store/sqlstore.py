@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.models import AuditFilter, AuditRow, Outcome, SightingKind
+from worker.store.budgets import BudgetRows
 from worker.store.engine import advisory_key, make_engine, translated
 from worker.store.mailactions import MailActionRows
 from worker.store.queue import DocumentQueue
@@ -28,7 +29,7 @@ from worker.store.sightings import MailRecorder, known_document
 log = logging.getLogger(__name__)
 
 
-class SqlStore(MailRecorder, DocumentQueue, MailActionRows):
+class SqlStore(MailRecorder, DocumentQueue, MailActionRows, BudgetRows):
     """The relay's SQL store. Every method raises `StoreError` when the database fails."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
@@ -196,4 +197,6 @@ def _audit_row(row: Row[*tuple[Any, ...]]) -> AuditRow:
         forwarded_message_id=row.forwarded_message_id,
         attempts=row.attempts,
         mail_action=row.mail_action,
+        delivered_via=row.delivered_via,
+        delivery_id=row.delivery_id,
     )
