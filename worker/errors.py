@@ -163,7 +163,7 @@ class DeliveryThrottled(DeliveryRefused):
     ) -> None:
         self.retry_after_seconds = retry_after_seconds
         self.limit = limit
-        super().__init__(detail, code=code, sha256=sha256)
+        super().__init__(f"{limit} ({detail})" if detail else limit, code=code, sha256=sha256)
 
 
 class DeliveryRejected(DeliveryRefused):

@@ -73,10 +73,9 @@ SELECT{_COLUMNS},
 
 def upgrade() -> None:
     op.execute("DROP VIEW audit_log")
-    with op.batch_alter_table("documents") as batch:
-        batch.add_column(sa.Column("upload_started_at", sa.DateTime(timezone=True)))
-        batch.add_column(sa.Column("delivered_via", sa.Text))
-        batch.add_column(sa.Column("delivery_id", sa.Text))
+    op.add_column("documents", sa.Column("upload_started_at", sa.DateTime(timezone=True)))
+    op.add_column("documents", sa.Column("delivered_via", sa.Text))
+    op.add_column("documents", sa.Column("delivery_id", sa.Text))
     op.execute(
         "UPDATE documents SET delivered_via = 'smtp', delivery_id = forwarded_message_id"
         " WHERE forwarded_message_id IS NOT NULL"
@@ -95,8 +94,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP VIEW audit_log")
     op.drop_table("delivery_budgets")
-    with op.batch_alter_table("documents") as batch:
-        batch.drop_column("delivery_id")
-        batch.drop_column("delivered_via")
-        batch.drop_column("upload_started_at")
+    # SQLite (3.35 and later) drops a column in place: no index, key or view uses them
+    # (the view is dropped first).
+    op.drop_column("documents", "delivery_id")
+    op.drop_column("documents", "delivered_via")
+    op.drop_column("documents", "upload_started_at")
     op.execute(PREVIOUS_VIEW_SQL)

@@ -215,7 +215,11 @@ class GmiDestination:
     def open(self) -> None:
         """Connect and read the account (the budgets' key). Raises `DeliveryUnavailable`."""
         if self._account is None:
-            self._account = self.account()
+            try:
+                self._account = self.account()
+            except DeliveryUnavailable:
+                self.close()  # the caller closes only a session that opened
+                raise
 
     def account(self) -> Account:
         """`GET /account` (what `check` asks): the account's id and name."""
@@ -302,7 +306,7 @@ class GmiDestination:
         if hold is not None:
             wait = max(1.0, (hold.until - self._clock()).total_seconds())
             raise DeliveryThrottled(
-                f"{hold.limit} is spent", retry_after_seconds=wait, limit=hold.limit, sha256=sha256
+                "spent", retry_after_seconds=wait, limit=hold.limit, sha256=sha256
             )
 
     def _destination(self) -> str:
