@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import samples
-from tests.unit.test_fingerprint import reportlab_invoice
+from tests.unit.pdf.test_fingerprint import reportlab_invoice
 from worker.pdf.inspection import inspect_pdf
 from worker.pdf.pool import PdfInspector
 

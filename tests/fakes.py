@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage, Message
 
+from worker.auth.grants import Deadline, Grant
 from worker.delivery.message import build_forward
 from worker.errors import (
     DeliveryRefused,
@@ -17,6 +18,7 @@ from worker.errors import (
     MailboxError,
     PdfCheckFailed,
     SessionRefused,
+    TokenEndpointError,
 )
 from worker.mail import headers
 from worker.models import (
@@ -40,6 +42,7 @@ from worker.models import (
     SightingKind,
     UntidiedMail,
 )
+from worker.tokens import AccessToken
 
 
 def _params(message: Message, header: str) -> dict[str, str]:
@@ -329,7 +332,7 @@ class _Document:
 class FakeStore:
     """Every store Protocol (`PollStore`, `SendQueue`, `AuditReader`, `AdminStore`) in
     memory, for tests of what uses the store rather than of SQL. It keeps the rules that
-    `tests/unit/test_store_contract.py` checks against `SqlStore` too: a sighting per
+    `tests/unit/store/test_contract.py` checks against `SqlStore` too: a sighting per
     (mailbox, uidvalidity, uid, part), replaced only while it is an ERROR; a document per
     sha256 and per content key, the later sighting a DUPLICATE naming the key."""
 
@@ -830,3 +833,28 @@ class FakeMailActionStore:
         for uid in uids:
             if self.states.get(uid, ("copying",))[0] == "copying":
                 self.states[uid] = ("done" if action else "skipped", action, note)
+
+
+class FakeGrantor:
+    """A token endpoint in memory (worker.auth.grants.Grantor): numbered tokens, a
+    rotating refresh token, and an error to raise instead when `refuse` is set."""
+
+    def __init__(self, *, lifetime_seconds: float = 3600.0, rotate: bool = True) -> None:
+        self.lifetime_seconds = lifetime_seconds
+        self.rotate = rotate
+        self.spent: list[str | None] = []  # the refresh token each grant was given
+        self.refuse: TokenEndpointError | None = None
+        self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+    def grant(self, *, refresh_token: str | None, deadline: Deadline) -> Grant:
+        if self.refuse is not None:
+            raise self.refuse
+        self.spent.append(refresh_token)
+        number = len(self.spent)
+        return Grant(
+            access=AccessToken(
+                value=f"at-fake-{number}",
+                expires_at=self.now() + timedelta(seconds=self.lifetime_seconds),
+            ),
+            refresh_token=f"rt-fake-{number}" if self.rotate else None,
+        )

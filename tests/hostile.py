@@ -1,5 +1,5 @@
 """Mails that try to inject headers into the forwarded mail, and the check that they did
-not: used against the fakes (tests/unit/test_hostile.py) and the real SMTP sink
+not: used against the fakes (tests/unit/relay/test_hostile.py) and the real SMTP sink
 (tests/integration/test_spoofing.py)."""
 
 from __future__ import annotations

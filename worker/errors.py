@@ -109,6 +109,63 @@ class StoreError(InfrastructureError):
     """The database could not be used (check INVOICE_RELAY_DATABASE_URL)."""
 
 
+class TokenEndpointError(InfrastructureError):
+    """The OAuth2 token endpoint could not be used; state is safe, run again later.
+
+    Down, slow (bounded by INVOICE_RELAY_TIMEOUT) or answering nonsense: a transient
+    outage. `endpoint` is the host, never a URL with a query; `error` the RFC 6749
+    error code when the endpoint gave one.
+    """
+
+    def __init__(self, detail: str | None = None, *, endpoint: str = "", error: str = "") -> None:
+        self.endpoint = endpoint
+        self.error = error
+        where = f"token endpoint {endpoint}" if endpoint else "token endpoint"
+        super().__init__(f"{where}: {detail}" if detail else where)
+
+
+class OAuthLoginRefused(TokenEndpointError):
+    """The OAuth2 grant was refused (invalid_grant).
+
+    The refresh token expired or was revoked, or consent was withdrawn. Not transient:
+    run `invoice-relay oauth login` for the route, or replace
+    INVOICE_RELAY_OAUTH_REFRESH_TOKEN (or fix the service account's delegation).
+    """
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        endpoint: str = "",
+        error: str = "invalid_grant",
+        route: str = "the default route",
+    ) -> None:
+        self.route = route
+        fix = (
+            f"{route}: run `invoice-relay oauth login` or replace INVOICE_RELAY_OAUTH_REFRESH_TOKEN"
+        )
+        super().__init__(f"{detail}; {fix}" if detail else fix, endpoint=endpoint, error=error)
+
+
+class OAuthClientRejected(TokenEndpointError):
+    """The token endpoint refused the client (invalid_client).
+
+    Check INVOICE_RELAY_OAUTH_CLIENT_ID and INVOICE_RELAY_OAUTH_CLIENT_SECRET (or
+    _CLIENT_CERT_FILE); client secrets expire.
+    Not transient. `client_id` is public (it is in every authorization URL); the
+    secret is never named.
+    """
+
+    def __init__(
+        self, detail: str | None = None, *, endpoint: str = "", client_id: str = ""
+    ) -> None:
+        self.client_id = client_id
+        named = f"client id {client_id} or its secret or certificate was refused"
+        super().__init__(
+            f"{named}: {detail}" if detail else named, endpoint=endpoint, error="invalid_client"
+        )
+
+
 # --- one document's delivery (not fatal for the poll) ------------------------------
 
 

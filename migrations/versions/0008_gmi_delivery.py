@@ -3,7 +3,7 @@ id each document was delivered, the API budgets, and `audit_log.delivered_via` a
 `audit_log.delivery_id`.
 
 Revision ID: 0008_gmi_delivery
-Revises: 0006_mail_actions
+Revises: 0007_oauth_tokens
 Create Date: 2026-12-01
 
 Documents forwarded before this revision went by SMTP: they get `delivered_via` 'smtp'
@@ -21,8 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008_gmi_delivery"
-# MERGE: the single head of `layout` when merged (0007_oauth_tokens once it lands).
-down_revision: str | None = "0006_mail_actions"
+down_revision: str | None = "0007_oauth_tokens"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -97,6 +97,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "notifications",
         "notified_documents",
         "mail_actions",
+        "oauth_tokens",
         "delivery_budgets",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
@@ -392,7 +393,7 @@ def test_gmi_delivery_adds_two_view_columns_and_goes_away_again(empty_database: 
     # 0008 adds `delivered_via` and `delivery_id` at the view's end, marks documents
     # forwarded before it as delivered by SMTP under their Message-ID, and adds the
     # API budgets; the downgrade gives back the view and tables as 0006 left them.
-    previous = "0006_mail_actions"  # MERGE: the head of `layout` below 0008
+    previous = "0007_oauth_tokens"  # MERGE: the head of `layout` below 0008
     migrate.upgrade_database(empty_database, previous)
     engine = make_engine(empty_database)
     try:

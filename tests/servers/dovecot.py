@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -55,6 +56,53 @@ def _check(result: tuple[str, Sequence[object]], what: str) -> Sequence[object]:
     return data
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuth2Passdb:
+    """Dovecot's oauth2 passdb, checking each token at an RFC 7662 introspection endpoint
+    (tests/servers/token_server.py) instead of any password."""
+
+    introspection_url: str
+    ca_file: Path  # the CA of the introspection endpoint's certificate
+
+
+def _passdb(password: str, oauth2: OAuth2Passdb | None, root: Path) -> list[str]:
+    if oauth2 is None:
+        return [
+            "passdb {",
+            "  driver = static",
+            f"  args = password={password}",
+            "}",
+        ]
+    # No password passdb at all: a password login cannot pass by accident. The auth
+    # process reads the CA after dropping privileges: it gets a copy it can reach.
+    ca_file = root / "oauth2-ca.pem"
+    shutil.copyfile(oauth2.ca_file, ca_file)
+    ca_file.chmod(0o644)
+    args = root / "dovecot-oauth2.conf.ext"
+    args.write_text(
+        "\n".join(
+            [
+                "introspection_mode = post",
+                f"introspection_url = {oauth2.introspection_url}",
+                "force_introspection = yes",
+                "username_attribute = username",
+                "active_attribute = active",
+                "active_value = true",
+                f"tls_ca_cert_file = {ca_file}",
+            ]
+        )
+        + "\n"
+    )
+    args.chmod(0o644)
+    return [
+        "passdb {",
+        "  driver = oauth2",
+        "  mechanisms = xoauth2 oauthbearer",
+        f"  args = {args}",
+        "}",
+    ]
+
+
 def _config(
     *,
     root: Path,
@@ -64,6 +112,7 @@ def _config(
     tls: TestCA | None,
     password: str,
     mechanisms: str,
+    oauth2: OAuth2Passdb | None = None,
 ) -> str:
     account = pwd.getpwnam(MAIL_USER)
     lines = [
@@ -81,7 +130,8 @@ def _config(
         f"mail_uid = {MAIL_USER}",
         f"mail_gid = {MAIL_USER}",
         f"mail_location = maildir:{root / 'mail'}/%u",
-        f"auth_mechanisms = {mechanisms}",
+        # An oauth2 passdb takes only the mechanisms that carry a token.
+        f"auth_mechanisms = {'xoauth2 oauthbearer' if oauth2 else mechanisms}",
         "disable_plaintext_auth = no",
         # Tests log in wrongly on purpose: no 2 s failure delay, and no anvil penalty
         # that would slow down the next (right) login from the same address.
@@ -91,10 +141,7 @@ def _config(
         "    mode = 0",
         "  }",
         "}",
-        "passdb {",
-        "  driver = static",
-        f"  args = password={password}",
-        "}",
+        *_passdb(password, oauth2, root),
         "userdb {",
         "  driver = static",
         f"  args = uid={MAIL_USER} gid={MAIL_USER} home={root / 'home'}/%u",
@@ -136,6 +183,7 @@ class DovecotServer:
         tls: bool = True,
         password: str | None = None,
         mechanisms: str = "plain login",
+        oauth2: OAuth2Passdb | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self.user = "invoices@shop.example"
@@ -147,10 +195,12 @@ class DovecotServer:
         # Dovecot's unprivileged processes must reach sockets and mail, and a test's
         # tmp_path usually sits below a 0700 directory: they get a root of their own.
         self._root = Path(tempfile.mkdtemp(prefix="invoice-relay-dovecot-"))
+        base_dir.mkdir(parents=True, exist_ok=True)  # without TLS, make_ca does not
         self._tls = make_ca(base_dir / "tls") if tls else None
         self.ca_file: Path | None = self._tls.ca_file if self._tls else None
         self.config_file = base_dir / "dovecot.conf"
         self.log_file = base_dir / "dovecot.log"
+        self._oauth2 = oauth2
         self._process: subprocess.Popen[bytes] | None = None
         self.announced: frozenset[str] | None = None  # set by drop_capabilities
         self._prepare()
@@ -174,6 +224,7 @@ class DovecotServer:
                 tls=self._tls,
                 password=self.password,
                 mechanisms=self.mechanisms,
+                oauth2=self._oauth2,
             )
         )
 
@@ -439,9 +490,12 @@ def running_dovecot(
     tls: bool = True,
     password: str | None = None,
     mechanisms: str = "plain login",
+    oauth2: OAuth2Passdb | None = None,
 ) -> Iterator[DovecotServer]:
     """Start Dovecot with its own configuration under `base_dir`; stop it on exit."""
-    server = DovecotServer(base_dir, tls=tls, password=password, mechanisms=mechanisms)
+    server = DovecotServer(
+        base_dir, tls=tls, password=password, mechanisms=mechanisms, oauth2=oauth2
+    )
     try:
         server.start()
     except BaseException:

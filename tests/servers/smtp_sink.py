@@ -1,13 +1,18 @@
 """A real SMTP server on loopback that stores what it accepts and answers errors on cue.
 
 Built on aiosmtpd's threaded `Controller`. Plain, STARTTLS (`tls_cert`) or implicit
-TLS (`implicit_tls=True`); AUTH PLAIN/LOGIN with one fixed account when `auth` is set.
+TLS (`implicit_tls=True`); AUTH PLAIN/LOGIN with one fixed account when `auth` is set,
+or only AUTH XOAUTH2 with the tokens a validator accepts when `oauth2` is set.
 Scripted answers: `fail_next`, `fail_matching`, `fail_rate`, `stall_next`, `drop_next`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import collections
+import json
 import random
 import socket
 import ssl
@@ -148,6 +153,65 @@ class _Handler:
         return f"250 2.0.0 OK queued as sink-{number}"
 
 
+# XOAUTH2's initial response carries a whole token on the AUTH line (Microsoft's access
+# tokens are JWTs of 1.5 to 3 KB); aiosmtpd allows 512 bytes per command by default.
+OAUTH_AUTH_LINE_LIMIT = 16 * 1024
+
+
+class _OAuthSMTP(SMTP):
+    # The reader's limit is one for all lines (RFC 5321's 1,000 bytes also bounds DATA
+    # lines): this sink accepts longer mail lines too, which no test here relies on.
+    line_length_limit = OAUTH_AUTH_LINE_LIMIT + 2
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The class keeps one shared dict of limits: this server gets its own.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.command_size_limits["AUTH"] = OAUTH_AUTH_LINE_LIMIT
+
+
+class _OAuthController(Controller):
+    def factory(self) -> SMTP:
+        return _OAuthSMTP(self.handler, **self.SMTP_kwargs)
+
+
+class _OAuthHandler(_Handler):
+    """Adds AUTH XOAUTH2: the token must be one the validator accepts for the user."""
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) > 1:
+            blob = args[1].encode()
+            try:
+                initial = base64.b64decode(blob, validate=True)
+            except binascii.Error:
+                return AuthResult(
+                    success=False, handled=False, message="501 5.5.2 Cannot decode base64"
+                )
+        else:
+            answer = await server.challenge_auth("")
+            if not isinstance(answer, bytes):
+                return AuthResult(success=False, handled=True)
+            initial = answer
+        fields = dict(
+            part.split("=", 1)
+            for part in initial.decode("utf-8", "replace").split("\x01")
+            if "=" in part
+        )
+        user = fields.get("user", "")
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        if self._sink.accepts_token(user, token):
+            self._sink.record_login(user)
+            return AuthResult(success=True)
+        # As Google and Microsoft do: a JSON error as a 334 challenge, then 535 once the
+        # client has answered it (with an empty line).
+        await server.challenge_auth(
+            json.dumps({"status": "401", "schemes": "bearer", "scope": "SMTP.Send"})
+        )
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.3 Authentication unsuccessful"
+        )
+
+
 class SmtpSink:
     """The server's state; survives `stop()`/`start()` (an outage) on the same port."""
 
@@ -159,6 +223,7 @@ class SmtpSink:
         implicit_tls: bool = False,
         auth: tuple[str, str] | None = None,
         auth_excluded: tuple[str, ...] = (),
+        oauth2: Callable[[str, str], bool] | None = None,
     ) -> None:
         if implicit_tls and tls_context is None:
             raise ValueError("implicit_tls needs a TLS certificate")
@@ -168,6 +233,7 @@ class SmtpSink:
         self._implicit_tls = implicit_tls
         self._auth = auth
         self._auth_excluded = auth_excluded  # mechanisms not offered, e.g. ("PLAIN",)
+        self._oauth2 = oauth2  # (user, token) -> valid: then AUTH XOAUTH2 is all it offers
         self._script = _Script()
         self._lock = threading.Lock()
         self._received: list[ReceivedMail] = []
@@ -260,18 +326,29 @@ class SmtpSink:
                 return AuthResult(success=True)
         return AuthResult(success=False, handled=False)
 
+    def accepts_token(self, user: str, token: str) -> bool:
+        return self._oauth2 is not None and bool(user) and self._oauth2(user, token)
+
+    def record_login(self, user: str) -> None:
+        with self._lock:
+            self._logins.append(user)
+
     def start(self) -> None:
         if self._controller is not None:
             return
         options: dict[str, Any] = {}
         if self._tls_context is not None:
             options["ssl_context" if self._implicit_tls else "tls_context"] = self._tls_context
-        if self._auth is not None:
+        if self._auth is not None or self._oauth2 is not None:
             options["authenticator"] = self._authenticate
             options["auth_require_tls"] = False  # loopback only
             options["auth_exclude_mechanism"] = self._auth_excluded
-        controller = Controller(
-            _Handler(self),
+        if self._oauth2 is not None:
+            options["auth_exclude_mechanism"] = ["PLAIN", "LOGIN"]
+        controller_class = Controller if self._oauth2 is None else _OAuthController
+        handler = _Handler(self) if self._oauth2 is None else _OAuthHandler(self)
+        controller = controller_class(
+            handler,
             hostname=self.host,
             port=self.port,
             server_hostname=SERVER_NAME,
@@ -310,8 +387,10 @@ def running_sink(
     auth: tuple[str, str] | None = None,
     auth_excluded: tuple[str, ...] = (),
     implicit_tls: bool = False,
+    oauth2: Callable[[str, str], bool] | None = None,
 ) -> Iterator[SmtpSink]:
-    """A started sink on a free loopback port; `tls_cert` is (cert chain PEM, key PEM)."""
+    """A started sink on a free loopback port; `tls_cert` is (cert chain PEM, key PEM).
+    `oauth2` (user, token) -> valid makes AUTH XOAUTH2 its only login."""
     context = server_tls_context(*tls_cert) if tls_cert is not None else None
     sink = SmtpSink(
         port=free_port(),
@@ -319,6 +398,7 @@ def running_sink(
         implicit_tls=implicit_tls,
         auth=auth,
         auth_excluded=auth_excluded,
+        oauth2=oauth2,
     )
     sink.start()
     try:

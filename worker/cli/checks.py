@@ -16,9 +16,12 @@ from worker.errors import (
     MailboxError,
     MailboxFolderError,
     MailboxLoginError,
+    OAuthClientRejected,
+    OAuthLoginRefused,
     OutboxError,
     RelayError,
     StoreError,
+    TokenEndpointError,
 )
 from worker.models import DeliveryKind, MailActionMode
 from worker.relay.settled import MoveSupport, move_problem, move_support
@@ -74,6 +77,18 @@ def advice(error: RelayError) -> str:
         return "check INVOICE_RELAY_DATABASE_URL, and that the database server runs"
     if isinstance(error, DestinationRefused):
         return "check INVOICE_RELAY_GMI_API_KEY and the key's permissions in GetMyInvoices"
+    if isinstance(error, OAuthLoginRefused):
+        return "run `invoice-relay oauth login`, or replace INVOICE_RELAY_OAUTH_REFRESH_TOKEN"
+    if isinstance(error, OAuthClientRejected):
+        return (
+            "check INVOICE_RELAY_OAUTH_CLIENT_ID and INVOICE_RELAY_OAUTH_CLIENT_SECRET "
+            "(or _CLIENT_CERT_FILE); client secrets expire"
+        )
+    if isinstance(error, TokenEndpointError):
+        return (
+            "check INVOICE_RELAY_OAUTH_AUTHORITY (or _TOKEN_URL) and INVOICE_RELAY_CA_FILE, "
+            "and that the relay can reach the token endpoint"
+        )
     return "see the message above"
 
 
@@ -145,6 +160,35 @@ def _check_database(settings: Settings) -> str:
     return "reachable; migrations pending (applied at start-up, or run `invoice-relay db upgrade`)"
 
 
+def _check_oauth(settings: Settings) -> str:
+    """A token for each protocol that logs in with oauth2. It is stored like any other
+    (a rotated refresh token must never be lost), so this needs the migrated database."""
+    from worker.cli.oauth import oauth_logins  # MSAL and google-auth only when used
+    from worker.store.sqlstore import SqlStore
+
+    url = settings.database_url.reveal()
+    path = settings.sqlite_path()
+    if (path is not None and not path.exists()) or not migrate.is_up_to_date(url):
+        return "not tried: tokens are stored in the database, which is not migrated yet"
+    store = SqlStore(url)
+    try:
+        logins = oauth_logins(settings, store)
+        if logins is None:
+            return "not used"
+        try:
+            parts = []
+            for protocol, credentials in (("imap", logins.imap), ("smtp", logins.smtp)):
+                if credentials is not None:
+                    token = credentials.tokens.access_token()
+                    until = token.expires_at.isoformat(timespec="seconds")
+                    parts.append(f"{protocol} token for {credentials.user} until {until}")
+            return "; ".join(parts)
+        finally:
+            logins.sources.close()
+    finally:
+        store.close()
+
+
 def test_message(settings: Settings, address: str) -> EmailMessage:
     message = EmailMessage()
     message["From"] = settings.forward_from
@@ -180,6 +224,8 @@ def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int
     if settings.delivery is DeliveryKind.SMTP or settings.notify_to:
         checks.append(("smtp", _check_smtp))
     checks.append(("database", _check_database))
+    if settings.oauth is not None:
+        checks.insert(0, ("oauth2", _check_oauth))
     failed = 0
     for name, check in checks:
         try:

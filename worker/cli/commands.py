@@ -387,6 +387,28 @@ def audit_rows(url: str, query: AuditFilter) -> list[AuditRow]:
         store.close()
 
 
+def oauth_status(settings: Settings) -> list[str]:
+    from worker.cli.oauth import status_lines  # MSAL and google-auth only when asked
+
+    store = _existing_database(settings.database_url.reveal())
+    try:
+        return status_lines(settings, store)
+    finally:
+        store.close()
+
+
+def oauth_login(
+    settings: Settings, *, show: Callable[[str], None], pasted: Callable[[], str]
+) -> str:
+    from worker.cli.oauth import login
+
+    store = prepared_store(settings)  # the refresh token is stored: migrate like a poll
+    try:
+        return login(settings, store, show=show, pasted=pasted)
+    finally:
+        store.close()
+
+
 def upgrade(url: str) -> None:
     migrate.upgrade_database(url)
 

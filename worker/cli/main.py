@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     resend = commands.add_parser("resend", help="forward one document again, on purpose")
     resend.add_argument("sha256")
 
+    oauth = commands.add_parser("oauth", help="OAuth2 logins (docs/oauth.md)")
+    oauth_commands = oauth.add_subparsers(
+        dest="oauth_command", required=True, metavar="OAUTH_COMMAND"
+    )
+    oauth_commands.add_parser("status", help="each login's flow and its token's age, no secrets")
+    oauth_commands.add_parser(
+        "login", help="sign in (Microsoft, delegated) and store the refresh token"
+    )
+
     health = commands.add_parser("healthcheck", help="exit 0 when the local service is alive")
     health.add_argument("--ready", action="store_true", help="ask /healthz instead of /livez")
     return parser
@@ -181,6 +190,14 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         )
         return EXIT_OK if queued else EXIT_UNAVAILABLE
     settings = _settings(environ)
+    if command == "oauth" and args.oauth_command == "login":
+        user = commands.oauth_login(settings, show=print, pasted=sys.stdin.readline)
+        print(f"stored a refresh token for {user}; `invoice-relay oauth status` shows it")
+        return EXIT_OK
+    if command == "oauth":
+        for line in commands.oauth_status(settings):
+            print(line)
+        return EXIT_OK
     if command == "check":
         return checks.run_checks(settings, send_test=args.send_test, out=sys.stdout)
     if command == "run":

@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 from worker import models
 from worker.config import values
+from worker.config.oauth import OAuthSettings, read_oauth
 from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
@@ -32,6 +33,7 @@ from worker.models import (
     sqlite_file,
     sqlite_location,
 )
+from worker.tokens import AuthMethod
 
 PREFIX = "INVOICE_RELAY_"
 
@@ -116,6 +118,10 @@ class Settings:
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
     # What happens to a settled mail after forwarding; keep: the folder is read-only.
     after_forward: AfterForward = field(default_factory=AfterForward)
+    imap_auth: AuthMethod = AuthMethod.PASSWORD
+    smtp_auth: AuthMethod = AuthMethod.PASSWORD
+    oauth: OAuthSettings | None = None  # set when IMAP or SMTP logs in with oauth2
+    secret_key_file: Path | None = None  # encrypts stored tokens (a process setting)
     # Where documents go: mail to FORWARD_TO, or the GetMyInvoices API (docs/getmyinvoices.md).
     delivery: DeliveryKind = DeliveryKind.SMTP
     gmi_api_key: Secret | None = None  # required for getmyinvoices
@@ -137,17 +143,24 @@ class Settings:
         api = delivery is DeliveryKind.GETMYINVOICES
         imap_security = env.parse("IMAP_SECURITY", values.enum_of(Security), Security.SSL)
         smtp_security = env.parse("SMTP_SECURITY", values.enum_of(Security), Security.STARTTLS)
+        imap_auth = env.parse("IMAP_AUTH", values.enum_of(AuthMethod), AuthMethod.PASSWORD)
+        smtp_auth = env.parse("SMTP_AUTH", values.enum_of(AuthMethod), AuthMethod.PASSWORD)
+        smtp_user = env.text("SMTP_USER")
+        oauth, secret_key_file = read_oauth(
+            env, imap_auth=imap_auth, smtp_auth=smtp_auth, smtp_user=smtp_user
+        )
         settings = cls(
             imap_host=env.parse("IMAP_HOST", values.host, None, required=True) or "",
             imap_port=env.parse("IMAP_PORT", values.port(1), _IMAP_PORTS[imap_security]),
             imap_security=imap_security,
             imap_user=env.required("IMAP_USER"),
-            imap_password=env.secret("IMAP_PASSWORD", required=True) or Secret(""),
+            imap_password=env.secret("IMAP_PASSWORD", required=imap_auth is AuthMethod.PASSWORD)
+            or Secret(""),
             imap_folder=env.text("IMAP_FOLDER") or "INBOX",
             smtp_host=env.parse("SMTP_HOST", values.host, None, required=smtp_needed) or "",
             smtp_port=env.parse("SMTP_PORT", values.port(1), _SMTP_PORTS[smtp_security]),
             smtp_security=smtp_security,
-            smtp_user=env.text("SMTP_USER"),
+            smtp_user=smtp_user,
             smtp_password=env.secret("SMTP_PASSWORD", required=False),
             forward_to=env.parse("FORWARD_TO", values.address, None, required=not api) or "",
             forward_from=env.parse("FORWARD_FROM", values.address, None, required=smtp_needed)
@@ -205,6 +218,10 @@ class Settings:
             notify_interval_seconds=env.parse(
                 "NOTIFY_INTERVAL", parse_duration, models.DEFAULT_NOTIFY_INTERVAL_SECONDS
             ),
+            imap_auth=imap_auth,
+            smtp_auth=smtp_auth,
+            oauth=oauth,
+            secret_key_file=secret_key_file,
             delivery=delivery,
             gmi_api_key=env.secret("GMI_API_KEY", required=api),
             gmi_api_url=env.parse("GMI_API_URL", values.http_url, models.DEFAULT_GMI_API_URL),
@@ -224,7 +241,9 @@ class Settings:
             ),
             unknown_variables=env.unknown(),
         )
-        if (settings.smtp_user is None) != (settings.smtp_password is None):
+        if smtp_auth is AuthMethod.PASSWORD and (
+            (settings.smtp_user is None) != (settings.smtp_password is None)
+        ):
             missing = "SMTP_PASSWORD" if settings.smtp_password is None else "SMTP_USER"
             env.fail(missing, "required when the other half of the SMTP login is set")
         try:
@@ -247,6 +266,10 @@ class Settings:
         values = [self.imap_password.reveal()]
         if self.smtp_password is not None:
             values.append(self.smtp_password.reveal())
+        if self.oauth is not None:
+            for secret in (self.oauth.client_secret, self.oauth.refresh_token):
+                if secret is not None:
+                    values.append(secret.reveal())
         if self.gmi_api_key is not None:
             values.append(self.gmi_api_key.reveal())
         for password in url_passwords(self.database_url.reveal()):

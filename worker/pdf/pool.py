@@ -33,7 +33,7 @@ FINGERPRINT_SHARE: Final = 0.5
 
 # What the fork server imports once, so that workers forked from it start in
 # milliseconds. multiprocessing skips a name that does not import without a word (every
-# worker then imports pypdf itself): tests/unit/test_pdf.py imports each.
+# worker then imports pypdf itself): tests/unit/pdf/test_inspection.py imports each.
 FORKSERVER_PRELOAD: Final = ("worker.pdf.inspection", "worker.pdf.pool")
 
 Check = Callable[[bytes], PdfReport]

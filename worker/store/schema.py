@@ -191,6 +191,20 @@ mail_actions = sa.Table(
     sa.CheckConstraint("state IN ('copying', 'done', 'skipped')", name="ck_mail_actions_state"),
 )
 
+# OAuth2 tokens (worker.store.tokens), one row per identity (provider, tenant, client, user).
+# Only sealed values (AES-GCM, worker.auth.crypto): no plaintext token is ever stored, and
+# no view reads this table.
+oauth_tokens = sa.Table(
+    "oauth_tokens",
+    metadata,
+    sa.Column("identity", sa.Text, primary_key=True),
+    sa.Column("sealed_access", sa.LargeBinary),
+    sa.Column("access_expires_at", UtcDateTime()),
+    sa.Column("sealed_refresh", sa.LargeBinary),
+    sa.Column("origin", sa.Text),  # keyed digest of the configured refresh token
+    sa.Column("refreshed_at", UtcDateTime()),
+)
+
 # The API budgets (worker.relay.budget): per destination ("getmyinvoices:<account>"), one
 # row per fixed window with its start and what it used, and a `hold` row whose
 # window_start is when a limit the API reported ends (`note` names it).

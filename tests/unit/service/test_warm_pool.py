@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from tests.unit.test_service import report, running_service, wait_until
+from tests.unit.service.test_runner import report, running_service, wait_until
 from worker.errors import PdfCheckFailed
 from worker.models import PdfReport, PollReport
 from worker.pdf.pool import PdfInspector

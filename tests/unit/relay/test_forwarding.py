@@ -31,7 +31,7 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 @pytest.fixture
 def store() -> FakeStore:
     """In memory: the send loop's order of steps needs no SQL (the queue's own SQL is
-    tested in test_store_queue.py; the fake is held to it by test_store_contract.py)."""
+    tested in store/test_queue.py; the fake is held to it by store/test_contract.py)."""
     return FakeStore()
 
 

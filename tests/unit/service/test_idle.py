@@ -229,7 +229,7 @@ def test_new_mail_during_a_poll_asks_once_after_it() -> None:
     requests.poll()  # nothing announced this time: no request after it
 
     # Asked after the poll returned; the Service runs it once its job has ended
-    # (tests/unit/test_service.py: a poll asked for during a poll runs after it).
+    # (tests/unit/service/test_runner.py: a poll asked for during a poll runs after it).
     assert asked == ["poll"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_settings import settings
+from tests.unit.config.test_settings import settings
 from worker.cli.commands import imap_mailbox
 from worker.config.settings import Secret
 from worker.imap.mailbox import ImapMailbox

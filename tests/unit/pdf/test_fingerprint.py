@@ -6,7 +6,7 @@ pypdf or by pikepdf/qpdf must keep the fingerprint; a changed amount or line, or
 another invoice from the same template, must change it. Pairs never mix generators:
 the same invoice from two generators is not expected to match.
 
-`.venv/bin/python -m tests.unit.test_fingerprint` prints the matrix.
+`.venv/bin/python -m tests.unit.pdf.test_fingerprint` prints the matrix.
 """
 
 from __future__ import annotations

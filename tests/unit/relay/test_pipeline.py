@@ -1,7 +1,7 @@
 """The pipeline against in-memory fakes of IMAP, SMTP, the PDF checker and the store.
 
 The store's own rules (uniqueness by sha256 and content key, which rows an ERROR retry
-replaces) are tested on SQL in test_store_*.py, and `test_store_contract.py` holds the
+replaces) are tested on SQL in tests/unit/store, and `store/test_contract.py` holds the
 fake to them; the pipeline on a real store is tested in tests/integration."""
 
 from __future__ import annotations

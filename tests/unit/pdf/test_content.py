@@ -10,7 +10,7 @@ from pypdf import PdfReader
 from pypdf.generic import NameObject
 
 from tests import samples
-from tests.unit.test_fingerprint import reportlab_invoice
+from tests.unit.pdf.test_fingerprint import reportlab_invoice
 from worker.pdf.content import Unparseable, canonical_operations, text_content
 from worker.pdf.inspection import inspect_pdf
 
