@@ -6,7 +6,8 @@ Revision ID: 0008_gmi_delivery
 Revises: 0007_oauth_tokens
 Create Date: 2026-12-01
 
-Documents forwarded before this revision went by SMTP: they get `delivered_via` 'smtp'
+`held_reason` says why a pending document waits for a limit; the view's `reason` shows
+it while the document is pending. Documents forwarded before this revision went by SMTP: they get `delivered_via` 'smtp'
 and their Message-ID as `delivery_id`. The view gains the two columns at its end and
 keeps every other column as it was.
 
@@ -25,7 +26,7 @@ down_revision: str | None = "0007_oauth_tokens"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_COLUMNS = """
+_COLUMNS_HEAD = """
     s.id AS id,
     s.received_at AS received_at,
     s.mail_date AS mail_date,
@@ -40,11 +41,23 @@ _COLUMNS = """
     s.sha256 AS sha256,
     s.fingerprint AS fingerprint,
     s.invoice_number AS invoice_number,
-    CASE WHEN s.kind = 'document' THEN d.state ELSE s.kind END AS outcome,
+    CASE WHEN s.kind = 'document' THEN d.state ELSE s.kind END AS outcome,"""
+
+_PREVIOUS_REASON = """
     CASE
         WHEN s.kind = 'document' AND d.state = 'failed' THEN COALESCE(d.last_answer, s.reason)
         ELSE s.reason
-    END AS reason,
+    END AS reason,"""
+
+# A document waiting for the API's limit shows why, and until when.
+_REASON = """
+    CASE
+        WHEN s.kind = 'document' AND d.state = 'failed' THEN COALESCE(d.last_answer, s.reason)
+        WHEN s.kind = 'document' AND d.state = 'pending' THEN COALESCE(d.held_reason, s.reason)
+        ELSE s.reason
+    END AS reason,"""
+
+_COLUMNS_TAIL = """
     s.duplicate_of AS duplicate_of,
     CASE WHEN s.kind = 'document' THEN d.forwarded_at END AS forwarded_at,
     CASE WHEN s.kind = 'document' THEN d.forwarded_message_id END AS forwarded_message_id,
@@ -61,11 +74,11 @@ LEFT JOIN mail_actions AS m
 # The view as the previous revision left it (restored by the downgrade).
 PREVIOUS_VIEW_SQL = f"""
 CREATE VIEW audit_log AS
-SELECT{_COLUMNS}{_FROM}"""
+SELECT{_COLUMNS_HEAD}{_PREVIOUS_REASON}{_COLUMNS_TAIL}{_FROM}"""
 
 AUDIT_VIEW_SQL = f"""
 CREATE VIEW audit_log AS
-SELECT{_COLUMNS},
+SELECT{_COLUMNS_HEAD}{_REASON}{_COLUMNS_TAIL},
     CASE WHEN s.kind = 'document' THEN d.delivered_via END AS delivered_via,
     CASE WHEN s.kind = 'document' THEN d.delivery_id END AS delivery_id{_FROM}"""
 
@@ -75,6 +88,7 @@ def upgrade() -> None:
     op.add_column("documents", sa.Column("upload_started_at", sa.DateTime(timezone=True)))
     op.add_column("documents", sa.Column("delivered_via", sa.Text))
     op.add_column("documents", sa.Column("delivery_id", sa.Text))
+    op.add_column("documents", sa.Column("held_reason", sa.Text))
     op.execute(
         "UPDATE documents SET delivered_via = 'smtp', delivery_id = forwarded_message_id"
         " WHERE forwarded_message_id IS NOT NULL"
@@ -95,6 +109,7 @@ def downgrade() -> None:
     op.drop_table("delivery_budgets")
     # SQLite (3.35 and later) drops a column in place: no index, key or view uses them
     # (the view is dropped first).
+    op.drop_column("documents", "held_reason")
     op.drop_column("documents", "delivery_id")
     op.drop_column("documents", "delivered_via")
     op.drop_column("documents", "upload_started_at")

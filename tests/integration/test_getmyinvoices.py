@@ -18,7 +18,13 @@ from worker.config.settings import Secret
 from worker.delivery.getmyinvoices import GmiDestination
 from worker.errors import DestinationRefused
 from worker.faults import Checkpoint, CrashAt, CrashHook, CrashPoint, no_checkpoint
-from worker.models import DEFAULT_GMI_CREDIT_NOTE_PATTERN, AuditFilter, DocumentState, Outcome
+from worker.models import (
+    DEFAULT_GMI_CREDIT_NOTE_PATTERN,
+    AuditFilter,
+    DocumentState,
+    Outcome,
+    Parcel,
+)
 from worker.relay.budget import Budget, SharedBudget
 from worker.store import migrate
 from worker.store.sqlstore import SqlStore
@@ -125,7 +131,13 @@ def test_a_limit_leaves_the_document_pending_uncounted(
     # Both wait: the first for the answer, the second for the hold it left for every sharer.
     assert _send(api, store) == (0, 2, 0)
     assert store.state_counts()[DocumentState.PENDING] == 2
-    assert [row.attempts for row in store.audit(AuditFilter())] == [0, 0]
+    rows = store.audit(AuditFilter())
+    assert [row.attempts for row in rows] == [0, 0]
+    # The audit says which limit, and when the document resumes.
+    assert all(
+        "limit" in (row.reason or "") or "availability" in (row.reason or "") for row in rows
+    )
+    assert all("resumes" in (row.reason or "") for row in rows)
     assert len(api.uploads()) == 1  # the second was never sent
     assert _send(api, store, now=T0 + timedelta(hours=2)) == (2, 0, 0)
 
@@ -226,3 +238,44 @@ def test_two_stores_share_one_budget(api: FakeGetMyInvoices, database_url: str) 
     finally:
         first.close()
         second.close()
+
+
+def test_resend_refuses_what_getmyinvoices_has(api: FakeGetMyInvoices, database_url: str) -> None:
+    from worker.cli.commands import resend_through_api
+    from worker.config.settings import Settings
+
+    migrate.upgrade_database(database_url)
+    store = SqlStore(database_url)
+    try:
+        record(store, mail(1, accepted(pdf("A"))))
+        destination = _destination(api, store, now=T0)
+        (document,) = store.claim_due(now=T0, limit=1, lease_seconds=60)
+        receipt = destination.deliver(Parcel.from_outgoing(document))
+        destination.close()
+        store.mark_forwarded(
+            document.document_id,
+            message_id=receipt.delivery_id,
+            answer=receipt.answer,
+            now=T0,
+            keep_pdf=True,  # resend needs the kept bytes
+            via=receipt.via,
+        )
+    finally:
+        store.close()
+    settings = Settings.from_env(
+        {
+            "HOME": "/nonexistent",
+            "INVOICE_RELAY_IMAP_HOST": "imap.example.test",
+            "INVOICE_RELAY_IMAP_USER": "u",
+            "INVOICE_RELAY_IMAP_PASSWORD": "p",
+            "INVOICE_RELAY_DATABASE_URL": database_url,
+            "INVOICE_RELAY_DELIVERY": "getmyinvoices",
+            "INVOICE_RELAY_GMI_API_KEY": KEY,
+            "INVOICE_RELAY_GMI_API_URL": api.url,
+        }
+    )
+    queued, said = resend_through_api(settings, document.sha256)
+    assert (queued, said) == (False, "not queued: already in GetMyInvoices")
+    api.documents.clear()  # deleted in GetMyInvoices: now a resend may upload it again
+    queued, said = resend_through_api(settings, document.sha256)
+    assert queued, said

@@ -306,7 +306,7 @@ class GmiDestination:
         if hold is not None:
             wait = max(1.0, (hold.until - self._clock()).total_seconds())
             raise DeliveryThrottled(
-                "spent", retry_after_seconds=wait, limit=hold.limit, sha256=sha256
+                "counted by the relay", retry_after_seconds=wait, limit=hold.limit, sha256=sha256
             )
 
     def _destination(self) -> str:

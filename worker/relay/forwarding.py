@@ -277,9 +277,8 @@ class Forwarder:
         self, document: OutgoingDocument, throttled: DeliveryThrottled, tally: _Tally
     ) -> None:
         resume = self._clock() + timedelta(seconds=throttled.retry_after_seconds)
-        answer = (
-            f"{throttled}; pending until {throttled.limit} allows ({resume:%Y-%m-%d %H:%M} UTC)"
-        )
+        # The audit's reason while it waits: which limit, and when it resumes.
+        answer = f"pending: {throttled.detail}; resumes {resume:%Y-%m-%d %H:%M} UTC"
         self._store.postpone(document.document_id, answer=answer, next_attempt_at=resume)
         tally.retried += 1
         log.info(

@@ -102,6 +102,7 @@ class DocumentQueue(SqlBase):
             "last_answer": answer,
             "delivered_via": via,
             "delivery_id": message_id,
+            "held_reason": None,
         }
         self._update_document(document_id, values, drop_content=not keep_pdf)
 
@@ -113,6 +114,7 @@ class DocumentQueue(SqlBase):
             "lease_until": None,
             "last_answer": answer,
             "next_attempt_at": next_attempt_at,
+            "held_reason": None,
         }
         if failed:
             values["state"] = DocumentState.FAILED.value
@@ -126,6 +128,7 @@ class DocumentQueue(SqlBase):
                 "attempts": documents.c.attempts + 1,
                 "lease_until": None,
                 "last_answer": answer,
+                "held_reason": None,
             },
         )
 
@@ -136,7 +139,12 @@ class DocumentQueue(SqlBase):
         """A limit of the destination: due again later, no attempt counted."""
         self._update_document(
             document_id,
-            {"lease_until": None, "last_answer": answer, "next_attempt_at": next_attempt_at},
+            {
+                "lease_until": None,
+                "last_answer": answer,
+                "next_attempt_at": next_attempt_at,
+                "held_reason": answer,
+            },
         )
 
     def mark_upload_started(self, sha256: str, *, now: datetime) -> None:

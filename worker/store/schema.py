@@ -72,6 +72,9 @@ documents = sa.Table(
     sa.Column("delivered_via", sa.Text, nullable=True),  # "smtp" or "getmyinvoices"
     # The Message-ID or the documentUid; "" when GetMyInvoices had the document already.
     sa.Column("delivery_id", sa.Text, nullable=True),
+    # Why a pending document waits for a limit of the destination (and until when);
+    # the audit's reason while it waits. Cleared by the next attempt's outcome.
+    sa.Column("held_reason", sa.Text, nullable=True),
     sa.UniqueConstraint("sha256", name="uq_documents_sha256"),
     sa.UniqueConstraint("content_key", name="uq_documents_content_key"),
     sa.CheckConstraint("state IN ('pending', 'forwarded', 'failed')", name="ck_documents_state"),
@@ -240,6 +243,7 @@ SELECT
     CASE WHEN s.kind = 'document' THEN d.state ELSE s.kind END AS outcome,
     CASE
         WHEN s.kind = 'document' AND d.state = 'failed' THEN COALESCE(d.last_answer, s.reason)
+        WHEN s.kind = 'document' AND d.state = 'pending' THEN COALESCE(d.held_reason, s.reason)
         ELSE s.reason
     END AS reason,
     s.duplicate_of AS duplicate_of,
