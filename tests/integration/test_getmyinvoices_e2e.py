@@ -4,13 +4,20 @@ between the upload and its mark (one copy, found by /documents/exists), a wrong 
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import samples
-from tests.integration.guarantee_tools import invoices, run_once, run_until_done, sql_rows
+from tests.integration.guarantee_tools import (
+    invoices,
+    relay_command,
+    run_once,
+    run_until_done,
+    sql_rows,
+)
 from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
 from tests.servers.getmyinvoices import FakeGetMyInvoices
@@ -107,3 +114,16 @@ def test_a_wrong_key_exits_1_naming_the_cause(
     api.calls.clear()  # the fake saw the wrong key: not a request-schema problem of ours
     rows = sql_rows(url, "SELECT outcome, attempts FROM audit_log")
     assert rows == [{"outcome": "pending", "attempts": 0}]
+
+
+def test_check_asks_for_the_account(
+    imap: DovecotServer, smtp: SmtpSink, api: FakeGetMyInvoices, tmp_path: Path
+) -> None:
+    env = _env(imap, smtp, api, f"sqlite:///{tmp_path / 'relay.db'}")
+    result = subprocess.run(
+        relay_command("check"), env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "ok   getmyinvoices: the API key works for account G-20707-0" in result.stdout
+    assert "smtp" not in result.stdout  # no SMTP is needed without notices
+    assert [c.path for c in api.calls] == ["/accounts/v3/account"]
