@@ -4,9 +4,11 @@ answer class, a crash after the upload went out, and budgets shared by two store
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timedelta
 
 import pytest
@@ -279,3 +281,36 @@ def test_resend_refuses_what_getmyinvoices_has(api: FakeGetMyInvoices, database_
     api.documents.clear()  # deleted in GetMyInvoices: now a resend may upload it again
     queued, said = resend_through_api(settings, document.sha256)
     assert queued, said
+
+
+def _send_in_a_process(database_url: str, api_url: str) -> tuple[int, int, int]:
+    """One replica: its own process, engine and HTTP client (run by a spawned worker)."""
+    store = SqlStore(database_url)
+    try:
+        destination = GmiDestination(
+            api_key=Secret(KEY),
+            budget=SharedBudget(store=store, budget=Budget(calls_per_minute=5), clock=lambda: T0),
+            marks=store,
+            api_url=api_url,
+            timeout=5.0,
+            clock=lambda: T0,
+        )
+        return send_loop(store, destination, now=T0, send_batch=3).forward_due()
+    finally:
+        store.close()
+
+
+def test_two_processes_share_one_budget(api: FakeGetMyInvoices, database_url: str) -> None:
+    migrate.upgrade_database(database_url)
+    store = SqlStore(database_url)
+    try:
+        record(store, *(mail(n, accepted(pdf(f"doc {n}"))) for n in range(1, 13)))
+    finally:
+        store.close()
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=spawn) as pool:
+        futures = [pool.submit(_send_in_a_process, database_url, api.url) for _ in range(2)]
+        results = [future.result(timeout=120) for future in futures]
+    assert len(api.uploads()) == 5  # five calls a minute, whichever process makes them
+    assert sum(forwarded for forwarded, _, _ in results) == len(api.documents) == 5
+    assert len({d.sha256 for d in api.documents}) == 5
