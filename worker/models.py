@@ -193,6 +193,8 @@ class PdfReport:
     fingerprint: str | None = None  # "fp1:<hex>" or None when it could not be computed
     fingerprint_note: str | None = None  # why there is no fingerprint
     invoice_number: str | None = None
+    # INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN matched the first pages' text (when checked).
+    credit_note: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,6 +224,7 @@ class PartRecord:
     sha256: str | None = None
     fingerprint: str | None = None
     invoice_number: str | None = None
+    credit_note: bool = False  # its first pages read as a credit note
     content: bytes | None = None  # the PDF's bytes, for DOCUMENT only
 
 
@@ -263,6 +266,7 @@ class OutgoingDocument:
     original_date: datetime | None
     original_message_id: str
     invoice_number: str | None = None  # the introducing sighting's
+    credit_note: bool = False  # the introducing sighting's first pages read as one
     upload_started: bool = False  # an API upload of it may have gone out before
 
 
@@ -284,6 +288,7 @@ class Parcel:
     original_date: datetime | None
     original_message_id: str
     invoice_number: str | None = None  # as read from the PDF, when it was
+    credit_note: bool = False  # its first pages' text matched the credit note pattern
     # An upload of it was started before and may have arrived: an API asks first.
     upload_started: bool = False
 
@@ -299,6 +304,7 @@ class Parcel:
             original_date=document.original_date,
             original_message_id=document.original_message_id,
             invoice_number=document.invoice_number,
+            credit_note=document.credit_note,
             upload_started=document.upload_started,
         )
 

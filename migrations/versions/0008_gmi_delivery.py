@@ -6,6 +6,7 @@ Revision ID: 0008_gmi_delivery
 Revises: 0007_oauth_tokens
 Create Date: 2026-12-01
 
+`sightings.credit_note` records that a PDF's first pages read as a credit note.
 `held_reason` says why a pending document waits for a limit; the view's `reason` shows
 it while the document is pending. Documents forwarded before this revision went by SMTP: they get `delivered_via` 'smtp'
 and their Message-ID as `delivery_id`. The view gains the two columns at its end and
@@ -89,6 +90,7 @@ def upgrade() -> None:
     op.add_column("documents", sa.Column("delivered_via", sa.Text))
     op.add_column("documents", sa.Column("delivery_id", sa.Text))
     op.add_column("documents", sa.Column("held_reason", sa.Text))
+    op.add_column("sightings", sa.Column("credit_note", sa.Boolean))
     op.execute(
         "UPDATE documents SET delivered_via = 'smtp', delivery_id = forwarded_message_id"
         " WHERE forwarded_message_id IS NOT NULL"
@@ -109,6 +111,7 @@ def downgrade() -> None:
     op.drop_table("delivery_budgets")
     # SQLite (3.35 and later) drops a column in place: no index, key or view uses them
     # (the view is dropped first).
+    op.drop_column("sightings", "credit_note")
     op.drop_column("documents", "held_reason")
     op.drop_column("documents", "delivery_id")
     op.drop_column("documents", "delivered_via")

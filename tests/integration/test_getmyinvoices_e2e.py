@@ -59,18 +59,32 @@ def test_a_backfill_through_the_api(
         subject="Gutschrift 8200",
         message_id="<credit-8200@shop.example>",
     )
-    imap.append_many([*(i.mail for i in batch), batch[0].mail, credit])
+    # Named and sent like an invoice: only its first page says what it is.
+    quiet_credit = samples.invoice_mail(
+        pdfs=[
+            (
+                "Document 8201.pdf",
+                samples.invoice_pdf(
+                    number="8201", lines=[("Storno zu Rechnung 8100", "-10.00")], logo=False
+                ),
+            )
+        ],
+        subject="Your document 8201",
+        message_id="<credit-8201@shop.example>",
+    )
+    imap.append_many([*(i.mail for i in batch), batch[0].mail, credit, quiet_credit])
     url = f"sqlite:///{tmp_path / 'relay.db'}"
     result = run_once(_env(imap, smtp, api, url))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(api.uploads()) == 5 and len(api.documents) == 5  # the repeat is not uploaded
+    assert len(api.uploads()) == 6 and len(api.documents) == 6  # the repeat is not uploaded
     assert {d.sha256 for d in api.documents} >= {i.sha256 for i in batch}
     kinds = {d.request["fileName"]: d.request["documentType"] for d in api.documents}
     assert kinds["Gutschrift 8200.pdf"] == "CREDIT_NOTE"
+    assert kinds["Document 8201.pdf"] == "CREDIT_NOTE"
     assert kinds["Invoice 8100.pdf"] == "SALES_INVOICE"
     rows = sql_rows(url, "SELECT outcome, delivered_via, delivery_id FROM audit_log")
     forwarded = [r for r in rows if r["outcome"] == "forwarded"]
-    assert len(forwarded) == 5
+    assert len(forwarded) == 6
     assert {r["delivery_id"] for r in forwarded} == {str(d.uid) for d in api.documents}
     assert {r["delivered_via"] for r in forwarded} == {"getmyinvoices"}
     assert smtp.messages == []

@@ -157,6 +157,12 @@ def pdf_inspector(settings: Settings) -> PdfInspector:
         timeout_seconds=settings.pdf_timeout_seconds,
         memory_limit_bytes=settings.pdf_memory_mb * 1024 * 1024,
         invoice_pattern=settings.invoice_number_pattern,
+        # Only the API files credit notes apart; mail forwarding needs no such reading.
+        credit_note_pattern=(
+            settings.gmi_credit_note_pattern
+            if settings.delivery is DeliveryKind.GETMYINVOICES
+            else None
+        ),
     )
 
 

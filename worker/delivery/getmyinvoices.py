@@ -291,7 +291,11 @@ class GmiDestination:
         return request
 
     def document_type(self, parcel: Parcel) -> str:
+        """CREDIT_NOTE where the pattern matched the first pages' text, the filename or
+        the subject; else INVOICE_RELAY_GMI_DOCUMENT_TYPE."""
         pattern = self._credit_notes
+        if parcel.credit_note:  # the first pages' text matched (the PDF check)
+            return CREDIT_NOTE
         if pattern is not None and any(
             pattern.search(text) for text in (parcel.filename, parcel.original_subject)
         ):

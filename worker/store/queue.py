@@ -62,6 +62,7 @@ class DocumentQueue(SqlBase):
                     sightings.c.mail_date,
                     sightings.c.message_id,
                     sightings.c.invoice_number,
+                    sightings.c.credit_note,
                     documents.c.upload_started_at,
                 )
                 .select_from(
@@ -249,5 +250,6 @@ def _outgoing(row: Row[*tuple[Any, ...]], content: bytes) -> OutgoingDocument:
         original_date=row.mail_date,
         original_message_id=row.message_id or "",
         invoice_number=row.invoice_number,
+        credit_note=bool(row.credit_note),
         upload_started=row.upload_started_at is not None,
     )

@@ -116,6 +116,8 @@ sightings = sa.Table(
     sa.Column("sha256", sa.Text, nullable=True),
     sa.Column("fingerprint", sa.Text, nullable=True),
     sa.Column("invoice_number", sa.Text, nullable=True),
+    # The first pages matched INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN (true, else NULL).
+    sa.Column("credit_note", sa.Boolean, nullable=True),
     sa.Column("kind", sa.Text, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
     # worker.models.ReasonCode: what code compares; `reason` is for people.
