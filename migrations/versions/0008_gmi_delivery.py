@@ -3,7 +3,7 @@ id each document was delivered, the API budgets, and `audit_log.delivered_via` a
 `audit_log.delivery_id`.
 
 Revision ID: 0008_gmi_delivery
-Revises: 0007_oauth_tokens
+Revises: 0010_web_sessions
 Create Date: 2026-12-01
 
 `sightings.credit_note` records that a PDF's first pages read as a credit note.
@@ -23,7 +23,8 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008_gmi_delivery"
-down_revision: str | None = "0007_oauth_tokens"
+# Numbered 0008 when it was written; it follows the head of `layout` when merged.
+down_revision: str | None = "0010_web_sessions"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

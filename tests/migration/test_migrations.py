@@ -97,6 +97,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "notifications",
         "notified_documents",
         "mail_actions",
+        "web_sessions",
         "oauth_tokens",
         "delivery_budgets",
     }
@@ -358,6 +359,15 @@ def test_the_alembic_ini_finds_the_same_scripts() -> None:
     assert migrate.migrations_directory() == REPO / "migrations"
 
 
+def test_web_sessions_come_and_go_with_0010(empty_database: str) -> None:
+    migrate.upgrade_database(empty_database, "0010_web_sessions")
+    assert "web_sessions" in table_names(empty_database)
+    migrate.downgrade_database(empty_database, "0007_oauth_tokens")  # MERGE: its down_revision
+    assert "web_sessions" not in table_names(empty_database)
+    # 0010 leaves the view alone: it is the view 0006 made (0008 adds to it later).
+    assert view_columns(empty_database) == AUDIT_COLUMNS_0006
+
+
 def test_mail_actions_add_one_view_column_and_go_away_again(empty_database: str) -> None:
     # 0006 adds `mail_actions` and `audit_log.mail_action` at the view's end; the
     # downgrade gives back the view without it. A recorded sighting stays visible.
@@ -393,7 +403,7 @@ def test_gmi_delivery_adds_two_view_columns_and_goes_away_again(empty_database: 
     # 0008 adds `delivered_via` and `delivery_id` at the view's end, marks documents
     # forwarded before it as delivered by SMTP under their Message-ID, and adds the
     # API budgets; the downgrade gives back the view and tables as 0006 left them.
-    previous = "0007_oauth_tokens"  # MERGE: the head of `layout` below 0008
+    previous = "0010_web_sessions"  # MERGE: the head of `layout` below 0008
     migrate.upgrade_database(empty_database, previous)
     engine = make_engine(empty_database)
     try:

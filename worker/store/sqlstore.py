@@ -22,14 +22,18 @@ from worker.models import AuditFilter, AuditRow, Outcome, SightingKind
 from worker.store.budgets import BudgetRows
 from worker.store.engine import advisory_key, make_engine, translated
 from worker.store.mailactions import MailActionRows
+from worker.store.pages import PageQueries
 from worker.store.queue import DocumentQueue
 from worker.store.schema import audit_log, sightings
 from worker.store.sightings import MailRecorder, known_document
+from worker.store.websessions import WebSessionRows
 
 log = logging.getLogger(__name__)
 
 
-class SqlStore(MailRecorder, DocumentQueue, MailActionRows, BudgetRows):
+class SqlStore(
+    MailRecorder, DocumentQueue, MailActionRows, PageQueries, WebSessionRows, BudgetRows
+):
     """The relay's SQL store. Every method raises `StoreError` when the database fails."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
