@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import TextIO
 
-from worker.cli.commands import imap_mailbox, smtp_outbox
+from worker.cli.commands import gmi_destination, imap_mailbox, smtp_outbox
 from worker.config.settings import Settings
 from worker.errors import (
     AfterForwardImpossible,
     DeliveryRefused,
+    DestinationRefused,
     MailboxError,
     MailboxFolderError,
     MailboxLoginError,
@@ -22,7 +23,7 @@ from worker.errors import (
     StoreError,
     TokenEndpointError,
 )
-from worker.models import MailActionMode
+from worker.models import DeliveryKind, MailActionMode
 from worker.relay.settled import MoveSupport, move_problem, move_support
 from worker.store import migrate
 
@@ -74,6 +75,8 @@ def advice(error: RelayError) -> str:
         return _SMTP_TLS if any(word in text for word in _TLS_WORDS) else _SMTP_REACH
     if isinstance(error, StoreError):
         return "check INVOICE_RELAY_DATABASE_URL, and that the database server runs"
+    if isinstance(error, DestinationRefused):
+        return "check INVOICE_RELAY_GMI_API_KEY and the key's permissions in GetMyInvoices"
     if isinstance(error, OAuthLoginRefused):
         return "run `invoice-relay oauth login`, or replace INVOICE_RELAY_OAUTH_REFRESH_TOKEN"
     if isinstance(error, OAuthClientRejected):
@@ -87,6 +90,20 @@ def advice(error: RelayError) -> str:
             "and that the relay can reach the token endpoint"
         )
     return "see the message above"
+
+
+def _check_gmi(settings: Settings) -> str:
+    """`GET /account`: the key works, and which account the documents go to."""
+    from worker.store.sqlstore import SqlStore
+
+    store = SqlStore("sqlite://")  # a check spends no budget and marks nothing
+    api = gmi_destination(settings, store)
+    try:
+        account = api.account()
+    finally:
+        api.close()
+        store.close()
+    return f"the API key works for account {account.account_id} ({account.name or 'unnamed'})"
 
 
 def _check_imap(settings: Settings) -> str:
@@ -202,7 +219,11 @@ def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int
     checks: list[tuple[str, Callable[[Settings], str]]] = [("imap", _check_imap)]
     if settings.after_forward.changes_mailbox:  # keep needs nothing beyond reading
         checks.append(("after-forward", _check_after_forward))
-    checks += [("smtp", _check_smtp), ("database", _check_database)]
+    if settings.delivery is DeliveryKind.GETMYINVOICES:
+        checks.append(("getmyinvoices", _check_gmi))
+    if settings.delivery is DeliveryKind.SMTP or settings.notify_to:
+        checks.append(("smtp", _check_smtp))
+    checks.append(("database", _check_database))
     if settings.oauth is not None:
         checks.insert(0, ("oauth2", _check_oauth))
     failed = 0
