@@ -265,6 +265,7 @@ def _kept() -> sa.ColumnElement[bool]:
 
 
 def audit_row(row: Row[Any]) -> AuditRow:
+    """One `audit_log` row as the value the CLI, the page and their CSV share."""
     return AuditRow(
         id=row.id,
         received_at=row.received_at,
@@ -287,4 +288,6 @@ def audit_row(row: Row[Any]) -> AuditRow:
         forwarded_message_id=row.forwarded_message_id,
         attempts=row.attempts,
         mail_action=row.mail_action,
+        delivered_via=row.delivered_via,
+        delivery_id=row.delivery_id,
     )

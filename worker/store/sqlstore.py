@@ -12,17 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.models import AuditFilter, AuditRow, Outcome, SightingKind
+from worker.models import AuditFilter, AuditRow, SightingKind
 from worker.store.budgets import BudgetRows
 from worker.store.engine import advisory_key, make_engine, translated
 from worker.store.mailactions import MailActionRows
-from worker.store.pages import PageQueries
+from worker.store.pages import PageQueries, audit_row
 from worker.store.queue import DocumentQueue
 from worker.store.schema import audit_log, sightings
 from worker.store.sightings import MailRecorder, known_document
@@ -123,7 +122,7 @@ class SqlStore(
             statement = statement.limit(query.limit)
         with self._read() as connection:
             rows = connection.execute(statement).all()
-        return [_audit_row(row) for row in rows]
+        return [audit_row(row) for row in rows]
 
     def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
         """For a dry run only (it decides nothing): which key of a PDF is already known,
@@ -176,31 +175,3 @@ def _unlock(connection: Connection, key: int) -> None:
             extra={"action": "poll_lock_lost"},
         )
         connection.invalidate()
-
-
-def _audit_row(row: Row[*tuple[Any, ...]]) -> AuditRow:
-    return AuditRow(
-        id=row.id,
-        received_at=row.received_at,
-        mail_date=row.mail_date,
-        mailbox=row.mailbox,
-        uidvalidity=row.uidvalidity,
-        uid=row.uid,
-        message_id=row.message_id,
-        sender=row.sender,
-        subject=row.subject,
-        filename=row.filename,
-        size_bytes=row.size_bytes,
-        sha256=row.sha256,
-        fingerprint=row.fingerprint,
-        invoice_number=row.invoice_number,
-        outcome=Outcome(row.outcome),
-        reason=row.reason,
-        duplicate_of=row.duplicate_of,
-        forwarded_at=row.forwarded_at,
-        forwarded_message_id=row.forwarded_message_id,
-        attempts=row.attempts,
-        mail_action=row.mail_action,
-        delivered_via=row.delivered_via,
-        delivery_id=row.delivery_id,
-    )
