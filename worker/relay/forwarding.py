@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from worker.errors import DeliveryRefused, DeliveryUnavailable, StoreError
+from worker.errors import DeliveryRefused, DeliveryUnavailable, StoreError, TokenEndpointError
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.models import (
     DEFAULT_LEASE_SECONDS,
@@ -177,7 +177,9 @@ class Forwarder:
                             Parcel.from_outgoing(document), before_final=marks.settle
                         )
                         self._checkpoint(CrashPoint.AFTER_SEND)
-                    except DeliveryUnavailable:
+                    except (DeliveryUnavailable, TokenEndpointError):
+                        # No token for the SMTP login is as good as no session: nothing
+                        # of this document went out.
                         marks.settle()
                         untouched = []
                         self._release(claimed[index:])
