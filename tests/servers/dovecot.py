@@ -144,7 +144,10 @@ def _config(
         *_passdb(password, oauth2, root),
         "userdb {",
         "  driver = static",
-        f"  args = uid={MAIL_USER} gid={MAIL_USER} home={root / 'home'}/%u",
+        # The oauth2 passdb cannot look a user up: doveadm (`deliver`) may then ask the
+        # static userdb alone. Logins still need the passdb.
+        f"  args = uid={MAIL_USER} gid={MAIL_USER} home={root / 'home'}/%u"
+        + (" allow_all_users=yes" if oauth2 else ""),
         "}",
         "service imap-login {",
         "  inet_listener imap {",
@@ -382,6 +385,17 @@ class DovecotServer:
         """APPEND one mail; returns its UID (from APPENDUID)."""
         with self.session() as client:
             return _append(client, raw, folder=folder, internaldate=internaldate, flags=flags)
+
+    def deliver(self, raw: bytes, *, folder: str = "INBOX") -> None:
+        """Put one mail in `folder` as the MTA would (doveadm save): no IMAP login, so it
+        works with an oauth2 passdb too, where the test has no token of its own."""
+        subprocess.run(
+            [DOVEADM, "-c", str(self.config_file), "save", "-u", self.user, "-m", folder],
+            input=raw,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
 
     def append_many(
         self, raws: Iterable[bytes], *, folder: str = "INBOX", internaldate: datetime | None = None
