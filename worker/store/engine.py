@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from worker.errors import StoreError
+from worker.logs import MASK, mask_url, url_passwords
 from worker.models import DATABASE_WAIT_SECONDS, sqlite_file
 from worker.store.schema import AUDIT_VIEW_SQL, document_contents, metadata
 
@@ -58,19 +59,17 @@ def parse_url(url: str) -> URL:
 
 
 def _passwords(url: URL) -> list[str]:
-    """Every password the URL carries: in its user info and in its query string."""
-    found = [str(url.password)] if url.password else []
-    for key, value in url.query.items():
-        if key.lower() == "password":
-            found.extend([value] if isinstance(value, str) else list(value))
-    return [password for password in found if password]
+    """Every password the URL carries, in its user info and its query string: as the
+    URL writes them (escaped) and, for the user info, as the driver was given it."""
+    found = url_passwords(url.render_as_string(hide_password=False))
+    if url.password:
+        found.append(str(url.password))
+    return list(dict.fromkeys(found))
 
 
 def describe(url: URL) -> str:
-    """The URL for messages: every password masked, the query string's included."""
-    masked = {key: "MASKED" for key in url.query if key.lower() == "password"}
-    text = url.update_query_dict(masked).render_as_string(hide_password=True)
-    return text.replace(":***@", ":****@", 1).replace("MASKED", "****")
+    """The URL for messages, through the one URL masker (`worker.logs.mask_url`)."""
+    return mask_url(url.render_as_string(hide_password=False))
 
 
 def translate(exc: SQLAlchemyError, url: URL) -> StoreError:
@@ -82,7 +81,7 @@ def translate(exc: SQLAlchemyError, url: URL) -> StoreError:
         # SQLAlchemy's own text may quote statements and parameters (PDF bytes).
         detail = type(exc).__name__
     for password in _passwords(url):
-        detail = detail.replace(password, "****")
+        detail = detail.replace(password, MASK)
     return StoreError(f"{describe(url)}: {detail}")
 
 
