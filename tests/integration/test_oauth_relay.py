@@ -33,9 +33,11 @@ def oauth_env(
     smtp: SmtpSink,
     smtp_ca: TestCA,
     tmp_path: Path,
+    *,
+    imap_auth: str = "oauth2",
     **oauth: str,
 ) -> dict[str, str]:
-    """The relay's environment for both protocols on oauth2; `oauth` sets the flow."""
+    """The relay's environment for SMTP (and IMAP) on oauth2; `oauth` sets the flow."""
     key_file = tmp_path / "secret.key"
     if not key_file.exists():
         key_file.write_text(secrets.token_urlsafe(32))
@@ -44,13 +46,14 @@ def oauth_env(
         smtp,
         f"sqlite:///{tmp_path / 'relay.db'}",
         smtp_ca=smtp_ca,
-        INVOICE_RELAY_IMAP_AUTH="oauth2",
+        INVOICE_RELAY_IMAP_AUTH=imap_auth,
         INVOICE_RELAY_SMTP_AUTH="oauth2",
         INVOICE_RELAY_SMTP_USER=MAILBOX,
         INVOICE_RELAY_SECRET_KEY_FILE=str(key_file),
         **oauth,
     )
-    del env["INVOICE_RELAY_IMAP_PASSWORD"]  # the oauth2 passdb would refuse it anyway
+    if imap_auth == "oauth2":
+        del env["INVOICE_RELAY_IMAP_PASSWORD"]  # the oauth2 passdb would refuse it anyway
     return env
 
 
@@ -318,6 +321,35 @@ def test_a_stalled_token_endpoint_is_an_outage_bounded_by_the_timeout(
     again = run_relay(env, "once")
     assert again.returncode == 0, again.stderr
     assert forwarded_names(oauth_smtp) == ["Invoice 5001.pdf"]
+
+
+def test_no_token_for_smtp_leaves_the_recorded_invoice_pending(
+    imap: DovecotServer,
+    oauth_smtp: SmtpSink,
+    smtp_ca: TestCA,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    """IMAP with a password, SMTP with OAuth2 (Google Workspace shops often mix them):
+    the token fails only after the mail was read and recorded, and the forwarding lets
+    go of what it claimed, so the next run sends it, once."""
+    token_server.add_client("app-1", secret=APP_SECRET, mailbox=MAILBOX)
+    imap.append(invoice("6001"))
+    env = oauth_env(
+        imap, oauth_smtp, smtp_ca, tmp_path, imap_auth="password", **microsoft_app(token_server)
+    )
+    token_server.fail_next(error="invalid_client", status=401)
+
+    refused = run_relay(env, "once")
+
+    assert refused.returncode == 1
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("invoice-relay:")]
+    assert "client id app-1 or its secret or certificate was refused" in line
+    assert oauth_smtp.messages == []
+    again = run_relay(env, "once")
+    assert again.returncode == 0, again.stderr
+    assert "forwarded 1," in again.stdout
+    assert forwarded_names(oauth_smtp) == ["Invoice 6001.pdf"]
 
 
 def test_check_logs_in_with_oauth2(
