@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.dovecot import DovecotServer
+from tests.servers.dovecot import DovecotServer, OAuth2Passdb, running_dovecot
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
 from tests.servers.token_server import TokenServer
@@ -124,6 +124,23 @@ def test_imap_refused_twice_is_a_token_refusal_without_the_token(
     # Dovecot's error challenge, kept by the Exchange: RFC 7628's JSON.
     assert f"XOAUTH2 as {MAILBOX} (401, scope mail): [AUTHENTICATIONFAILED]" in text, text
     assert NEVER_ISSUED not in text + repr(caught.value)
+
+
+def test_imap_uses_oauthbearer_where_that_is_all_the_server_offers(
+    tmp_path: Path, token_server: TokenServer, sources: TokenSources
+) -> None:
+    passdb = OAuth2Passdb(
+        introspection_url=token_server.introspection_url,
+        ca_file=token_server.ca_file,
+        mechanisms="oauthbearer",
+    )
+    with running_dovecot(tmp_path / "bearer-only", oauth2=passdb) as server:
+        mailbox = imap_mailbox(server, app_source(token_server, sources))
+        try:
+            assert mailbox.open().exists == 0
+        finally:
+            mailbox.close()
+        assert f"Login: user=<{MAILBOX}>, method=OAUTHBEARER" in server.log()
 
 
 def test_smtp_retries_a_refused_token_once_with_a_fresh_one(

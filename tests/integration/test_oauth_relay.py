@@ -122,6 +122,7 @@ def test_microsoft_app_forwards_through_the_xoauth2_only_servers(
     assert asked.headers["x-client-sku"] == "MSAL.Python"
     (token,) = token_server.handed_out()
     assert introspected(token_server) == {token}  # Dovecot checked the one token
+    assert f"Login: user=<{MAILBOX}>, method=XOAUTH2" in oauth_imap.log()
 
 
 def test_google_service_account_acts_as_the_mailbox(

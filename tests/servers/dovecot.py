@@ -63,6 +63,7 @@ class OAuth2Passdb:
 
     introspection_url: str
     ca_file: Path  # the CA of the introspection endpoint's certificate
+    mechanisms: str = "xoauth2 oauthbearer"  # "oauthbearer": a server offering only RFC 7628
 
 
 def _passdb(password: str, oauth2: OAuth2Passdb | None, root: Path) -> list[str]:
@@ -97,7 +98,7 @@ def _passdb(password: str, oauth2: OAuth2Passdb | None, root: Path) -> list[str]
     return [
         "passdb {",
         "  driver = oauth2",
-        "  mechanisms = xoauth2 oauthbearer",
+        f"  mechanisms = {oauth2.mechanisms}",
         f"  args = {args}",
         "}",
     ]
@@ -131,7 +132,7 @@ def _config(
         f"mail_gid = {MAIL_USER}",
         f"mail_location = maildir:{root / 'mail'}/%u",
         # An oauth2 passdb takes only the mechanisms that carry a token.
-        f"auth_mechanisms = {'xoauth2 oauthbearer' if oauth2 else mechanisms}",
+        f"auth_mechanisms = {oauth2.mechanisms if oauth2 else mechanisms}",
         "disable_plaintext_auth = no",
         # Tests log in wrongly on purpose: no 2 s failure delay, and no anvil penalty
         # that would slow down the next (right) login from the same address.
