@@ -6,7 +6,7 @@ import email
 import email.policy
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage, Message
 
@@ -23,10 +23,13 @@ from worker.errors import (
 from worker.mail import headers
 from worker.models import (
     AuditFilter,
+    AuditPage,
     AuditRow,
+    AuditSearch,
     BodyPart,
     DedupMode,
     DocumentState,
+    DocumentStory,
     FolderStatus,
     MailboxPosition,
     MailHeaders,
@@ -37,10 +40,14 @@ from worker.models import (
     Parcel,
     PartRecord,
     PdfReport,
+    QueuedDocument,
     Receipt,
     RecordedSighting,
+    RouteOverview,
+    RouteScope,
     SightingKind,
     UntidiedMail,
+    WebSession,
 )
 from worker.tokens import AccessToken
 
@@ -845,3 +852,157 @@ class FakeGrantor:
             ),
             refresh_token=f"rt-fake-{number}" if self.rotate else None,
         )
+
+
+# --- the status page ----------------------------------------------------------------------
+
+
+@dataclass(slots=True, kw_only=True)
+class PageRow:
+    """One audit row of `FakePageStore`, with the route it belongs to and its document."""
+
+    route: str
+    row: AuditRow
+    state: DocumentState | None = None  # of the document it introduced, if any
+    last_answer: str | None = None
+    pdf: bytes | None = None
+
+
+class FakePageStore:
+    """`PageReader`, `WebSessionStore` and `AdminStore` in memory, for the views' tests.
+    Rows carry routes of their own, so scoping is tested before SQL rows have routes."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, PageRow] = {}
+        self.sessions: dict[str, WebSession] = {}
+        self.actions: list[tuple[str, str]] = []  # (action, sha256) asked for
+
+    def add(self, row: PageRow) -> None:
+        self.rows[row.row.id] = row
+
+    def _visible(self, scope: RouteScope) -> list[PageRow]:
+        return [item for item in self.rows.values() if scope.allows(item.route)]
+
+    def _scoped(self, item: PageRow, scope: RouteScope) -> AuditRow:
+        target = item.row.duplicate_of
+        if target is not None and not (
+            target in self.rows and scope.allows(self.rows[target].route)
+        ):
+            return replace(item.row, duplicate_of=None)
+        outcome = item.row.outcome
+        if item.state is not None:
+            outcome = Outcome(item.state.value)
+        return replace(item.row, outcome=outcome)
+
+    # --- PageReader --------------------------------------------------------------------
+
+    def search_audit(self, search: AuditSearch) -> AuditPage:
+        def wanted(item: PageRow, row: AuditRow) -> bool:
+            return (
+                (search.route is None or item.route == search.route)
+                and (search.invoice_number is None or row.invoice_number == search.invoice_number)
+                and (search.sender is None or search.sender.lower() in row.sender.lower())
+                and (
+                    search.filename is None
+                    or search.filename.lower() in (row.filename or "").lower()
+                )
+                and (not search.outcomes or row.outcome in search.outcomes)
+                and (search.received_from is None or row.received_at >= search.received_from)
+                and (search.received_before is None or row.received_at < search.received_before)
+            )
+
+        rows = [
+            row
+            for item in self._visible(search.scope)
+            if wanted(item, row := self._scoped(item, search.scope))
+        ]
+        rows.sort(key=lambda row: (row.received_at, row.id), reverse=True)
+        end = None if search.limit is None else search.offset + search.limit
+        return AuditPage(rows=tuple(rows[search.offset : end]), total=len(rows))
+
+    def document_story(self, sighting_id: int, scope: RouteScope) -> DocumentStory | None:
+        item = self.rows.get(sighting_id)
+        if item is None or not scope.allows(item.route):
+            return None
+        return DocumentStory(
+            row=self._scoped(item, scope),
+            route=item.route,
+            document_id=sighting_id if item.state is not None else None,
+            state=item.state,
+            last_answer=item.last_answer,
+            pdf_kept=item.pdf is not None,
+            sightings=(self._scoped(item, scope),),
+        )
+
+    def route_overviews(self, scope: RouteScope, now: datetime) -> list[RouteOverview]:
+        routes = sorted({item.route for item in self._visible(scope)})
+        return [
+            RouteOverview(
+                route=route,
+                mailboxes=("INBOX",),
+                position_moved_at=None,
+                waiting=(),
+                failed=tuple(
+                    QueuedDocument(
+                        sighting_id=item.row.id,
+                        filename=item.row.filename,
+                        invoice_number=item.row.invoice_number,
+                        attempts=1,
+                        next_attempt_at=now,
+                        last_answer=item.last_answer,
+                    )
+                    for item in self.rows.values()
+                    if item.route == route and item.state is DocumentState.FAILED
+                ),
+                today=dict.fromkeys(Outcome, 0),
+                month=dict.fromkeys(Outcome, 0),
+            )
+            for route in routes
+        ]
+
+    def document_pdf(self, sighting_id: int, scope: RouteScope) -> tuple[str, bytes] | None:
+        item = self.rows.get(sighting_id)
+        if item is None or item.pdf is None or not scope.allows(item.route):
+            return None
+        return item.row.filename or "invoice.pdf", item.pdf
+
+    # --- AdminStore --------------------------------------------------------------------
+
+    def requeue(self, *, sha256: str | None, now: datetime) -> int:
+        self.actions.append(("retry", sha256 or "*"))
+        count = 0
+        for item in self.rows.values():
+            if item.state is DocumentState.FAILED and sha256 in (None, item.row.sha256):
+                item.state = DocumentState.PENDING
+                count += 1
+        return count
+
+    def resend(self, *, sha256: str, now: datetime) -> bool:
+        self.actions.append(("resend", sha256))
+        for item in self.rows.values():
+            if item.row.sha256 == sha256 and item.state is DocumentState.FORWARDED and item.pdf:
+                item.state = DocumentState.PENDING
+                return True
+        return False
+
+    # --- WebSessionStore ---------------------------------------------------------------
+
+    def start_session(self, *, token_hash: str, user: str, csrf_token: str, now: datetime) -> None:
+        self.sessions[token_hash] = WebSession(
+            user=user, csrf_token=csrf_token, created_at=now, last_seen_at=now
+        )
+
+    def live_session(
+        self, *, token_hash: str, now: datetime, idle_seconds: float
+    ) -> WebSession | None:
+        session = self.sessions.get(token_hash)
+        if session is None:
+            return None
+        if (now - session.last_seen_at).total_seconds() > idle_seconds:
+            del self.sessions[token_hash]
+            return None
+        self.sessions[token_hash] = replace(session, last_seen_at=now)
+        return self.sessions[token_hash]
+
+    def end_session(self, *, token_hash: str) -> None:
+        self.sessions.pop(token_hash, None)

@@ -145,8 +145,8 @@ def textless_pdf(*, created: datetime | None = None) -> bytes:
 
 def encrypted_pdf(
     *,
-    user_password: str = "s3cret",  # noqa: S107 - test data
-    owner_password: str = "owner",  # noqa: S107 - test data
+    user_password: str = "s3cret",
+    owner_password: str = "owner",
 ) -> bytes:
     """An invoice encrypted with RC4. With `user_password=""` it opens without a password."""
     pdf = _new_document(None, None)

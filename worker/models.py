@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -470,3 +470,122 @@ class UntidiedMail:
     message_id: str
     parts: tuple[PartState, ...]
     copy_started: bool = False  # a COPY/MOVE may have gone out before a crash
+
+
+# --- the status page: what it reads -----------------------------------------------------
+
+# Every row's route until the routes file (shared/DESIGN.md, "Several mailboxes and
+# destinations") gives rows routes of their own.
+DEFAULT_ROUTE = "default"
+DEFAULT_WEB_PORT = 8081  # INVOICE_RELAY_WEB_PORT: the status page; 0 turns it off
+DEFAULT_WEB_USER = "accountant"  # INVOICE_RELAY_WEB_USER
+DEFAULT_PAGE_ROWS = 50  # audit rows on one page of the status page
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteScope:
+    """The routes one web user sees and acts on; `routes` None means every route.
+
+    One value handed to every query of the status page, so that scoping is one filter
+    applied everywhere (rows, counts, a document by its URL, links, CSV, actions)."""
+
+    routes: frozenset[str] | None = None
+
+    @classmethod
+    def everything(cls) -> RouteScope:
+        return cls(routes=None)
+
+    @classmethod
+    def of(cls, names: Iterable[str]) -> RouteScope:
+        """`["*"]` (or a list holding it) is every route, as in `[[web_users]]`."""
+        wanted = frozenset(names)
+        return cls.everything() if "*" in wanted else cls(routes=wanted)
+
+    def allows(self, route: str) -> bool:
+        return self.routes is None or route in self.routes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditSearch:
+    """One page of the audit log as the status page asks for it; text fields match
+    case-insensitively anywhere in the value, except the invoice number (exact)."""
+
+    scope: RouteScope
+    invoice_number: str | None = None
+    sender: str | None = None
+    filename: str | None = None
+    outcomes: tuple[Outcome, ...] = ()
+    route: str | None = None
+    received_from: datetime | None = None  # inclusive
+    received_before: datetime | None = None  # exclusive
+    offset: int = 0
+    limit: int | None = DEFAULT_PAGE_ROWS  # None: every matching row (the CSV export)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditPage:
+    rows: tuple[AuditRow, ...]
+    total: int  # rows matching the search, all pages together
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueuedDocument:
+    """A document that waits (pending) or failed, for the overview."""
+
+    sighting_id: int  # the sighting that introduced it: its page on the status page
+    filename: str | None
+    invoice_number: str | None
+    attempts: int
+    next_attempt_at: datetime
+    last_answer: str | None  # the server's last answer: why it waits or failed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteOverview:
+    route: str
+    mailboxes: tuple[str, ...]  # the folders this route polls
+    position_moved_at: datetime | None  # when a poll last moved a mailbox's position
+    waiting: tuple[QueuedDocument, ...]
+    failed: tuple[QueuedDocument, ...]
+    today: Mapping[Outcome, int]  # sightings received since midnight UTC, by outcome
+    month: Mapping[Outcome, int]  # since the first of the month (UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DocumentStory:
+    """One audit row and, when it belongs to a document, that document's life."""
+
+    row: AuditRow  # the sighting asked for
+    route: str
+    document_id: int | None
+    state: DocumentState | None
+    attempts: int = 0
+    last_answer: str | None = None
+    next_attempt_at: datetime | None = None
+    forwarded_at: datetime | None = None
+    forwarded_message_id: str | None = None  # the delivery id the destination answered
+    resend_count: int = 0
+    created_at: datetime | None = None
+    pdf_kept: bool = False  # its bytes are still stored (KEEP_PDFS, or not sent yet)
+    sightings: tuple[AuditRow, ...] = ()  # every sighting of the document, oldest first
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PollStatus:
+    """What the running service knows of its polls (the status page's overview)."""
+
+    last_finished_at: datetime | None = None
+    last_success_at: datetime | None = None
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+    next_poll_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebSession:
+    """A signed-in browser, as the database keeps it (logout deletes the row)."""
+
+    user: str
+    csrf_token: str
+    created_at: datetime
+    last_seen_at: datetime

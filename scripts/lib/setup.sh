@@ -29,6 +29,13 @@ ensure_dovecot() {
     apt_install dovecot-imapd sqlite3
 }
 
+ensure_chromium() {
+    # The status page's browser tests (tests/integration/test_status_page_browser.py)
+    # drive Debian's headless Chromium through its chromedriver; Selenium is told that
+    # path, so it never tries to download a browser or a driver of its own.
+    apt_install chromium chromium-driver
+}
+
 ensure_postgres() {
     local host="127.0.0.1" port="5432"
     if pg_isready -q -h "$host" -p "$port" 2>/dev/null; then

@@ -92,6 +92,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "notifications",
         "notified_documents",
         "mail_actions",
+        "web_sessions",
         "oauth_tokens",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
@@ -350,6 +351,14 @@ def test_the_alembic_ini_finds_the_same_scripts() -> None:
     config = Config(str(REPO / "alembic.ini"))
     assert ScriptDirectory.from_config(config).get_current_head() == migrate.head_revision()
     assert migrate.migrations_directory() == REPO / "migrations"
+
+
+def test_web_sessions_come_and_go_with_0010(empty_database: str) -> None:
+    migrate.upgrade_database(empty_database, "0010_web_sessions")
+    assert "web_sessions" in table_names(empty_database)
+    migrate.downgrade_database(empty_database, "0007_oauth_tokens")  # MERGE: its down_revision
+    assert "web_sessions" not in table_names(empty_database)
+    assert view_columns(empty_database) == README_AUDIT_COLUMNS
 
 
 def test_mail_actions_add_one_view_column_and_go_away_again(empty_database: str) -> None:

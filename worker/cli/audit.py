@@ -8,7 +8,7 @@ from dataclasses import fields
 from datetime import datetime
 from enum import Enum
 
-from worker.cli.csvsafe import write_csv
+from worker.mail.csvsafe import write_csv
 from worker.mail.text import clean_text
 from worker.models import AuditRow
 
@@ -54,7 +54,7 @@ def as_json(rows: Sequence[AuditRow]) -> str:
 
 
 def as_csv(rows: Sequence[AuditRow]) -> str:
-    """All columns; formula-like text neutralised (`worker.cli.csvsafe`)."""
+    """All columns; formula-like text neutralised (`worker.mail.csvsafe`)."""
     return write_csv(COLUMNS, ([getattr(row, name) for name in COLUMNS] for row in rows))
 
 

@@ -21,6 +21,7 @@ from worker.models import (
     Credentials,
     PasswordCredentials,
     PollReport,
+    PollStatus,
     sqlite_file,
 )
 from worker.pdf.pool import PdfInspector
@@ -30,6 +31,7 @@ from worker.relay.ports import MailActionStore, PipelineStore
 from worker.relay.retry import lease_seconds
 from worker.relay.tidy import MailTidier
 from worker.service.idle import IdleWatcher, PollRequests
+from worker.service.runner import SideServer
 from worker.store import migrate
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
@@ -365,6 +367,8 @@ def run_service(settings: Settings) -> int:
                 healthy_after_seconds=healthy_after,
                 stop_event=stop,
                 metrics=RelayMetrics(),
+                # The closure reads `service` when a page is asked for, by then assigned.
+                side_servers=status_page(settings, store, lambda: service.poll_status()),  # noqa: PLW0108
             )
             if settings.idle:  # polls as soon as mail comes; the schedule stays the net
                 requests.connect(service.poll_now)
@@ -375,6 +379,21 @@ def run_service(settings: Settings) -> int:
             closing.close()
             inspector.close()
             store.close()
+
+
+def status_page(
+    settings: Settings, store: SqlStore, poll_status: Callable[[], PollStatus]
+) -> tuple[SideServer, ...]:
+    """The status page's server when a web user is configured, else nothing."""
+    if settings.web is None:
+        return ()
+    from worker.web.app import StatusPage
+    from worker.web.server import WebServer
+
+    page = StatusPage(
+        settings=settings.web, reader=store, admin=store, sessions=store, poll_status=poll_status
+    )
+    return (WebServer(page.app, host=settings.web.host, port=settings.web.port),)
 
 
 def _store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore | None:

@@ -19,7 +19,7 @@ from typing import TypeVar
 from urllib.parse import unquote
 
 from worker import models
-from worker.config import values
+from worker.config import values, web
 from worker.config.oauth import OAuthSettings, read_oauth
 from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
@@ -115,6 +115,8 @@ class Settings:
     smtp_auth: AuthMethod = AuthMethod.PASSWORD
     oauth: OAuthSettings | None = None  # set when IMAP or SMTP logs in with oauth2
     secret_key_file: Path | None = None  # encrypts stored tokens (a process setting)
+    # The status page (worker.web); None: off (no web user, or WEB_PORT 0).
+    web: web.WebSettings | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
@@ -128,6 +130,7 @@ class Settings:
         oauth, secret_key_file = read_oauth(
             env, imap_auth=imap_auth, smtp_auth=smtp_auth, smtp_user=smtp_user
         )
+        keep_pdfs = env.parse("KEEP_PDFS", values.boolean, False)
         settings = cls(
             imap_host=env.parse("IMAP_HOST", values.host, None, required=True) or "",
             imap_port=env.parse("IMAP_PORT", values.port(1), _IMAP_PORTS[imap_security]),
@@ -151,7 +154,7 @@ class Settings:
             max_sends_per_minute=env.parse("MAX_SENDS_PER_MINUTE", values.integer(1), None),
             allowed_senders=env.parse("ALLOWED_SENDERS", values.senders, ()),
             dedup=env.parse("DEDUP", values.enum_of(DedupMode), DedupMode.CONTENT),
-            keep_pdfs=env.parse("KEEP_PDFS", values.boolean, False),
+            keep_pdfs=keep_pdfs,
             ca_file=env.parse("CA_FILE", values.readable_file, None),
             log_format=env.parse(
                 "LOG_FORMAT", values.log_format, "text" if stderr_is_tty else "json"
@@ -200,6 +203,7 @@ class Settings:
             smtp_auth=smtp_auth,
             oauth=oauth,
             secret_key_file=secret_key_file,
+            web=_web_settings(env, secret_key_file, keep_pdfs=keep_pdfs),
             unknown_variables=env.unknown(),
         )
         if smtp_auth is AuthMethod.PASSWORD and (
@@ -225,6 +229,8 @@ class Settings:
     def secret_values(self) -> tuple[str, ...]:
         """The strings logging must redact: passwords, also inside the database URL."""
         values = [self.imap_password.reveal()]
+        if self.web is not None:
+            values.extend(user.password for user in self.web.users)
         if self.smtp_password is not None:
             values.append(self.smtp_password.reveal())
         if self.oauth is not None:
@@ -336,6 +342,49 @@ class _Reader:
             raise self._problems[0]
         if self._problems:
             raise ConfigProblems(tuple(self._problems))
+
+
+def _web_settings(
+    env: _Reader, key_file: Path | None, *, keep_pdfs: bool
+) -> web.WebSettings | None:
+    port = env.parse("WEB_PORT", values.port(0), models.DEFAULT_WEB_PORT)
+    name = env.parse("WEB_USER", web.user_name, models.DEFAULT_WEB_USER)
+    password = env.secret("WEB_PASSWORD", required=False)
+    public_url = env.parse("WEB_PUBLIC_URL", web.public_url, None)
+    no_proxies: tuple[web.IpNetwork, ...] = ()
+    proxies = env.parse("WEB_TRUSTED_PROXIES", web.networks, no_proxies)
+    idle = env.parse("WEB_IDLE", parse_duration, web.DEFAULT_IDLE_SECONDS)
+    # MERGE (routes issue): users of `[[web_users]]` join this one.
+    users = () if password is None else (web.WebUser(name=name, password=password.reveal()),)
+    if port == 0 or not users:
+        return None
+    # One key file for the process (the stored tokens use it too); worker.web derives
+    # its own key from it, so that a session signature never doubles as a token key.
+    secret = b""
+    if key_file is None:
+        if env.raw("SECRET_KEY_FILE") is None:  # else its own problem is listed already
+            env.fail("SECRET_KEY_FILE", "required when the status page is on (a web user is set)")
+    else:
+        try:
+            secret = key_file.read_bytes().strip()
+        except OSError as exc:
+            env.fail("SECRET_KEY_FILE", f"cannot read {key_file}: {exc.strerror}")
+        else:
+            if len(secret) < web.MIN_KEY_BYTES:
+                env.fail(
+                    "SECRET_KEY_FILE",
+                    f"{key_file} holds fewer than {web.MIN_KEY_BYTES} bytes "
+                    "(for example the output of `openssl rand -base64 32`)",
+                )
+    return web.WebSettings(
+        port=port,
+        users=users,
+        secret_key=secret,
+        public_url=public_url,
+        trusted_proxies=proxies,
+        idle_seconds=idle,
+        keep_pdfs=keep_pdfs,
+    )
 
 
 def _database_url(env: _Reader) -> Secret:

@@ -14,9 +14,12 @@ from typing import Protocol
 
 from worker.models import (
     AuditFilter,
+    AuditPage,
     AuditRow,
+    AuditSearch,
     DedupMode,
     DocumentState,
+    DocumentStory,
     FolderStatus,
     MailboxPosition,
     MailRecord,
@@ -26,7 +29,10 @@ from worker.models import (
     PdfReport,
     Receipt,
     RecordedSighting,
+    RouteOverview,
+    RouteScope,
     UntidiedMail,
+    WebSession,
 )
 
 
@@ -246,3 +252,37 @@ class MailActionStore(Protocol):
         now: datetime,
     ) -> None:
         """`action` taken (the audit's text), or None: the mail was skipped for `note`."""
+
+
+class PageReader(Protocol):
+    """What the status page reads, always within a user's `RouteScope`: a row outside it
+    does not exist for that user. Raises `worker.errors.StoreError`."""
+
+    def search_audit(self, search: AuditSearch) -> AuditPage:
+        """Rows of the `audit_log` view, newest first; `duplicate_of` is None when the
+        row it names lies outside the scope."""
+
+    def document_story(self, sighting_id: int, scope: RouteScope) -> DocumentStory | None:
+        """None when there is no such sighting, or it lies outside the scope."""
+
+    def route_overviews(self, scope: RouteScope, now: datetime) -> list[RouteOverview]: ...
+
+    def document_pdf(self, sighting_id: int, scope: RouteScope) -> tuple[str, bytes] | None:
+        """The kept PDF (filename, bytes) of this sighting's document, or None."""
+
+
+class WebSessionStore(Protocol):
+    """Server-side sessions of the status page: the signed cookie names a row here, so a
+    logout (or an idle timeout) ends a session for good. Raises `worker.errors.StoreError`."""
+
+    def start_session(
+        self, *, token_hash: str, user: str, csrf_token: str, now: datetime
+    ) -> None: ...
+
+    def live_session(
+        self, *, token_hash: str, now: datetime, idle_seconds: float
+    ) -> WebSession | None:
+        """The session if it was seen within `idle_seconds` (and marks it seen now);
+        an expired one is deleted and None returned."""
+
+    def end_session(self, *, token_hash: str) -> None: ...

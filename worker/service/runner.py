@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from apscheduler.events import EVENT_SCHEDULER_STARTED  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.executors.base import BaseExecutor, run_job  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped,unused-ignore]
 
 from worker.errors import InfrastructureError
-from worker.models import PollReport
+from worker.models import PollReport, PollStatus
 from worker.service.health import (
     HealthServer,
     HealthSnapshot,
@@ -129,6 +129,16 @@ class _DaemonThreadExecutor(BaseExecutor):  # type: ignore[misc]
             raise
 
 
+class SideServer(Protocol):
+    """Something `run` serves beside the probes (the status page, `worker.web`)."""
+
+    def start(self) -> None:
+        """Bind and serve in a thread of its own; a port it cannot bind is a
+        `worker.errors.ConfigError` naming the variable."""
+
+    def stop(self) -> None: ...
+
+
 # --- the service -----------------------------------------------------------------------
 
 
@@ -153,6 +163,7 @@ class Service:
         http_host: str = "0.0.0.0",  # noqa: S104 - a container's port is published on purpose
         shutdown_timeout: float = 8.0,
         misfire_grace: int | None = None,
+        side_servers: tuple[SideServer, ...] = (),
     ) -> None:
         if not 0 <= http_port <= 65535:
             raise ValueError(f"http_port must be 0..65535, not {http_port}")
@@ -166,6 +177,7 @@ class Service:
         self._clock = clock
         self._shutdown_timeout = shutdown_timeout
         self._misfire_grace = misfire_grace
+        self._side_servers = side_servers
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active_polls = 0
@@ -197,6 +209,24 @@ class Service:
             snapshot, now=self._clock(), healthy_after_seconds=self._healthy_after
         )
         return verdict, health_body(snapshot, verdict)
+
+    def poll_status(self) -> PollStatus:
+        """The last poll and the next one, for the status page."""
+        with self._lock:
+            snapshot = self._snapshot
+        next_poll = None
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.running:
+            job = scheduler.get_job(_JOB_ID)
+            next_poll = None if job is None else job.next_run_time
+        finished = [at for at in (snapshot.last_success, snapshot.last_error_at) if at is not None]
+        return PollStatus(
+            last_finished_at=max(finished, default=None),
+            last_success_at=snapshot.last_success,
+            last_error=snapshot.last_error,
+            last_error_at=snapshot.last_error_at,
+            next_poll_at=next_poll,
+        )
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -328,6 +358,8 @@ class Service:
     def _start_http(self) -> None:
         if self._http_port != 0:
             self._server = HealthServer.start(self._http_host, self._http_port, self)
+        for server in self._side_servers:
+            server.start()
 
     def _start_scheduler(self) -> Any:
         now = _utc_now()
@@ -412,5 +444,7 @@ class Service:
             )
 
     def _stop_http(self) -> None:
+        for server in self._side_servers:
+            server.stop()
         if self._server is not None:
             self._server.stop()

@@ -185,6 +185,19 @@ mail_actions = sa.Table(
     sa.CheckConstraint("state IN ('copying', 'done', 'skipped')", name="ck_mail_actions_state"),
 )
 
+# The status page's signed-in browsers. The cookie carries a random token; only its
+# SHA-256 is kept, so a copy of the database signs nobody in. Deleting the row (logout,
+# idle timeout) ends the session however long the cookie's signature stays valid.
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("token_hash", sa.Text, primary_key=True),
+    sa.Column("user_name", sa.Text, nullable=False),
+    sa.Column("csrf_token", sa.Text, nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("last_seen_at", UtcDateTime(), nullable=False),
+)
+
 # OAuth2 tokens (worker.store.tokens), one row per identity (provider, tenant, client, user).
 # Only sealed values (AES-GCM, worker.auth.crypto): no plaintext token is ever stored, and
 # no view reads this table.

