@@ -25,6 +25,7 @@ from bench import corpus, maildir
 from bench.latency import measure_latency
 from bench.measure import Measured, bench_process_cpu_seconds, run_measured, server_cpu
 from bench.proxy import counting_proxy
+from bench.wan import wan_backfill
 from tests.servers.dovecot import DovecotServer, running_dovecot
 from tests.servers.smtp_sink import SmtpSink, running_sink
 
@@ -44,6 +45,11 @@ class Bench:
     cpu_watch: dict[str, Callable[[], float]] = field(default_factory=dict)
 
     def env(self, sink: SmtpSink, folder: str, database: Path, **extra: str) -> dict[str, str]:
+        return self.env_to(sink.host, sink.port, folder, database, **extra)
+
+    def env_to(
+        self, smtp_host: str, smtp_port: int, folder: str, database: Path, **extra: str
+    ) -> dict[str, str]:
         env = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": str(self.scratch),
@@ -53,8 +59,8 @@ class Bench:
             "INVOICE_RELAY_IMAP_USER": self.server.user,
             "INVOICE_RELAY_IMAP_PASSWORD": self.server.password,
             "INVOICE_RELAY_IMAP_FOLDER": folder,
-            "INVOICE_RELAY_SMTP_HOST": sink.host,
-            "INVOICE_RELAY_SMTP_PORT": str(sink.port),
+            "INVOICE_RELAY_SMTP_HOST": smtp_host,
+            "INVOICE_RELAY_SMTP_PORT": str(smtp_port),
             "INVOICE_RELAY_SMTP_SECURITY": "none",
             "INVOICE_RELAY_FORWARD_TO": FORWARD_TO,
             "INVOICE_RELAY_FORWARD_FROM": FORWARD_FROM,
@@ -328,6 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="backfill rounds, naive and relay alternating first on fresh folders; "
         "medians are reported (default 1)",
     )
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=25.0,
+        help="the WAN part's one-way delay on IMAP and SMTP (`--only wan`), default 25",
+    )
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
     if args.quick:
@@ -361,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 memory(bench, relay, args.large_mb)
             if "latency" in parts:
                 measure_latency(bench, args.latency_mails)
+            if "wan" in parts:
+                wan_backfill(bench, args.mails, delay_ms=args.delay_ms)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -1,10 +1,13 @@
-"""A TCP proxy that counts the IMAP commands a client sends through it (plain IMAP only)."""
+"""TCP proxies for the bench: one counts the IMAP commands a client sends (plain IMAP
+only), one adds a one-way delay in each direction (the WAN mode)."""
 
 from __future__ import annotations
 
+import queue
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -92,6 +95,91 @@ class CountingProxy:
 @contextmanager
 def counting_proxy(host: str, port: int) -> Iterator[CountingProxy]:
     proxy = CountingProxy((host, port))
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+class DelayProxy:
+    """Forwards 127.0.0.1:`port` to `target`, handing on every byte `delay` seconds after
+    it arrived, in each direction: a link's one-way delay (bandwidth unlimited). Counts
+    the client's turns (it sent after the server last did): the round trips it waited
+    for, at most."""
+
+    def __init__(self, target: tuple[str, int], delay: float) -> None:
+        self._target = target
+        self._delay = delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self.turns = 0
+        self.connections = 0
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self.connections += 1
+            last: list[str] = [""]
+            for source, sink, direction in ((client, server, "up"), (server, client, "down")):
+                pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
+                threading.Thread(
+                    target=self._read, args=(source, pending, direction, last), daemon=True
+                ).start()
+                threading.Thread(target=self._write, args=(sink, pending), daemon=True).start()
+
+    def _read(
+        self,
+        source: socket.socket,
+        pending: queue.Queue[tuple[float, bytes]],
+        direction: str,
+        last: list[str],
+    ) -> None:
+        data = b""
+        with suppress(OSError):
+            while data := source.recv(65536):
+                with self._lock:
+                    if direction == "up" and last[0] == "down":
+                        self.turns += 1
+                    last[0] = direction
+                pending.put((time.monotonic() + self._delay, data))
+        pending.put((time.monotonic() + self._delay, b""))
+
+    @staticmethod
+    def _write(sink: socket.socket, pending: queue.Queue[tuple[float, bytes]]) -> None:
+        with suppress(OSError):
+            while True:
+                due, data = pending.get()
+                pause = due - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)  # the simulated link's delay, not a wait for a condition
+                if not data:
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                sink.sendall(data)
+
+
+@contextmanager
+def delay_proxy(host: str, port: int, delay: float) -> Iterator[DelayProxy]:
+    proxy = DelayProxy((host, port), delay)
     proxy.start()
     try:
         yield proxy

@@ -241,6 +241,7 @@ class FakeOutbox:
 
     def __init__(self) -> None:
         self.sent: list[EmailMessage] = []
+        self.followed: list[bool] = []  # each delivery's `more_follows`
         self.answers: list[DeliveryRefused | DeliveryUnavailable | None] = []
         self.refuse_session = False
         self.opened = 0
@@ -251,7 +252,14 @@ class FakeOutbox:
             raise SessionRefused("connection refused", host="fake", port=25)
         self.opened += 1
 
-    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+    def deliver(
+        self,
+        parcel: Parcel,
+        *,
+        before_final: Callable[[], None] | None = None,
+        more_follows: bool = False,
+    ) -> Receipt:
+        self.followed.append(more_follows)
         message = build_forward(parcel, forward_to=self.forward_to, forward_from=self.forward_from)
         answer = self.answers.pop(0) if self.answers else None
         if isinstance(answer, DeliveryUnavailable):  # refused before the content

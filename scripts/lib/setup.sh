@@ -29,6 +29,16 @@ ensure_dovecot() {
     apt_install dovecot-imapd sqlite3
 }
 
+ensure_postfix() {
+    # The SMTP tests and the WAN bench start their own Postfix (PIPELINING, CHUNKING)
+    # with a private config; "No configuration" keeps the package's own one empty.
+    if ! dpkg-query -W -f='${Status}' postfix 2>/dev/null | grep -q "install ok installed"; then
+        echo "postfix postfix/main_mailer_type select No configuration" \
+            | as_root debconf-set-selections
+    fi
+    apt_install postfix
+}
+
 ensure_chromium() {
     # The status page's browser tests (tests/integration/test_status_page_browser.py)
     # drive Debian's headless Chromium through its chromedriver; Selenium is told that

@@ -37,6 +37,22 @@ class Fault:
     trickle_seconds: float = 0.2  # for `trickle`: the pause before each byte
 
 
+class _Turns:
+    """Counts a connection's client turns: each time the client sends after the server
+    last did, which is an upper bound on the round trips the client waited for (a client
+    that pipelines may also send while answers are on their way)."""
+
+    def __init__(self, proxy: StallProxy) -> None:
+        self._proxy = proxy
+        self._last: Direction | None = None
+
+    def saw(self, direction: Direction) -> None:
+        with self._proxy._lock:
+            if direction == "to_server" and self._last == "to_client":
+                self._proxy.turns += 1
+            self._last = direction
+
+
 class _Pump:
     """Copies one direction of one connection, applying its fault."""
 
@@ -49,7 +65,11 @@ class _Pump:
         on_fault: threading.Event,
         cut: threading.Event,
         released: threading.Event,
+        turns: _Turns | None = None,
+        direction: Direction = "to_server",
     ) -> None:
+        self._turns = turns
+        self._direction = direction
         self._source = source
         self._target = target
         self._fault = fault
@@ -70,6 +90,8 @@ class _Pump:
                 data = self._source.recv(CHUNK)
                 if not data:
                     break
+                if self._turns is not None:
+                    self._turns.saw(self._direction)
                 self._forward(data)
         except OSError:
             pass
@@ -158,6 +180,7 @@ class StallProxy:
         self.tripped = threading.Event()  # set when a fault fired
         self._released = threading.Event()
         self.connections = 0
+        self.turns = 0  # client turns over all connections (`_Turns`)
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
 
     def add_fault(self, fault: Fault) -> None:
@@ -205,6 +228,7 @@ class StallProxy:
                 (client, server, "to_server"),
                 (server, client, "to_client"),
             )
+            turns = _Turns(self)
             for source, target, direction in routes:
                 pump = _Pump(
                     source,
@@ -213,6 +237,8 @@ class StallProxy:
                     on_fault=self.tripped,
                     cut=cut,
                     released=self._released,
+                    turns=turns,
+                    direction=direction,
                 )
                 thread = threading.Thread(target=pump.run, daemon=True)
                 thread.start()

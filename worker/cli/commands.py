@@ -208,6 +208,9 @@ def _pipeline(
             config=pipeline_config(settings),
             mailbox=imap_mailbox(settings, logins),
             outbox=smtp_outbox(settings, logins),
+            more_outboxes=[
+                smtp_outbox(settings, logins) for _ in range(settings.smtp_sessions - 1)
+            ],
             store=store,
             inspector=inspector,
             pacer=SendPacer(settings.max_sends_per_minute),

@@ -109,6 +109,7 @@ class Settings:
     notify_interval_seconds: float = models.DEFAULT_NOTIFY_INTERVAL_SECONDS
     unknown_variables: tuple[str, ...] = ()  # INVOICE_RELAY_* names nobody reads: typos?
     idle: bool = False  # `run` also polls as soon as IMAP IDLE announces new mail
+    smtp_sessions: int = 1  # SMTP sessions sending at once; one mail's window each
     # What happens to a settled mail after forwarding; keep: the folder is read-only.
     after_forward: AfterForward = field(default_factory=AfterForward)
     imap_auth: AuthMethod = AuthMethod.PASSWORD
@@ -192,6 +193,7 @@ class Settings:
                 "RETRY_DELAY", parse_duration, models.DEFAULT_RETRY_DELAY_SECONDS
             ),
             idle=env.parse("IDLE", values.boolean, False),
+            smtp_sessions=env.parse("SMTP_SESSIONS", values.integer(1), 1),
             after_forward=env.parse("AFTER_FORWARD", values.after_forward, AfterForward()),
             test_crash_at=env.parse("TEST_CRASH_AT", CrashAt.from_text, None),
             test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),

@@ -48,14 +48,23 @@ class Abandoned(Exception):  # a carrier, never seen outside worker.delivery
 
 
 def data(
-    smtp: smtplib.SMTP, pieces: Iterable[bytes], before_end: Callable[[], None] | None
+    smtp: smtplib.SMTP,
+    pieces: Iterable[bytes],
+    before_end: Callable[[], None] | None,
+    *,
+    then: bytes = b"",
+    command_sent: bool = False,
 ) -> tuple[int, bytes]:
     """DATA with the content in `pieces` (dot-stuffed, together ending in CRLF), gathered
     into writes of about 1 MiB. Without `before_end` the terminating dot goes in the
     last write; with it, it runs once the content went out and the dot follows on its
     own (the socket has TCP_NODELAY: a small write after another would otherwise wait on
-    Nagle's algorithm and the receiver's delayed ACK, 40 ms a mail)."""
-    smtp.putcmd("data")
+    Nagle's algorithm and the receiver's delayed ACK, 40 ms a mail).
+
+    `then` (the next mail's pipelined envelope) goes out with the dot; `command_sent`
+    when DATA ended a pipelined group already and only its 354 is to be read."""
+    if not command_sent:
+        smtp.putcmd("data")
     code, answer = smtp.getreply()
     if code != 354:
         raise smtplib.SMTPDataError(code, answer)
@@ -68,7 +77,7 @@ def data(
         gathered.append(piece)
         size += len(piece)
     if before_end is None:
-        gathered.append(b".\r\n")
+        gathered.append(b".\r\n" + then)
         smtp.send(b"".join(gathered))
         return smtp.getreply()
     smtp.send(b"".join(gathered))
@@ -76,5 +85,5 @@ def data(
         before_end()
     except Exception as exc:
         raise Abandoned(exc) from exc
-    smtp.send(b".\r\n")
+    smtp.send(b".\r\n" + then)
     return smtp.getreply()

@@ -15,13 +15,14 @@ import logging
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from worker.delivery import pipelined
 from worker.delivery.framing import Abandoned, data, forward_pieces, stuffed_slices
 from worker.delivery.message import RELAY_HEADER, ForwardMail, build_forward, notice_message
 from worker.errors import (
@@ -125,6 +126,10 @@ class SmtpOutbox:
         self._ca_file = ca_file
         self._timeout = timeout
         self._smtp: smtplib.SMTP | None = None
+        # The recipient of the next mail's envelope, written while this one's answer was
+        # awaited and not yet answered (PIPELINING); None when there is none.
+        self._ahead: str | None = None
+        self.round_trips = 0  # times this session waited for answers, for the bench
 
     def __repr__(self) -> str:
         return (
@@ -268,14 +273,22 @@ class SmtpOutbox:
                 "SMTP AUTH enabled on the mailbox: docs/oauth.md)"
             )
 
-    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+    def deliver(
+        self,
+        parcel: Parcel,
+        *,
+        before_final: Callable[[], None] | None = None,
+        more_follows: bool = False,
+    ) -> Receipt:
         """Forward one PDF to FORWARD_TO (`worker.relay.ports.Destination.deliver`).
 
         The mail is built here (`worker.delivery.message.build_forward`); `before_final`
-        runs before the terminating dot, the point after which the server may accept it.
+        runs before the terminating dot or `BDAT ... LAST`, the point after which the
+        server may accept it. With `more_follows` and PIPELINING, the next mail's envelope
+        goes out with this mail's end, before its answer is awaited.
         """
         mail = build_forward(parcel, forward_to=self._forward_to, forward_from=self._forward_from)
-        answer = self.send(mail, before_end=before_final)
+        answer = self.send(mail, before_end=before_final, more_follows=more_follows)
         return Receipt(delivery_id=mail.message_id, answer=answer)
 
     def send_notice(self, notice: Notice) -> str:
@@ -288,6 +301,7 @@ class SmtpOutbox:
         *,
         recipient: str | None = None,
         before_end: Callable[[], None] | None = None,
+        more_follows: bool = False,
     ) -> str:
         """Send one mail to FORWARD_TO (or `recipient`, for `check --send-test`).
 
@@ -299,16 +313,29 @@ class SmtpOutbox:
         `DeliveryDeferred`, 5xx `DeliveryRejected`) or the connection died while it went
         out (`DeliveryUncertain`, code 451: it may or may not have arrived; the outbox is
         closed then).
+
+        A server that offers PIPELINING gets the envelope in one write (RFC 2920), and
+        one that offers CHUNKING too the content as `BDAT` (RFC 3030), so that a mail
+        costs one round trip; the answers are classified as above, in order.
         """
         smtp = self._smtp
         if smtp is None:
             raise self._refused("the session is not open")
+        if smtp.has_extn("pipelining"):
+            return self._send_pipelined(
+                smtp,
+                message,
+                recipient=recipient or self._forward_to,
+                before_end=before_end,
+                more_follows=more_follows,
+            )
         if isinstance(message, ForwardMail):
             sha256 = message.sha256
             pieces = forward_pieces(message)
         else:
             sha256 = str(message.get(RELAY_HEADER, ""))
             pieces = stuffed_slices(message.as_bytes(policy=policy.SMTP))
+        self.round_trips += 4  # MAIL, RCPT, DATA, the content, one after another
 
         # Envelope first: a refusal here concerns the session (sender, recipient,
         # connection), never this mail's content.
@@ -365,8 +392,147 @@ class SmtpOutbox:
         # kept the mail: retry later, like a connection lost during the send.
         raise DeliveryUncertain(_answer(code, answer), code=LOST_DURING_SEND, sha256=sha256)
 
+    def _send_pipelined(
+        self,
+        smtp: smtplib.SMTP,
+        message: ForwardMail | EmailMessage,
+        *,
+        recipient: str,
+        before_end: Callable[[], None] | None,
+        more_follows: bool,
+    ) -> str:
+        """`send` over PIPELINING: the envelope in one write, the content by BDAT when the
+        server offers CHUNKING, else by DATA once its 354 came back; with `more_follows`
+        the next envelope in the write that ends this mail."""
+        chunking = smtp.has_extn("chunking")
+        sha256 = message.sha256 if isinstance(message, ForwardMail) else ""
+        if not isinstance(message, ForwardMail):
+            sha256 = str(message.get(RELAY_HEADER, ""))
+        following = pipelined.envelope(self._forward_from, recipient) if more_follows else b""
+        ahead, self._ahead = self._ahead, None
+        unread = 0  # answers asked for and not read yet, in order
+        content_sent = False
+        try:
+            if ahead is not None and ahead != recipient:
+                # An envelope for another recipient (a notice after forwards): dropped.
+                self._reset_or_drop(unread=2)
+                smtp = self._session()
+                ahead = None
+            envelope = b""
+            if ahead is None:
+                envelope = pipelined.envelope(self._forward_from, recipient, data=not chunking)
+                if not chunking:
+                    smtp.send(envelope)
+            elif not chunking:
+                smtp.send(b"DATA\r\n")  # an envelope written ahead ends without DATA
+            unread = 2
+            if not chunking or ahead is not None:
+                # The envelope's answers before the content: DATA needs its 354 anyway,
+                # and an envelope written ahead was answered while the last mail was.
+                self.round_trips += 1 if ahead is None or not chunking else 0
+                self._check_envelope(
+                    pipelined.read_replies(smtp, 2), recipient, unread=0 if chunking else 1
+                )
+                unread = 0
+            if chunking:
+                pieces = _raw_pieces(message)
+                unread += pipelined.send_bdat(
+                    smtp, pieces, before_end, first=envelope, then=following
+                )
+                content_sent = True
+                self.round_trips += 1
+                replies = pipelined.read_replies(smtp, unread)
+                unread = 0
+                if len(replies) > 1 and ahead is None:
+                    self._check_envelope(
+                        replies[:2], recipient, unread=2 if following else 0, content=True
+                    )
+                    replies = replies[2:]
+                refused = [(code, answer) for code, answer in replies if not 200 <= code < 300]
+                code, answer = refused[0] if refused else replies[-1]
+            else:
+                content_sent = True
+                self.round_trips += 1
+                code, answer = data(
+                    smtp, _stuffed_pieces(message), before_end, then=following, command_sent=True
+                )
+        except smtplib.SMTPDataError as exc:
+            # The server refused the DATA command itself: an answer about this mail.
+            self._reset_or_drop()
+            raise _refusal(
+                _answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
+            ) from exc
+        except Abandoned as abandoned:
+            self._drop()
+            raise abandoned.cause from None
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            reason = _open_failure_reason(exc, timeout=self._timeout)
+            if not content_sent:
+                raise self._refused(f"connection lost before sending: {reason}") from exc
+            raise DeliveryUncertain(
+                f"connection lost during send: {reason}", code=LOST_DURING_SEND, sha256=sha256
+            ) from exc
+        if 200 <= code < 300:
+            if following:
+                self._ahead = recipient
+            return _answer(code, answer)
+        self._reset_or_drop(unread=2 if following else 0)
+        if 400 <= code < 600:
+            raise _refusal(_answer(code, answer), code=code, sha256=sha256)
+        raise DeliveryUncertain(_answer(code, answer), code=LOST_DURING_SEND, sha256=sha256)
+
+    def _check_envelope(
+        self,
+        replies: list[tuple[int, bytes]],
+        recipient: str,
+        *,
+        unread: int,
+        content: bool = False,
+    ) -> None:
+        """A refused sender or recipient refuses the session, whatever came after it."""
+        (mail_code, mail_answer), (rcpt_code, rcpt_answer) = replies
+        if 200 <= mail_code < 300 and 200 <= rcpt_code < 300:
+            return
+        if not content:
+            self._after_refused_envelope(unread)
+        else:
+            self._reset_or_drop(unread=unread)
+        if not 200 <= mail_code < 300:
+            raise self._refused(
+                f"sender {self._forward_from} refused (check INVOICE_RELAY_FORWARD_FROM): "
+                f"{_answer(mail_code, mail_answer)}"
+            )
+        raise self._refused(
+            f"recipient {recipient} refused (check INVOICE_RELAY_FORWARD_TO): "
+            f"{_answer(rcpt_code, rcpt_answer)}"
+        )
+
+    def _after_refused_envelope(self, unread: int) -> None:
+        """After a refused envelope, the pipelined DATA's answer: a server that still
+        said 354 expects content, and only a new session is clean."""
+        smtp = self._smtp
+        if smtp is None or not unread:
+            self._reset_or_drop()
+            return
+        try:
+            code, _ = smtp.getreply()
+        except (smtplib.SMTPException, OSError):
+            self._drop()
+            return
+        if code == 354:
+            self._drop()
+        else:
+            self._reset_or_drop()
+
+    def _session(self) -> smtplib.SMTP:
+        if self._smtp is None:
+            raise self._refused("the session was lost")
+        return self._smtp
+
     def close(self) -> None:
         """QUIT; never raises."""
+        self._ahead = None
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return
@@ -375,12 +541,15 @@ class SmtpOutbox:
         except (smtplib.SMTPException, OSError):
             _discard(smtp)
 
-    def _reset_or_drop(self) -> None:
-        """RSET so the session can carry the next mail; drop it if even that fails."""
+    def _reset_or_drop(self, *, unread: int = 0) -> None:
+        """RSET so the session can carry the next mail; drop it if even that fails.
+        `unread` answers (of an envelope written ahead) are read and ignored first."""
+        self._ahead = None
         smtp = self._smtp
         if smtp is None:
             return
         try:
+            pipelined.read_replies(smtp, unread)
             code, _ = smtp.rset()
         except (smtplib.SMTPException, OSError):
             self._drop()
@@ -389,6 +558,7 @@ class SmtpOutbox:
             self._drop()
 
     def _drop(self) -> None:
+        self._ahead = None
         smtp, self._smtp = self._smtp, None
         _discard(smtp)
 
@@ -412,6 +582,26 @@ def _refusal(detail: str, *, code: int, sha256: str) -> DeliveryRefused:
     if 500 <= code < 600:
         return DeliveryRejected(detail, code=code, sha256=sha256)
     return DeliveryDeferred(detail, code=code, sha256=sha256)
+
+
+def _raw_pieces(message: ForwardMail | EmailMessage) -> list[bytes] | Iterator[bytes]:
+    """The content as BDAT carries it: no dot-stuffing, no terminating dot."""
+    if isinstance(message, ForwardMail):
+        return _forward_raw(message)
+    content = message.as_bytes(policy=policy.SMTP)
+    return [content if content.endswith(b"\r\n") else content + b"\r\n"]
+
+
+def _forward_raw(mail: ForwardMail) -> Iterator[bytes]:
+    yield mail.head
+    yield from mail.attachment_slices(pipelined.CHUNK)
+    yield mail.tail
+
+
+def _stuffed_pieces(message: ForwardMail | EmailMessage) -> Iterator[bytes]:
+    if isinstance(message, ForwardMail):
+        return forward_pieces(message)
+    return stuffed_slices(message.as_bytes(policy=policy.SMTP))
 
 
 def _password(credentials: Credentials | None) -> str:

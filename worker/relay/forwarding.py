@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from worker.errors import DeliveryRefused, DeliveryUnavailable, StoreError, TokenEndpointError
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
@@ -41,46 +42,68 @@ class ForwardRules:
     retry_base: timedelta = BASE_DELAY
 
 
+class _News:
+    """What `Arrivals` and its followers share: how many batches were recorded, and
+    whether reading ended."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.batches = 0
+        self.ended = False
+
+
 class Arrivals:
     """Tells a Forwarder running beside the reading of mail that more was recorded."""
 
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._batches = self._seen = 0
-        self._ended = False
+    def __init__(self, news: _News | None = None) -> None:
+        self._news = news or _News()
+        self._seen = 0
+
+    def follower(self) -> Arrivals:
+        """Another waiter on the same news (a second session): each sees every batch."""
+        return Arrivals(self._news)
 
     def recorded(self) -> None:
-        with self._changed:
-            self._batches += 1
-            self._changed.notify_all()
+        news = self._news
+        with news.changed:
+            news.batches += 1
+            news.changed.notify_all()
 
     def ended(self) -> None:
-        with self._changed:
-            self._ended = True
-            self._changed.notify_all()
+        news = self._news
+        with news.changed:
+            news.ended = True
+            news.changed.notify_all()
 
     def wait_for_more(self, stop: threading.Event) -> bool:
         """Block until a batch was recorded since the last call (True) or reading
         ended with nothing new (False)."""
-        with self._changed:
-            while self._batches == self._seen and not self._ended and not stop.is_set():
-                self._changed.wait(0.5)  # wakes for `stop` too
-            news = self._batches != self._seen
-            self._seen = self._batches
-            return news and not stop.is_set()
+        news = self._news
+        with news.changed:
+            while news.batches == self._seen and not news.ended and not stop.is_set():
+                news.changed.wait(0.5)  # wakes for `stop` too
+            fresh = news.batches != self._seen
+            self._seen = news.batches
+            return fresh and not stop.is_set()
+
+
+class ForwardsDue(Protocol):
+    """A `Forwarder`, or several sending at once (`worker.relay.sessions`)."""
+
+    def forward_due(self, arrivals: Arrivals | None = None) -> tuple[int, int, int]: ...
 
 
 class BackgroundForwarding:
     """`Forwarder.forward_due` in a thread of its own while the poll reads mail, so
     sending overlaps reading; each document is still sent only once it is recorded."""
 
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(self, forwarder: ForwardsDue) -> None:
         self.arrivals = Arrivals()
         self._result: tuple[int, int, int] | BaseException = (0, 0, 0)
         self._thread = threading.Thread(target=self._run, args=(forwarder,), name="forwarding")
         self._thread.start()
 
-    def _run(self, forwarder: Forwarder) -> None:
+    def _run(self, forwarder: ForwardsDue) -> None:
         try:
             self._result = forwarder.forward_due(self.arrivals)
         except BaseException as exc:  # noqa: BLE001 - handed to the poll's thread by result()
@@ -125,7 +148,13 @@ class Forwarder:
         stop: threading.Event,
         progress: Callable[[str], None] | None = None,
         checkpoint: Checkpoint = no_checkpoint,
+        one_of_several: bool = False,
     ) -> None:
+        # One of several sessions (`worker.relay.sessions`): a destination refusing to
+        # open it lowers the number of sessions for this call instead of failing it,
+        # and the refusal is kept in `refused_at_open` for the group to judge.
+        self._one_of_several = one_of_several
+        self.refused_at_open: DeliveryUnavailable | TokenEndpointError | None = None
         self._config = rules
         self._outbox = outbox
         self._store = store
@@ -174,15 +203,25 @@ class Forwarder:
                             opened = True
                         self._pacer.wait()
                         receipt = self._outbox.deliver(
-                            Parcel.from_outgoing(document), before_final=marks.settle
+                            Parcel.from_outgoing(document),
+                            before_final=marks.settle,
+                            more_follows=index + 1 < len(claimed),
                         )
                         self._checkpoint(CrashPoint.AFTER_SEND)
-                    except (DeliveryUnavailable, TokenEndpointError):
+                    except (DeliveryUnavailable, TokenEndpointError) as refusal:
                         # No token for the SMTP login is as good as no session: nothing
                         # of this document went out.
                         marks.settle()
                         untouched = []
                         self._release(claimed[index:])
+                        if self._one_of_several and not opened:
+                            log.warning(
+                                "a session was refused as it opened; the others go on: %s",
+                                refusal,
+                                extra={"action": "session_refused"},
+                            )
+                            self.refused_at_open = refusal
+                            return tally.result()
                         raise
                     except DeliveryRefused as refusal:
                         marks.settle()

@@ -41,10 +41,11 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules
+from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules, ForwardsDue
 from worker.relay.intake import FetchedBatch, Intake, IntakeRules
 from worker.relay.pacer import SendPacer
 from worker.relay.ports import Destination, Inspector, Mailbox, PipelineStore
+from worker.relay.sessions import ParallelSessions
 from worker.relay.tidy import MailTidier, TidyReport, tidy_quietly
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class Pipeline:
         checkpoint: Checkpoint = no_checkpoint,
         txt_lookup: TxtLookup | None = None,  # DNS for DKIM keys (tests inject keys)
         tidier: MailTidier | None = None,  # INVOICE_RELAY_AFTER_FORWARD other than keep
+        more_outboxes: Sequence[Destination] = (),  # INVOICE_RELAY_SMTP_SESSIONS above 1
     ) -> None:
         self._config = config
         self._tidier = tidier
@@ -130,22 +132,31 @@ class Pipeline:
             inspector=inspector,
             txt_lookup=txt_lookup,
         )
-        self._forwarder = Forwarder(
-            rules=ForwardRules(
-                keep_pdfs=config.keep_pdfs,
-                max_attempts=config.max_attempts,
-                lease_seconds=config.lease_seconds,
-                send_batch=config.send_batch,
-                retry_base=timedelta(seconds=config.retry_delay_seconds),
-            ),
-            outbox=outbox,
-            store=store,
-            pacer=pacer or SendPacer(None),
-            clock=clock,
-            rng=rng or random.Random(),  # noqa: S311 - jitter, not security
-            stop=self._stop,
-            progress=progress,
-            checkpoint=checkpoint,
+        rules = ForwardRules(
+            keep_pdfs=config.keep_pdfs,
+            max_attempts=config.max_attempts,
+            lease_seconds=config.lease_seconds,
+            send_batch=config.send_batch,
+            retry_base=timedelta(seconds=config.retry_delay_seconds),
+        )
+        shared_rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        shared_pacer = pacer or SendPacer(None)
+        self._forwarder: ForwardsDue = ParallelSessions(
+            [
+                Forwarder(
+                    rules=rules,
+                    outbox=session,
+                    store=store,
+                    pacer=shared_pacer,
+                    clock=clock,
+                    rng=shared_rng,
+                    stop=self._stop,
+                    progress=progress,
+                    checkpoint=checkpoint,
+                    one_of_several=bool(more_outboxes),
+                )
+                for session in [outbox, *more_outboxes]
+            ]
         )
 
     # --- the poll -------------------------------------------------------------------

@@ -77,7 +77,13 @@ class Destination(Protocol):
         """Connect and log in. Raises `DeliveryUnavailable`, or `TokenEndpointError`
         when an OAuth2 login's token cannot be had (nothing was sent either way)."""
 
-    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+    def deliver(
+        self,
+        parcel: Parcel,
+        *,
+        before_final: Callable[[], None] | None = None,
+        more_follows: bool = False,
+    ) -> Receipt:
         """Deliver one document; the receipt names the destination's id for it.
 
         Raises `DeliveryUnavailable` when the session cannot take any document (nothing
@@ -86,7 +92,13 @@ class Destination(Protocol):
 
         `before_final` runs once, after the document went out and before the step that
         lets the destination accept it; whatever it raises abandons the document (the
-        session is dropped, the destination keeps nothing) and propagates."""
+        session is dropped, the destination keeps nothing) and propagates.
+
+        `more_follows`: the caller will deliver another document next, in this session.
+        The destination may then begin that one (anything short of what makes it final,
+        which still waits for that call's `before_final`) while it awaits this one's
+        answer, so that a session costs about one exchange per document. A session
+        closed instead, or a refusal, drops what was begun."""
 
     def close(self) -> None:
         """End the session; never raises."""

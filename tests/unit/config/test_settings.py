@@ -73,6 +73,7 @@ def problem(**overrides: str) -> ConfigError:
         ("error_retries", 3),
         ("healthy_after_seconds", None),
         ("invoice_number_pattern", None),
+        ("smtp_sessions", 1),
         ("unknown_variables", ()),
     ],
 )
@@ -140,6 +141,7 @@ def test_explicit_ports_win() -> None:
         ("SCHEDULE", "every five minutes", "neither five cron fields"),
         ("SCHEDULE", "0 9 * * 8", "outside 0-7"),
         ("MAX_SENDS_PER_MINUTE", "0", "less than 1"),
+        ("SMTP_SESSIONS", "0", "less than 1"),
         ("ALLOWED_SENDERS", "shop.example", "neither an address nor an @domain"),
         ("ALLOWED_SENDERS", "@", "neither an address nor an @domain"),
         ("DEDUP", "sha", "not one of content, bytes"),
@@ -182,6 +184,7 @@ def test_malformed_values_name_their_variable(name: str, value: str, message: st
         ("SCHEDULE", "0 9 * * 1-5", "schedule", "0 9 * * 1-5"),
         ("SCHEDULE", "10m", "schedule", "10m"),
         ("MAX_SENDS_PER_MINUTE", "30", "max_sends_per_minute", 30),
+        ("SMTP_SESSIONS", "4", "smtp_sessions", 4),
         ("DEDUP", "bytes", "dedup", DedupMode.BYTES),
         ("LOG_FORMAT", "TEXT", "log_format", "text"),
         ("TIMEOUT", "12.5", "timeout_seconds", 12.5),

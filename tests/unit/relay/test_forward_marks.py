@@ -52,13 +52,19 @@ class WatchingOutbox(FakeOutbox):
         self.unmarked = unmarked
         self.unmarked_at_end: list[int] = []
 
-    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+    def deliver(
+        self,
+        parcel: Parcel,
+        *,
+        before_final: Callable[[], None] | None = None,
+        more_follows: bool = False,
+    ) -> Receipt:
         def end() -> None:
             if before_final is not None:
                 before_final()
             self.unmarked_at_end.append(self.unmarked())
 
-        return super().deliver(parcel, before_final=end)
+        return super().deliver(parcel, before_final=end, more_follows=more_follows)
 
 
 @pytest.fixture

@@ -186,9 +186,15 @@ class RecordingOutbox(FakeOutbox):
         super().open()
         self.events.append(("open",))
 
-    def deliver(self, parcel: Parcel, *, before_final: Callable[[], None] | None = None) -> Receipt:
+    def deliver(
+        self,
+        parcel: Parcel,
+        *,
+        before_final: Callable[[], None] | None = None,
+        more_follows: bool = False,
+    ) -> Receipt:
         try:
-            receipt = super().deliver(parcel, before_final=before_final)
+            receipt = super().deliver(parcel, before_final=before_final, more_follows=more_follows)
         except DeliveryRefused:
             self.events.append(("refused", parcel.sha256))
             raise
