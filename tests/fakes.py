@@ -575,7 +575,14 @@ class FakeStore:
         return claimed
 
     def mark_forwarded(
-        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+        self,
+        document_id: int,
+        *,
+        message_id: str,
+        answer: str,
+        now: datetime,
+        keep_pdf: bool,
+        via: str = "smtp",
     ) -> None:
         document = self.documents[document_id]
         document.state = DocumentState.FORWARDED
@@ -607,6 +614,12 @@ class FakeStore:
 
     def release(self, document_id: int) -> None:
         self.documents[document_id].lease_until = None
+
+    def postpone(self, document_id: int, *, answer: str, next_attempt_at: datetime) -> None:
+        document = self.documents[document_id]
+        document.lease_until = None
+        document.last_answer = answer
+        document.next_attempt_at = next_attempt_at
 
     # --- AdminStore --------------------------------------------------------------------
 

@@ -103,6 +103,18 @@ class SessionRefused(OutboxError):
     """
 
 
+class DestinationRefused(DeliveryUnavailable):
+    """The destination's API refused the session (its key, permission or account).
+
+    Named by its cause; every document stays pending and no attempt is counted, and
+    `once` exits 1 while `/healthz` shows the cause until it is fixed.
+    """
+
+    def __init__(self, detail: str | None = None, *, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(detail)
+
+
 class StoreError(InfrastructureError):
     """The database could not be used (check INVOICE_RELAY_DATABASE_URL)."""
 
@@ -198,6 +210,27 @@ class DeliveryUncertain(DeliveryDeferred):
     Retried later like a deferral, under the same delivery id, so that a destination
     that did accept it can recognise the copy.
     """
+
+
+class DeliveryThrottled(DeliveryRefused):
+    """The destination's limit leaves the document for later.
+
+    Not an attempt: the document stays pending, uncounted, and is due again after
+    `retry_after_seconds`; `limit` names the limit (for the audit's reason).
+    """
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        retry_after_seconds: float,
+        limit: str,
+        code: int | None = None,
+        sha256: str = "",
+    ) -> None:
+        self.retry_after_seconds = retry_after_seconds
+        self.limit = limit
+        super().__init__(f"{limit} ({detail})" if detail else limit, code=code, sha256=sha256)
 
 
 class DeliveryRejected(DeliveryRefused):

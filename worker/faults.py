@@ -25,6 +25,7 @@ class CrashPoint(enum.Enum):
 
     AFTER_RECORD = "after_record"  # a batch of mail recorded, position advanced, nothing sent
     AFTER_CLAIM = "after_claim"  # documents leased, no SMTP yet
+    AFTER_UPLOAD_STARTED = "after_upload_started"  # an API upload marked started, not sent
     AFTER_SEND = "after_send"  # SMTP accepted one mail, not yet marked forwarded
     AFTER_MARK = "after_mark"  # one mail marked forwarded
     AFTER_COPY = "after_copy"  # a settled mail copied to the move target, not yet expunged

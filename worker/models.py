@@ -33,6 +33,39 @@ DEFAULT_SEND_BATCH = 10  # documents claimed per send session
 DEFAULT_BATCH_BYTES = 64_000_000  # RFC822.SIZE one fetch batch may hold
 DEFAULT_HTTP_PORT = 8080  # INVOICE_RELAY_HTTP_PORT: /livez, /healthz, /metrics
 DEFAULT_NOTIFY_INTERVAL_SECONDS = 3600.0  # INVOICE_RELAY_NOTIFY_INTERVAL
+DEFAULT_GMI_API_URL = "https://api.getmyinvoices.com/accounts/v3"  # INVOICE_RELAY_GMI_API_URL
+DEFAULT_GMI_DOCUMENT_TYPE = "SALES_INVOICE"  # INVOICE_RELAY_GMI_DOCUMENT_TYPE
+# INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN: a credit note's words, on filename and subject
+DEFAULT_GMI_CREDIT_NOTE_PATTERN = (
+    r"(?i)gutschrift|avoir|credit[ _-]?note|nota de cr[eé]dito|storno|creditnota"
+)
+DEFAULT_GMI_CALLS_PER_MINUTE = 60  # INVOICE_RELAY_GMI_CALLS_PER_MINUTE (conservative)
+DEFAULT_GMI_CALLS_PER_DAY = 2500  # INVOICE_RELAY_GMI_CALLS_PER_DAY (conservative)
+GMI_UPLOADS_PER_HOUR = 100  # the API's own hourly upload limit (its error 105)
+# The API's document types (its v3 description lists them in prose).
+GMI_DOCUMENT_TYPES = (
+    "INCOMING_INVOICE",
+    "RECEIPT",
+    "PAYMENT_RECEIPT",
+    "EXPENSE_REIMBURSEMENT",
+    "SALES_INVOICE",
+    "CREDIT_NOTE",
+    "STATEMENT",
+    "DELIVERY_NOTE",
+    "ORDER_CONFIRMATION",
+    "PAYROLL",
+    "COMPANY_REGISTRATION_DOCUMENT",
+    "MISC",
+    "TRAVEL_EXPENSES",
+    "REMINDER",
+)
+
+
+class DeliveryKind(enum.Enum):
+    """INVOICE_RELAY_DELIVERY, and `audit_log.delivered_via`."""
+
+    SMTP = "smtp"  # mail to FORWARD_TO
+    GETMYINVOICES = "getmyinvoices"  # the GetMyInvoices REST API (v3)
 
 
 class Security(enum.Enum):
@@ -162,6 +195,8 @@ class PdfReport:
     fingerprint: str | None = None  # "fp1:<hex>" or None when it could not be computed
     fingerprint_note: str | None = None  # why there is no fingerprint
     invoice_number: str | None = None
+    # INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN matched the first pages' text (when checked).
+    credit_note: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +226,7 @@ class PartRecord:
     sha256: str | None = None
     fingerprint: str | None = None
     invoice_number: str | None = None
+    credit_note: bool = False  # its first pages read as a credit note
     content: bytes | None = None  # the PDF's bytes, for DOCUMENT only
 
 
@@ -231,6 +267,9 @@ class OutgoingDocument:
     original_subject: str
     original_date: datetime | None
     original_message_id: str
+    invoice_number: str | None = None  # the introducing sighting's
+    credit_note: bool = False  # the introducing sighting's first pages read as one
+    upload_started: bool = False  # an API upload of it may have gone out before
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -250,6 +289,10 @@ class Parcel:
     original_subject: str
     original_date: datetime | None
     original_message_id: str
+    invoice_number: str | None = None  # as read from the PDF, when it was
+    credit_note: bool = False  # its first pages' text matched the credit note pattern
+    # An upload of it was started before and may have arrived: an API asks first.
+    upload_started: bool = False
 
     @classmethod
     def from_outgoing(cls, document: OutgoingDocument) -> Parcel:
@@ -262,6 +305,9 @@ class Parcel:
             original_subject=document.original_subject,
             original_date=document.original_date,
             original_message_id=document.original_message_id,
+            invoice_number=document.invoice_number,
+            credit_note=document.credit_note,
+            upload_started=document.upload_started,
         )
 
 
@@ -271,6 +317,9 @@ class Receipt:
 
     delivery_id: str  # the destination's id for it: the Message-ID by SMTP
     answer: str  # the destination's own words, e.g. "250 2.0.0 queued as 4F2A"
+    # `audit_log.delivered_via`: "smtp" or "getmyinvoices". With the API, delivery_id
+    # is the documentUid, or "" when GetMyInvoices had the document already.
+    via: str = "smtp"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -340,6 +389,8 @@ class AuditRow:
     forwarded_message_id: str | None
     attempts: int | None
     mail_action: str | None = None  # what was done to the mail after forwarding (settled)
+    delivered_via: str | None = None  # "smtp" or "getmyinvoices", once delivered
+    delivery_id: str | None = None  # Message-ID or documentUid; "" when GMI had it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -54,7 +54,12 @@ README_AUDIT_COLUMNS = [
     "forwarded_message_id",
     "attempts",
     "mail_action",
+    "delivered_via",
+    "delivery_id",
 ]
+
+# The view as 0006_mail_actions left it (before the delivery columns of 0008).
+AUDIT_COLUMNS_0006 = README_AUDIT_COLUMNS[: README_AUDIT_COLUMNS.index("mail_action") + 1]
 
 
 def view_columns(url: str) -> list[str]:
@@ -94,6 +99,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "mail_actions",
         "web_sessions",
         "oauth_tokens",
+        "delivery_budgets",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
     assert migrate.is_up_to_date(empty_database)
@@ -358,16 +364,18 @@ def test_web_sessions_come_and_go_with_0010(empty_database: str) -> None:
     assert "web_sessions" in table_names(empty_database)
     migrate.downgrade_database(empty_database, "0007_oauth_tokens")  # MERGE: its down_revision
     assert "web_sessions" not in table_names(empty_database)
-    assert view_columns(empty_database) == README_AUDIT_COLUMNS
+    # 0010 leaves the view alone: it is the view 0006 made (0008 adds to it later).
+    assert view_columns(empty_database) == AUDIT_COLUMNS_0006
 
 
 def test_mail_actions_add_one_view_column_and_go_away_again(empty_database: str) -> None:
     # 0006 adds `mail_actions` and `audit_log.mail_action` at the view's end; the
     # downgrade gives back the view without it. A recorded sighting stays visible.
+    revision = "0006_mail_actions"
     previous = "0004_reason_codes"  # MERGE: "0005_leases"
     migrate.upgrade_database(empty_database, previous)
     old_columns = view_columns(empty_database)
-    assert old_columns == README_AUDIT_COLUMNS[:-1]
+    assert old_columns == AUDIT_COLUMNS_0006[:-1]
     engine = make_engine(empty_database)
     try:
         with engine.begin() as connection:
@@ -379,13 +387,56 @@ def test_mail_actions_add_one_view_column_and_go_away_again(empty_database: str)
                 ),
                 {"now": datetime(2026, 12, 1, tzinfo=UTC)},
             )
-        migrate.upgrade_database(empty_database, "0006_mail_actions")
-        assert view_columns(empty_database) == README_AUDIT_COLUMNS
+        migrate.upgrade_database(empty_database, revision)
+        assert view_columns(empty_database) == AUDIT_COLUMNS_0006
         with engine.connect() as connection:
             rows = connection.execute(sa.text("SELECT uid, mail_action FROM audit_log")).all()
         assert [tuple(row) for row in rows] == [(5, None)]
         migrate.downgrade_database(empty_database, previous)
         assert view_columns(empty_database) == old_columns
         assert "mail_actions" not in table_names(empty_database)
+    finally:
+        engine.dispose()
+
+
+def test_gmi_delivery_adds_two_view_columns_and_goes_away_again(empty_database: str) -> None:
+    # 0008 adds `delivered_via` and `delivery_id` at the view's end, marks documents
+    # forwarded before it as delivered by SMTP under their Message-ID, and adds the
+    # API budgets; the downgrade gives back the view and tables as 0006 left them.
+    previous = "0010_web_sessions"  # MERGE: the head of `layout` below 0008
+    migrate.upgrade_database(empty_database, previous)
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            now = datetime(2026, 12, 1, tzinfo=UTC)
+            connection.execute(
+                sa.text(
+                    "INSERT INTO documents (id, sha256, state, attempts, next_attempt_at,"
+                    " forwarded_message_id, resend_count, created_at) VALUES"
+                    " (1, 'a', 'forwarded', 1, :now, '<f@relay>', 0, :now),"
+                    " (2, 'b', 'pending', 0, :now, NULL, 0, :now)"
+                ),
+                {"now": now},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO sightings (mailbox, uidvalidity, uid, part, received_at,"
+                    " message_id, sender, subject, kind, tries, document_id) VALUES"
+                    " ('m', 1, 5, '2', :now, '', '', '', 'document', 1, 1),"
+                    " ('m', 1, 6, '2', :now, '', '', '', 'document', 1, 2)"
+                ),
+                {"now": now},
+            )
+        migrate.upgrade_database(empty_database)
+        assert view_columns(empty_database) == README_AUDIT_COLUMNS
+        assert "delivery_budgets" in table_names(empty_database)
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.text("SELECT uid, delivered_via, delivery_id FROM audit_log ORDER BY uid")
+            ).all()
+        assert [tuple(row) for row in rows] == [(5, "smtp", "<f@relay>"), (6, None, None)]
+        migrate.downgrade_database(empty_database, previous)
+        assert view_columns(empty_database) == AUDIT_COLUMNS_0006
+        assert "delivery_budgets" not in table_names(empty_database)
     finally:
         engine.dispose()

@@ -8,11 +8,19 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import TextIO
 
-from worker.cli.commands import Logins, imap_mailbox, logins, password_logins, smtp_outbox
+from worker.cli.commands import (
+    Logins,
+    gmi_destination,
+    imap_mailbox,
+    logins,
+    password_logins,
+    smtp_outbox,
+)
 from worker.config.settings import Settings
 from worker.errors import (
     AfterForwardImpossible,
     DeliveryRefused,
+    DestinationRefused,
     MailboxError,
     MailboxFolderError,
     MailboxLoginError,
@@ -24,7 +32,7 @@ from worker.errors import (
     StoreError,
     TokenEndpointError,
 )
-from worker.models import MailActionMode
+from worker.models import DeliveryKind, MailActionMode
 from worker.relay.settled import MoveSupport, move_problem, move_support
 from worker.store import migrate
 from worker.tokens import AuthMethod
@@ -89,6 +97,8 @@ def advice(error: RelayError) -> str:
         return _SMTP_TLS if any(word in text for word in _TLS_WORDS) else _SMTP_REACH
     if isinstance(error, StoreError):
         return "check INVOICE_RELAY_DATABASE_URL, and that the database server runs"
+    if isinstance(error, DestinationRefused):
+        return "check INVOICE_RELAY_GMI_API_KEY and the key's permissions in GetMyInvoices"
     if isinstance(error, OAuthLoginRefused):
         return "run `invoice-relay oauth login`, or replace INVOICE_RELAY_OAUTH_REFRESH_TOKEN"
     if isinstance(error, OAuthClientRejected):
@@ -102,6 +112,20 @@ def advice(error: RelayError) -> str:
             "and that the relay can reach the token endpoint"
         )
     return "see the message above"
+
+
+def _check_gmi(settings: Settings) -> str:
+    """`GET /account`: the key works, and which account the documents go to."""
+    from worker.store.sqlstore import SqlStore
+
+    store = SqlStore("sqlite://")  # a check spends no budget and marks nothing
+    api = gmi_destination(settings, store)
+    try:
+        account = api.account()
+    finally:
+        api.close()
+        store.close()
+    return f"the API key works for account {account.account_id} ({account.name or 'unnamed'})"
 
 
 @contextmanager
@@ -246,7 +270,11 @@ def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int
     checks: list[tuple[str, Callable[[Settings], str]]] = [("imap", _check_imap)]
     if settings.after_forward.changes_mailbox:  # keep needs nothing beyond reading
         checks.append(("after-forward", _check_after_forward))
-    checks += [("smtp", _check_smtp), ("database", _check_database)]
+    if settings.delivery is DeliveryKind.GETMYINVOICES:
+        checks.append(("getmyinvoices", _check_gmi))
+    if settings.delivery is DeliveryKind.SMTP or settings.notify_to:
+        checks.append(("smtp", _check_smtp))
+    checks.append(("database", _check_database))
     if settings.oauth is not None:
         checks.insert(0, ("oauth2", _check_oauth))
     failed = 0

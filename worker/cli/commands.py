@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from worker.config.settings import Secret, Settings, http_port_from_env
+from worker.delivery.getmyinvoices import ALREADY_THERE, GmiDestination
 from worker.delivery.smtp import SmtpOutbox
 from worker.errors import ConfigError, StoreError
 from worker.faults import Checkpoint, checkpoint_for, no_checkpoint
@@ -19,15 +21,17 @@ from worker.models import (
     AuditFilter,
     AuditRow,
     Credentials,
+    DeliveryKind,
     PasswordCredentials,
     PollReport,
     PollStatus,
     sqlite_file,
 )
 from worker.pdf.pool import PdfInspector
+from worker.relay.budget import Budget, SharedBudget
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
-from worker.relay.ports import MailActionStore, PipelineStore
+from worker.relay.ports import Destination, MailActionStore
 from worker.relay.retry import lease_seconds
 from worker.relay.tidy import MailTidier
 from worker.service.idle import IdleWatcher, PollRequests
@@ -163,11 +167,57 @@ def smtp_outbox(settings: Settings, logins: Logins | None = None) -> SmtpOutbox:
     )
 
 
+def gmi_destination(
+    settings: Settings, store: SqlStore, *, checkpoint: Checkpoint = no_checkpoint
+) -> GmiDestination:
+    """The GetMyInvoices API, its budgets and upload marks kept in `store`."""
+    pattern = settings.gmi_credit_note_pattern
+    return GmiDestination(
+        api_key=settings.gmi_api_key or Secret(""),
+        budget=SharedBudget(
+            store=store,
+            budget=Budget(
+                calls_per_minute=settings.gmi_calls_per_minute,
+                calls_per_day=settings.gmi_calls_per_day,
+            ),
+            clock=lambda: datetime.now(UTC),
+        ),
+        marks=store,
+        api_url=settings.gmi_api_url,
+        document_type=settings.gmi_document_type,
+        credit_note_pattern=re.compile(pattern) if pattern else None,
+        run_ocr=settings.gmi_run_ocr,
+        tags=settings.gmi_tags,
+        ca_file=settings.ca_file,
+        timeout=settings.timeout_seconds,
+        checkpoint=checkpoint,
+    )
+
+
+def destination(
+    settings: Settings,
+    store: SqlStore,
+    logins: Logins | None = None,
+    *,
+    checkpoint: Checkpoint = no_checkpoint,
+) -> Destination:
+    """Where documents go (INVOICE_RELAY_DELIVERY)."""
+    if settings.delivery is DeliveryKind.GETMYINVOICES:
+        return gmi_destination(settings, store, checkpoint=checkpoint)
+    return smtp_outbox(settings, logins)
+
+
 def pdf_inspector(settings: Settings) -> PdfInspector:
     return PdfInspector(
         timeout_seconds=settings.pdf_timeout_seconds,
         memory_limit_bytes=settings.pdf_memory_mb * 1024 * 1024,
         invoice_pattern=settings.invoice_number_pattern,
+        # Only the API files credit notes apart; mail forwarding needs no such reading.
+        credit_note_pattern=(
+            settings.gmi_credit_note_pattern
+            if settings.delivery is DeliveryKind.GETMYINVOICES
+            else None
+        ),
     )
 
 
@@ -189,7 +239,7 @@ def prepared_store(settings: Settings) -> SqlStore:
 @contextmanager
 def _pipeline(
     settings: Settings,
-    store: PipelineStore,
+    store: SqlStore,
     logins: Logins,
     *,
     stop: threading.Event | None = None,
@@ -207,10 +257,14 @@ def _pipeline(
         yield Pipeline(
             config=pipeline_config(settings),
             mailbox=imap_mailbox(settings, logins),
-            outbox=smtp_outbox(settings, logins),
-            more_outboxes=[
-                smtp_outbox(settings, logins) for _ in range(settings.smtp_sessions - 1)
-            ],
+            outbox=destination(settings, store, logins, checkpoint=checkpoint),
+            # INVOICE_RELAY_SMTP_SESSIONS: more SMTP sessions side by side; the API has
+            # one client, paced by its budgets.
+            more_outboxes=(
+                [smtp_outbox(settings, logins) for _ in range(settings.smtp_sessions - 1)]
+                if settings.delivery is DeliveryKind.SMTP
+                else []
+            ),
             store=store,
             inspector=inspector,
             pacer=SendPacer(settings.max_sends_per_minute),
@@ -475,6 +529,29 @@ def resend(url: str, sha256: str) -> bool:
     store = _existing_database(url)
     try:
         return store.resend(sha256=sha256, now=datetime.now(UTC))
+    finally:
+        store.close()
+
+
+def resend_through_api(settings: Settings, sha256: str) -> tuple[bool, str]:
+    """`resend` with INVOICE_RELAY_DELIVERY=getmyinvoices: queued only when the API says
+    it does not hold the document (a second copy would be filed otherwise)."""
+    store = _existing_database(settings.database_url.reveal())
+    try:
+        content = store.kept_content(sha256)
+        if content is None:
+            return False, (
+                "no document with that SHA-256 whose bytes are kept (INVOICE_RELAY_KEEP_PDFS)"
+            )
+        api = gmi_destination(settings, store)
+        try:
+            there = api.exists(content)
+        finally:
+            api.close()
+        if there:
+            return False, f"not queued: {ALREADY_THERE}"
+        queued = store.resend(sha256=sha256, now=datetime.now(UTC))
+        return queued, "queued for a deliberate resend" if queued else "not a forwarded document"
     finally:
         store.close()
 

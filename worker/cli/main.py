@@ -177,6 +177,10 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             count = commands.retry(url.reveal(), None if args.all else args.sha256)
             print(f"{count} document(s) queued again")
             return EXIT_OK if count or args.all else EXIT_UNAVAILABLE
+        if environ.get("INVOICE_RELAY_DELIVERY", "").strip().lower() == "getmyinvoices":
+            queued, said = commands.resend_through_api(_settings(environ), args.sha256)
+            print(said)
+            return EXIT_OK if queued else EXIT_UNAVAILABLE
         queued = commands.resend(url.reveal(), args.sha256)
         print(
             "queued for a deliberate resend"

@@ -25,7 +25,14 @@ from worker.config.schedule import parse_duration, parse_schedule
 from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
 from worker.logs import MASK, mask_url, url_passwords
-from worker.models import AfterForward, DedupMode, Security, sqlite_file, sqlite_location
+from worker.models import (
+    AfterForward,
+    DedupMode,
+    DeliveryKind,
+    Security,
+    sqlite_file,
+    sqlite_location,
+)
 from worker.tokens import AuthMethod
 
 PREFIX = "INVOICE_RELAY_"
@@ -118,11 +125,25 @@ class Settings:
     secret_key_file: Path | None = None  # encrypts stored tokens (a process setting)
     # The status page (worker.web); None: off (no web user, or WEB_PORT 0).
     web: web.WebSettings | None = None
+    # Where documents go: mail to FORWARD_TO, or the GetMyInvoices API (docs/getmyinvoices.md).
+    delivery: DeliveryKind = DeliveryKind.SMTP
+    gmi_api_key: Secret | None = None  # required for getmyinvoices
+    gmi_api_url: str = models.DEFAULT_GMI_API_URL
+    gmi_document_type: str = models.DEFAULT_GMI_DOCUMENT_TYPE
+    gmi_credit_note_pattern: str | None = models.DEFAULT_GMI_CREDIT_NOTE_PATTERN
+    gmi_run_ocr: bool = True
+    gmi_tags: tuple[str, ...] = ()
+    gmi_calls_per_minute: int = models.DEFAULT_GMI_CALLS_PER_MINUTE
+    gmi_calls_per_day: int = models.DEFAULT_GMI_CALLS_PER_DAY
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
         """Read and check every variable; raise ConfigError naming each one at fault."""
         env = _Reader(environ)
+        delivery = env.parse("DELIVERY", values.enum_of(DeliveryKind), DeliveryKind.SMTP)
+        # With the API, mail goes out only as notices: SMTP is needed only for those.
+        smtp_needed = delivery is DeliveryKind.SMTP or env.raw("NOTIFY_TO") is not None
+        api = delivery is DeliveryKind.GETMYINVOICES
         imap_security = env.parse("IMAP_SECURITY", values.enum_of(Security), Security.SSL)
         smtp_security = env.parse("SMTP_SECURITY", values.enum_of(Security), Security.STARTTLS)
         imap_auth = env.parse("IMAP_AUTH", values.enum_of(AuthMethod), AuthMethod.PASSWORD)
@@ -140,13 +161,14 @@ class Settings:
             imap_password=env.secret("IMAP_PASSWORD", required=imap_auth is AuthMethod.PASSWORD)
             or Secret(""),
             imap_folder=env.text("IMAP_FOLDER") or "INBOX",
-            smtp_host=env.parse("SMTP_HOST", values.host, None, required=True) or "",
+            smtp_host=env.parse("SMTP_HOST", values.host, None, required=smtp_needed) or "",
             smtp_port=env.parse("SMTP_PORT", values.port(1), _SMTP_PORTS[smtp_security]),
             smtp_security=smtp_security,
             smtp_user=smtp_user,
             smtp_password=env.secret("SMTP_PASSWORD", required=False),
-            forward_to=env.parse("FORWARD_TO", values.address, None, required=True) or "",
-            forward_from=env.parse("FORWARD_FROM", values.address, None, required=True) or "",
+            forward_to=env.parse("FORWARD_TO", values.address, None, required=not api) or "",
+            forward_from=env.parse("FORWARD_FROM", values.address, None, required=smtp_needed)
+            or "",
             database_url=_database_url(env),
             schedule=env.text("SCHEDULE") or "*/5 * * * *",
             timezone=env.parse("TIMEZONE", values.timezone, "UTC"),
@@ -206,6 +228,23 @@ class Settings:
             oauth=oauth,
             secret_key_file=secret_key_file,
             web=_web_settings(env, secret_key_file, keep_pdfs=keep_pdfs),
+            delivery=delivery,
+            gmi_api_key=env.secret("GMI_API_KEY", required=api),
+            gmi_api_url=env.parse("GMI_API_URL", values.http_url, models.DEFAULT_GMI_API_URL),
+            gmi_document_type=env.parse(
+                "GMI_DOCUMENT_TYPE", values.gmi_document_type, models.DEFAULT_GMI_DOCUMENT_TYPE
+            ),
+            gmi_credit_note_pattern=env.parse(
+                "GMI_CREDIT_NOTE_PATTERN", values.pattern, models.DEFAULT_GMI_CREDIT_NOTE_PATTERN
+            ),
+            gmi_run_ocr=env.parse("GMI_RUN_OCR", values.boolean, True),
+            gmi_tags=env.parse("GMI_TAGS", values.tags, ()),
+            gmi_calls_per_minute=env.parse(
+                "GMI_CALLS_PER_MINUTE", values.integer(1), models.DEFAULT_GMI_CALLS_PER_MINUTE
+            ),
+            gmi_calls_per_day=env.parse(
+                "GMI_CALLS_PER_DAY", values.integer(1), models.DEFAULT_GMI_CALLS_PER_DAY
+            ),
             unknown_variables=env.unknown(),
         )
         if smtp_auth is AuthMethod.PASSWORD and (
@@ -239,6 +278,8 @@ class Settings:
             for secret in (self.oauth.client_secret, self.oauth.refresh_token):
                 if secret is not None:
                     values.append(secret.reveal())
+        if self.gmi_api_key is not None:
+            values.append(self.gmi_api_key.reveal())
         for password in url_passwords(self.database_url.reveal()):
             values.extend((password, unquote(password)))
         return tuple(dict.fromkeys(value for value in values if value))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from worker.models import AfterForward, MailActionMode
+from worker.models import DEFAULT_GMI_API_URL, GMI_DOCUMENT_TYPES, AfterForward, MailActionMode
 
 _E = TypeVar("_E", bound=enum.Enum)
 
@@ -202,3 +202,24 @@ def after_forward(text: str) -> AfterForward:
         if mode is not MailActionMode.MOVE and mode.value == lowered:
             return AfterForward(mode=mode)
     raise ValueError(f"{text!r} is not one of {choices}")
+
+
+def http_url(text: str) -> str:
+    """An http(s) base URL, such as INVOICE_RELAY_GMI_API_URL."""
+    scheme, separator, rest = text.partition("://")
+    if scheme.lower() not in ("http", "https") or not separator or not rest.strip("/"):
+        raise ValueError(f"not an http(s) URL such as {DEFAULT_GMI_API_URL}")
+    return text.rstrip("/")
+
+
+def gmi_document_type(text: str) -> str:
+    """One of the API's document types (its v3 description lists them in prose)."""
+    kind = text.strip().upper()
+    if kind not in GMI_DOCUMENT_TYPES:
+        raise ValueError(f"not a GetMyInvoices document type ({', '.join(GMI_DOCUMENT_TYPES)})")
+    return kind
+
+
+def tags(text: str) -> tuple[str, ...]:
+    """A comma list of tags; empty items dropped."""
+    return tuple(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))

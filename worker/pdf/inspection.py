@@ -94,6 +94,7 @@ def inspect_pdf(
     invoice_pattern: re.Pattern[str] | None = None,
     fingerprint: bool = True,
     fingerprint_budget_seconds: float | None = None,
+    credit_note_pattern: re.Pattern[str] | None = None,
 ) -> PdfReport:
     """Decide whether `data` is an accepted PDF; fingerprint it and read its invoice number.
 
@@ -109,7 +110,12 @@ def inspect_pdf(
     walker = _Fingerprint(enabled=fingerprint, deadline=deadline)
     with apply_configuration(**_PYPDF_LIMITS):
         try:
-            return _inspect(data, invoice_pattern or _default_pattern(), fingerprint=walker)
+            return _inspect(
+                data,
+                invoice_pattern or _default_pattern(),
+                fingerprint=walker,
+                credit_notes=credit_note_pattern,
+            )
         except Unparseable as exc:
             return PdfReport(accepted=False, reason=f"unparseable PDF: {exc}")
         except RecursionError:
@@ -137,7 +143,13 @@ def _describe_start(data: bytes, head: bytes) -> str:
     return f"starts with {head[:8]!r}"
 
 
-def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint) -> PdfReport:
+def _inspect(
+    data: bytes,
+    pattern: re.Pattern[str],
+    *,
+    fingerprint: _Fingerprint,
+    credit_notes: re.Pattern[str] | None = None,
+) -> PdfReport:
     if b"%%EOF" not in data[-_EOF_WINDOW:]:
         raise Unparseable("no %%EOF marker at the end (truncated?)")
     reader = PdfReader(io.BytesIO(data), strict=False)
@@ -172,13 +184,16 @@ def _inspect(data: bytes, pattern: re.Pattern[str], *, fingerprint: _Fingerprint
             raise Unparseable(f"page {number}: {short(exc)}") from exc
         except (DependencyError, NotImplementedError, RecursionError) as exc:
             fingerprint.give_up(f"page {number}: {short(exc)}")
+    text = _first_text(reader)
     return PdfReport(
         accepted=True,
         encrypted=encrypted,
         pages=page_count,
         fingerprint=fingerprint.hexdigest(),
         fingerprint_note=fingerprint.note,
-        invoice_number=_invoice_number(reader, pattern),
+        invoice_number=_invoice_number(text, pattern),
+        # INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN, on the same bounded first-page text.
+        credit_note=credit_notes is not None and credit_notes.search(text) is not None,
     )
 
 
@@ -371,7 +386,8 @@ def _image_bytes(image: PdfObject | None, what: str) -> bytes:
         return bytes(getattr(image, "_data", b""))
 
 
-def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
+def _first_text(reader: PdfReader) -> str:
+    """The text of the first pages, at most `_TEXT_LIMIT` characters ("" when unreadable)."""
     text = ""
     try:
         for page in reader.pages[:_TEXT_PAGES]:
@@ -382,7 +398,11 @@ def _invoice_number(reader: PdfReader, pattern: re.Pattern[str]) -> str | None:
         if our_bug(exc):
             raise
         logger.debug("text extraction failed", exc_info=True)
-    match = pattern.search(text[:_TEXT_LIMIT])
+    return text[:_TEXT_LIMIT]
+
+
+def _invoice_number(text: str, pattern: re.Pattern[str]) -> str | None:
+    match = pattern.search(text)
     if match is None:
         return None
     if "number" in pattern.groupindex:

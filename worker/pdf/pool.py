@@ -48,6 +48,7 @@ class _InspectPdf:
     invoice_pattern: re.Pattern[str] | None
     fingerprint: bool
     fingerprint_budget_seconds: float
+    credit_note_pattern: re.Pattern[str] | None = None
 
     def __call__(self, data: bytes) -> PdfReport:
         from worker.pdf.inspection import inspect_pdf  # here, not at the top: see the docstring
@@ -57,6 +58,7 @@ class _InspectPdf:
             invoice_pattern=self.invoice_pattern,
             fingerprint=self.fingerprint,
             fingerprint_budget_seconds=self.fingerprint_budget_seconds,
+            credit_note_pattern=self.credit_note_pattern,
         )
 
 
@@ -120,6 +122,7 @@ class PdfInspector:
         invoice_pattern: str | None = None,
         fingerprint: bool = True,
         check: Check | None = None,  # None: `worker.pdf.inspection.inspect_pdf`
+        credit_note_pattern: str | None = None,  # INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN
     ) -> None:
         if workers < 1 or timeout_seconds <= 0 or max_tasks_per_worker < 1:
             raise ValueError("workers, timeout_seconds and max_tasks_per_worker must be positive")
@@ -135,6 +138,7 @@ class PdfInspector:
             invoice_pattern=compiled,
             fingerprint=fingerprint,
             fingerprint_budget_seconds=timeout_seconds * FINGERPRINT_SHARE,
+            credit_note_pattern=re.compile(credit_note_pattern) if credit_note_pattern else None,
         )
         self._size = workers
         self._timeout = timeout_seconds

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from worker.errors import DeliveryRefused, DeliveryUnavailable, StoreError, TokenEndpointError
+from worker.errors import (
+    DeliveryRefused,
+    DeliveryThrottled,
+    DeliveryUnavailable,
+    StoreError,
+    TokenEndpointError,
+)
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.models import (
     DEFAULT_LEASE_SECONDS,
@@ -24,6 +30,7 @@ from worker.models import (
     DEFAULT_SEND_BATCH,
     OutgoingDocument,
     Parcel,
+    Receipt,
 )
 from worker.relay.pacer import SendPacer
 from worker.relay.ports import Destination, SendQueue
@@ -223,6 +230,14 @@ class Forwarder:
                             self.refused_at_open = refusal
                             return tally.result()
                         raise
+                    except DeliveryThrottled as throttled:
+                        # A limit, not a fault of the document: it waits, uncounted, and
+                        # so does the rest of the batch (the limit is the destination's).
+                        marks.settle()
+                        self._postponed(document, throttled, tally)
+                        untouched = []
+                        self._release([*claimed[index + 1 :], *claims.drop()])
+                        break
                     except DeliveryRefused as refusal:
                         marks.settle()
                         # The destination may have dropped a session that died mid-send
@@ -235,7 +250,7 @@ class Forwarder:
                         untouched = []
                         self._release([*claimed[index + 1 :], *claims.drop()])
                         break
-                    marks.start(document, receipt.delivery_id, receipt.answer)
+                    marks.start(document, receipt)
             marks.settle()
         finally:
             marks.close()
@@ -305,13 +320,28 @@ class Forwarder:
             extra={"action": action, "sha256": document.sha256},
         )
 
-    def _mark_forwarded(self, document: OutgoingDocument, message_id: str, answer: str) -> None:
+    def _postponed(
+        self, document: OutgoingDocument, throttled: DeliveryThrottled, tally: _Tally
+    ) -> None:
+        resume = self._clock() + timedelta(seconds=throttled.retry_after_seconds)
+        # The audit's reason while it waits: which limit, and when it resumes.
+        answer = f"pending: {throttled.detail}; resumes {resume:%Y-%m-%d %H:%M} UTC"
+        self._store.postpone(document.document_id, answer=answer, next_attempt_at=resume)
+        tally.retried += 1
+        log.info(
+            "delivery postponed: %s",
+            answer,
+            extra={"action": "pdf_postponed", "sha256": document.sha256},
+        )
+
+    def _mark_forwarded(self, document: OutgoingDocument, receipt: Receipt) -> None:
         self._store.mark_forwarded(
             document.document_id,
-            message_id=message_id,
-            answer=answer,
+            message_id=receipt.delivery_id,
+            answer=receipt.answer,
             now=self._clock(),
             keep_pdf=self._config.keep_pdfs,
+            via=receipt.via,
         )
 
     def _marked(self, document: OutgoingDocument, forwarded: int) -> None:
@@ -385,7 +415,7 @@ class _Marks:
 
     def __init__(
         self,
-        mark: Callable[[OutgoingDocument, str, str], None],
+        mark: Callable[[OutgoingDocument, Receipt], None],
         tally: _Tally,
         marked: Callable[[OutgoingDocument, int], None] | None = None,
     ) -> None:
@@ -395,9 +425,9 @@ class _Marks:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marks")
         self._pending: tuple[Future[None], OutgoingDocument] | None = None
 
-    def start(self, document: OutgoingDocument, message_id: str, answer: str) -> None:
+    def start(self, document: OutgoingDocument, receipt: Receipt) -> None:
         self.settle()
-        future = self._executor.submit(self._mark, document, message_id, answer)
+        future = self._executor.submit(self._mark, document, receipt)
         self._pending = (future, document)
 
     def settle(self) -> None:

@@ -170,8 +170,16 @@ class SendQueue(Protocol):
         if any, has expired (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
 
     def mark_forwarded(
-        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
-    ) -> None: ...
+        self,
+        document_id: int,
+        *,
+        message_id: str,
+        answer: str,
+        now: datetime,
+        keep_pdf: bool,
+        via: str = "smtp",
+    ) -> None:
+        """`message_id` is the receipt's delivery id; `via` the receipt's."""
 
     def mark_retry(
         self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
@@ -183,6 +191,10 @@ class SendQueue(Protocol):
 
     def release(self, document_id: int) -> None:
         """Drop the lease without counting an attempt (the session was refused)."""
+
+    def postpone(self, document_id: int, *, answer: str, next_attempt_at: datetime) -> None:
+        """Drop the lease without counting an attempt, due again at `next_attempt_at`
+        (a limit of the destination; `answer` says which)."""
 
 
 class AuditReader(Protocol):

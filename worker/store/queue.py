@@ -61,6 +61,9 @@ class DocumentQueue(SqlBase):
                     sightings.c.subject,
                     sightings.c.mail_date,
                     sightings.c.message_id,
+                    sightings.c.invoice_number,
+                    sightings.c.credit_note,
+                    documents.c.upload_started_at,
                 )
                 .select_from(
                     documents.join(
@@ -81,15 +84,26 @@ class DocumentQueue(SqlBase):
             ]
 
     def mark_forwarded(
-        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+        self,
+        document_id: int,
+        *,
+        message_id: str,
+        answer: str,
+        now: datetime,
+        keep_pdf: bool,
+        via: str = "smtp",
     ) -> None:
         values: dict[str, Any] = {
             "state": DocumentState.FORWARDED.value,
             "attempts": documents.c.attempts + 1,
             "lease_until": None,
-            "forwarded_message_id": message_id,
+            # No mail was forwarded through an API: its id is the delivery id alone.
+            "forwarded_message_id": message_id if via == "smtp" else None,
             "forwarded_at": now,
             "last_answer": answer,
+            "delivered_via": via,
+            "delivery_id": message_id,
+            "held_reason": None,
         }
         self._update_document(document_id, values, drop_content=not keep_pdf)
 
@@ -101,6 +115,7 @@ class DocumentQueue(SqlBase):
             "lease_until": None,
             "last_answer": answer,
             "next_attempt_at": next_attempt_at,
+            "held_reason": None,
         }
         if failed:
             values["state"] = DocumentState.FAILED.value
@@ -114,11 +129,44 @@ class DocumentQueue(SqlBase):
                 "attempts": documents.c.attempts + 1,
                 "lease_until": None,
                 "last_answer": answer,
+                "held_reason": None,
             },
         )
 
     def release(self, document_id: int) -> None:
         self._update_document(document_id, {"lease_until": None})
+
+    def postpone(self, document_id: int, *, answer: str, next_attempt_at: datetime) -> None:
+        """A limit of the destination: due again later, no attempt counted."""
+        self._update_document(
+            document_id,
+            {
+                "lease_until": None,
+                "last_answer": answer,
+                "next_attempt_at": next_attempt_at,
+                "held_reason": answer,
+            },
+        )
+
+    def mark_upload_started(self, sha256: str, *, now: datetime) -> None:
+        """Before an API upload goes out (kept once set: the first start is the one that
+        may have arrived)."""
+        with self._write() as connection:
+            connection.execute(
+                sa.update(documents)
+                .where(documents.c.sha256 == sha256, documents.c.upload_started_at.is_(None))
+                .values(upload_started_at=now)
+            )
+
+    def kept_content(self, sha256: str) -> bytes | None:
+        """A document's stored PDF, or None (unknown, or dropped after forwarding)."""
+        with self._read() as connection:
+            content = connection.execute(
+                sa.select(document_contents.c.content)
+                .join(documents, documents.c.id == document_contents.c.document_id)
+                .where(documents.c.sha256 == sha256)
+            ).scalar()
+            return None if content is None else bytes(content)
 
     def _update_document(
         self, document_id: int, values: dict[str, Any], *, drop_content: bool = False
@@ -201,4 +249,7 @@ def _outgoing(row: Row[*tuple[Any, ...]], content: bytes) -> OutgoingDocument:
         original_subject=row.subject or "",
         original_date=row.mail_date,
         original_message_id=row.message_id or "",
+        invoice_number=row.invoice_number,
+        credit_note=bool(row.credit_note),
+        upload_started=row.upload_started_at is not None,
     )

@@ -66,6 +66,15 @@ documents = sa.Table(
     sa.Column("size_bytes", sa.BigInteger, nullable=True),
     sa.Column("resend_count", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", UtcDateTime(), nullable=False),
+    # Written before an API upload goes out: a later attempt, by any owner, first asks
+    # the API whether it has the document (`POST /documents/exists`).
+    sa.Column("upload_started_at", UtcDateTime(), nullable=True),
+    sa.Column("delivered_via", sa.Text, nullable=True),  # "smtp" or "getmyinvoices"
+    # The Message-ID or the documentUid; "" when GetMyInvoices had the document already.
+    sa.Column("delivery_id", sa.Text, nullable=True),
+    # Why a pending document waits for a limit of the destination (and until when);
+    # the audit's reason while it waits. Cleared by the next attempt's outcome.
+    sa.Column("held_reason", sa.Text, nullable=True),
     sa.UniqueConstraint("sha256", name="uq_documents_sha256"),
     sa.UniqueConstraint("content_key", name="uq_documents_content_key"),
     sa.CheckConstraint("state IN ('pending', 'forwarded', 'failed')", name="ck_documents_state"),
@@ -107,6 +116,8 @@ sightings = sa.Table(
     sa.Column("sha256", sa.Text, nullable=True),
     sa.Column("fingerprint", sa.Text, nullable=True),
     sa.Column("invoice_number", sa.Text, nullable=True),
+    # The first pages matched INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN (true, else NULL).
+    sa.Column("credit_note", sa.Boolean, nullable=True),
     sa.Column("kind", sa.Text, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
     # worker.models.ReasonCode: what code compares; `reason` is for people.
@@ -212,6 +223,19 @@ oauth_tokens = sa.Table(
     sa.Column("refreshed_at", UtcDateTime()),
 )
 
+# The API budgets (worker.relay.budget): per destination ("getmyinvoices:<account>"), one
+# row per fixed window with its start and what it used, and a `hold` row whose
+# window_start is when a limit the API reported ends (`note` names it).
+delivery_budgets = sa.Table(
+    "delivery_budgets",
+    metadata,
+    sa.Column("destination", sa.Text, primary_key=True),
+    sa.Column("window", sa.Text, primary_key=True),
+    sa.Column("window_start", UtcDateTime(), nullable=False),
+    sa.Column("used", sa.Integer, nullable=False),
+    sa.Column("note", sa.Text, nullable=False, server_default=sa.text("''")),
+)
+
 # The view's current definition. Migrations carry their own frozen copy; a test checks
 # that both yield the same columns.
 AUDIT_VIEW_SQL: Final = """
@@ -234,13 +258,16 @@ SELECT
     CASE WHEN s.kind = 'document' THEN d.state ELSE s.kind END AS outcome,
     CASE
         WHEN s.kind = 'document' AND d.state = 'failed' THEN COALESCE(d.last_answer, s.reason)
+        WHEN s.kind = 'document' AND d.state = 'pending' THEN COALESCE(d.held_reason, s.reason)
         ELSE s.reason
     END AS reason,
     s.duplicate_of AS duplicate_of,
     CASE WHEN s.kind = 'document' THEN d.forwarded_at END AS forwarded_at,
     CASE WHEN s.kind = 'document' THEN d.forwarded_message_id END AS forwarded_message_id,
     CASE WHEN s.kind = 'document' THEN d.attempts END AS attempts,
-    CASE WHEN m.state = 'done' THEN m.action END AS mail_action
+    CASE WHEN m.state = 'done' THEN m.action END AS mail_action,
+    CASE WHEN s.kind = 'document' THEN d.delivered_via END AS delivered_via,
+    CASE WHEN s.kind = 'document' THEN d.delivery_id END AS delivery_id
 FROM sightings AS s
 LEFT JOIN documents AS d ON d.id = s.document_id
 LEFT JOIN mail_actions AS m
@@ -269,6 +296,8 @@ AUDIT_COLUMNS: Final = (
     "forwarded_message_id",
     "attempts",
     "mail_action",
+    "delivered_via",
+    "delivery_id",
 )
 
 # The view described for reading only; kept out of `metadata` so that create_all and
@@ -298,4 +327,6 @@ audit_log = sa.Table(
     sa.Column("forwarded_message_id", sa.Text),
     sa.Column("attempts", sa.Integer),
     sa.Column("mail_action", sa.Text),
+    sa.Column("delivered_via", sa.Text),
+    sa.Column("delivery_id", sa.Text),
 )

@@ -222,6 +222,7 @@ class MailRecorder(SqlBase):
             "sha256": part.sha256,
             "fingerprint": part.fingerprint,
             "invoice_number": part.invoice_number,
+            "credit_note": part.credit_note or None,
             "kind": part.kind.value,
             "reason": part.reason,
             "reason_code": None if part.reason_code is None else part.reason_code.value,

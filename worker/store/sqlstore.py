@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.models import AuditFilter, AuditRow, Outcome, SightingKind
+from worker.store.budgets import BudgetRows
 from worker.store.engine import advisory_key, make_engine, translated
 from worker.store.mailactions import MailActionRows
 from worker.store.pages import PageQueries
@@ -30,7 +31,9 @@ from worker.store.websessions import WebSessionRows
 log = logging.getLogger(__name__)
 
 
-class SqlStore(MailRecorder, DocumentQueue, MailActionRows, PageQueries, WebSessionRows):
+class SqlStore(
+    MailRecorder, DocumentQueue, MailActionRows, PageQueries, WebSessionRows, BudgetRows
+):
     """The relay's SQL store. Every method raises `StoreError` when the database fails."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
@@ -198,4 +201,6 @@ def _audit_row(row: Row[*tuple[Any, ...]]) -> AuditRow:
         forwarded_message_id=row.forwarded_message_id,
         attempts=row.attempts,
         mail_action=row.mail_action,
+        delivered_via=row.delivered_via,
+        delivery_id=row.delivery_id,
     )

@@ -408,3 +408,17 @@ def test_the_forkserver_preload_names_still_import(name: str) -> None:
 
 def test_the_forkserver_preloads_what_the_workers_run() -> None:
     assert {inspect_pdf.__module__, PdfInspector.__module__} <= set(FORKSERVER_PRELOAD)
+
+
+def test_a_credit_note_is_read_from_the_first_page() -> None:
+    # INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN on the bounded first-page text only.
+    from worker.models import DEFAULT_GMI_CREDIT_NOTE_PATTERN
+
+    pattern = re.compile(DEFAULT_GMI_CREDIT_NOTE_PATTERN)
+    credit = samples.invoice_pdf(
+        number="17", lines=[("Gutschrift zu Rechnung 16", "-10.00")], logo=False
+    )
+    invoice = samples.invoice_pdf(number="18", logo=False)
+    assert inspect_pdf(credit, credit_note_pattern=pattern).credit_note
+    assert not inspect_pdf(invoice, credit_note_pattern=pattern).credit_note
+    assert not inspect_pdf(credit).credit_note  # not asked: not read

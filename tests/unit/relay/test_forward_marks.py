@@ -33,14 +33,21 @@ class SlowMarks(SqlStore):
         self.marks = 0
 
     def mark_forwarded(
-        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+        self,
+        document_id: int,
+        *,
+        message_id: str,
+        answer: str,
+        now: datetime,
+        keep_pdf: bool,
+        via: str = "smtp",
     ) -> None:
         self.marks += 1
         time.sleep(self.delay)
         if self.marks == self.fail_on:
             raise StoreError("disk I/O error")
         super().mark_forwarded(
-            document_id, message_id=message_id, answer=answer, now=now, keep_pdf=keep_pdf
+            document_id, message_id=message_id, answer=answer, now=now, keep_pdf=keep_pdf, via=via
         )
 
 

@@ -35,11 +35,23 @@ class LockedQueue:
             return self._store.claim_due(now=now, limit=limit, lease_seconds=lease_seconds)
 
     def mark_forwarded(
-        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+        self,
+        document_id: int,
+        *,
+        message_id: str,
+        answer: str,
+        now: datetime,
+        keep_pdf: bool,
+        via: str = "smtp",
     ) -> None:
         with self._lock:
             self._store.mark_forwarded(
-                document_id, message_id=message_id, answer=answer, now=now, keep_pdf=keep_pdf
+                document_id,
+                message_id=message_id,
+                answer=answer,
+                now=now,
+                keep_pdf=keep_pdf,
+                via=via,
             )
 
     def mark_retry(
@@ -57,6 +69,10 @@ class LockedQueue:
     def release(self, document_id: int) -> None:
         with self._lock:
             self._store.release(document_id)
+
+    def postpone(self, document_id: int, *, answer: str, next_attempt_at: datetime) -> None:
+        with self._lock:
+            self._store.postpone(document_id, answer=answer, next_attempt_at=next_attempt_at)
 
 
 def sessions(store: FakeStore, outboxes: list[FakeOutbox]) -> ParallelSessions:

@@ -1,0 +1,143 @@
+"""End to end with Dovecot and `invoice-relay once` delivering to the fake GetMyInvoices
+API: each distinct invoice uploaded once (type, number, name), a SIGKILL-like crash
+between the upload and its mark (one copy, found by /documents/exists), a wrong key."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import samples
+from tests.integration.guarantee_tools import (
+    invoices,
+    relay_command,
+    run_once,
+    run_until_done,
+    sql_rows,
+)
+from tests.integration.test_relay import relay_env
+from tests.servers.dovecot import DovecotServer
+from tests.servers.getmyinvoices import FakeGetMyInvoices
+from tests.servers.smtp_sink import SmtpSink
+from worker.faults import CRASH_EXIT_STATUS
+
+KEY = "e2e-key-9911"
+
+
+@pytest.fixture
+def api() -> Iterator[FakeGetMyInvoices]:
+    with FakeGetMyInvoices(api_key=KEY) as fake:
+        yield fake
+    assert fake.problems() == []
+
+
+def _env(
+    imap: DovecotServer, smtp: SmtpSink, api: FakeGetMyInvoices, url: str, **extra: str
+) -> dict[str, str]:
+    env = relay_env(imap, smtp, url)
+    for name in ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "FORWARD_TO", "FORWARD_FROM"):
+        env.pop(f"INVOICE_RELAY_{name}", None)  # the API needs no SMTP
+    env.update(
+        INVOICE_RELAY_DELIVERY="getmyinvoices",
+        INVOICE_RELAY_GMI_API_KEY=KEY,
+        INVOICE_RELAY_GMI_API_URL=api.url,
+        INVOICE_RELAY_INVOICE_NUMBER_PATTERN=r"Invoice (?:no\.|number)?\s*(\d+)",
+        **extra,
+    )
+    return env
+
+
+def test_a_backfill_through_the_api(
+    imap: DovecotServer, smtp: SmtpSink, api: FakeGetMyInvoices, tmp_path: Path
+) -> None:
+    batch = invoices(4, first=8100)
+    credit = samples.invoice_mail(
+        pdfs=[("Gutschrift 8200.pdf", samples.invoice_pdf(number="8200", logo=False))],
+        subject="Gutschrift 8200",
+        message_id="<credit-8200@shop.example>",
+    )
+    # Named and sent like an invoice: only its first page says what it is.
+    quiet_credit = samples.invoice_mail(
+        pdfs=[
+            (
+                "Document 8201.pdf",
+                samples.invoice_pdf(
+                    number="8201", lines=[("Storno zu Rechnung 8100", "-10.00")], logo=False
+                ),
+            )
+        ],
+        subject="Your document 8201",
+        message_id="<credit-8201@shop.example>",
+    )
+    imap.append_many([*(i.mail for i in batch), batch[0].mail, credit, quiet_credit])
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    result = run_once(_env(imap, smtp, api, url))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(api.uploads()) == 6 and len(api.documents) == 6  # the repeat is not uploaded
+    assert {d.sha256 for d in api.documents} >= {i.sha256 for i in batch}
+    kinds = {d.request["fileName"]: d.request["documentType"] for d in api.documents}
+    assert kinds["Gutschrift 8200.pdf"] == "CREDIT_NOTE"
+    assert kinds["Document 8201.pdf"] == "CREDIT_NOTE"
+    assert kinds["Invoice 8100.pdf"] == "SALES_INVOICE"
+    rows = sql_rows(url, "SELECT outcome, delivered_via, delivery_id FROM audit_log")
+    forwarded = [r for r in rows if r["outcome"] == "forwarded"]
+    assert len(forwarded) == 6
+    assert {r["delivery_id"] for r in forwarded} == {str(d.uid) for d in api.documents}
+    assert {r["delivered_via"] for r in forwarded} == {"getmyinvoices"}
+    assert smtp.messages == []
+
+
+def test_a_crash_between_upload_and_mark_leaves_one_copy(
+    imap: DovecotServer, smtp: SmtpSink, api: FakeGetMyInvoices, tmp_path: Path
+) -> None:
+    api.detect_duplicates = False  # only the relay's /documents/exists check prevents a copy
+    batch = invoices(3, first=8300)
+    imap.append_many(i.mail for i in batch)
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    env = _env(
+        imap,
+        smtp,
+        api,
+        url,
+        INVOICE_RELAY_TEST_CRASH_AT="after_send:2",
+        INVOICE_RELAY_TEST_LEASE_SECONDS="1",
+    )
+    crashed = run_once(env)
+    assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-2000:]
+    del env["INVOICE_RELAY_TEST_CRASH_AT"]
+    run_until_done(env, url)
+    copies = {i.sha256: sum(d.sha256 == i.sha256 for d in api.documents) for i in batch}
+    assert copies == {i.sha256: 1 for i in batch}
+    assert sum(c.path.endswith("/documents/exists") for c in api.calls) == 1
+
+
+def test_a_wrong_key_exits_1_naming_the_cause(
+    imap: DovecotServer, smtp: SmtpSink, api: FakeGetMyInvoices, tmp_path: Path
+) -> None:
+    imap.append_many(i.mail for i in invoices(1, first=8400))
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    env = _env(imap, smtp, api, url)
+    env["INVOICE_RELAY_GMI_API_KEY"] = "wrong-key-0000"
+    result = run_once(env)
+    assert result.returncode == 1
+    assert "the API key is unknown" in result.stderr
+    assert "wrong-key-0000" not in result.stderr + result.stdout
+    api.calls.clear()  # the fake saw the wrong key: not a request-schema problem of ours
+    rows = sql_rows(url, "SELECT outcome, attempts FROM audit_log")
+    assert rows == [{"outcome": "pending", "attempts": 0}]
+
+
+def test_check_asks_for_the_account(
+    imap: DovecotServer, smtp: SmtpSink, api: FakeGetMyInvoices, tmp_path: Path
+) -> None:
+    env = _env(imap, smtp, api, f"sqlite:///{tmp_path / 'relay.db'}")
+    result = subprocess.run(
+        relay_command("check"), env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "ok   getmyinvoices: the API key works for account G-20707-0" in result.stdout
+    assert "smtp" not in result.stdout  # no SMTP is needed without notices
+    assert [c.path for c in api.calls] == ["/accounts/v3/account"]

@@ -1,0 +1,444 @@
+"""Delivering to GetMyInvoices through its REST API (v3); the only module that speaks it.
+
+`GmiDestination` is the adapter behind `worker.relay.ports.Destination`. Each answer is
+classified once, here (`classify`), as shared/DESIGN.md "Delivering through the
+GetMyInvoices API" lays down: 200 is a receipt with the `documentUid`; 422/127 (or
+`/documents/exists` true) is delivered already; 422/105, 403/429, HTTP 429 and 503 are a
+limit (`DeliveryThrottled`: pending, not an attempt); 422/100 a deferral with backoff;
+403 with 403, 407, 430 or 431 a refused session (`DestinationRefused`); any other 4xx a
+rejection. Every httpx failure becomes one of those too.
+
+A document is marked upload-started (`UploadMarks`) before its upload goes out; an
+attempt at a document so marked first asks `/documents/exists`, so that an upload whose
+answer was lost is not repeated. Every call is spent from the destination's budget
+(`CallBudget`, kept in the database) before it is made.
+
+The API key travels in `X-API-KEY` only: it is never logged and never in an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from worker.errors import (
+    DeliveryDeferred,
+    DeliveryRefused,
+    DeliveryRejected,
+    DeliveryThrottled,
+    DeliveryUnavailable,
+    DeliveryUncertain,
+    DestinationRefused,
+)
+from worker.faults import Checkpoint, CrashPoint, no_checkpoint
+from worker.mail.text import clean_text
+from worker.models import (
+    DEFAULT_GMI_API_URL,
+    DEFAULT_GMI_DOCUMENT_TYPE,
+    DEFAULT_TIMEOUT_SECONDS,
+    GMI_DOCUMENT_TYPES,
+    DeliveryKind,
+    Parcel,
+    Receipt,
+    SecretText,
+)
+
+__all__ = ["ALREADY_THERE", "GMI_DOCUMENT_TYPES", "Account", "GmiDestination", "classify"]
+
+logger = logging.getLogger(__name__)
+
+VIA = DeliveryKind.GETMYINVOICES.value
+APPLICATION = "invoice-relay"  # the x-application header: the document's source
+ALREADY_THERE = "already in GetMyInvoices"
+
+CREDIT_NOTE = "CREDIT_NOTE"
+
+# How long a limit holds when the answer does not say. The description says neither
+# which of the minute and day limits a 403/429 is nor when the hourly one resets: the
+# shortest plausible wait is taken (a day limit then costs one call a minute).
+MINUTE_LIMIT_SECONDS = 60.0
+HOURLY_LIMIT_SECONDS = 3600.0
+UNAVAILABLE_SECONDS = 300.0  # 503: "Please retry in a few minutes."
+
+SESSION_CAUSES = {
+    403: "the API key is unknown (check INVOICE_RELAY_GMI_API_KEY)",
+    407: "the API key is blocked",
+    430: "the API key lacks permission for documents",
+    431: "the account is cancelled",
+}
+
+
+class BudgetHold(Protocol):
+    """A limit that allows no call before `until` (`worker.relay.budget.Hold`)."""
+
+    @property
+    def limit(self) -> str: ...
+
+    @property
+    def until(self) -> datetime: ...
+
+
+class CallBudget(Protocol):
+    """The destination's budgets, shared through the database (`worker.relay.budget`)."""
+
+    def spend(self, destination: str, *, upload: bool) -> BudgetHold | None:
+        """Spend one call (and one upload); the hold instead when a limit is reached."""
+
+    def hold(self, destination: str, *, seconds: float, limit: str) -> datetime:
+        """The API reported `limit`: every sharer waits `seconds`."""
+
+
+class UploadMarks(Protocol):
+    """Where the upload-started mark is written (`documents.upload_started_at`)."""
+
+    def mark_upload_started(self, sha256: str, *, now: datetime) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Account:
+    """What `GET /account` says."""
+
+    account_id: str
+    name: str
+
+    @property
+    def destination(self) -> str:
+        """The budgets' key, shared by every route and replica with this account."""
+        return f"{VIA}:{self.account_id}"
+
+
+def classify(
+    status: int, body: Mapping[str, Any], *, retry_after: float | None = None
+) -> DeliveryRefused | DeliveryUnavailable | None:
+    """What an answer other than a 200 means; None for 200 and for 422/127 (the
+    document is there). `retry_after`: the HTTP Retry-After header, in seconds."""
+    code = _integer(body.get("error_code", body.get("code")))
+    detail = clean_text(str(body.get("detail") or body.get("message") or ""), 300)
+    words = f"HTTP {status}" + (f" code {code}" if code is not None else "")
+    words += f": {detail}" if detail else ""
+    if status == 200:
+        return None
+    if status == 422 and code == 127:
+        return None
+    if status == 422 and code == 105:
+        return DeliveryThrottled(
+            words,
+            retry_after_seconds=HOURLY_LIMIT_SECONDS,
+            limit="the API's hourly upload limit (100 uploads)",
+            code=status,
+        )
+    if status == 403 and code == 429:
+        return DeliveryThrottled(
+            words,
+            retry_after_seconds=MINUTE_LIMIT_SECONDS,
+            limit="the API's minute or day call limit",
+            code=status,
+        )
+    if status == 429:
+        return DeliveryThrottled(
+            words,
+            retry_after_seconds=retry_after or MINUTE_LIMIT_SECONDS,
+            limit="the API's rate limit (HTTP 429)",
+            code=status,
+        )
+    if status == 503:
+        return DeliveryThrottled(
+            words,
+            retry_after_seconds=retry_after or UNAVAILABLE_SECONDS,
+            limit="the API's availability (HTTP 503)",
+            code=status,
+        )
+    if status == 403 and code in SESSION_CAUSES:
+        return DestinationRefused(f"GetMyInvoices: {SESSION_CAUSES[code]} ({words})", code=code)
+    if status == 403:
+        return DestinationRefused(f"GetMyInvoices refused the API key ({words})", code=code)
+    if status == 422 and code == 100:
+        return DeliveryDeferred(f"GetMyInvoices: an unexpected error ({words})", code=status)
+    if 400 <= status < 500:
+        error = f"error_code {code}" if code is not None else "no error_code"
+        return DeliveryRejected(
+            f"GetMyInvoices refused the document ({words}; {error})", code=status
+        )
+    return DeliveryDeferred(f"GetMyInvoices answered {words}", code=status)
+
+
+class GmiDestination:
+    """One session with a GetMyInvoices account: one HTTP client, reused."""
+
+    def __init__(
+        self,
+        *,
+        api_key: SecretText,
+        budget: CallBudget,
+        marks: UploadMarks,
+        api_url: str = DEFAULT_GMI_API_URL,
+        document_type: str = DEFAULT_GMI_DOCUMENT_TYPE,
+        credit_note_pattern: re.Pattern[str] | None = None,
+        run_ocr: bool = True,
+        tags: Sequence[str] = (),
+        ca_file: Path | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        checkpoint: Checkpoint = no_checkpoint,
+        transport: httpx.BaseTransport | None = None,  # tests: httpx.MockTransport
+    ) -> None:
+        self._api_key = api_key
+        self._budget = budget
+        self._marks = marks
+        self._base = api_url.rstrip("/")
+        self._document_type = document_type
+        self._credit_notes = credit_note_pattern
+        self._run_ocr = run_ocr
+        self._tags = tuple(tags)
+        self._ca_file = ca_file
+        self._timeout = timeout
+        self._clock = clock
+        self._checkpoint = checkpoint
+        self._transport = transport
+        self._client: httpx.Client | None = None
+        self._account: Account | None = None
+
+    def __repr__(self) -> str:
+        return f"GmiDestination(api_url={self._base!r}, api_key='****')"
+
+    # --- the session -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect and read the account (the budgets' key). Raises `DeliveryUnavailable`."""
+        if self._account is None:
+            try:
+                self._account = self.account()
+            except DeliveryUnavailable:
+                self.close()  # the caller closes only a session that opened
+                raise
+
+    def account(self) -> Account:
+        """`GET /account` (what `check` asks): the account's id and name."""
+        body = self._call("GET", "/account")
+        account_id = str(body.get("accountId") or "").strip()  # an "integer" like G-20707-0
+        if not account_id:
+            raise DeliveryUnavailable("GetMyInvoices: GET /account named no accountId")
+        return Account(account_id=account_id, name=clean_text(str(body.get("name") or ""), 200))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # --- one document ------------------------------------------------------------------
+
+    def deliver(
+        self,
+        parcel: Parcel,
+        *,
+        before_final: Callable[[], None] | None = None,
+        more_follows: bool = False,
+    ) -> Receipt:
+        """Upload one document. `before_final` runs right before the upload request goes
+        out: nothing of it can be accepted before then. `more_follows` is ignored: each
+        upload is one request, with nothing to send ahead."""
+        del more_follows
+        self.open()
+        encoded = base64.b64encode(parcel.content).decode("ascii")
+        if parcel.upload_started and self.exists_encoded(encoded, sha256=parcel.sha256):
+            return Receipt(delivery_id="", answer=ALREADY_THERE, via=VIA)
+        request = self.upload_request(parcel, encoded)
+        self._spend(upload=True, sha256=parcel.sha256)
+        self._marks.mark_upload_started(parcel.sha256, now=self._clock())
+        self._checkpoint(CrashPoint.AFTER_UPLOAD_STARTED)
+        if before_final is not None:
+            before_final()
+        status, body = self._send("POST", "/documents", request, sha256=parcel.sha256, sent=True)
+        if status == 422 and _integer(body.get("error_code")) == 127:
+            return Receipt(delivery_id="", answer=ALREADY_THERE, via=VIA)
+        self._raise_for(status, body, sha256=parcel.sha256)
+        uid = body.get("documentUid")
+        if body.get("success") is not True or _integer(uid) is None:
+            raise DeliveryUncertain(
+                f"GetMyInvoices answered 200 without a documentUid: {clean_text(str(body), 200)}",
+                code=status,
+                sha256=parcel.sha256,
+            )
+        return Receipt(delivery_id=str(uid), answer=f"200 documentUid {uid}", via=VIA)
+
+    def exists(self, content: bytes) -> bool:
+        """`POST /documents/exists`: whether the account holds this file (for `resend`)."""
+        self.open()
+        return self.exists_encoded(base64.b64encode(content).decode("ascii"), sha256="")
+
+    def exists_encoded(self, encoded: str, *, sha256: str) -> bool:
+        self._spend(upload=False, sha256=sha256)
+        status, body = self._send(
+            "POST", "/documents/exists", {"fileContent": encoded}, sha256=sha256, sent=False
+        )
+        self._raise_for(status, body, sha256=sha256)
+        return body.get("exists") is True
+
+    def upload_request(self, parcel: Parcel, encoded: str) -> dict[str, Any]:
+        """The body of `POST /documents` for this parcel."""
+        request: dict[str, Any] = {
+            "fileName": parcel.filename,
+            "fileContent": encoded,
+            "documentType": self.document_type(parcel),
+            "note": _note(parcel),
+            "runOCR": self._run_ocr,
+        }
+        if parcel.invoice_number:
+            request["documentNumber"] = parcel.invoice_number
+        if self._tags:
+            request["tags"] = list(self._tags)
+        return request
+
+    def document_type(self, parcel: Parcel) -> str:
+        """CREDIT_NOTE where the pattern matched the first pages' text, the filename or
+        the subject; else INVOICE_RELAY_GMI_DOCUMENT_TYPE."""
+        pattern = self._credit_notes
+        if parcel.credit_note:  # the first pages' text matched (the PDF check)
+            return CREDIT_NOTE
+        if pattern is not None and any(
+            pattern.search(text) for text in (parcel.filename, parcel.original_subject)
+        ):
+            return CREDIT_NOTE
+        return self._document_type
+
+    # --- HTTP ----------------------------------------------------------------------------
+
+    def _spend(self, *, upload: bool, sha256: str) -> None:
+        destination = self._destination()
+        hold = self._budget.spend(destination, upload=upload)
+        if hold is not None:
+            wait = max(1.0, (hold.until - self._clock()).total_seconds())
+            raise DeliveryThrottled(
+                "counted by the relay", retry_after_seconds=wait, limit=hold.limit, sha256=sha256
+            )
+
+    def _destination(self) -> str:
+        if self._account is None:
+            raise DeliveryUnavailable("GetMyInvoices: the session is not open")
+        return self._account.destination
+
+    def _raise_for(self, status: int, body: Mapping[str, Any], *, sha256: str) -> None:
+        hinted = body.get("retry_after")
+        refusal = classify(
+            status, body, retry_after=float(hinted) if isinstance(hinted, int | float) else None
+        )
+        if refusal is None:
+            return
+        if isinstance(refusal, DeliveryThrottled) and self._account is not None:
+            # Every sharer of the account waits too, not only this document.
+            self._budget.hold(
+                self._account.destination,
+                seconds=refusal.retry_after_seconds,
+                limit=refusal.limit,
+            )
+        if isinstance(refusal, DeliveryRefused):
+            refusal.sha256 = sha256
+        raise refusal
+
+    def _call(self, method: str, path: str) -> dict[str, Any]:
+        """A call outside any document (the account): every refusal ends the session."""
+        status, body = self._send(method, path, None, sha256="", sent=False)
+        refusal = classify(status, body)
+        if isinstance(refusal, DeliveryUnavailable):
+            raise refusal
+        if refusal is not None:
+            raise DeliveryUnavailable(f"GetMyInvoices {method} {path}: {refusal.detail}")
+        return body
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None,
+        *,
+        sha256: str,
+        sent: bool,
+    ) -> tuple[int, dict[str, Any]]:
+        """One request; (status, JSON body). `sent`: an answer lost after the request
+        went out may mean the document arrived (`DeliveryUncertain`)."""
+        client = self._session()
+        try:
+            response = client.request(method, self._base + path, json=payload)
+        except httpx.ConnectError as exc:
+            raise DeliveryUnavailable(f"GetMyInvoices {self._base}: {_reason(exc)}") from exc
+        except httpx.HTTPError as exc:
+            if sent:
+                raise DeliveryUncertain(
+                    f"GetMyInvoices: the answer was lost ({_reason(exc)})", sha256=sha256
+                ) from exc
+            raise DeliveryDeferred(
+                f"GetMyInvoices {method} {path}: {_reason(exc)}", sha256=sha256
+            ) from exc
+        retry_after = _seconds(response.headers.get("retry-after"))
+        try:
+            parsed = response.json() if response.content else {}
+        except ValueError:
+            parsed = {}
+        body = parsed if isinstance(parsed, dict) else {}
+        if response.status_code in (429, 503) and retry_after is not None:
+            body.setdefault("retry_after", retry_after)
+        return response.status_code, body
+
+    def _session(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(
+                headers={
+                    "X-API-KEY": self._api_key.reveal(),
+                    "x-application": APPLICATION,
+                    "Accept": "application/json",
+                },
+                timeout=httpx.Timeout(self._timeout),
+                verify=self._tls_context(),
+                transport=self._transport,
+                # trust_env (the default): HTTPS_PROXY, HTTP_PROXY, NO_PROXY are honoured.
+            )
+        return self._client
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The system's CAs, and INVOICE_RELAY_CA_FILE in addition."""
+        context = ssl.create_default_context()
+        if self._ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(self._ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise DeliveryUnavailable(f"INVOICE_RELAY_CA_FILE: {exc}") from exc
+        return context
+
+
+def _note(parcel: Parcel) -> str:
+    date = parcel.original_date.isoformat() if parcel.original_date else "unknown"
+    return (
+        f"Forwarded by invoice-relay. From: {parcel.original_sender or 'unknown'}; "
+        f"Date: {date}; Message-ID: {parcel.original_message_id or 'none'}"
+    )
+
+
+def _integer(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _reason(exc: httpx.HTTPError) -> str:
+    text = str(exc) or type(exc).__name__
+    return clean_text(text, 300)
