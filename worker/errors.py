@@ -60,6 +60,16 @@ class MailboxLoginUnsupported(MailboxLoginError):
     """
 
 
+class MailboxTokenRefused(MailboxLoginError):
+    """The IMAP server refused the OAuth2 login (see docs/oauth.md, "What each mistake says").
+
+    The token endpoint gave a token, the IMAP server did not take it, also after one
+    retry with a fresh one: the app lacks IMAP.AccessAsApp or its service principal
+    lacks the mailbox permission, or INVOICE_RELAY_IMAP_USER is not the mailbox the
+    token is for. The token is never part of the message.
+    """
+
+
 class MailboxFolderError(MailboxError):
     """The IMAP folder cannot be opened (check INVOICE_RELAY_IMAP_FOLDER)."""
 

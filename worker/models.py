@@ -9,6 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from worker.tokens import TokenCredentials
+
 # --- defaults: one home for each ------------------------------------------------------
 # The settings give them to a user who sets nothing (README, "Configuration"); the value
 # objects of the relay and the adapters use the same ones when built without settings
@@ -349,9 +351,9 @@ class PasswordCredentials:
         return f"PasswordCredentials(user={self.user!r}, password='****')"
 
 
-# What an adapter logs in with. A union so that a token source (OAuth2, XOAUTH2) can
-# join it and each adapter's `match` says which kinds it can carry.
-Credentials = PasswordCredentials
+# What an adapter logs in with: a password, or an OAuth2 token source (SASL XOAUTH2 /
+# OAUTHBEARER, worker.mail.sasl). Each adapter's `match` says how it carries each kind.
+Credentials = PasswordCredentials | TokenCredentials
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.dovecot import DovecotServer, running_dovecot
+from tests.servers.dovecot import DovecotServer, OAuth2Passdb, running_dovecot
 from tests.servers.postgres import temporary_database
 from tests.servers.smtp_sink import SmtpSink, running_sink
 from tests.servers.tls import TestCA, make_ca
+from tests.servers.token_server import TokenServer, running_token_server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -44,3 +45,32 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     else:
         with temporary_database() as url:
             yield url
+
+
+# --- OAuth2: a token server, and Dovecot and an SMTP sink that take only its tokens ---
+
+
+@pytest.fixture
+def token_server(tmp_path: Path, smtp_ca: TestCA) -> Iterator[TokenServer]:
+    # One test CA for the token server and the SMTP sink: relay_env's bundle trusts it.
+    with running_token_server(tmp_path / "tokens", tls=smtp_ca) as server:
+        yield server
+
+
+@pytest.fixture
+def oauth_imap(tmp_path: Path, token_server: TokenServer) -> Iterator[DovecotServer]:
+    passdb = OAuth2Passdb(
+        introspection_url=token_server.introspection_url, ca_file=token_server.ca_file
+    )
+    with running_dovecot(tmp_path / "dovecot", oauth2=passdb) as server:
+        yield server
+
+
+@pytest.fixture
+def oauth_smtp(token_server: TokenServer, smtp_ca: TestCA) -> Iterator[SmtpSink]:
+    def valid(user: str, token: str) -> bool:
+        issued = token_server.issued(token)
+        return token_server.is_valid(token) and issued is not None and issued.user == user
+
+    with running_sink(tls_cert=(smtp_ca.cert_file, smtp_ca.key_file), oauth2=valid) as sink:
+        yield sink

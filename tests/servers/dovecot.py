@@ -63,6 +63,7 @@ class OAuth2Passdb:
 
     introspection_url: str
     ca_file: Path  # the CA of the introspection endpoint's certificate
+    mechanisms: str = "xoauth2 oauthbearer"  # "oauthbearer": a server offering only RFC 7628
 
 
 def _passdb(password: str, oauth2: OAuth2Passdb | None, root: Path) -> list[str]:
@@ -97,7 +98,7 @@ def _passdb(password: str, oauth2: OAuth2Passdb | None, root: Path) -> list[str]
     return [
         "passdb {",
         "  driver = oauth2",
-        "  mechanisms = xoauth2 oauthbearer",
+        f"  mechanisms = {oauth2.mechanisms}",
         f"  args = {args}",
         "}",
     ]
@@ -131,7 +132,7 @@ def _config(
         f"mail_gid = {MAIL_USER}",
         f"mail_location = maildir:{root / 'mail'}/%u",
         # An oauth2 passdb takes only the mechanisms that carry a token.
-        f"auth_mechanisms = {'xoauth2 oauthbearer' if oauth2 else mechanisms}",
+        f"auth_mechanisms = {oauth2.mechanisms if oauth2 else mechanisms}",
         "disable_plaintext_auth = no",
         # Tests log in wrongly on purpose: no 2 s failure delay, and no anvil penalty
         # that would slow down the next (right) login from the same address.
@@ -144,7 +145,10 @@ def _config(
         *_passdb(password, oauth2, root),
         "userdb {",
         "  driver = static",
-        f"  args = uid={MAIL_USER} gid={MAIL_USER} home={root / 'home'}/%u",
+        # The oauth2 passdb cannot look a user up: doveadm (`deliver`) may then ask the
+        # static userdb alone. Logins still need the passdb.
+        f"  args = uid={MAIL_USER} gid={MAIL_USER} home={root / 'home'}/%u"
+        + (" allow_all_users=yes" if oauth2 else ""),
         "}",
         "service imap-login {",
         "  inet_listener imap {",
@@ -382,6 +386,17 @@ class DovecotServer:
         """APPEND one mail; returns its UID (from APPENDUID)."""
         with self.session() as client:
             return _append(client, raw, folder=folder, internaldate=internaldate, flags=flags)
+
+    def deliver(self, raw: bytes, *, folder: str = "INBOX") -> None:
+        """Put one mail in `folder` as the MTA would (doveadm save): no IMAP login, so it
+        works with an oauth2 passdb too, where the test has no token of its own."""
+        subprocess.run(
+            [DOVEADM, "-c", str(self.config_file), "save", "-u", self.user, "-m", folder],
+            input=raw,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
 
     def append_many(
         self, raws: Iterable[bytes], *, folder: str = "INBOX", internaldate: datetime | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -200,6 +201,13 @@ class TokenServer:
         """As an administrator revoking the user's sessions: every grant is gone."""
         with self._lock:
             self._revoked_families |= {token.family for token in self._refresh.values()}
+
+    def expire_access_tokens(self) -> None:
+        """As when an hour has passed: every access token issued so far stops working
+        (introspection calls it inactive); refresh tokens stay good."""
+        with self._lock:
+            for token, issued in self._issued.items():
+                self._issued[token] = dataclasses.replace(issued, expires_at=time.time())
 
     # --- faults ------------------------------------------------------------------
 

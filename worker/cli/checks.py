@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import TextIO
 
-from worker.cli.commands import gmi_destination, imap_mailbox, smtp_outbox
+from worker.cli.commands import (
+    Logins,
+    gmi_destination,
+    imap_mailbox,
+    logins,
+    password_logins,
+    smtp_outbox,
+)
 from worker.config.settings import Settings
 from worker.errors import (
     AfterForwardImpossible,
@@ -16,6 +24,7 @@ from worker.errors import (
     MailboxError,
     MailboxFolderError,
     MailboxLoginError,
+    MailboxTokenRefused,
     OAuthClientRejected,
     OAuthLoginRefused,
     OutboxError,
@@ -26,6 +35,7 @@ from worker.errors import (
 from worker.models import DeliveryKind, MailActionMode
 from worker.relay.settled import MoveSupport, move_problem, move_support
 from worker.store import migrate
+from worker.tokens import AuthMethod
 
 # What to change, by server and by the kind of failure its message names.
 _IMAP_TLS = "check INVOICE_RELAY_IMAP_SECURITY (ssl, starttls, none) and INVOICE_RELAY_CA_FILE"
@@ -50,6 +60,13 @@ def advice(error: RelayError) -> str:
             "create the folder on the server, or set INVOICE_RELAY_AFTER_FORWARD to "
             "keep, seen or flag"
         )
+    if isinstance(error, MailboxTokenRefused):
+        return (
+            "see docs/oauth.md: the app needs IMAP.AccessAsApp with admin consent, a service "
+            "principal (New-ServicePrincipal with the Enterprise applications object id) and "
+            "Add-MailboxPermission on INVOICE_RELAY_IMAP_USER; for Google, domain-wide "
+            "delegation of https://mail.google.com/"
+        )
     if isinstance(error, MailboxLoginError):
         return (
             "check INVOICE_RELAY_IMAP_USER and INVOICE_RELAY_IMAP_PASSWORD "
@@ -63,6 +80,11 @@ def advice(error: RelayError) -> str:
     if isinstance(error, MailboxError):
         return _IMAP_TLS if any(word in text for word in _TLS_WORDS) else _IMAP_REACH
     if isinstance(error, OutboxError):
+        if "oauth2 login" in text:
+            return (
+                "see docs/oauth.md: the app needs SMTP.SendAsApp with admin consent, SMTP AUTH "
+                "enabled on INVOICE_RELAY_SMTP_USER's mailbox, and Send As for FORWARD_FROM"
+            )
         if "login" in text or "auth" in text:
             return (
                 "check INVOICE_RELAY_SMTP_USER and INVOICE_RELAY_SMTP_PASSWORD "
@@ -106,14 +128,39 @@ def _check_gmi(settings: Settings) -> str:
     return f"the API key works for account {account.account_id} ({account.name or 'unnamed'})"
 
 
-def _check_imap(settings: Settings) -> str:
-    mailbox = imap_mailbox(settings)
+@contextmanager
+def _logins(settings: Settings) -> Iterator[Logins]:
+    """The logins a poll would use; OAuth2 tokens come from (and go to) the database."""
+    if settings.oauth is None:
+        yield password_logins(settings)
+        return
+    from worker.store.sqlstore import SqlStore
+
+    url = settings.database_url.reveal()
+    path = settings.sqlite_path()
+    if (path is not None and not path.exists()) or not migrate.is_up_to_date(url):
+        raise StoreError(
+            "not tried: the oauth2 login's tokens are kept in the database, which is not "
+            "migrated yet (run `invoice-relay db upgrade`)"
+        )
+    store = SqlStore(url)
     try:
-        status = mailbox.open()
+        with logins(settings, store) as made:
+            yield made
     finally:
-        mailbox.close()
+        store.close()
+
+
+def _check_imap(settings: Settings) -> str:
+    with _logins(settings) as made:
+        mailbox = imap_mailbox(settings, made)
+        try:
+            status = mailbox.open()
+        finally:
+            mailbox.close()
+    how = " with oauth2" if settings.imap_auth is AuthMethod.OAUTH2 else ""
     return (
-        f"logged in as {settings.imap_user} at {settings.imap_host}:{settings.imap_port}; "
+        f"logged in{how} as {settings.imap_user} at {settings.imap_host}:{settings.imap_port}; "
         f"folder {settings.imap_folder!r} holds {status.exists} mail(s)"
     )
 
@@ -122,16 +169,17 @@ def _check_after_forward(settings: Settings) -> str:
     """INVOICE_RELAY_AFTER_FORWARD other than keep: seen and flag need the folder
     SELECTable; move also needs MOVE or UIDPLUS and the target folder. Changes nothing."""
     after = settings.after_forward
-    mailbox = imap_mailbox(settings)
-    try:
-        mailbox.open_for_actions()
-        if after.mode is not MailActionMode.MOVE:
-            return f"{after}: the folder {settings.imap_folder!r} can be SELECTed read-write"
-        folder = after.folder or ""
-        support = move_support(mailbox.capabilities())
-        exists = support is not MoveSupport.NONE and mailbox.folder_exists(folder)
-    finally:
-        mailbox.close()
+    with _logins(settings) as made:
+        mailbox = imap_mailbox(settings, made)
+        try:
+            mailbox.open_for_actions()
+            if after.mode is not MailActionMode.MOVE:
+                return f"{after}: the folder {settings.imap_folder!r} can be SELECTed read-write"
+            folder = after.folder or ""
+            support = move_support(mailbox.capabilities())
+            exists = support is not MoveSupport.NONE and mailbox.folder_exists(folder)
+        finally:
+            mailbox.close()
     problem = move_problem(support, folder=folder, folder_exists=exists)
     if problem is not None:
         raise AfterForwardImpossible(problem)
@@ -140,12 +188,14 @@ def _check_after_forward(settings: Settings) -> str:
 
 
 def _check_smtp(settings: Settings) -> str:
-    outbox = smtp_outbox(settings)
-    try:
-        outbox.open()
-    finally:
-        outbox.close()
-    login = f" as {settings.smtp_user}" if settings.smtp_user else ""
+    with _logins(settings) as made:
+        outbox = smtp_outbox(settings, made)
+        try:
+            outbox.open()
+        finally:
+            outbox.close()
+    how = " with oauth2" if settings.smtp_auth is AuthMethod.OAUTH2 else ""
+    login = f"{how} as {settings.smtp_user}" if settings.smtp_user else ""
     return f"connected{login} to {settings.smtp_host}:{settings.smtp_port}"
 
 
@@ -204,14 +254,15 @@ def test_message(settings: Settings, address: str) -> EmailMessage:
 
 
 def _send_test(settings: Settings, address: str) -> str:
-    outbox = smtp_outbox(settings)
-    try:
-        outbox.open()
-        answer = outbox.send(test_message(settings, address), recipient=address)
-    except DeliveryRefused as exc:
-        raise RelayError(f"test mail refused: {exc}") from exc
-    finally:
-        outbox.close()
+    with _logins(settings) as made:
+        outbox = smtp_outbox(settings, made)
+        try:
+            outbox.open()
+            answer = outbox.send(test_message(settings, address), recipient=address)
+        except DeliveryRefused as exc:
+            raise RelayError(f"test mail refused: {exc}") from exc
+        finally:
+            outbox.close()
     return f"test mail to {address} accepted: {answer}"
 
 

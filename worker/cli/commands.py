@@ -6,19 +6,21 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from worker.config.settings import Secret, Settings, http_port_from_env
 from worker.delivery.getmyinvoices import ALREADY_THERE, GmiDestination
 from worker.delivery.smtp import SmtpOutbox
-from worker.errors import StoreError
+from worker.errors import ConfigError, StoreError
 from worker.faults import Checkpoint, checkpoint_for, no_checkpoint
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.trust import TrustPolicy
 from worker.models import (
     AuditFilter,
     AuditRow,
+    Credentials,
     DeliveryKind,
     PasswordCredentials,
     PollReport,
@@ -37,6 +39,7 @@ from worker.service.runner import SideServer
 from worker.store import migrate
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
+from worker.tokens import AuthMethod
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +84,60 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
     )
 
 
-def imap_mailbox(settings: Settings, *, for_idle: bool = False) -> ImapMailbox:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Logins:
+    """What IMAP and SMTP log in with for one command: passwords, or OAuth2 token
+    credentials (their token sources live as long as the command: `logins`)."""
+
+    imap: Credentials
+    smtp: Credentials | None  # None: the SMTP server takes mail without a login
+
+
+def password_logins(settings: Settings) -> Logins:
+    """The password logins; for settings with an oauth2 login, `logins` is needed (its
+    tokens live in the store)."""
+    if settings.oauth is not None:
+        raise ConfigError("INVOICE_RELAY_IMAP_AUTH", "an oauth2 login needs the token store")
+    return Logins(
+        imap=PasswordCredentials(user=settings.imap_user, password=settings.imap_password),
+        smtp=smtp_credentials(settings),
+    )
+
+
+@contextmanager
+def logins(settings: Settings, store: SqlStore) -> Iterator[Logins]:
+    """The command's logins; OAuth2 token sources (and their HTTP client) are closed
+    when the command ends."""
+    if settings.oauth is None:
+        yield password_logins(settings)
+        return
+    from worker.cli.oauth import oauth_logins  # MSAL and google-auth only when used
+
+    made = oauth_logins(settings, store)
+    if made is None:  # no protocol on oauth2: Settings left `oauth` unset then
+        yield password_logins(settings)
+        return
+    on_oauth2 = settings.smtp_auth is AuthMethod.OAUTH2
+    try:
+        yield Logins(
+            imap=made.imap
+            or PasswordCredentials(user=settings.imap_user, password=settings.imap_password),
+            smtp=made.smtp if on_oauth2 else smtp_credentials(settings),
+        )
+    finally:
+        made.sources.close()
+
+
+def imap_mailbox(
+    settings: Settings, logins: Logins | None = None, *, for_idle: bool = False
+) -> ImapMailbox:
     """The polled folder; `for_idle`: the watcher's connection of its own, which stays
     open for hours and so has no poll deadline."""
     return ImapMailbox(
         host=settings.imap_host,
         port=settings.imap_port,
         security=settings.imap_security,
-        credentials=PasswordCredentials(user=settings.imap_user, password=settings.imap_password),
+        credentials=(logins or password_logins(settings)).imap,
         folder=settings.imap_folder,
         ca_file=settings.ca_file,
         timeout=settings.timeout_seconds,
@@ -105,12 +154,12 @@ def smtp_credentials(settings: Settings) -> PasswordCredentials | None:
     )
 
 
-def smtp_outbox(settings: Settings) -> SmtpOutbox:
+def smtp_outbox(settings: Settings, logins: Logins | None = None) -> SmtpOutbox:
     return SmtpOutbox(
         host=settings.smtp_host,
         port=settings.smtp_port,
         security=settings.smtp_security,
-        credentials=smtp_credentials(settings),
+        credentials=(logins or password_logins(settings)).smtp,
         forward_from=settings.forward_from,
         forward_to=settings.forward_to,
         ca_file=settings.ca_file,
@@ -146,12 +195,16 @@ def gmi_destination(
 
 
 def destination(
-    settings: Settings, store: SqlStore, *, checkpoint: Checkpoint = no_checkpoint
+    settings: Settings,
+    store: SqlStore,
+    logins: Logins | None = None,
+    *,
+    checkpoint: Checkpoint = no_checkpoint,
 ) -> Destination:
     """Where documents go (INVOICE_RELAY_DELIVERY)."""
     if settings.delivery is DeliveryKind.GETMYINVOICES:
         return gmi_destination(settings, store, checkpoint=checkpoint)
-    return smtp_outbox(settings)
+    return smtp_outbox(settings, logins)
 
 
 def pdf_inspector(settings: Settings) -> PdfInspector:
@@ -187,6 +240,7 @@ def prepared_store(settings: Settings) -> SqlStore:
 def _pipeline(
     settings: Settings,
     store: SqlStore,
+    logins: Logins,
     *,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
@@ -202,12 +256,12 @@ def _pipeline(
     try:
         yield Pipeline(
             config=pipeline_config(settings),
-            mailbox=imap_mailbox(settings),
-            outbox=destination(settings, store, checkpoint=checkpoint),
+            mailbox=imap_mailbox(settings, logins),
+            outbox=destination(settings, store, logins, checkpoint=checkpoint),
             # INVOICE_RELAY_SMTP_SESSIONS: more SMTP sessions side by side; the API has
             # one client, paced by its budgets.
             more_outboxes=(
-                [smtp_outbox(settings) for _ in range(settings.smtp_sessions - 1)]
+                [smtp_outbox(settings, logins) for _ in range(settings.smtp_sessions - 1)]
                 if settings.delivery is DeliveryKind.SMTP
                 else []
             ),
@@ -218,7 +272,7 @@ def _pipeline(
             progress=progress,
             checkpoint=checkpoint,
             tidier=(
-                mail_tidier(settings, actions_store, checkpoint=checkpoint)
+                mail_tidier(settings, actions_store, logins, checkpoint=checkpoint)
                 if actions_store is not None
                 else None
             ),
@@ -229,7 +283,11 @@ def _pipeline(
 
 
 def mail_tidier(
-    settings: Settings, store: MailActionStore, *, checkpoint: Checkpoint = no_checkpoint
+    settings: Settings,
+    store: MailActionStore,
+    logins: Logins,
+    *,
+    checkpoint: Checkpoint = no_checkpoint,
 ) -> MailTidier | None:
     """The after-forward step, with an IMAP session of its own; None for `keep`."""
     if not settings.after_forward.changes_mailbox:
@@ -237,7 +295,7 @@ def mail_tidier(
     return MailTidier(
         after=settings.after_forward,
         mailbox=mailbox_name(settings),
-        actions=imap_mailbox(settings),
+        actions=imap_mailbox(settings, logins),
         store=store,
         clock=lambda: datetime.now(UTC),
         checkpoint=checkpoint,
@@ -247,6 +305,7 @@ def mail_tidier(
 def poll_once(
     settings: Settings,
     store: SqlStore,
+    logins: Logins,
     *,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
@@ -265,6 +324,7 @@ def poll_once(
         with _pipeline(
             settings,
             store,
+            logins,
             stop=stop,
             progress=progress,
             inspector=inspector,
@@ -272,11 +332,11 @@ def poll_once(
         ) as pipeline:
             report = pipeline.poll()
         # Inside the poll lock: no other replica records sightings while it reads them.
-        notify_after_poll(settings, store)
+        notify_after_poll(settings, store, logins)
         return report
 
 
-def notify_after_poll(settings: Settings, store: SqlStore) -> None:
+def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> None:
     """One failure notice to INVOICE_RELAY_NOTIFY_TO when one is due; a failure to send
     it is logged by the notifier and never fails the poll."""
     if settings.notify_to is None:
@@ -286,7 +346,7 @@ def notify_after_poll(settings: Settings, store: SqlStore) -> None:
 
     Notifier(
         log=SqlNoticeLog(store.engine),
-        sender=lambda: smtp_outbox(settings),
+        sender=lambda: smtp_outbox(settings, logins),
         notify_to=settings.notify_to,
         notify_from=settings.forward_from,
         mailbox=mailbox_name(settings),
@@ -297,7 +357,8 @@ def notify_after_poll(settings: Settings, store: SqlStore) -> None:
 def once(settings: Settings, *, progress: Callable[[str], None] | None = None) -> PollReport:
     store = prepared_store(settings)
     try:
-        return poll_once(settings, store, progress=progress)
+        with logins(settings, store) as made:
+            return poll_once(settings, store, made, progress=progress)
     finally:
         store.close()
 
@@ -314,11 +375,18 @@ def dry_run(settings: Settings) -> list[PlannedSighting]:
         up_to_date = False
     if up_to_date:
         store = SqlStore(url)
+    elif settings.oauth is not None:
+        # A token got now may come with a rotated refresh token: kept only in memory it
+        # would be lost, and the one configured already spent.
+        raise StoreError(
+            "a dry run with an oauth2 login needs the migrated database, where its tokens "
+            "are kept (run `invoice-relay db upgrade` first)"
+        )
     else:
         store = SqlStore("sqlite://")
         create_schema(store.engine)
     try:
-        with _pipeline(settings, store) as pipeline:
+        with logins(settings, store) as made, _pipeline(settings, store, made) as pipeline:
             return pipeline.plan()
     finally:
         store.close()
@@ -331,6 +399,7 @@ def run_service(settings: Settings) -> int:
 
     spec = parse_schedule(settings.schedule, settings.timezone)
     stop = threading.Event()
+    closing = ExitStack()
     # Installed before the wait for the database: a SIGTERM then is a clean stop too.
     with stop_on_signals(stop):
         store = _store_with_backoff(settings, stop)
@@ -343,8 +412,10 @@ def run_service(settings: Settings) -> int:
         inspector = pdf_inspector(settings)
         inspector.prestart()  # warm before the first mail, not on its arrival
         try:
+            # The token sources serve every poll and the IDLE watcher for the service's life.
+            login_with = closing.enter_context(logins(settings, store))
             requests = PollRequests(
-                lambda: poll_once(settings, store, stop=stop, inspector=inspector)
+                lambda: poll_once(settings, store, login_with, stop=stop, inspector=inspector)
             )
             service = Service(
                 poll=requests.poll,
@@ -358,10 +429,11 @@ def run_service(settings: Settings) -> int:
             )
             if settings.idle:  # polls as soon as mail comes; the schedule stays the net
                 requests.connect(service.poll_now)
-                mailbox = imap_mailbox(settings, for_idle=True)
+                mailbox = imap_mailbox(settings, login_with, for_idle=True)
                 IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
             return service.run()
         finally:
+            closing.close()
             inspector.close()
             store.close()
 

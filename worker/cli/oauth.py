@@ -1,9 +1,8 @@
 """Wiring for OAuth2 logins: from the settings to the IMAP and SMTP token credentials,
 and the `oauth status` and `oauth login` commands.
 
-Not yet called by the commands: the IMAP and SMTP adapters take a `TokenCredentials`
-once their credentials seam has landed (worker.models' Credentials); then `open_*` in
-worker.cli.commands passes these instead of a password when `*_AUTH` is oauth2.
+worker.cli.commands' `logins` hands these to the adapters (as worker.models'
+Credentials) when `*_AUTH` is oauth2, and closes the token sources when the command ends.
 """
 
 from __future__ import annotations

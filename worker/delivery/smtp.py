@@ -31,7 +31,9 @@ from worker.errors import (
     DeliveryRejected,
     DeliveryUncertain,
     SessionRefused,
+    TokenEndpointError,
 )
+from worker.mail.sasl import Exchange, SaslError, login_with_token, preferred_mechanism
 from worker.mail.text import clean_text
 from worker.models import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -42,6 +44,7 @@ from worker.models import (
     Receipt,
     Security,
 )
+from worker.tokens import AccessToken, TokenCredentials
 
 __all__ = ["LOST_DURING_SEND", "SmtpOutbox"]
 
@@ -184,7 +187,7 @@ class SmtpOutbox:
                 smtp.ehlo()
             if self._credentials is not None:
                 self._log_in(smtp, self._credentials)
-        except SessionRefused:
+        except (SessionRefused, TokenEndpointError):
             _discard(smtp)
             raise
         except (smtplib.SMTPException, OSError) as exc:
@@ -208,6 +211,9 @@ class SmtpOutbox:
         not ASCII (which smtplib cannot encode), AUTH PLAIN in UTF-8 (RFC 4954, RFC 4616).
         Raises `SessionRefused` when the server offers no mechanism that carries it."""
         match credentials:
+            case TokenCredentials():
+                self._log_in_with_token(smtp, credentials)
+                return
             case PasswordCredentials(user=user, password=secret):
                 password = secret.reveal()
         if not user:
@@ -233,6 +239,39 @@ class SmtpOutbox:
             return
         if code != 235:
             raise smtplib.SMTPAuthenticationError(code, answer)
+
+    def _log_in_with_token(self, smtp: smtplib.SMTP, credentials: TokenCredentials) -> None:
+        """AUTH XOAUTH2 (OAUTHBEARER where that is all it offers) with an initial response;
+        the server's error challenge is answered with an empty line (worker.mail.sasl's
+        Exchange), never in a loop. A refused token gets one retry with a fresh one, in
+        the same session (a 535 leaves it usable)."""
+        if not smtp.has_extn("auth"):
+            raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
+        offered = smtp.esmtp_features.get("auth", "").upper().split()
+        mechanism = preferred_mechanism(frozenset(offered))
+        if mechanism is None:
+            raise self._refused(
+                "the server offers no OAuth2 login (AUTH XOAUTH2 or OAUTHBEARER; it offers "
+                f"{' '.join(offered) or 'none'}); check INVOICE_RELAY_SMTP_AUTH"
+            )
+        answers: list[str] = []
+
+        def attempt(token: AccessToken) -> SaslError | None:
+            exchange = Exchange(mechanism=mechanism, user=credentials.user, token=token.value)
+            try:
+                smtp.auth(mechanism, exchange.text, initial_response_ok=True)
+            except smtplib.SMTPAuthenticationError as exc:
+                answers.append(_answer(exc.smtp_code, exc.smtp_error))
+                return exchange.error or SaslError(status=str(exc.smtp_code))
+            return None
+
+        error = login_with_token(credentials.tokens, attempt)
+        if error is not None:
+            raise self._refused(
+                f"OAuth2 login as {credentials.user} refused ({mechanism}, {error.status}): "
+                f"{answers[-1]}; the mailbox may not send with this app (SMTP.SendAsApp, "
+                "SMTP AUTH enabled on the mailbox: docs/oauth.md)"
+            )
 
     def deliver(
         self,
@@ -569,7 +608,7 @@ def _password(credentials: Credentials | None) -> str:
     match credentials:
         case PasswordCredentials(password=secret):
             return secret.reveal()
-        case None:
+        case TokenCredentials() | None:
             return ""
 
 

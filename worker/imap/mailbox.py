@@ -18,7 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,9 +29,12 @@ from worker.errors import (
     MailboxFolderError,
     MailboxLoginError,
     MailboxLoginUnsupported,
+    MailboxTokenRefused,
+    TokenEndpointError,
 )
 from worker.imap.results import SUMMARY_ITEMS, section_of, summary_of
 from worker.imap.session import AUTHENTICATE_PLAIN, LOGIN, Client, login_command
+from worker.mail.sasl import Exchange, SaslError, login_with_token, preferred_mechanism
 from worker.models import (
     DEFAULT_TIMEOUT_SECONDS,
     Credentials,
@@ -40,6 +43,7 @@ from worker.models import (
     PasswordCredentials,
     Security,
 )
+from worker.tokens import AccessToken, TokenCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ class ImapMailbox:
         self._deadline: float | None = None  # time.monotonic() the session must end by
         self._watchdog: threading.Timer | None = None
         self._expired = threading.Event()
+        self._token_expires_at: datetime | None = None  # of the token this session used
 
     def __repr__(self) -> str:
         return (
@@ -98,6 +103,8 @@ class ImapMailbox:
         match self.credentials:
             case PasswordCredentials(password=secret):
                 return secret.reveal()
+            case TokenCredentials():
+                return ""
 
     # --- the session -----------------------------------------------------------------
 
@@ -119,7 +126,7 @@ class ImapMailbox:
         try:
             self._login(client)
             status = self._examine(client)
-        except MailboxError:
+        except (MailboxError, TokenEndpointError):
             self.close()
             raise
         logger.debug(
@@ -138,6 +145,15 @@ class ImapMailbox:
             if watchdog is not None:
                 watchdog.cancel()
             self._deadline = None
+            self._token_expires_at = None
+
+    def token_expires_in(self) -> float | None:
+        """Seconds until the OAuth2 token this session logged in with expires (Exchange
+        then ends it with `BYE ... AccessTokenExpired`); None for a password login or
+        no session."""
+        if self._token_expires_at is None:
+            return None
+        return (self._token_expires_at - datetime.now(UTC)).total_seconds()
 
     # --- the whole-poll deadline -------------------------------------------------------
 
@@ -217,9 +233,56 @@ class ImapMailbox:
         return client
 
     def _login(self, client: Any) -> None:
+        match self.credentials:
+            case TokenCredentials() as credentials:
+                self._login_with_token(client, credentials)
+            case PasswordCredentials(user=user, password=secret):
+                self._login_with_password(client, user, secret.reveal())
+
+    def _login_with_token(self, client: Any, credentials: TokenCredentials) -> None:
+        """AUTHENTICATE XOAUTH2 (OAUTHBEARER where that is all the server offers), through
+        `sasl_login` with worker.mail.sasl's Exchange: imapclient's `oauth2_login` would
+        answer the error challenge with the token again. A refused token gets one retry
+        with a fresh one (worker.mail.sasl.login_with_token) on the same connection."""
+        offered = frozenset(
+            capability.decode("ascii", "replace").removeprefix("AUTH=")
+            for capability in client.known_capabilities()
+            if capability.startswith(b"AUTH=")
+        )
+        mechanism = preferred_mechanism(offered)
+        if mechanism is None:
+            raise MailboxTokenRefused(
+                "the server offers neither AUTHENTICATE XOAUTH2 nor OAUTHBEARER "
+                "(check INVOICE_RELAY_IMAP_AUTH)",
+                host=self.host,
+                port=self.port,
+            )
+        refusals: list[str] = []
+
+        def attempt(token: AccessToken) -> SaslError | None:
+            exchange = Exchange(mechanism=mechanism, user=credentials.user, token=token.value)
+            try:
+                with self._translated(f"AUTHENTICATE {mechanism}"):
+                    client.sasl_login(mechanism, exchange)
+            except MailboxLoginError as exc:
+                # The server's own words, without our "IMAP host:port" prefix.
+                refusals.append(_server_text(exc.__cause__ or exc))
+                return exchange.error or SaslError(status="refused")
+            self._token_expires_at = token.expires_at
+            return None
+
+        error = login_with_token(credentials.tokens, attempt)
+        if error is not None:
+            raise MailboxTokenRefused(
+                f"{mechanism} as {credentials.user} ({error.status}"
+                f"{', scope ' + error.scope if error.scope else ''}): {refusals[-1]}",
+                host=self.host,
+                port=self.port,
+            )
+
+    def _login_with_password(self, client: Any, user: str, password: str) -> None:
         """LOGIN, or AUTHENTICATE PLAIN in UTF-8 (RFC 4616) for a user or password that
         LOGIN cannot carry (it is ASCII-only)."""
-        user, password = self.user, self._password
         method = login_command(user, password, client.known_capabilities())
         if method == LOGIN:
             command = client.login
@@ -378,7 +441,7 @@ class ImapMailbox:
         try:
             self._login(client)
             status = self._select(client, self.folder, readonly=False)
-        except MailboxError:
+        except (MailboxError, TokenEndpointError):
             _quietly_logout(client)
             raise
         self._client = client

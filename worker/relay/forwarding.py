@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from worker.errors import DeliveryRefused, DeliveryThrottled, DeliveryUnavailable, StoreError
+from worker.errors import (
+    DeliveryRefused,
+    DeliveryThrottled,
+    DeliveryUnavailable,
+    StoreError,
+    TokenEndpointError,
+)
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.models import (
     DEFAULT_LEASE_SECONDS,
@@ -155,7 +161,7 @@ class Forwarder:
         # open it lowers the number of sessions for this call instead of failing it,
         # and the refusal is kept in `refused_at_open` for the group to judge.
         self._one_of_several = one_of_several
-        self.refused_at_open: DeliveryUnavailable | None = None
+        self.refused_at_open: DeliveryUnavailable | TokenEndpointError | None = None
         self._config = rules
         self._outbox = outbox
         self._store = store
@@ -209,7 +215,9 @@ class Forwarder:
                             more_follows=index + 1 < len(claimed),
                         )
                         self._checkpoint(CrashPoint.AFTER_SEND)
-                    except DeliveryUnavailable as refusal:
+                    except (DeliveryUnavailable, TokenEndpointError) as refusal:
+                        # No token for the SMTP login is as good as no session: nothing
+                        # of this document went out.
                         marks.settle()
                         untouched = []
                         self._release(claimed[index:])

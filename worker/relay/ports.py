@@ -40,7 +40,8 @@ class Mailbox(Protocol):
     """One IMAP folder, opened read-only. Raises `worker.errors.MailboxError`."""
 
     def open(self) -> FolderStatus:
-        """Connect, log in and EXAMINE the folder (read-only)."""
+        """Connect, log in and EXAMINE the folder (read-only). An OAuth2 login whose
+        token cannot be had raises `worker.errors.TokenEndpointError`."""
 
     def new_uids(self, after_uid: int, since: date | None) -> list[int]:
         """UIDs greater than `after_uid` (received on or after `since`), ascending."""
@@ -73,7 +74,8 @@ class Destination(Protocol):
     """
 
     def open(self) -> None:
-        """Connect and log in. Raises `DeliveryUnavailable`."""
+        """Connect and log in. Raises `DeliveryUnavailable`, or `TokenEndpointError`
+        when an OAuth2 login's token cannot be had (nothing was sent either way)."""
 
     def deliver(
         self,

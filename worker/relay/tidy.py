@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from worker.errors import MailboxError
+from worker.errors import MailboxError, TokenEndpointError
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.models import AfterForward, MailActionMode, UntidiedMail
 from worker.relay.ports import MailActions, MailActionStore
@@ -235,7 +235,7 @@ def tidy_quietly(tidier: MailTidier, uidvalidity: int) -> TidyReport:
     everything forwarded is recorded and the next poll takes the action."""
     try:
         return tidier.tidy(uidvalidity)
-    except MailboxError as exc:
+    except (MailboxError, TokenEndpointError) as exc:
         log.warning(
             "after-forward action failed: %s",
             exc,

@@ -2,7 +2,9 @@
 
 `IdleWatcher` keeps one connection of its own in IDLE (RFC 2177), re-issues it before
 servers drop an idle client (RFC 2177 asks clients to re-issue within 29 minutes), and
-reconnects with backoff when the connection drops. Each announcement becomes a call of
+reconnects with backoff when the connection drops. A session logged in with an OAuth2
+token is ended and opened again shortly before that token expires (Exchange Online ends
+it with `BYE ... AccessTokenExpired` otherwise). Each announcement becomes a call of
 `on_new_mail`; the schedule stays the safety net. A server without IDLE is logged once
 and left to the schedule.
 
@@ -21,14 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from worker.errors import MailboxError
+from worker.errors import MailboxError, TokenEndpointError
 from worker.models import FolderStatus, PollReport
 
 log = logging.getLogger(__name__)
 
 
 class IdleMailbox(Protocol):
-    """The IDLE side of `worker.imap.mailbox.ImapMailbox`. Raises `MailboxError`."""
+    """The IDLE side of `worker.imap.mailbox.ImapMailbox`. Raises `MailboxError`, and
+    `TokenEndpointError` from `open` when an OAuth2 login's token cannot be had."""
 
     def open(self) -> FolderStatus: ...
 
@@ -41,6 +44,10 @@ class IdleMailbox(Protocol):
 
     def idle_done(self) -> bool:
         """Leave IDLE; True when new mail was announced meanwhile."""
+
+    def token_expires_in(self) -> float | None:
+        """Seconds until the OAuth2 token the session logged in with expires; None for a
+        password login."""
 
     def close(self) -> None: ...
 
@@ -56,6 +63,20 @@ class IdleTiming:
     check_seconds: float = 1.0  # one wait on the socket: how soon a stop is noticed
     first_backoff_seconds: float = 1.0
     max_backoff_seconds: float = 300.0
+    token_lead_seconds: float = 60.0  # an OAuth2 session is renewed this long before its end
+
+
+def renew_session_after(token_expires_in: float | None, timing: IdleTiming) -> float | None:
+    """Seconds from now until a session logged in with an OAuth2 token is closed and
+    opened again: `token_lead_seconds` before the token expires, or a quarter of the time
+    left when that is shorter. Either way the token is then within the token source's
+    refresh margin (worker.auth.cache: 5 minutes, or half of a short token's life), so
+    the new session gets a fresh token, not the same one again. None: a password login,
+    which only the server ends."""
+    if token_expires_in is None:
+        return None
+    lead = min(timing.token_lead_seconds, token_expires_in / 4)
+    return max(token_expires_in - lead, 0.0)
 
 
 def next_backoff(previous: float, timing: IdleTiming) -> float:
@@ -90,9 +111,10 @@ class IdleWatcher:
         """Watch until `stop` is set, or return at once when the server lacks IDLE."""
         delay = self._timing.first_backoff_seconds
         reconnecting = False
+        uidnext: int | None = None  # at the last open: mail may come between two sessions
         while not self._stop.is_set():
             try:
-                self._mailbox.open()
+                status = self._mailbox.open()
                 if not self._mailbox.supports_idle():
                     log.warning(
                         "the IMAP server offers no IDLE: polling on the schedule only",
@@ -100,12 +122,19 @@ class IdleWatcher:
                     )
                     return IdleEnd.UNSUPPORTED
                 log.info("watching for new mail (IMAP IDLE)", extra={"action": "idle_watching"})
-                if reconnecting:
+                if reconnecting or (uidnext is not None and status.uidnext != uidnext):
                     # Mail that came while the connection was down was never announced.
                     self._on_new_mail()
+                uidnext, reconnecting = status.uidnext, False
                 delay = self._timing.first_backoff_seconds
-                self._watch()
-            except MailboxError as exc:
+                renew_after = renew_session_after(self._mailbox.token_expires_in(), self._timing)
+                self._watch(None if renew_after is None else self._clock() + renew_after)
+                if not self._stop.is_set():
+                    log.info(
+                        "renewing the IDLE session before its OAuth2 token expires",
+                        extra={"action": "idle_token_renewal"},
+                    )
+            except (MailboxError, TokenEndpointError) as exc:  # no token yet is an outage too
                 log.warning(
                     "IDLE connection lost, reconnecting in %.0f s: %s",
                     delay,
@@ -130,11 +159,17 @@ class IdleWatcher:
                 self._mailbox.close()
         return IdleEnd.STOPPED
 
-    def _watch(self) -> None:
+    def _watch(self, session_ends: float | None) -> None:
+        """IDLE until `stop`, or until `session_ends` (on the watcher's clock): then the
+        caller opens a new session, with a fresh token."""
         timing = self._timing
         while not self._stop.is_set():
+            if session_ends is not None and self._clock() >= session_ends:
+                return
             self._mailbox.idle_start()
             renew_at = self._clock() + timing.renew_seconds
+            if session_ends is not None:
+                renew_at = min(renew_at, session_ends)
             announced = False
             while not announced and not self._stop.is_set():
                 left = renew_at - self._clock()

@@ -12,7 +12,14 @@ import pytest
 
 from worker.errors import MailboxError
 from worker.models import FolderStatus, PollReport
-from worker.service.idle import IdleEnd, IdleTiming, IdleWatcher, PollRequests, next_backoff
+from worker.service.idle import (
+    IdleEnd,
+    IdleTiming,
+    IdleWatcher,
+    PollRequests,
+    next_backoff,
+    renew_session_after,
+)
 
 TIMING = IdleTiming(
     renew_seconds=10.0, check_seconds=1.0, first_backoff_seconds=1.0, max_backoff_seconds=8.0
@@ -38,7 +45,12 @@ class ScriptedMailbox:
     idle: bool = True
     now: float = 0.0
     calls: list[str] = field(default_factory=list)
+    opened_at: float = 0.0
     opens: list[bool] = field(default_factory=list)  # False: refused; empty: all succeed
+    # Per open: seconds the session's OAuth2 token has left (None: a password login).
+    token_lives: list[float | None] = field(default_factory=list)
+    uidnexts: list[int] = field(default_factory=list)  # per open; empty: always 1
+    token_life: float | None = None
 
     def clock(self) -> float:
         return self.now
@@ -47,7 +59,15 @@ class ScriptedMailbox:
         self.calls.append("open")
         if self.opens and not self.opens.pop(0):
             raise MailboxError("connection refused", host="imap.test", port=143)
-        return FolderStatus(uidvalidity=1, uidnext=1, exists=0)
+        self.token_life = self.token_lives.pop(0) if self.token_lives else None
+        self.opened_at = self.now
+        uidnext = self.uidnexts.pop(0) if self.uidnexts else 1
+        return FolderStatus(uidvalidity=1, uidnext=uidnext, exists=0)
+
+    def token_expires_in(self) -> float | None:
+        if self.token_life is None:
+            return None
+        return self.token_life - (self.now - self.opened_at)
 
     def supports_idle(self) -> bool:
         return self.idle
@@ -72,6 +92,7 @@ class ScriptedMailbox:
 
     def close(self) -> None:
         self.calls.append("close")
+        self.token_life = None
 
 
 def watch(
@@ -119,6 +140,53 @@ def test_idle_is_reissued_before_the_server_timeout() -> None:
     assert mailbox.calls.count("idle") == 2
     first_done = mailbox.calls.index("done")
     assert mailbox.calls[first_done - 10 : first_done] == ["wait:False"] * 10
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "renew_after"),
+    [
+        (None, None),  # a password login: only the server ends the session
+        (3600.0, 3540.0),  # an hour's token: a minute before its end
+        (240.0, 180.0),  # under the token source's 5 minute margin: still a minute before
+        (120.0, 90.0),  # a short token: a quarter of what is left, within half its life
+        (8.0, 6.0),
+        (0.0, 0.0),  # expired already: at once
+        (-5.0, 0.0),
+    ],
+)
+def test_an_oauth2_session_is_renewed_before_its_token_ends(
+    expires_in: float | None, renew_after: float | None
+) -> None:
+    assert renew_session_after(expires_in, IdleTiming(token_lead_seconds=60.0)) == renew_after
+
+
+def test_an_oauth2_session_reconnects_before_its_token_expires() -> None:
+    # Tokens good for 13 s: each session ends 3.25 s before (a quarter of 13 s), so at
+    # 9.75 s, inside the renewal interval of 10 s: DONE, close, a new session.
+    mailbox, events, end, _ = watch([False] * 14, token_lives=[13.0, 13.0])
+
+    assert end is IdleEnd.STOPPED
+    assert mailbox.calls.count("open") == 2
+    first_close = mailbox.calls.index("close")
+    assert mailbox.calls[first_close - 2 : first_close + 3] == [
+        "wait:False",
+        "done",
+        "close",
+        "open",
+        "idle",
+    ]
+    # 9.75 s in 1 s waits: nine full waits and a short one, then the new session.
+    assert mailbox.calls[:first_close].count("wait:False") == 10
+    assert events == []  # nothing arrived between the sessions: no poll
+
+
+def test_mail_between_two_oauth2_sessions_is_polled_for() -> None:
+    # Tokens good for 8 s: a new session after 6 s, which sees UIDNEXT moved on.
+    mailbox, events, _, _ = watch([False] * 8, token_lives=[8.0, 8.0], uidnexts=[5, 6])
+
+    assert mailbox.calls.count("open") == 2
+    assert events == ["poll"]
+    assert mailbox.calls.index("poll") == mailbox.calls.index("open", 1) + 1
 
 
 def test_a_server_without_idle_is_left_to_the_schedule_and_logged_once(
