@@ -97,6 +97,7 @@ class Pipeline:
         mailbox: Mailbox,
         outbox: Destination,
         store: PipelineStore,
+        owner: str,
         inspector: Inspector,
         pacer: SendPacer | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -112,6 +113,9 @@ class Pipeline:
         self._checkpoint = checkpoint
         self._mailbox = mailbox
         self._store = store
+        # This process's lease token: the caller holds the poll lease under it, and
+        # every write of the poll names it (fencing).
+        self._owner = owner
         self._clock = clock
         self._stop = stop or threading.Event()
         self._progress = progress
@@ -140,6 +144,7 @@ class Pipeline:
             ),
             outbox=outbox,
             store=store,
+            owner=owner,
             pacer=pacer or SendPacer(None),
             clock=clock,
             rng=rng or random.Random(),  # noqa: S311 - jitter, not security
@@ -295,7 +300,7 @@ class Pipeline:
                 uids=None,
                 reason="UIDVALIDITY changed: the folder was read again",
             )
-        self._store.reset_position(mailbox, status.uidvalidity)
+        self._store.reset_position(mailbox, status.uidvalidity, owner=self._owner)
 
     def _retry_errors(self, uidvalidity: int) -> Counter[Outcome]:
         config = self._config
@@ -350,6 +355,7 @@ class Pipeline:
             dedup=self._config.dedup,
             keep_pdfs=self._config.keep_pdfs,
             now=self._clock(),
+            owner=self._owner,
         )
         self._checkpoint(CrashPoint.AFTER_RECORD)
         for sighting in recorded:

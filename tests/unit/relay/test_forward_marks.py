@@ -33,14 +33,26 @@ class SlowMarks(SqlStore):
         self.marks = 0
 
     def mark_forwarded(
-        self, document_id: int, *, message_id: str, answer: str, now: datetime, keep_pdf: bool
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        message_id: str,
+        answer: str,
+        now: datetime,
+        keep_pdf: bool,
     ) -> None:
         self.marks += 1
         time.sleep(self.delay)
         if self.marks == self.fail_on:
             raise StoreError("disk I/O error")
         super().mark_forwarded(
-            document_id, message_id=message_id, answer=answer, now=now, keep_pdf=keep_pdf
+            document_id,
+            owner=owner,
+            message_id=message_id,
+            answer=answer,
+            now=now,
+            keep_pdf=keep_pdf,
         )
 
 
