@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import sqlalchemy as sa
 
@@ -25,7 +26,15 @@ from worker.store.sqlstore import SqlStore
 OWNER = "tests"
 
 
-def poll_owner(store: SqlStore, mailbox: str) -> str:
+class PollLeases(Protocol):
+    """The poll-lease half of `SqlStore` that `FakeStore` has too."""
+
+    def take_poll_lease(self, mailbox: str, *, owner: str, lease_seconds: float) -> bool: ...
+
+    def end_poll_lease(self, mailbox: str, *, owner: str) -> None: ...
+
+
+def poll_owner(store: PollLeases, mailbox: str) -> str:
     """OWNER, holding (or renewed in) the poll lease of `mailbox`, which writes of a poll
     need. Five minutes: longer than any test that records."""
     if not store.take_poll_lease(mailbox, owner=OWNER, lease_seconds=300):
