@@ -15,6 +15,7 @@ from worker.delivery.message import build_forward
 from worker.errors import (
     DeliveryRefused,
     DeliveryUnavailable,
+    LeaseLost,
     MailboxError,
     PdfCheckFailed,
     SessionRefused,
@@ -337,6 +338,7 @@ class _Document:
     attempts: int = 0
     next_attempt_at: datetime
     lease_until: datetime | None = None
+    lease_owner: str | None = None
     resend_count: int = 0
     content: bytes | None = None  # None once dropped after forwarding
     forwarded_at: datetime | None = None
@@ -345,23 +347,103 @@ class _Document:
 
 
 class FakeStore:
-    """Every store Protocol (`PollStore`, `SendQueue`, `AuditReader`, `AdminStore`) in
-    memory, for tests of what uses the store rather than of SQL. It keeps the rules that
-    `tests/unit/store/test_contract.py` checks against `SqlStore` too: a sighting per
-    (mailbox, uidvalidity, uid, part), replaced only while it is an ERROR; a document per
-    sha256 and per content key, the later sighting a DUPLICATE naming the key."""
+    """Every store Protocol (`PollStore`, `SendQueue`, `Leases`, `AuditReader`,
+    `AdminStore`) in memory, for tests of what uses the store rather than of SQL. It keeps
+    the rules that `tests/unit/store/test_contract.py` checks against `SqlStore` too: a
+    sighting per (mailbox, uidvalidity, uid, part), replaced only while it is an ERROR; a
+    document per sha256 and per content key, the later sighting a DUPLICATE naming the
+    key; leases with an owner and an expiry on `clock` (the database's clock of
+    `SqlStore`), every write under one fenced by its owner (`LeaseLost`, nothing
+    changed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], datetime] | None = None) -> None:
+        # The "database's clock" on which leases expire; the real one unless a test
+        # moves it, so that the contract test can run one expiry against both stores.
+        self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self._positions: dict[str, MailboxPosition] = {}
         self.sightings: dict[int, _Sighting] = {}
         self.documents: dict[int, _Document] = {}
+        self.poll_leases: dict[str, tuple[str, datetime]] = {}  # mailbox: (owner, expiry)
+
+    # --- Leases ------------------------------------------------------------------------
+
+    def take_poll_lease(self, mailbox: str, *, owner: str, lease_seconds: float) -> bool:
+        """As `SqlStore.take_poll_lease`: False while another owner's lease runs; an
+        expired lease is taken over, the owner's own renewed."""
+        held = self.poll_leases.get(mailbox)
+        now = self.clock()
+        if held is not None and held[0] != owner and held[1] > now:
+            return False
+        self.poll_leases[mailbox] = (owner, now + timedelta(seconds=lease_seconds))
+        return True
+
+    def end_poll_lease(self, mailbox: str, *, owner: str) -> None:
+        held = self.poll_leases.get(mailbox)
+        if held is not None and held[0] == owner:
+            del self.poll_leases[mailbox]
+
+    def _fence_poll(self, mailbox: str, owner: str) -> None:
+        held = self.poll_leases.get(mailbox)
+        if held is None or held[0] != owner or held[1] <= self.clock():
+            raise LeaseLost(f"the poll lease of {mailbox}")
+
+    def _holds(self, document: _Document, owner: str) -> bool:
+        return (
+            document.lease_owner == owner
+            and document.lease_until is not None
+            and document.lease_until > self.clock()
+        )
+
+    def _leased(self, document_id: int, owner: str) -> _Document:
+        """The document, ending its lease; `LeaseLost` (nothing changed) unless `owner`
+        holds it."""
+        document = self.documents[document_id]
+        if not self._holds(document, owner):
+            raise LeaseLost(f"document {document_id}")
+        document.lease_until = None
+        document.lease_owner = None
+        return document
+
+    def still_holds(self, document_id: int, *, owner: str, lease_seconds: float) -> bool:
+        document = self.documents[document_id]
+        if not self._holds(document, owner):
+            return False
+        document.lease_until = self.clock() + timedelta(seconds=lease_seconds)
+        return True
+
+    def renew(self, owner: str, *, lease_seconds: float) -> int:
+        until = self.clock() + timedelta(seconds=lease_seconds)
+        renewed = 0
+        for document in self.documents.values():
+            if self._holds(document, owner):
+                document.lease_until = until
+                renewed += 1
+        now = self.clock()
+        for mailbox, (holder, expiry) in list(self.poll_leases.items()):
+            if holder == owner and expiry > now:
+                self.poll_leases[mailbox] = (owner, until)
+                renewed += 1
+        return renewed
+
+    def release_all(self, owner: str) -> int:
+        released = 0
+        for document in self.documents.values():
+            if document.lease_owner == owner:
+                document.lease_until = None
+                document.lease_owner = None
+                released += 1
+        for mailbox, (holder, _) in list(self.poll_leases.items()):
+            if holder == owner:
+                del self.poll_leases[mailbox]
+        return released
 
     # --- PollStore ---------------------------------------------------------------------
 
     def position(self, mailbox: str) -> MailboxPosition | None:
         return self._positions.get(mailbox)
 
-    def reset_position(self, mailbox: str, uidvalidity: int) -> None:
+    def reset_position(self, mailbox: str, uidvalidity: int, *, owner: str) -> None:
+        self._fence_poll(mailbox, owner)
         self._positions[mailbox] = MailboxPosition(
             mailbox=mailbox, uidvalidity=uidvalidity, last_uid=0
         )
@@ -376,6 +458,7 @@ class FakeStore:
         dedup: DedupMode,
         keep_pdfs: bool,
         now: datetime,
+        owner: str,
     ) -> list[RecordedSighting]:
         del keep_pdfs  # as in SqlStore: the bytes are kept until the document is forwarded
         for mail in mails:
@@ -386,6 +469,7 @@ class FakeStore:
                     raise ValueError(
                         f"uid {mail.uid} part {part.part!r}: a DOCUMENT needs sha256 and bytes"
                     )
+        self._fence_poll(mailbox, owner)
         whole = {mail.uid for mail in mails if all(part.part for part in mail.parts)}
         for sighting in list(self.sightings.values()):
             if (
@@ -536,19 +620,22 @@ class FakeStore:
     # --- SendQueue ---------------------------------------------------------------------
 
     def claim_due(
-        self, *, now: datetime, limit: int, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
     ) -> list[OutgoingDocument]:
+        # As in SqlStore: `now` says which retries are due, `clock` which leases expired.
+        leased_at = self.clock()
         due = [
             d
             for d in sorted(self.documents.values(), key=lambda d: d.id)
             if d.state is DocumentState.PENDING
             and d.next_attempt_at <= now
-            and (d.lease_until is None or d.lease_until <= now)
+            and (d.lease_until is None or d.lease_until <= leased_at)
             and d.content is not None
         ][:limit]
         claimed: list[OutgoingDocument] = []
         for document in due:
-            document.lease_until = now + timedelta(seconds=lease_seconds)
+            document.lease_until = leased_at + timedelta(seconds=lease_seconds)
+            document.lease_owner = owner
             assert document.content is not None
             introducing = next(
                 (
@@ -578,16 +665,16 @@ class FakeStore:
         self,
         document_id: int,
         *,
+        owner: str,
         message_id: str,
         answer: str,
         now: datetime,
         keep_pdf: bool,
         via: str = "smtp",
     ) -> None:
-        document = self.documents[document_id]
+        document = self._leased(document_id, owner)
         document.state = DocumentState.FORWARDED
         document.attempts += 1
-        document.lease_until = None
         document.forwarded_message_id = message_id
         document.forwarded_at = now
         document.last_answer = answer
@@ -595,29 +682,34 @@ class FakeStore:
             document.content = None
 
     def mark_retry(
-        self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        answer: str,
+        next_attempt_at: datetime,
+        failed: bool,
     ) -> None:
-        document = self.documents[document_id]
+        document = self._leased(document_id, owner)
         document.attempts += 1
-        document.lease_until = None
         document.last_answer = answer
         document.next_attempt_at = next_attempt_at
         if failed:
             document.state = DocumentState.FAILED
 
-    def mark_failed(self, document_id: int, *, answer: str) -> None:
-        document = self.documents[document_id]
+    def mark_failed(self, document_id: int, *, owner: str, answer: str) -> None:
+        document = self._leased(document_id, owner)
         document.state = DocumentState.FAILED
         document.attempts += 1
-        document.lease_until = None
         document.last_answer = answer
 
-    def release(self, document_id: int) -> None:
-        self.documents[document_id].lease_until = None
+    def release(self, document_id: int, *, owner: str) -> None:
+        self._leased(document_id, owner)
 
-    def postpone(self, document_id: int, *, answer: str, next_attempt_at: datetime) -> None:
-        document = self.documents[document_id]
-        document.lease_until = None
+    def postpone(
+        self, document_id: int, *, owner: str, answer: str, next_attempt_at: datetime
+    ) -> None:
+        document = self._leased(document_id, owner)
         document.last_answer = answer
         document.next_attempt_at = next_attempt_at
 
@@ -634,6 +726,7 @@ class FakeStore:
             document.attempts = 0
             document.next_attempt_at = now
             document.lease_until = None
+            document.lease_owner = None
         return len(chosen)
 
     def resend(self, *, sha256: str, now: datetime) -> bool:
@@ -647,6 +740,7 @@ class FakeStore:
                 document.resend_count += 1
                 document.next_attempt_at = now
                 document.lease_until = None
+                document.lease_owner = None
                 return True
         return False
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
+from tests.documents import OWNER, poll_owner
 from worker.models import (
     DedupMode,
     MailHeaders,
@@ -17,7 +18,7 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.store.schema import document_contents, sightings
+from worker.store.schema import document_contents, documents, sightings
 from worker.store.sqlstore import SqlStore
 
 MAILBOX = "relay@example.test/INBOX"
@@ -69,17 +70,19 @@ def record(
     advance_to: int | None = None,
     now: datetime = T0,
 ) -> list[RecordedSighting]:
-    return list(
-        store.record_mails(
-            mailbox=MAILBOX,
-            uidvalidity=UIDVALIDITY,
-            mails=mails,
-            advance_to=advance_to,
-            dedup=dedup,
-            keep_pdfs=False,
-            now=now,
-        )
+    recorded = store.record_mails(
+        owner=poll_owner(store, MAILBOX),
+        mailbox=MAILBOX,
+        uidvalidity=UIDVALIDITY,
+        mails=mails,
+        advance_to=advance_to,
+        dedup=dedup,
+        keep_pdfs=False,
+        now=now,
     )
+    # As a poll ends: the leases left are the documents', which the tests watch.
+    store.end_poll_lease(MAILBOX, owner=OWNER)
+    return recorded
 
 
 def sighting_tries(store: SqlStore, sighting_id: int) -> int:
@@ -99,3 +102,12 @@ def document_content(store: SqlStore, document_id: int) -> bytes | None:
             )
         ).scalar_one_or_none()
         return None if value is None else bytes(value)
+
+
+def document_row(store: SqlStore, document_id: int) -> dict[str, object]:
+    with store.engine.connect() as connection:
+        return dict(
+            connection.execute(sa.select(documents).where(documents.c.id == document_id))
+            .mappings()
+            .one()
+        )

@@ -249,6 +249,15 @@ class PdfCheckFailed(RelayError):
     """The PDF check crashed, ran out of memory or timed out."""
 
 
+class LeaseLost(RelayError):
+    """This process no longer holds the lease it wrote under; nothing was changed.
+
+    Its owner was frozen or cut off past the lease's expiry, so another process may
+    have taken the document or the mailbox over: the stale owner's write is refused
+    (fencing) and its work ends.
+    """
+
+
 class ConfigProblems(ConfigError):
     """Bad configuration, several problems: one line each.
 

@@ -28,7 +28,9 @@ DEFAULT_TIMEOUT_SECONDS = 60.0  # INVOICE_RELAY_TIMEOUT: each IMAP and SMTP wait
 DEFAULT_POLL_DEADLINE_SECONDS = 1800.0  # INVOICE_RELAY_POLL_DEADLINE: 30 minutes
 DEFAULT_PDF_TIMEOUT_SECONDS = 30.0  # INVOICE_RELAY_PDF_TIMEOUT: one PDF's check
 DEFAULT_PDF_MEMORY_MB = 1024  # INVOICE_RELAY_PDF_MEMORY_MB: one PDF worker's address space
-DEFAULT_LEASE_SECONDS = 3600.0  # a claimed send, when not derived from the timeouts
+DEFAULT_LEASE_SECONDS = (
+    30.0  # a claim or poll lease; renewed by the heartbeat while its owner lives
+)
 DEFAULT_SEND_BATCH = 10  # documents claimed per send session
 DEFAULT_BATCH_BYTES = 64_000_000  # RFC822.SIZE one fetch batch may hold
 DEFAULT_HTTP_PORT = 8080  # INVOICE_RELAY_HTTP_PORT: /livez, /healthz, /metrics

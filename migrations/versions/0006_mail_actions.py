@@ -18,8 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006_mail_actions"
-# MERGE: "0005_leases" once 0005 is merged; "0004_reason_codes" (the head so far) until then.
-down_revision: str | None = "0004_reason_codes"
+down_revision: str | None = "0005_leases"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import samples
-from tests.integration.guarantee_tools import sql_rows
+from tests.integration.guarantee_tools import sql_rows, wait_for_leases
 from tests.integration.test_relay import relay_env, run_relay
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
@@ -267,6 +267,9 @@ def _crash(env: Mapping[str, str], point: str) -> None:
     crashed = run_relay({**env, "INVOICE_RELAY_TEST_CRASH_AT": point}, "once")
     assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-3000:]
     assert "test_crash" in crashed.stderr
+    # The crashed process handed back none of its leases: the next poll waits out the
+    # default lease (30 s), as a user's next run would.
+    wait_for_leases(env["INVOICE_RELAY_DATABASE_URL"])
 
 
 @pytest.mark.parametrize(

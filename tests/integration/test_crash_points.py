@@ -44,7 +44,6 @@ def test_crash_at_each_step_loses_nothing(
             database_url,
             smtp_ca=smtp_ca,
             INVOICE_RELAY_TEST_CRASH_AT=f"{point}:{nth}",
-            INVOICE_RELAY_TEST_LEASE_SECONDS="1",
         )
         before = len(smtp.messages)
         crashed = run_once(env)

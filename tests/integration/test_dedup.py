@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from tests.integration.test_relay import relay_env, run_relay
 from tests.servers.dovecot import DovecotServer
@@ -74,6 +75,7 @@ def poll(
         mailbox=mailbox,
         outbox=outbox,
         store=store,
+        owner=poll_owner(store, "invoices@imap.example/INBOX"),
         inspector=inspector or FakeInspector(check=inspect_pdf),
         clock=lambda: datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
         rng=random.Random(4),

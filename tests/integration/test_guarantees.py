@@ -22,6 +22,7 @@ from tests.integration.guarantee_tools import (
     run_until_done,
     sql_rows,
     tally,
+    wait_for_leases,
 )
 from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
@@ -36,15 +37,20 @@ KILL_SEED = 20261124
 def test_sigkill_during_a_backfill_loses_nothing(
     imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
 ) -> None:
+    # With the default lease (30 s, renewed by a live owner): no setting shortens it.
     batch = invoices(BACKFILL, first=10_000)
     imap.append_many(invoice.mail for invoice in batch)
     database_url = f"sqlite:///{tmp_path / 'relay.db'}"
-    env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca, INVOICE_RELAY_TEST_LEASE_SECONDS="1")
+    env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca)
     draw = random.Random(KILL_SEED)
     phases: Counter[str] = Counter()
     kills = finished = 0
+    waits: list[float] = []
     started = time.monotonic()
     while kills < KILLS:
+        # What the killed process held: the next run starts once it expired (without
+        # waiting, it would find the mailbox's poll lease taken and do nothing).
+        waits.append(wait_for_leases(database_url))
         # Its own process group: the kill takes the PDF workers with it.
         process = subprocess.Popen(
             relay_command("once"),
@@ -68,17 +74,28 @@ def test_sigkill_during_a_backfill_loses_nothing(
             continue
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        killed_at = time.monotonic()
         kills += 1
         states = Counter(document_states(database_url).values())
         phases["reading mail" if sum(states.values()) < BACKFILL else "sending"] += 1
-    runs = run_until_done(env, database_url, max_runs=6, pause=1.1)
+    # One `once`, started as soon as the last kill's leases expired on the database's
+    # clock, finishes everything: the promise is "the first poll a minute later".
+    expired = wait_for_leases(database_url)
+    expired_after = time.monotonic() - killed_at
+    recovery = run_once(env)
+    recovered_after = time.monotonic() - killed_at
+    assert recovery.returncode == 0, recovery.stderr[-2000:]
+    assert "pending" not in document_states(database_url).values()
     seconds = time.monotonic() - started
     figures = tally([invoice.sha256 for invoice in batch], smtp.messages, database_url)
     print(
         f"\nkill test: {BACKFILL} invoices, {kills} SIGKILLs ({dict(phases)}), "
-        f"{finished} runs ended on their own, {len(runs)} runs to finish, {seconds:.0f}s\n"
-        + figures.row("after the kills")
+        f"{finished} runs ended on their own, {seconds:.0f}s; leases of a killed run expired "
+        f"{max(waits):.1f}s after the kill at most; after the last kill the leases expired "
+        f"after {expired_after:.1f}s (waited {expired:.1f}s) and one `once` finished "
+        f"everything {recovered_after:.1f}s after the kill\n" + figures.row("after the kills")
     )
+    assert expired_after < 60.0  # "the first poll that starts a minute or more later"
     assert figures.lost == 0
     assert figures.stuck == 0
     assert figures.foreign == 0

@@ -1,9 +1,10 @@
 """Several relays on one database and one mailbox: each PDF forwarded once.
 
-PostgreSQL: processes started together; one holds the mailbox's poll lock, the others
+PostgreSQL: processes started together; one holds the mailbox's poll lease, the others
 exit 0 and say so; sends are claimed with FOR UPDATE SKIP LOCKED. SQLite (one host):
-two processes on one file poll at the same time and never fail with "database is
-locked" (WAL, busy_timeout, BEGIN IMMEDIATE).
+two processes on one file start at the same time (both migrate it, both ask for the
+poll lease) and never fail with "database is locked" (WAL, busy_timeout, BEGIN
+IMMEDIATE).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.documents import add_pending_documents
+from tests.documents import OWNER, add_pending_documents
 from tests.integration.guarantee_tools import invoices, relay_command, tally
 from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
@@ -104,12 +105,15 @@ def test_concurrent_claims_never_lease_a_document_twice(database_url: str) -> No
 
     def sender() -> None:
         start.wait()
-        while claimed := store.claim_due(now=datetime.now(UTC), limit=3, lease_seconds=600):
+        while claimed := store.claim_due(
+            owner=OWNER, now=datetime.now(UTC), limit=3, lease_seconds=600
+        ):
             with lock:
                 claims.update(document.document_id for document in claimed)
             for document in claimed:
                 store.mark_forwarded(
                     document.document_id,
+                    owner=OWNER,
                     message_id=f"<{document.sha256}@test>",
                     answer="250 OK",
                     now=datetime.now(UTC),

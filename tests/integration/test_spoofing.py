@@ -14,6 +14,7 @@ import dkim  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.hostile import injected_headers, injection_mails
 from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
@@ -45,11 +46,13 @@ def poll(
     store = commands.prepared_store(settings)
     inspector = commands.pdf_inspector(settings)
     try:
+        config = commands.pipeline_config(settings)
         Pipeline(
-            config=commands.pipeline_config(settings),
+            config=config,
             mailbox=commands.imap_mailbox(settings),
             outbox=commands.smtp_outbox(settings),
             store=store,
+            owner=poll_owner(store, config.mailbox),
             inspector=inspector,
             txt_lookup=KEYS,
         ).poll()

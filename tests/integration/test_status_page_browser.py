@@ -29,6 +29,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.documents import OWNER
 from tests.storecases import accepted, mail, pdf, record
 from worker.cli.audit import as_csv
 from worker.config.web import WebSettings, WebUser
@@ -108,17 +109,18 @@ def _seed(store: SqlStore) -> tuple[int, int]:
         now=now - timedelta(minutes=5),
         advance_to=2,
     )
-    due = store.claim_due(now=now, limit=10, lease_seconds=60)
+    due = store.claim_due(now=now, limit=10, owner=OWNER, lease_seconds=60)
     by_id = {item.document_id: item for item in due}
     assert sent.document_id is not None and refused.document_id is not None
     store.mark_forwarded(
         by_id[sent.document_id].document_id,
+        owner=OWNER,
         message_id="<out-1@relay.example>",
         answer="250 2.0.0 queued as 4XyZ",
         now=now,
         keep_pdf=True,
     )
-    store.mark_failed(refused.document_id, answer="554 5.7.1 message refused")
+    store.mark_failed(refused.document_id, owner=OWNER, answer="554 5.7.1 message refused")
     return sent.sighting_id, refused.sighting_id
 
 

@@ -72,7 +72,6 @@ def plain_env(
         INVOICE_RELAY_SMTP_SECURITY="none",
         INVOICE_RELAY_TIMEOUT=f"{TIMEOUT:g}",
         INVOICE_RELAY_RETRY_DELAY="0.1s",
-        INVOICE_RELAY_TEST_LEASE_SECONDS="1",
     )
 
 

@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeOutbox
 from tests.servers.dovecot import DovecotServer
 from worker.config.settings import Secret
@@ -101,6 +102,7 @@ def test_a_mail_expunged_between_search_and_fetch_gets_a_final_row(
         mailbox=mailbox,
         outbox=outbox,
         store=store,
+        owner=poll_owner(store, MAILBOX),
         inspector=FakeInspector(),
         clock=lambda: datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
         rng=random.Random(1),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from tests.documents import poll_owner
 from worker.mail.verdicts import NOTICE_LOOP_REASON
 from worker.models import (
     AuditFilter,
@@ -100,6 +101,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "web_sessions",
         "oauth_tokens",
         "delivery_budgets",
+        "poll_leases",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
     assert migrate.is_up_to_date(empty_database)
@@ -178,6 +180,7 @@ def test_the_store_works_on_a_migrated_database(empty_database: str) -> None:
     store = SqlStore(empty_database)
     try:
         (recorded,) = store.record_mails(
+            owner=poll_owner(store, "INBOX"),
             mailbox="INBOX",
             uidvalidity=1,
             mails=[
@@ -372,7 +375,7 @@ def test_mail_actions_add_one_view_column_and_go_away_again(empty_database: str)
     # 0006 adds `mail_actions` and `audit_log.mail_action` at the view's end; the
     # downgrade gives back the view without it. A recorded sighting stays visible.
     revision = "0006_mail_actions"
-    previous = "0004_reason_codes"  # MERGE: "0005_leases"
+    previous = "0005_leases"
     migrate.upgrade_database(empty_database, previous)
     old_columns = view_columns(empty_database)
     assert old_columns == AUDIT_COLUMNS_0006[:-1]
@@ -438,5 +441,45 @@ def test_gmi_delivery_adds_two_view_columns_and_goes_away_again(empty_database: 
         migrate.downgrade_database(empty_database, previous)
         assert view_columns(empty_database) == AUDIT_COLUMNS_0006
         assert "delivery_budgets" not in table_names(empty_database)
+    finally:
+        engine.dispose()
+
+
+def test_a_lease_taken_before_the_leases_migration_ends_with_it(empty_database: str) -> None:
+    # 0005 gives leases live owners. A lease taken before it (up to an hour long, with no
+    # owner to renew it or to be fenced by) would otherwise hold its document that long.
+    before = "0004_reason_codes"
+    migrate.upgrade_database(empty_database, before)
+    now = datetime(2026, 11, 24, tzinfo=UTC)
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO documents (id, sha256, state, attempts, next_attempt_at,"
+                    " lease_until, resend_count, created_at) VALUES (1, 'sha', 'pending', 0,"
+                    " :now, :lease, 0, :now)"
+                ),
+                {"now": now, "lease": now + timedelta(hours=1)},
+            )
+            connection.execute(
+                sa.text("INSERT INTO document_contents (document_id, content) VALUES (1, :pdf)"),
+                {"pdf": b"%PDF-1.7"},
+            )
+        migrate.upgrade_database(empty_database, "0005_leases")
+        with engine.connect() as connection:
+            left = connection.execute(
+                sa.text("SELECT lease_until, lease_owner FROM documents WHERE id = 1")
+            ).one()
+        assert tuple(left) == (None, None)  # the hour-long lease ended with the migration
+        migrate.upgrade_database(empty_database)
+        store = SqlStore(empty_database)
+        try:
+            (claimed,) = store.claim_due(now=now, limit=10, owner="next", lease_seconds=30)
+        finally:
+            store.close()
+        assert claimed.document_id == 1
+        migrate.downgrade_database(empty_database, before)
+        assert "poll_leases" not in table_names(empty_database)
     finally:
         engine.dispose()

@@ -8,6 +8,8 @@ that never come, while the connection stays open), close both sides (`drop`: a c
 line), pause until `release()` (`hold`: for a test to act at that exact moment) or
 pass the rest one byte per `trickle_seconds` (`trickle`: a server slow enough to
 stretch a poll, yet never silent long enough for a socket timeout).
+`black_hole()` swallows everything from then on, on every connection, open or new: a
+node lost without a word (no FIN, no answer).
 Plain protocols only: a pattern cannot be found inside TLS.
 """
 
@@ -67,9 +69,11 @@ class _Pump:
         released: threading.Event,
         turns: _Turns | None = None,
         direction: Direction = "to_server",
+        black_hole: threading.Event,
     ) -> None:
         self._turns = turns
         self._direction = direction
+        self._black_hole = black_hole
         self._source = source
         self._target = target
         self._fault = fault
@@ -102,7 +106,7 @@ class _Pump:
                 _close(self._target)
 
     def _forward(self, data: bytes) -> None:
-        if self._stalled:
+        if self._stalled or self._black_hole.is_set():
             return  # swallowed: the other side waits for bytes that never come
         if self._trickling:
             self._trickle(data)
@@ -179,6 +183,7 @@ class StallProxy:
         self._closed = threading.Event()
         self.tripped = threading.Event()  # set when a fault fired
         self._released = threading.Event()
+        self._black_hole = threading.Event()
         self.connections = 0
         self.turns = 0  # client turns over all connections (`_Turns`)
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
@@ -190,6 +195,10 @@ class StallProxy:
     def release(self) -> None:
         """Let every held connection go on."""
         self._released.set()
+
+    def black_hole(self) -> None:
+        """From now on nothing passes, either way, on any connection; none is closed."""
+        self._black_hole.set()
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -239,6 +248,7 @@ class StallProxy:
                     released=self._released,
                     turns=turns,
                     direction=direction,
+                    black_hole=self._black_hole,
                 )
                 thread = threading.Thread(target=pump.run, daemon=True)
                 thread.start()

@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from worker.config.settings import Secret, Settings, http_port_from_env
 from worker.delivery.getmyinvoices import ALREADY_THERE, GmiDestination
 from worker.delivery.smtp import SmtpOutbox
-from worker.errors import ConfigError, StoreError
+from worker.errors import ConfigError, LeaseLost, StoreError
 from worker.faults import Checkpoint, checkpoint_for, no_checkpoint
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.trust import TrustPolicy
@@ -29,10 +30,10 @@ from worker.models import (
 )
 from worker.pdf.pool import PdfInspector
 from worker.relay.budget import Budget, SharedBudget
+from worker.relay.lease import LEASE_SECONDS, Heartbeat, new_owner
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
 from worker.relay.ports import Destination, MailActionStore
-from worker.relay.retry import lease_seconds
 from worker.relay.tidy import MailTidier
 from worker.service.idle import IdleWatcher, PollRequests
 from worker.service.runner import SideServer
@@ -40,6 +41,9 @@ from worker.store import migrate
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 from worker.tokens import AuthMethod
+
+if TYPE_CHECKING:
+    from worker.config.schedule import ScheduleSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +54,8 @@ def mailbox_name(settings: Settings) -> str:
 
 
 def pipeline_config(settings: Settings) -> PipelineConfig:
-    # The lease outlasts the whole send of every document claimed with it (see
-    # worker.relay.retry.lease_seconds); a small batch keeps it, and a crashed sender's wait, short.
-    # A batch is claimed while the one before it is sent, so its lease covers both.
+    # A small batch: what a sender frozen mid-batch holds until its leases expire.
     send_batch = 5
-    lease = lease_seconds(
-        timeout_seconds=settings.timeout_seconds,
-        send_batch=2 * send_batch,
-        max_sends_per_minute=settings.max_sends_per_minute,
-    )
     return PipelineConfig(
         mailbox=mailbox_name(settings),
         forward_to=settings.forward_to,
@@ -78,7 +75,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         ),
         max_attempts=settings.max_attempts,
         error_retries=settings.error_retries,
-        lease_seconds=settings.test_lease_seconds or lease,
+        lease_seconds=LEASE_SECONDS,
         send_batch=send_batch,
         retry_delay_seconds=settings.retry_delay_seconds,
     )
@@ -242,6 +239,7 @@ def _pipeline(
     store: SqlStore,
     logins: Logins,
     *,
+    owner: str,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
@@ -266,8 +264,9 @@ def _pipeline(
                 else []
             ),
             store=store,
+            owner=owner,
             inspector=inspector,
-            pacer=SendPacer(settings.max_sends_per_minute),
+            pacer=SendPacer(settings.max_sends_per_minute, stop=stop),
             stop=stop,
             progress=progress,
             checkpoint=checkpoint,
@@ -307,33 +306,82 @@ def poll_once(
     store: SqlStore,
     logins: Logins,
     *,
+    owner: str,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
 ) -> PollReport:
+    """One poll under the mailbox's poll lease, held by `owner` (whose heartbeat keeps
+    its leases alive: `leases`)."""
     name = mailbox_name(settings)
-    with store.poll_lock(name) as acquired:
+    started = datetime.now(UTC)
+    with store.poll_lock(name, owner=owner, lease_seconds=LEASE_SECONDS) as acquired:
         if not acquired:
-            now = datetime.now(UTC)
             log.info(
                 "another replica holds the poll lock of %s",
                 name,
                 extra={"action": "poll_locked", "mailbox": name},
             )
-            return PollReport(mailbox=name, started_at=now, finished_at=now, locked=True)
-        with _pipeline(
-            settings,
-            store,
-            logins,
-            stop=stop,
-            progress=progress,
-            inspector=inspector,
-            actions_store=store,
-        ) as pipeline:
-            report = pipeline.poll()
+            return PollReport(mailbox=name, started_at=started, finished_at=started, locked=True)
+        try:
+            with _pipeline(
+                settings,
+                store,
+                logins,
+                owner=owner,
+                stop=stop,
+                progress=progress,
+                inspector=inspector,
+                actions_store=store,
+            ) as pipeline:
+                report = pipeline.poll()
+        except LeaseLost as lost:
+            # Frozen or cut off past a lease: another process took over, and what this
+            # one would have written was refused. Not a failure of the relay.
+            log.warning(
+                "lease lost, the poll ends: %s",
+                lost.detail,
+                extra={"action": "lease_lost", "mailbox": name},
+            )
+            return PollReport(
+                mailbox=name, started_at=started, finished_at=datetime.now(UTC), locked=True
+            )
         # Inside the poll lock: no other replica records sightings while it reads them.
         notify_after_poll(settings, store, logins)
         return report
+
+
+@contextmanager
+def leases(store: SqlStore) -> Iterator[str]:
+    """This process run's lease token, its leases renewed by a heartbeat while the block
+    runs and every one of them handed back on the way out, so that the next process need
+    not wait for them to expire."""
+    owner = new_owner()
+    heartbeat = Heartbeat(store, owner).start()
+    try:
+        yield owner
+    finally:
+        heartbeat.stop()
+        release_leases(store, owner)
+
+
+def release_leases(store: SqlStore, owner: str) -> None:
+    try:
+        released = store.release_all(owner)
+    except StoreError as exc:
+        log.warning(
+            "handing back the leases failed; they expire within %.0f s: %s",
+            LEASE_SECONDS,
+            exc,
+            extra={"action": "release_failed"},
+        )
+        return
+    if released:
+        log.info(
+            "%d claimed documents handed back for the next poll",
+            released,
+            extra={"action": "leases_released"},
+        )
 
 
 def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> None:
@@ -355,12 +403,25 @@ def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> No
 
 
 def once(settings: Settings, *, progress: Callable[[str], None] | None = None) -> PollReport:
-    store = prepared_store(settings)
-    try:
-        with logins(settings, store) as made:
-            return poll_once(settings, store, made, progress=progress)
-    finally:
-        store.close()
+    from worker.service.runner import stop_on_signals
+    from worker.service.shutdown import exit_within
+
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        store = prepared_store(settings)
+        try:
+            with logins(settings, store) as made, leases(store) as owner:
+                # SIGTERM: the poll stops between mails and hands back what it holds; a
+                # network call that keeps waiting is not waited for past the deadline.
+                watched = exit_within(
+                    stop, on_expiry=lambda: release_leases(store, owner), exit_code=1
+                )
+                with watched:
+                    return poll_once(
+                        settings, store, made, owner=owner, stop=stop, progress=progress
+                    )
+        finally:
+            store.close()
 
 
 def dry_run(settings: Settings) -> list[PlannedSighting]:
@@ -386,16 +447,20 @@ def dry_run(settings: Settings) -> list[PlannedSighting]:
         store = SqlStore("sqlite://")
         create_schema(store.engine)
     try:
-        with logins(settings, store) as made, _pipeline(settings, store, made) as pipeline:
+        # An owner that holds no lease: were a dry run ever to write, it would be refused.
+        with (
+            logins(settings, store) as made,
+            _pipeline(settings, store, made, owner=new_owner()) as pipeline,
+        ):
             return pipeline.plan()
     finally:
         store.close()
 
 
 def run_service(settings: Settings) -> int:
-    from worker.config.schedule import build_trigger, interval_hint, parse_schedule
-    from worker.service.metrics import RelayMetrics
-    from worker.service.runner import Service, stop_on_signals
+    from worker.config.schedule import interval_hint, parse_schedule
+    from worker.service.runner import stop_on_signals
+    from worker.service.shutdown import exit_within
 
     spec = parse_schedule(settings.schedule, settings.timezone)
     stop = threading.Event()
@@ -414,24 +479,23 @@ def run_service(settings: Settings) -> int:
         try:
             # The token sources serve every poll and the IDLE watcher for the service's life.
             login_with = closing.enter_context(logins(settings, store))
-            requests = PollRequests(
-                lambda: poll_once(settings, store, login_with, stop=stop, inspector=inspector)
+            owner = closing.enter_context(leases(store))
+            # The service waits for a running poll for a bounded time; past that, a network
+            # call that keeps waiting must not keep the process alive (the poll's pool
+            # threads are not daemons, and the interpreter joins them).
+            closing.enter_context(
+                exit_within(stop, on_expiry=lambda: release_leases(store, owner), exit_code=0)
             )
-            service = Service(
-                poll=requests.poll,
-                trigger=build_trigger(spec),
-                http_port=settings.http_port,
-                healthy_after_seconds=healthy_after,
-                stop_event=stop,
-                metrics=RelayMetrics(),
-                # The closure reads `service` when a page is asked for, by then assigned.
-                side_servers=status_page(settings, store, lambda: service.poll_status()),  # noqa: PLW0108
+            return _serve(
+                settings,
+                store,
+                login_with,
+                owner=owner,
+                stop=stop,
+                spec=spec,
+                healthy_after=healthy_after,
+                inspector=inspector,
             )
-            if settings.idle:  # polls as soon as mail comes; the schedule stays the net
-                requests.connect(service.poll_now)
-                mailbox = imap_mailbox(settings, login_with, for_idle=True)
-                IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
-            return service.run()
         finally:
             closing.close()
             inspector.close()
@@ -451,6 +515,41 @@ def status_page(
         settings=settings.web, reader=store, admin=store, sessions=store, poll_status=poll_status
     )
     return (WebServer(page.app, host=settings.web.host, port=settings.web.port),)
+
+
+def _serve(
+    settings: Settings,
+    store: SqlStore,
+    login_with: Logins,
+    *,
+    owner: str,
+    stop: threading.Event,
+    spec: ScheduleSpec,
+    healthy_after: float,
+    inspector: PdfInspector,
+) -> int:
+    from worker.config.schedule import build_trigger
+    from worker.service.metrics import RelayMetrics
+    from worker.service.runner import Service
+
+    requests = PollRequests(
+        lambda: poll_once(settings, store, login_with, owner=owner, stop=stop, inspector=inspector)
+    )
+    service = Service(
+        poll=requests.poll,
+        trigger=build_trigger(spec),
+        http_port=settings.http_port,
+        healthy_after_seconds=healthy_after,
+        stop_event=stop,
+        metrics=RelayMetrics(),
+        # The closure reads `service` when a page is asked for, by then assigned.
+        side_servers=status_page(settings, store, lambda: service.poll_status()),  # noqa: PLW0108
+    )
+    if settings.idle:  # polls as soon as mail comes; the schedule stays the net
+        requests.connect(service.poll_now)
+        mailbox = imap_mailbox(settings, login_with, for_idle=True)
+        IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
+    return service.run()
 
 
 def _store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore | None:

@@ -107,10 +107,8 @@ class Settings:
     dkim_domains: tuple[str, ...] = ()  # signing domains accepted for any From
     trusted_authserv_id: str | None = None  # Authentication-Results trusted from this server
     retry_delay_seconds: float = models.DEFAULT_RETRY_DELAY_SECONDS  # doubles per attempt
-    # Test-only (docs/guarantees.md), never set in production: a crash at a named step,
-    # and a lease short enough for a test to outlive.
+    # Test-only (docs/guarantees.md), never set in production: a crash at a named step.
     test_crash_at: CrashAt | None = None
-    test_lease_seconds: float | None = None
     notify_to: str | None = None  # where failure notices go; None: no notices
     # at most one failure notice this often
     notify_interval_seconds: float = models.DEFAULT_NOTIFY_INTERVAL_SECONDS
@@ -218,7 +216,6 @@ class Settings:
             smtp_sessions=env.parse("SMTP_SESSIONS", values.integer(1), 1),
             after_forward=env.parse("AFTER_FORWARD", values.after_forward, AfterForward()),
             test_crash_at=env.parse("TEST_CRASH_AT", CrashAt.from_text, None),
-            test_lease_seconds=env.parse("TEST_LEASE_SECONDS", values.positive_float, None),
             notify_to=env.parse("NOTIFY_TO", values.address, None),
             notify_interval_seconds=env.parse(
                 "NOTIFY_INTERVAL", parse_duration, models.DEFAULT_NOTIFY_INTERVAL_SECONDS

@@ -7,6 +7,7 @@ attempt.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -20,6 +21,7 @@ from worker.errors import (
     DeliveryRefused,
     DeliveryThrottled,
     DeliveryUnavailable,
+    LeaseLost,
     StoreError,
     TokenEndpointError,
 )
@@ -44,7 +46,7 @@ class ForwardRules:
     # Where to (FORWARD_TO, FORWARD_FROM) is the destination's own setting.
     keep_pdfs: bool = False
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    lease_seconds: float = DEFAULT_LEASE_SECONDS  # renewed by the heartbeat while the owner lives
     send_batch: int = DEFAULT_SEND_BATCH
     retry_base: timedelta = BASE_DELAY
 
@@ -149,6 +151,7 @@ class Forwarder:
         rules: ForwardRules,
         outbox: Destination,
         store: SendQueue,
+        owner: str,
         pacer: SendPacer,
         clock: Callable[[], datetime],
         rng: random.Random,
@@ -165,6 +168,7 @@ class Forwarder:
         self._config = rules
         self._outbox = outbox
         self._store = store
+        self._owner = owner  # the token of this process's leases
         self._pacer = pacer
         self._clock = clock
         self._rng = rng
@@ -208,10 +212,14 @@ class Forwarder:
                         if not opened:
                             self._outbox.open()
                             opened = True
-                        self._pacer.wait()
+                        if not self._pacer.wait():
+                            marks.settle()
+                            untouched = []
+                            self._release(claimed[index:])
+                            return tally.result()
                         receipt = self._outbox.deliver(
                             Parcel.from_outgoing(document),
-                            before_final=marks.settle,
+                            before_final=functools.partial(self._before_end, document, marks),
                             more_follows=index + 1 < len(claimed),
                         )
                         self._checkpoint(CrashPoint.AFTER_SEND)
@@ -240,10 +248,9 @@ class Forwarder:
                         break
                     except DeliveryRefused as refusal:
                         marks.settle()
-                        # The destination may have dropped a session that died mid-send
-                        # (or answered 421): the next document starts a fresh one. A lease
-                        # is sized for one session opening (worker.relay.retry.lease_seconds),
-                        # so the rest are released and claimed again with fresh leases.
+                        # The outbox may have dropped a session that died mid-send (or
+                        # answered 421): the next document starts a fresh one, and the
+                        # rest are released and claimed again for it.
                         self._outbox.close()
                         opened = False
                         self._refused(document, refusal, tally)
@@ -264,22 +271,36 @@ class Forwarder:
                 self._outbox.close()
         return tally.result()
 
+    def _before_end(self, document: OutgoingDocument, marks: _Marks) -> None:
+        """Right before the mail's content is ended: the previous mail is marked, and
+        this one's claim is still ours. A sender frozen past its lease (at the `354`
+        answer, say) whose document another process took over must not complete a
+        second copy: raising here abandons the mail without its final dot."""
+        marks.settle()
+        if not self._store.still_holds(
+            document.document_id, owner=self._owner, lease_seconds=self._config.lease_seconds
+        ):
+            raise LeaseLost(f"document {document.document_id}, before its content was ended")
+
     def _claim(self) -> list[OutgoingDocument]:
         config = self._config
         return self._store.claim_due(
-            now=self._clock(), limit=config.send_batch, lease_seconds=config.lease_seconds
+            now=self._clock(),
+            limit=config.send_batch,
+            owner=self._owner,
+            lease_seconds=config.lease_seconds,
         )
 
     def _release(self, documents: list[OutgoingDocument]) -> None:
         for document in documents:
-            self._store.release(document.document_id)
+            self._store.release(document.document_id, owner=self._owner)
 
     def _release_quietly(self, documents: list[OutgoingDocument]) -> None:
         """`_release` on the way out, perhaps with an error already on its way: a
         failure here leaves the documents to their lease and does not replace it."""
         try:
             self._release(documents)
-        except StoreError as exc:
+        except (StoreError, LeaseLost) as exc:
             log.warning(
                 "%d documents claimed ahead stay leased until their lease expires: %s",
                 len(documents),
@@ -292,12 +313,13 @@ class Forwarder:
         answer_text = str(refusal)
         attempts = document.attempts + 1
         if refusal.permanent:
-            self._store.mark_failed(document.document_id, answer=answer_text)
+            self._store.mark_failed(document.document_id, owner=self._owner, answer=answer_text)
             tally.failed += 1
             action = "pdf_failed"
         elif out_of_attempts(attempts, config.max_attempts):
             self._store.mark_retry(
                 document.document_id,
+                owner=self._owner,
                 answer=answer_text,
                 next_attempt_at=self._clock(),
                 failed=True,
@@ -307,6 +329,7 @@ class Forwarder:
         else:
             self._store.mark_retry(
                 document.document_id,
+                owner=self._owner,
                 answer=answer_text,
                 next_attempt_at=self._clock()
                 + retry_delay(attempts, base=config.retry_base, rng=self._rng),
@@ -326,7 +349,9 @@ class Forwarder:
         resume = self._clock() + timedelta(seconds=throttled.retry_after_seconds)
         # The audit's reason while it waits: which limit, and when it resumes.
         answer = f"pending: {throttled.detail}; resumes {resume:%Y-%m-%d %H:%M} UTC"
-        self._store.postpone(document.document_id, answer=answer, next_attempt_at=resume)
+        self._store.postpone(
+            document.document_id, owner=self._owner, answer=answer, next_attempt_at=resume
+        )
         tally.retried += 1
         log.info(
             "delivery postponed: %s",
@@ -337,6 +362,7 @@ class Forwarder:
     def _mark_forwarded(self, document: OutgoingDocument, receipt: Receipt) -> None:
         self._store.mark_forwarded(
             document.document_id,
+            owner=self._owner,
             message_id=receipt.delivery_id,
             answer=receipt.answer,
             now=self._clock(),
@@ -373,7 +399,7 @@ class _Tally:
 class _Claims:
     """Claims the next batch in a thread of its own while this one is sent, so the
     claim's write transaction is off the sending path. The lease of a batch claimed
-    ahead covers the batch sent before it too (`worker.relay.retry.lease_seconds`)."""
+    ahead is kept alive by the owner's heartbeat (`worker.relay.lease`) while it waits."""
 
     def __init__(self, claim: Callable[[], list[OutgoingDocument]]) -> None:
         self._claim = claim

@@ -98,6 +98,7 @@ class Pipeline:
         mailbox: Mailbox,
         outbox: Destination,
         store: PipelineStore,
+        owner: str,
         inspector: Inspector,
         pacer: SendPacer | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -114,6 +115,9 @@ class Pipeline:
         self._checkpoint = checkpoint
         self._mailbox = mailbox
         self._store = store
+        # This process's lease token: the caller holds the poll lease under it, and
+        # every write of the poll names it (fencing).
+        self._owner = owner
         self._clock = clock
         self._stop = stop or threading.Event()
         self._progress = progress
@@ -147,6 +151,7 @@ class Pipeline:
                     rules=rules,
                     outbox=session,
                     store=store,
+                    owner=owner,
                     pacer=shared_pacer,
                     clock=clock,
                     rng=shared_rng,
@@ -306,7 +311,7 @@ class Pipeline:
                 uids=None,
                 reason="UIDVALIDITY changed: the folder was read again",
             )
-        self._store.reset_position(mailbox, status.uidvalidity)
+        self._store.reset_position(mailbox, status.uidvalidity, owner=self._owner)
 
     def _retry_errors(self, uidvalidity: int) -> Counter[Outcome]:
         config = self._config
@@ -361,6 +366,7 @@ class Pipeline:
             dedup=self._config.dedup,
             keep_pdfs=self._config.keep_pdfs,
             now=self._clock(),
+            owner=self._owner,
         )
         self._checkpoint(CrashPoint.AFTER_RECORD)
         for sighting in recorded:

@@ -123,8 +123,9 @@ class PollStore(Protocol):
     def position(self, mailbox: str) -> MailboxPosition | None:
         """How far polling got in `mailbox`, or None before the first poll."""
 
-    def reset_position(self, mailbox: str, uidvalidity: int) -> None:
-        """Start over at UID 0 under a new UIDVALIDITY (a rescan)."""
+    def reset_position(self, mailbox: str, uidvalidity: int, *, owner: str) -> None:
+        """Start over at UID 0 under a new UIDVALIDITY (a rescan). Raises `LeaseLost`
+        (and changes nothing) unless `owner` holds the poll lease of `mailbox`."""
 
     def record_mails(
         self,
@@ -136,12 +137,15 @@ class PollStore(Protocol):
         dedup: DedupMode,
         keep_pdfs: bool,
         now: datetime,
+        owner: str,
     ) -> list[RecordedSighting]:
-        """In one transaction: insert every sighting (a sighting that exists already is
-        left alone, except an ERROR one, which is replaced), claim a document for each
-        accepted PDF by INSERT (a conflict on sha256, or on the fingerprint in content
-        mode, makes the sighting a DUPLICATE whose reason names the key), then move the
-        position of `mailbox` to `advance_to` (never backwards)."""
+        """In one transaction, only while `owner` holds the poll lease of `mailbox`
+        (else `LeaseLost`, and nothing is recorded): insert every sighting (one that
+        exists already is left alone, except an ERROR one, which is replaced), claim a
+        document for each accepted PDF by INSERT (a conflict on sha256, or on the
+        fingerprint in content mode, makes the sighting a DUPLICATE whose reason names
+        the key), then move the position of `mailbox` to `advance_to` (never
+        backwards)."""
 
     def error_uids(self, *, mailbox: str, uidvalidity: int, max_tries: int) -> list[int]:
         """UIDs with ERROR sightings tried fewer than `max_tries` times."""
@@ -164,15 +168,21 @@ class SendQueue(Protocol):
     Raises `worker.errors.StoreError`."""
 
     def claim_due(
-        self, *, now: datetime, limit: int, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
     ) -> list[OutgoingDocument]:
-        """Lease up to `limit` pending documents whose next attempt is due and whose lease,
-        if any, has expired (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
+        """Lease up to `limit` pending documents to `owner` for `lease_seconds` on the
+        database's clock: those whose next attempt is due (by `now`) and whose lease, if
+        any, has expired (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
+
+    # Every write under a document's lease names its owner and ends the lease; it raises
+    # `worker.errors.LeaseLost`, changing nothing, when the lease expired or another
+    # owner holds it now (fencing).
 
     def mark_forwarded(
         self,
         document_id: int,
         *,
+        owner: str,
         message_id: str,
         answer: str,
         now: datetime,
@@ -182,19 +192,44 @@ class SendQueue(Protocol):
         """`message_id` is the receipt's delivery id; `via` the receipt's."""
 
     def mark_retry(
-        self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        answer: str,
+        next_attempt_at: datetime,
+        failed: bool,
     ) -> None:
         """Count an attempt; `failed` True makes the document FAILED (out of attempts)."""
 
-    def mark_failed(self, document_id: int, *, answer: str) -> None:
+    def mark_failed(self, document_id: int, *, owner: str, answer: str) -> None:
         """A permanent refusal: counts the attempt and makes the document FAILED."""
 
-    def release(self, document_id: int) -> None:
+    def release(self, document_id: int, *, owner: str) -> None:
         """Drop the lease without counting an attempt (the session was refused)."""
 
-    def postpone(self, document_id: int, *, answer: str, next_attempt_at: datetime) -> None:
+    def postpone(
+        self, document_id: int, *, owner: str, answer: str, next_attempt_at: datetime
+    ) -> None:
         """Drop the lease without counting an attempt, due again at `next_attempt_at`
         (a limit of the destination; `answer` says which)."""
+
+    def still_holds(self, document_id: int, *, owner: str, lease_seconds: float) -> bool:
+        """Whether `owner` still holds this document's lease (renewed when it does):
+        asked before a mail's content is ended."""
+
+
+class Leases(Protocol):
+    """What the heartbeat and the way out need: every lease of one owner, documents and
+    poll leases alike. Raises `worker.errors.StoreError`."""
+
+    def renew(self, owner: str, *, lease_seconds: float) -> int:
+        """Extend every unexpired lease `owner` holds, documents and poll leases; an
+        expired one stays lost. Returns how many."""
+
+    def release_all(self, owner: str) -> int:
+        """Every lease `owner` holds, free at once (on the way out); returns how many
+        documents."""
 
 
 class AuditReader(Protocol):

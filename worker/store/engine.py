@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -23,7 +24,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from worker.errors import StoreError
 from worker.logs import MASK, mask_url, url_passwords
 from worker.models import DATABASE_WAIT_SECONDS, sqlite_file
-from worker.store.schema import AUDIT_VIEW_SQL, document_contents, metadata
+from worker.store.schema import AUDIT_VIEW_SQL, UtcDateTime, document_contents, metadata
 
 SUPPORTED_BACKENDS: Final = ("sqlite", "postgresql")
 
@@ -134,6 +135,24 @@ def _sqlite_on_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+# A relay's transactions run their statements back to back. A session idle inside one
+# for this long belongs to a relay that froze or was cut off mid-transaction (a node
+# lost without a FIN keeps its session for hours): the server ends it, so the rows it
+# locked (a claim that never committed) come free for the replicas that take over.
+IDLE_IN_TRANSACTION_SECONDS: Final = 30
+
+
+def _postgresql_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(
+            f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_SECONDS}s'"
+        )
+    finally:
+        cursor.close()
+    dbapi_connection.commit()
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """An engine set up for the relay: WAL and BEGIN IMMEDIATE on SQLite, pre-ping on PostgreSQL.
 
@@ -143,7 +162,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     parsed = parse_url(url)
     with translated(parsed):
         if parsed.get_backend_name() == "postgresql":
-            return sa.create_engine(parsed, echo=echo, pool_pre_ping=True)
+            engine = sa.create_engine(parsed, echo=echo, pool_pre_ping=True)
+            event.listen(engine, "connect", _postgresql_on_connect)
+            return engine
         path = sqlite_file(url)
         if path is not None:
             try:
@@ -187,6 +208,20 @@ class SqlBase:
     @property
     def _postgresql(self) -> bool:
         return self._engine.dialect.name == "postgresql"
+
+    def _db_now(self, plus_seconds: float = 0.0) -> sa.ColumnElement[datetime]:
+        """The database's clock (plus a lease's length): leases expire on one clock for
+        every replica, whatever each host's clock says. PostgreSQL: the statement's start
+        (not the transaction's, which may be older). SQLite: its own clock, which is this
+        host's, written as `UtcDateTime` stores it (naive UTC, six fractional digits) so
+        that the text compares in time order."""
+        if self._postgresql:
+            now: sa.ColumnElement[datetime] = sa.func.statement_timestamp()
+            if plus_seconds:
+                now = now + sa.func.make_interval(0, 0, 0, 0, 0, 0, float(plus_seconds))
+            return sa.type_coerce(now, UtcDateTime())
+        text = sa.func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
+        return sa.type_coerce(text.op("||")("000"), UtcDateTime())
 
     def _insert(self, table: sa.Table) -> Insert:
         return postgresql.insert(table) if self._postgresql else sqlite.insert(table)

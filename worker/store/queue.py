@@ -1,34 +1,41 @@
 """The forwarding queue: lease due documents (FOR UPDATE SKIP LOCKED on PostgreSQL,
-BEGIN IMMEDIATE on SQLite) and record what the SMTP server answered."""
+BEGIN IMMEDIATE on SQLite) and record what the SMTP server answered, each record only
+while the lease is still the recorder's (`worker.store.leases`)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
+from worker.errors import LeaseLost
 from worker.models import DocumentState, OutgoingDocument, SightingKind
-from worker.store.engine import SqlBase
+from worker.store.leases import LeaseQueries, lease_held
 from worker.store.schema import document_contents, documents, sightings
 
 DEFAULT_FILENAME = "invoice.pdf"
 
 
-class DocumentQueue(SqlBase):
+class DocumentQueue(LeaseQueries):
     """The queries of `worker.relay.ports.SendQueue` (and `AdminStore`) that send documents
-    and change their state."""
+    and change their state, each only while the document's lease is the caller's."""
 
     def claim_due(
-        self, *, now: datetime, limit: int, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
     ) -> list[OutgoingDocument]:
+        # `now` (the caller's clock) says which retries are due; leases live on the
+        # database's clock, the one every replica shares.
         due = (
             sa.select(documents.c.id)
             .where(
                 documents.c.state == DocumentState.PENDING.value,
                 documents.c.next_attempt_at <= now,
-                sa.or_(documents.c.lease_until.is_(None), documents.c.lease_until <= now),
+                sa.or_(
+                    documents.c.lease_until.is_(None),
+                    documents.c.lease_until <= self._db_now(),
+                ),
                 _has_content(),
             )
             .order_by(documents.c.id)
@@ -47,7 +54,7 @@ class DocumentQueue(SqlBase):
             connection.execute(
                 sa.update(documents)
                 .where(documents.c.id.in_(ids))
-                .values(lease_until=now + timedelta(seconds=lease_seconds))
+                .values(lease_until=self._db_now(lease_seconds), lease_owner=owner)
             )
             rows = connection.execute(
                 sa.select(
@@ -87,6 +94,7 @@ class DocumentQueue(SqlBase):
         self,
         document_id: int,
         *,
+        owner: str,
         message_id: str,
         answer: str,
         now: datetime,
@@ -96,7 +104,6 @@ class DocumentQueue(SqlBase):
         values: dict[str, Any] = {
             "state": DocumentState.FORWARDED.value,
             "attempts": documents.c.attempts + 1,
-            "lease_until": None,
             # No mail was forwarded through an API: its id is the delivery id alone.
             "forwarded_message_id": message_id if via == "smtp" else None,
             "forwarded_at": now,
@@ -105,43 +112,50 @@ class DocumentQueue(SqlBase):
             "delivery_id": message_id,
             "held_reason": None,
         }
-        self._update_document(document_id, values, drop_content=not keep_pdf)
+        self._update_document(document_id, owner, values, drop_content=not keep_pdf)
 
     def mark_retry(
-        self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        answer: str,
+        next_attempt_at: datetime,
+        failed: bool,
     ) -> None:
         values: dict[str, Any] = {
             "attempts": documents.c.attempts + 1,
-            "lease_until": None,
             "last_answer": answer,
             "next_attempt_at": next_attempt_at,
             "held_reason": None,
         }
         if failed:
             values["state"] = DocumentState.FAILED.value
-        self._update_document(document_id, values)
+        self._update_document(document_id, owner, values)
 
-    def mark_failed(self, document_id: int, *, answer: str) -> None:
+    def mark_failed(self, document_id: int, *, owner: str, answer: str) -> None:
         self._update_document(
             document_id,
+            owner,
             {
                 "state": DocumentState.FAILED.value,
                 "attempts": documents.c.attempts + 1,
-                "lease_until": None,
                 "last_answer": answer,
                 "held_reason": None,
             },
         )
 
-    def release(self, document_id: int) -> None:
-        self._update_document(document_id, {"lease_until": None})
+    def release(self, document_id: int, *, owner: str) -> None:
+        self._update_document(document_id, owner, {})
 
-    def postpone(self, document_id: int, *, answer: str, next_attempt_at: datetime) -> None:
+    def postpone(
+        self, document_id: int, *, owner: str, answer: str, next_attempt_at: datetime
+    ) -> None:
         """A limit of the destination: due again later, no attempt counted."""
         self._update_document(
             document_id,
+            owner,
             {
-                "lease_until": None,
                 "last_answer": answer,
                 "next_attempt_at": next_attempt_at,
                 "held_reason": answer,
@@ -169,13 +183,24 @@ class DocumentQueue(SqlBase):
             return None if content is None else bytes(content)
 
     def _update_document(
-        self, document_id: int, values: dict[str, Any], *, drop_content: bool = False
+        self,
+        document_id: int,
+        owner: str,
+        values: dict[str, Any],
+        *,
+        drop_content: bool = False,
     ) -> None:
-        """One document's new values, and its PDF dropped with them when asked."""
+        """One leased document's new values with its lease ended, and its PDF dropped
+        with them when asked; `LeaseLost`, and nothing changed, when the lease is no
+        longer `owner`'s."""
         with self._write() as connection:
-            connection.execute(
-                sa.update(documents).where(documents.c.id == document_id).values(values)
-            )
+            changed = connection.execute(
+                sa.update(documents)
+                .where(lease_held(document_id, owner, self._db_now()))
+                .values({**values, "lease_until": None, "lease_owner": None})
+            ).rowcount
+            if changed != 1:
+                raise LeaseLost(f"document {document_id}")
             if drop_content:
                 connection.execute(
                     sa.delete(document_contents).where(
@@ -193,6 +218,7 @@ class DocumentQueue(SqlBase):
                 attempts=0,
                 next_attempt_at=now,
                 lease_until=None,
+                lease_owner=None,
             )
         )
         if sha256 is not None:
@@ -213,6 +239,7 @@ class DocumentQueue(SqlBase):
                 resend_count=documents.c.resend_count + 1,
                 next_attempt_at=now,
                 lease_until=None,
+                lease_owner=None,
             )
         )
         with self._write() as connection:

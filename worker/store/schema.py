@@ -59,6 +59,9 @@ documents = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("next_attempt_at", UtcDateTime(), nullable=False),
     sa.Column("lease_until", UtcDateTime(), nullable=True),
+    # Who holds the lease (a random token per process run); every write under it checks
+    # both, so a stale owner changes nothing (worker.store.leases).
+    sa.Column("lease_owner", sa.Text, nullable=True),
     sa.Column("forwarded_message_id", sa.Text, nullable=True),
     sa.Column("forwarded_at", UtcDateTime(), nullable=True),
     sa.Column("last_answer", sa.Text, nullable=True),
@@ -79,6 +82,18 @@ documents = sa.Table(
     sa.UniqueConstraint("content_key", name="uq_documents_content_key"),
     sa.CheckConstraint("state IN ('pending', 'forwarded', 'failed')", name="ck_documents_state"),
     sa.Index("ix_documents_state_next_attempt_at", "state", "next_attempt_at"),
+    sa.Index("ix_documents_lease_owner", "lease_owner"),
+)
+
+# One mailbox's poll lease: a row, not a database session, so that a node lost without a
+# word (its session lingers for hours) or a frozen process loses it when it expires.
+# `expires_at` is on the database's clock.
+poll_leases = sa.Table(
+    "poll_leases",
+    metadata,
+    sa.Column("mailbox", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
 )
 
 # A document's PDF while it is still needed (until forwarded, unless KEEP_PDFS). Apart

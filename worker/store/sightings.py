@@ -21,7 +21,7 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.store.engine import SqlBase
+from worker.store.leases import LeaseQueries
 from worker.store.schema import documents, mailbox_state, sightings
 
 _LOCATION = ("mailbox", "uidvalidity", "uid", "part")
@@ -46,8 +46,9 @@ class _EarlierTries:
     received_at: datetime
 
 
-class MailRecorder(SqlBase):
-    """The queries of `worker.relay.ports.PollStore` that record what a poll read."""
+class MailRecorder(LeaseQueries):
+    """The queries of `worker.relay.ports.PollStore` that record what a poll read, each
+    only while the poll lease is the recorder's."""
 
     def position(self, mailbox: str) -> MailboxPosition | None:
         with self._read() as connection:
@@ -60,7 +61,7 @@ class MailRecorder(SqlBase):
             return None
         return MailboxPosition(mailbox=mailbox, uidvalidity=row.uidvalidity, last_uid=row.last_uid)
 
-    def reset_position(self, mailbox: str, uidvalidity: int) -> None:
+    def reset_position(self, mailbox: str, uidvalidity: int, *, owner: str) -> None:
         statement = self._insert(mailbox_state).values(
             mailbox=mailbox, uidvalidity=uidvalidity, last_uid=0, updated_at=_now()
         )
@@ -73,6 +74,7 @@ class MailRecorder(SqlBase):
             },
         )
         with self._write() as connection:
+            self._fence_poll(connection, mailbox, owner)
             connection.execute(statement)
 
     def _advance(
@@ -107,6 +109,7 @@ class MailRecorder(SqlBase):
         dedup: DedupMode,
         keep_pdfs: bool,
         now: datetime,
+        owner: str,
     ) -> list[RecordedSighting]:
         # The bytes of a new document are stored whatever `keep_pdfs` says: a retry must
         # not depend on the mailbox. `keep_pdfs` only matters once it is forwarded.
@@ -124,6 +127,7 @@ class MailRecorder(SqlBase):
         # building and compiling a statement per part cost more than running it.
         statements = self._statements()
         with self._write() as connection:
+            self._fence_poll(connection, mailbox, owner)
             whole = [mail.uid for mail in mails if all(part.part for part in mail.parts)]
             earlier = (
                 self._drop_mail_level_errors(connection, mailbox, uidvalidity, whole)

@@ -4,7 +4,8 @@
 The database decides uniqueness: sightings and documents are claimed by INSERT ... ON
 CONFLICT, and only after a conflict does the store read which row won. The queries
 live by topic: `worker.store.sightings` (what a poll read), `worker.store.queue` (forwarding);
-this module adds the ERROR rows a poll retries, the audit log and the poll lock.
+this module adds the ERROR rows a poll retries and the audit log; the leases (who may
+send, who may poll) are `worker.store.leases`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import Engine
 
+from worker.errors import StoreError
 from worker.models import AuditFilter, AuditRow, SightingKind
 from worker.store.budgets import BudgetRows
-from worker.store.engine import advisory_key, make_engine, translated
+from worker.store.engine import make_engine
 from worker.store.mailactions import MailActionRows
 from worker.store.pages import PageQueries, audit_row
 from worker.store.queue import DocumentQueue
@@ -131,47 +133,30 @@ class SqlStore(
             known = known_document(connection, sha256, content_key)
         return None if known is None else known[1]
 
+    def database_now(self) -> datetime:
+        """The database's clock, on which every lease expires."""
+        with self._read() as connection:
+            return connection.execute(sa.select(self._db_now())).scalar_one()
+
     # --- locking -------------------------------------------------------------------------
 
     @contextmanager
-    def poll_lock(self, mailbox: str) -> Iterator[bool]:
-        """Hold this mailbox's poll lock while the block runs; yields False when another
-        replica holds it. PostgreSQL: a session advisory lock on a dedicated connection.
-        SQLite: always True (one host; BEGIN IMMEDIATE serialises the writes)."""
-        if not self._postgresql:
-            yield True
-            return
-        key = advisory_key(f"invoice-relay:poll:{mailbox}")
-        with translated(self._engine.url):
-            connection = self._engine.connect()
+    def poll_lock(self, mailbox: str, *, owner: str, lease_seconds: float) -> Iterator[bool]:
+        """Hold this mailbox's poll lease while the block runs; yields False when another
+        owner's lease runs. A lease, not a session lock: a replica lost without a word
+        keeps its PostgreSQL session for hours, its lease only until it expires. The
+        owner's heartbeat renews it meanwhile (`LeaseQueries.renew`)."""
+        acquired = self.take_poll_lease(mailbox, owner=owner, lease_seconds=lease_seconds)
         try:
-            with translated(self._engine.url):
-                acquired = bool(
-                    connection.execute(
-                        sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}
-                    ).scalar_one()
-                )
-                connection.commit()
-            try:
-                yield acquired
-            finally:
-                if acquired:
-                    _unlock(connection, key)
+            yield acquired
         finally:
-            connection.close()
-
-
-def _unlock(connection: Connection, key: int) -> None:
-    try:
-        connection.rollback()
-        connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-        connection.commit()
-    except SQLAlchemyError as exc:
-        # A session that died took its lock with it; never hand it back to the pool.
-        # Expected when the database went away: one line, no traceback.
-        log.warning(
-            "poll lock release failed (%s); dropping the connection",
-            str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[0],
-            extra={"action": "poll_lock_lost"},
-        )
-        connection.invalidate()
+            if acquired:
+                try:
+                    self.end_poll_lease(mailbox, owner=owner)
+                except StoreError as exc:
+                    # Left to expire: the next poll a lease later takes it over.
+                    log.warning(
+                        "handing back the poll lease failed: %s",
+                        exc,
+                        extra={"action": "poll_lock_lost", "mailbox": mailbox},
+                    )

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from worker.mail.batches import size_batches
 from worker.models import (
@@ -124,6 +125,7 @@ def test_a_batch_never_holds_more_than_its_byte_bound(tmp_path: Path, batch_size
             mailbox=mailbox,
             outbox=outbox,
             store=store,
+            owner=poll_owner(store, MAILBOX),
             inspector=FakeInspector(),
             clock=lambda: datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
             rng=random.Random(1),

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from tests.signing import KeyServer, sign, signing_key
 from worker.config import values
@@ -417,6 +418,7 @@ def poll(
         mailbox=mailbox,
         outbox=outbox,
         store=store,
+        owner=poll_owner(store, str(settings["mailbox"])),
         inspector=FakeInspector(),
         clock=lambda: datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
         rng=random.Random(1),

@@ -8,6 +8,7 @@ import threading
 from datetime import UTC, datetime
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailActions, FakeMailbox, FakeOutbox, StoredMail
 from worker.errors import DeliveryDeferred
 from worker.models import AfterForward, AuditFilter, DedupMode, MailActionMode, PollReport
@@ -51,6 +52,7 @@ class Relay:
             mailbox=self.mailbox,
             outbox=self.outbox,
             store=self.store,
+            owner=poll_owner(self.store, NAME),
             inspector=self.inspector,
             clock=lambda: T0,
             rng=random.Random(1),

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from worker.errors import MailboxError
 from worker.models import DedupMode, MailSummary
@@ -45,6 +46,7 @@ def test_a_sending_failure_is_logged_when_reading_fails_too(
     for number in range(5):
         pdf = samples.invoice_pdf(number=f"B-{number}")
         mailbox.add(samples.invoice_mail(pdfs=[(f"B-{number}.pdf", pdf)]))
+    store = FakeStore()
     pipeline = Pipeline(
         config=PipelineConfig(
             mailbox="invoices@imap.example/INBOX",
@@ -55,7 +57,8 @@ def test_a_sending_failure_is_logged_when_reading_fails_too(
         ),
         mailbox=mailbox,
         outbox=_BrokenOutbox(),
-        store=FakeStore(),
+        store=store,
+        owner=poll_owner(store, "invoices@imap.example/INBOX"),
         inspector=FakeInspector(),
         clock=lambda: datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
         rng=random.Random(4),

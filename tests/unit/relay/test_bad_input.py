@@ -21,6 +21,7 @@ from pypdf.errors import PdfReadError
 from pypdf.generic import ArrayObject
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox
 from tests.signing import KeyServer, sign, signing_key
 from worker.errors import PdfCheckFailed
@@ -95,6 +96,7 @@ def poll(
         mailbox=mailbox,
         outbox=outbox,
         store=store,
+        owner=poll_owner(store, str(settings["mailbox"])),
         inspector=FakeInspector(),
         clock=lambda: NOW,
         rng=random.Random(1),

@@ -36,6 +36,7 @@ class SlowMarks(SqlStore):
         self,
         document_id: int,
         *,
+        owner: str,
         message_id: str,
         answer: str,
         now: datetime,
@@ -47,7 +48,13 @@ class SlowMarks(SqlStore):
         if self.marks == self.fail_on:
             raise StoreError("disk I/O error")
         super().mark_forwarded(
-            document_id, message_id=message_id, answer=answer, now=now, keep_pdf=keep_pdf, via=via
+            document_id,
+            owner=owner,
+            message_id=message_id,
+            answer=answer,
+            now=now,
+            keep_pdf=keep_pdf,
+            via=via,
         )
 
 

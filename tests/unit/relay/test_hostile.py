@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from tests.hostile import injected_headers, injection_mails
 from worker.mail.mime import FILENAME_MAX_CHARS
@@ -85,6 +86,7 @@ def poll(store: FakeStore, mailbox: FakeMailbox) -> FakeOutbox:
         mailbox=mailbox,
         outbox=outbox,
         store=store,
+        owner=poll_owner(store, "invoices@imap.example/INBOX"),
         inspector=FakeInspector(),
         clock=lambda: datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
         rng=random.Random(1),

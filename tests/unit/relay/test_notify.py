@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.documents import OWNER, poll_owner
 from worker.delivery.message import NOTICE_HEADER, notice_message
 from worker.errors import DeliveryRefused, DeliveryRejected, SessionRefused, StoreError
 from worker.mail.verdicts import NOTICE_LOOP_REASON, loop_code, loop_reason
@@ -306,6 +307,7 @@ def store(tmp_path: Path) -> Iterator[SqlStore]:
 
 def record(store: SqlStore, uid: int, *parts: PartRecord) -> list[int]:
     recorded = store.record_mails(
+        owner=poll_owner(store, "m"),
         mailbox="m",
         uidvalidity=1,
         mails=[MailRecord(uid=uid, headers=MailHeaders(subject="s"), parts=parts)],
@@ -345,11 +347,18 @@ def test_the_queries_list_each_problem_row_until_a_notice_covered_it(store: SqlS
     record(store, 5, rejected(NOTICE_LOOP_REASON, ReasonCode.NOTICE_LOOP))
     record(store, 8, rejected("reworded", ReasonCode.NOTICE_LOOP))
     record(store, 6, PartRecord(part="", kind=SightingKind.NO_PDF))
-    documents = {d.filename: d for d in store.claim_due(now=T0, limit=10, lease_seconds=60)}
+    documents = {
+        d.filename: d for d in store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    }
     store.mark_forwarded(
-        documents["fine.pdf"].document_id, message_id="<a@b>", answer="250", now=T0, keep_pdf=False
+        documents["fine.pdf"].document_id,
+        owner=OWNER,
+        message_id="<a@b>",
+        answer="250",
+        now=T0,
+        keep_pdf=False,
     )
-    store.mark_failed(documents["refused.pdf"].document_id, answer="550 5.7.1 no")
+    store.mark_failed(documents["refused.pdf"].document_id, owner=OWNER, answer="550 5.7.1 no")
 
     assert log.last_notice() is None
     problems = log.unnotified(after_sighting_id=0, limit=100)

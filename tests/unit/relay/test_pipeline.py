@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from worker.errors import DeliveryDeferred, DeliveryRejected, MailboxError, SessionRefused
 from worker.mail.verdicts import loop_reason, sender_allowed
@@ -58,6 +59,7 @@ class Relay:
             mailbox=self.mailbox,
             outbox=self.outbox,
             store=self.store,
+            owner=poll_owner(self.store, self.config.mailbox),
             inspector=self.inspector,
             clock=self.clock,
             rng=random.Random(4),

@@ -11,6 +11,7 @@ from datetime import date, datetime
 import pytest
 
 from tests import samples
+from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from worker.errors import MailboxError
 from worker.models import (
@@ -118,6 +119,7 @@ class CheckedStore(FakeStore):
         dedup: DedupMode,
         keep_pdfs: bool,
         now: datetime,
+        owner: str,
     ) -> list[RecordedSighting]:
         result = super().record_mails(
             mailbox=mailbox,
@@ -127,6 +129,7 @@ class CheckedStore(FakeStore):
             dedup=dedup,
             keep_pdfs=keep_pdfs,
             now=now,
+            owner=owner,
         )
         self.recorded_uids.update(mail.uid for mail in mails)
         position = self.position(MAILBOX)
@@ -152,6 +155,7 @@ def pipeline(mailbox: WatchedMailbox, inspector: FakeInspector, store: FakeStore
         mailbox=mailbox,
         outbox=FakeOutbox(),
         store=store,
+        owner=poll_owner(store, MAILBOX),
         inspector=inspector,
         rng=random.Random(4),
     )

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.documents import add_pending_documents
+from tests.documents import OWNER, add_pending_documents
 from tests.fakes import FakeOutbox, FakeStore
 from worker.errors import SessionRefused
 from worker.models import OutgoingDocument
@@ -29,15 +29,18 @@ class LockedQueue:
         self._lock = threading.Lock()
 
     def claim_due(
-        self, *, now: datetime, limit: int, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
     ) -> list[OutgoingDocument]:
         with self._lock:
-            return self._store.claim_due(now=now, limit=limit, lease_seconds=lease_seconds)
+            return self._store.claim_due(
+                now=now, limit=limit, owner=owner, lease_seconds=lease_seconds
+            )
 
     def mark_forwarded(
         self,
         document_id: int,
         *,
+        owner: str,
         message_id: str,
         answer: str,
         now: datetime,
@@ -47,6 +50,7 @@ class LockedQueue:
         with self._lock:
             self._store.mark_forwarded(
                 document_id,
+                owner=owner,
                 message_id=message_id,
                 answer=answer,
                 now=now,
@@ -55,24 +59,42 @@ class LockedQueue:
             )
 
     def mark_retry(
-        self, document_id: int, *, answer: str, next_attempt_at: datetime, failed: bool
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        answer: str,
+        next_attempt_at: datetime,
+        failed: bool,
     ) -> None:
         with self._lock:
             self._store.mark_retry(
-                document_id, answer=answer, next_attempt_at=next_attempt_at, failed=failed
+                document_id,
+                owner=owner,
+                answer=answer,
+                next_attempt_at=next_attempt_at,
+                failed=failed,
             )
 
-    def mark_failed(self, document_id: int, *, answer: str) -> None:
+    def mark_failed(self, document_id: int, *, owner: str, answer: str) -> None:
         with self._lock:
-            self._store.mark_failed(document_id, answer=answer)
+            self._store.mark_failed(document_id, owner=owner, answer=answer)
 
-    def release(self, document_id: int) -> None:
+    def release(self, document_id: int, *, owner: str) -> None:
         with self._lock:
-            self._store.release(document_id)
+            self._store.release(document_id, owner=owner)
 
-    def postpone(self, document_id: int, *, answer: str, next_attempt_at: datetime) -> None:
+    def postpone(
+        self, document_id: int, *, owner: str, answer: str, next_attempt_at: datetime
+    ) -> None:
         with self._lock:
-            self._store.postpone(document_id, answer=answer, next_attempt_at=next_attempt_at)
+            self._store.postpone(
+                document_id, owner=owner, answer=answer, next_attempt_at=next_attempt_at
+            )
+
+    def still_holds(self, document_id: int, *, owner: str, lease_seconds: float) -> bool:
+        with self._lock:
+            return self._store.still_holds(document_id, owner=owner, lease_seconds=lease_seconds)
 
 
 def sessions(store: FakeStore, outboxes: list[FakeOutbox]) -> ParallelSessions:
@@ -83,6 +105,7 @@ def sessions(store: FakeStore, outboxes: list[FakeOutbox]) -> ParallelSessions:
                 rules=ForwardRules(send_batch=3, retry_base=timedelta(seconds=10)),
                 outbox=outbox,
                 store=queue,
+                owner=OWNER,
                 pacer=SendPacer(None),
                 clock=lambda: NOW,
                 rng=random.Random(5),

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.documents import OWNER
 from tests.storecases import (
     MAILBOX,
     T0,
@@ -43,15 +44,18 @@ def test_the_audit_view_shows_outcomes_and_forwarding(store: SqlStore) -> None:
         now=T0,
     )
     record(store, mail(5, accepted(pdf("b"))), now=T0 + timedelta(hours=1))
-    sent, refused = store.claim_due(now=T0 + timedelta(hours=1), limit=10, lease_seconds=60)
+    sent, refused = store.claim_due(
+        owner=OWNER, now=T0 + timedelta(hours=1), limit=10, lease_seconds=60
+    )
     store.mark_forwarded(
         sent.document_id,
+        owner=OWNER,
         message_id="<out-1@relay>",
         answer="250 queued",
         now=T0 + timedelta(hours=2),
         keep_pdf=False,
     )
-    store.mark_failed(refused.document_id, answer="554 5.7.1 spam")
+    store.mark_failed(refused.document_id, owner=OWNER, answer="554 5.7.1 spam")
 
     rows = store.audit(AuditFilter())
     assert [row.uid for row in rows] == [5, 4, 3, 2, 1]  # newest first

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
 import pytest
 
+from tests.documents import OWNER, PollLeases, poll_owner
 from tests.fakes import FakeStore
 from tests.servers.postgres import temporary_database
+from worker.errors import LeaseLost
 from worker.models import (
     AuditFilter,
     DedupMode,
@@ -27,7 +30,7 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.relay.ports import AdminStore, AuditReader, PollStore, SendQueue
+from worker.relay.ports import AdminStore, AuditReader, Leases, PollStore, SendQueue
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
@@ -35,7 +38,7 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 MAILBOX = "invoices@imap.example/INBOX"
 
 
-class AnyStore(PollStore, SendQueue, AuditReader, AdminStore, Protocol):
+class AnyStore(PollStore, SendQueue, Leases, AuditReader, AdminStore, PollLeases, Protocol):
     """What both stores implement (for the type checker only)."""
 
 
@@ -81,7 +84,8 @@ def record(
     advance_to: int | None = None,
     now: datetime = NOW,
 ) -> list[RecordedSighting]:
-    return store.record_mails(
+    recorded = store.record_mails(
+        owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=uidvalidity,
         mails=[
@@ -96,6 +100,9 @@ def record(
         keep_pdfs=False,
         now=now,
     )
+    # As a poll ends: the poll lease handed back, for the lease tests' owners.
+    store.end_poll_lease(MAILBOX, owner=OWNER)
+    return recorded
 
 
 def error(reason: str = "worker died", part: str = "2") -> PartRecord:
@@ -180,7 +187,7 @@ def test_the_position_never_goes_back_under_one_uidvalidity(store: AnyStore) -> 
     assert store.position(MAILBOX) == MailboxPosition(mailbox=MAILBOX, uidvalidity=1, last_uid=5)
     record(store, 2, pdf("c"), uidvalidity=9)
     assert store.position(MAILBOX) == MailboxPosition(mailbox=MAILBOX, uidvalidity=9, last_uid=2)
-    store.reset_position(MAILBOX, 10)
+    store.reset_position(MAILBOX, 10, owner=poll_owner(store, MAILBOX))
     assert store.position(MAILBOX) == MailboxPosition(mailbox=MAILBOX, uidvalidity=10, last_uid=0)
 
 
@@ -193,22 +200,24 @@ def test_a_document_needs_its_hash_and_bytes(store: AnyStore) -> None:
 def test_the_queue_leases_marks_and_requeues(store: AnyStore) -> None:
     (first,) = record(store, 1, pdf("a"))
     record(store, 2, pdf("b"))
-    claimed = store.claim_due(now=NOW, limit=10, lease_seconds=60)
+    claimed = store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60)
     assert [c.document_id for c in claimed] == sorted(c.document_id for c in claimed)
     assert claimed[0].content == pdf("a").content
     assert (claimed[0].original_subject, claimed[0].attempts) == ("mail 1", 0)
-    assert store.claim_due(now=NOW, limit=10, lease_seconds=60) == []  # leased
+    assert store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60) == []  # leased
     a, b = (c.document_id for c in claimed)
-    store.mark_forwarded(a, message_id="<m@relay>", answer="250 ok", now=NOW, keep_pdf=False)
-    store.release(b)
-    (again,) = store.claim_due(now=NOW, limit=10, lease_seconds=60)
+    store.mark_forwarded(
+        a, owner=OWNER, message_id="<m@relay>", answer="250 ok", now=NOW, keep_pdf=False
+    )
+    store.release(b, owner=OWNER)
+    (again,) = store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60)
     assert again.document_id == b
     later = NOW + timedelta(minutes=1)
-    store.mark_retry(b, answer="451 later", next_attempt_at=later, failed=False)
-    assert store.claim_due(now=NOW, limit=10, lease_seconds=60) == []  # not due yet
-    (retried,) = store.claim_due(now=later, limit=10, lease_seconds=60)
+    store.mark_retry(b, owner=OWNER, answer="451 later", next_attempt_at=later, failed=False)
+    assert store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60) == []  # not due yet
+    (retried,) = store.claim_due(owner=OWNER, now=later, limit=10, lease_seconds=60)
     assert retried.attempts == 1
-    store.mark_failed(b, answer="550 no")
+    store.mark_failed(b, owner=OWNER, answer="550 no")
     assert store.state_counts() == {
         DocumentState.PENDING: 0,
         DocumentState.FORWARDED: 1,
@@ -225,19 +234,19 @@ def test_the_queue_leases_marks_and_requeues(store: AnyStore) -> None:
 
     assert not store.resend(sha256=pdf("a").sha256 or "", now=later)  # its PDF was dropped
     assert store.requeue(sha256=None, now=later) == 1
-    (requeued,) = store.claim_due(now=later, limit=10, lease_seconds=60)
+    (requeued,) = store.claim_due(owner=OWNER, now=later, limit=10, lease_seconds=60)
     assert (requeued.document_id, requeued.attempts) == (b, 0)
 
 
 def test_a_kept_pdf_can_be_resent(store: AnyStore) -> None:
     record(store, 1, pdf("a"))
-    (claimed,) = store.claim_due(now=NOW, limit=1, lease_seconds=60)
+    (claimed,) = store.claim_due(owner=OWNER, now=NOW, limit=1, lease_seconds=60)
     store.mark_forwarded(
-        claimed.document_id, message_id="<m>", answer="250", now=NOW, keep_pdf=True
+        claimed.document_id, owner=OWNER, message_id="<m>", answer="250", now=NOW, keep_pdf=True
     )
     assert store.resend(sha256=claimed.sha256, now=NOW)
     assert not store.resend(sha256=claimed.sha256, now=NOW)  # pending already
-    (resent,) = store.claim_due(now=NOW, limit=1, lease_seconds=60)
+    (resent,) = store.claim_due(owner=OWNER, now=NOW, limit=1, lease_seconds=60)
     assert (resent.document_id, resent.resend_count) == (claimed.document_id, 1)
 
 
@@ -256,3 +265,97 @@ def test_the_audit_filters_and_orders_newest_first(store: AnyStore) -> None:
     ]
     (row,) = store.audit(AuditFilter(outcomes=(Outcome.NO_PDF,)))
     assert (row.subject, row.sender, row.filename) == ("mail 2", "Shop <a@shop.example>", None)
+
+
+# --- leases ------------------------------------------------------------------------------
+
+
+def test_poll_writes_need_the_poll_lease(store: AnyStore) -> None:
+    record(store, 1, pdf("a"))
+    assert store.take_poll_lease(MAILBOX, owner="other", lease_seconds=60)
+    assert not store.take_poll_lease(MAILBOX, owner=OWNER, lease_seconds=60)
+    mails = [MailRecord(uid=2, headers=MailHeaders(), parts=(pdf("b"),))]
+    for owner in (OWNER, "nobody"):
+        with pytest.raises(LeaseLost):
+            store.record_mails(
+                owner=owner,
+                mailbox=MAILBOX,
+                uidvalidity=1,
+                mails=mails,
+                advance_to=2,
+                dedup=DedupMode.BYTES,
+                keep_pdfs=False,
+                now=NOW,
+            )
+        with pytest.raises(LeaseLost):
+            store.reset_position(MAILBOX, 9, owner=owner)
+    # Nothing changed: neither the sighting nor the position.
+    assert [row.uid for row in store.audit(AuditFilter())] == [1]
+    assert store.position(MAILBOX) == MailboxPosition(mailbox=MAILBOX, uidvalidity=1, last_uid=1)
+    store.end_poll_lease(MAILBOX, owner=OWNER)  # not its own: nothing handed back
+    assert not store.take_poll_lease(MAILBOX, owner=OWNER, lease_seconds=60)
+    assert store.take_poll_lease("other mailbox", owner=OWNER, lease_seconds=60)
+    store.end_poll_lease(MAILBOX, owner="other")
+    assert store.take_poll_lease(MAILBOX, owner=OWNER, lease_seconds=60)
+
+
+def test_document_writes_are_fenced_by_their_owner(store: AnyStore) -> None:
+    record(store, 1, pdf("a"))
+    (claimed,) = store.claim_due(owner="first", now=NOW, limit=10, lease_seconds=60)
+    document = claimed.document_id
+    assert store.claim_due(owner="second", now=NOW, limit=10, lease_seconds=60) == []
+    writes: list[Callable[[], None]] = [
+        lambda: store.mark_forwarded(
+            document, owner="second", message_id="<m>", answer="250", now=NOW, keep_pdf=False
+        ),
+        lambda: store.mark_retry(
+            document, owner="second", answer="451", next_attempt_at=NOW, failed=False
+        ),
+        lambda: store.mark_failed(document, owner="second", answer="554"),
+        lambda: store.release(document, owner="second"),
+    ]
+    for write in writes:
+        with pytest.raises(LeaseLost):
+            write()
+    assert store.state_counts()[DocumentState.PENDING] == 1
+    assert not store.still_holds(document, owner="second", lease_seconds=60)
+    assert store.still_holds(document, owner="first", lease_seconds=60)
+    store.release(document, owner="first")
+    # A released lease is no one's: its old owner is fenced too.
+    assert not store.still_holds(document, owner="first", lease_seconds=60)
+    with pytest.raises(LeaseLost):
+        store.mark_failed(document, owner="first", answer="554")
+    (again,) = store.claim_due(owner="second", now=NOW, limit=10, lease_seconds=60)
+    assert (again.document_id, again.attempts) == (document, 0)
+    store.mark_failed(document, owner="second", answer="554")
+    assert store.state_counts()[DocumentState.FAILED] == 1
+
+
+def test_renew_and_release_all_cover_every_lease_of_one_owner(store: AnyStore) -> None:
+    record(store, 1, pdf("a"))
+    record(store, 2, pdf("b"))
+    store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60)
+    assert store.take_poll_lease(MAILBOX, owner=OWNER, lease_seconds=60)
+    assert store.renew(OWNER, lease_seconds=60) == 3  # two documents and the mailbox
+    assert store.renew("someone else", lease_seconds=60) == 0
+    assert store.release_all(OWNER) == 2
+    assert store.renew(OWNER, lease_seconds=60) == 0
+    assert len(store.claim_due(owner="next", now=NOW, limit=10, lease_seconds=60)) == 2
+    assert store.take_poll_lease(MAILBOX, owner="next", lease_seconds=60)
+
+
+def test_an_expired_lease_is_lost_and_taken_over(store: AnyStore) -> None:
+    record(store, 1, pdf("a"))
+    (claimed,) = store.claim_due(owner="stale", now=NOW, limit=10, lease_seconds=0.2)
+    assert store.take_poll_lease(MAILBOX, owner="stale", lease_seconds=0.2)
+    # Polled until the store's own clock passes the leases (no fixed sleep).
+    deadline = time.monotonic() + 30
+    while store.take_poll_lease(MAILBOX, owner="probe", lease_seconds=60) is False:
+        assert time.monotonic() < deadline, "the poll lease did not expire"
+        time.sleep(0.05)
+    assert not store.still_holds(claimed.document_id, owner="stale", lease_seconds=60)
+    assert store.renew("stale", lease_seconds=60) == 0
+    with pytest.raises(LeaseLost):
+        store.release(claimed.document_id, owner="stale")
+    (taken,) = store.claim_due(owner="current", now=NOW, limit=10, lease_seconds=60)
+    assert taken.document_id == claimed.document_id

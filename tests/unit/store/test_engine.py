@@ -22,15 +22,18 @@ def store(store_factory: StoreFactory) -> SqlStore:
 
 
 def test_poll_lock_is_exclusive_across_stores(store_factory: StoreFactory) -> None:
+    # A lease row on both databases now (it was a session advisory lock on PostgreSQL
+    # and no lock at all on SQLite).
     first, second = store_factory(), store_factory()
-    postgresql = first.engine.dialect.name == "postgresql"
-    with first.poll_lock(MAILBOX) as held:
+    with first.poll_lock(MAILBOX, owner="first", lease_seconds=30) as held:
         assert held
-        with second.poll_lock(MAILBOX) as contended:
-            assert contended is not postgresql
-        with second.poll_lock("other@example.test/INBOX") as other:
+        with second.poll_lock(MAILBOX, owner="second", lease_seconds=30) as contended:
+            assert not contended
+        with second.poll_lock(
+            "other@example.test/INBOX", owner="second", lease_seconds=30
+        ) as other:
             assert other
-    with second.poll_lock(MAILBOX) as afterwards:
+    with second.poll_lock(MAILBOX, owner="second", lease_seconds=30) as afterwards:
         assert afterwards
 
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from tests.documents import OWNER
 from tests.storecases import T0, StoreFactory, accepted, mail, pdf, record
 from worker.models import (
     AuditSearch,
@@ -38,10 +39,15 @@ def store(store_factory: StoreFactory) -> SqlStore:
         mail(4, accepted(pdf("b"), filename="Rechnung_100%.pdf")),
         now=T0 + timedelta(days=40),
     )
-    due = store.claim_due(now=T0 + timedelta(days=40), limit=10, lease_seconds=60)
-    store.mark_failed(due[1].document_id, answer="554 5.7.1 refused")
+    due = store.claim_due(now=T0 + timedelta(days=40), limit=10, owner=OWNER, lease_seconds=60)
+    store.mark_failed(due[1].document_id, owner=OWNER, answer="554 5.7.1 refused")
     store.mark_forwarded(
-        due[0].document_id, message_id="<out@relay>", answer="250 ok", now=T0, keep_pdf=True
+        due[0].document_id,
+        owner=OWNER,
+        message_id="<out@relay>",
+        answer="250 ok",
+        now=T0,
+        keep_pdf=True,
     )
     return store
 

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from tests.documents import poll_owner
 from tests.storecases import (
     MAILBOX,
     T0,
@@ -43,6 +44,7 @@ def store(store_factory: StoreFactory) -> SqlStore:
 
 def test_a_new_pdf_claims_a_pending_document(store: SqlStore) -> None:
     (first,) = store.record_mails(
+        owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
         mails=[mail(1, accepted(pdf("a")))],
@@ -66,6 +68,7 @@ def test_a_new_pdf_claims_a_pending_document(store: SqlStore) -> None:
 @pytest.mark.parametrize("dedup", list(DedupMode))
 def test_the_same_bytes_are_a_duplicate_in_either_mode(store: SqlStore, dedup: DedupMode) -> None:
     first, second = store.record_mails(
+        owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
         mails=[mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("a")))],
@@ -92,6 +95,7 @@ def test_the_same_fingerprint_is_a_duplicate_only_in_content_mode(
     store: SqlStore, dedup: DedupMode, expected: SightingKind
 ) -> None:
     first, second = store.record_mails(
+        owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
         mails=[
@@ -122,6 +126,7 @@ def test_a_rejected_copy_never_blocks_a_later_accepted_one(store: SqlStore) -> N
         fingerprint="fp1:x",
     )
     first, second = store.record_mails(
+        owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
         mails=[mail(1, rejected), mail(2, accepted(content, fingerprint="fp1:x"))],
@@ -143,6 +148,7 @@ def test_a_replay_adds_no_second_sighting(store: SqlStore) -> None:
     ]
 
     first_run = store.record_mails(
+        owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
         mails=batch,
@@ -152,6 +158,7 @@ def test_a_replay_adds_no_second_sighting(store: SqlStore) -> None:
         now=T0,
     )
     replay = store.record_mails(
+        owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
         mails=batch,
@@ -206,6 +213,7 @@ def test_exhausted_errors_become_rejected(store: SqlStore) -> None:
     error = PartRecord(part="2", kind=SightingKind.ERROR, reason="worker crashed")
     for minutes in (0, 5, 10):
         store.record_mails(
+            owner=poll_owner(store, MAILBOX),
             mailbox=MAILBOX,
             uidvalidity=UIDVALIDITY,
             mails=[mail(5, error), mail(6, PartRecord(part="3", kind=SightingKind.ERROR))]
@@ -232,6 +240,7 @@ def test_the_position_never_moves_backwards(store: SqlStore) -> None:
 
     def advance(to: int | None, uidvalidity: int = UIDVALIDITY) -> None:
         store.record_mails(
+            owner=poll_owner(store, MAILBOX),
             mailbox=MAILBOX,
             uidvalidity=uidvalidity,
             mails=[],
@@ -252,7 +261,7 @@ def test_the_position_never_moves_backwards(store: SqlStore) -> None:
     assert position is not None
     assert position.last_uid == 12
 
-    store.reset_position(MAILBOX, 99)
+    store.reset_position(MAILBOX, 99, owner=poll_owner(store, MAILBOX))
     position = store.position(MAILBOX)
     assert position is not None
     assert (position.uidvalidity, position.last_uid) == (99, 0)
