@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from tests.documents import OWNER, send_loop
+from tests.documents import OWNER, send_loop, wait_for_leases_to_expire
 from tests.servers.getmyinvoices import UNAVAILABLE, FakeGetMyInvoices, refused, unprocessable
 from tests.storecases import T0, accepted, mail, pdf, record
 from worker.config.settings import Secret
@@ -191,7 +191,10 @@ def test_a_crash_after_the_upload_asks_before_uploading_again(
     record(store, mail(1, accepted(pdf("A"))))
     with pytest.raises(Crashed):
         _send(api, store, crash_at=CrashPoint.AFTER_SEND)
-    later = T0 + timedelta(hours=3)  # the crashed owner's lease has expired
+    # The crashed owner's lease runs out on the database's clock, as a user's next run
+    # would find it: the default 30 s, waited for as a condition.
+    wait_for_leases_to_expire(store)
+    later = T0 + timedelta(hours=3)
     assert _send(api, store, now=later) == (1, 0, 0)
     assert len(api.uploads()) == 1 and len(api.documents) == 1
     assert [c.path.rsplit("/", 1)[-1] for c in api.calls].count("exists") == 1
@@ -203,6 +206,7 @@ def test_a_crash_before_the_upload_uploads_once(api: FakeGetMyInvoices, store: S
     with pytest.raises(Crashed):
         _send(api, store, crash_at=CrashPoint.AFTER_UPLOAD_STARTED)
     assert api.uploads() == []
+    wait_for_leases_to_expire(store)  # the crashed owner's lease, on the database's clock
     assert _send(api, store, now=T0 + timedelta(hours=3)) == (1, 0, 0)
     assert len(api.documents) == 1
 
