@@ -114,7 +114,7 @@ class MailboxPosition:
 
 
 class SecretText(Protocol):
-    """A secret string that prints masked (`worker.config.settings.Secret`)."""
+    """A secret string that prints masked (`worker.config.environment.Secret`)."""
 
     def reveal(self) -> str: ...
 
