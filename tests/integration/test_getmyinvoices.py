@@ -16,7 +16,7 @@ import pytest
 from tests.documents import OWNER, send_loop, wait_for_leases_to_expire
 from tests.servers.getmyinvoices import UNAVAILABLE, FakeGetMyInvoices, refused, unprocessable
 from tests.storecases import T0, accepted, mail, pdf, record
-from worker.config.settings import Secret
+from worker.config.environment import Secret
 from worker.delivery.getmyinvoices import GmiDestination
 from worker.errors import DestinationRefused
 from worker.faults import Checkpoint, CrashAt, CrashHook, CrashPoint, no_checkpoint

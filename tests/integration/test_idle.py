@@ -19,7 +19,7 @@ from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
-from worker.config.settings import Secret
+from worker.config.environment import Secret
 from worker.imap.mailbox import ImapMailbox
 from worker.models import FolderStatus, PasswordCredentials, Security
 from worker.service.idle import IdleTiming, IdleWatcher

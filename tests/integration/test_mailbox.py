@@ -18,7 +18,7 @@ import pytest
 from tests import samples
 from tests.servers.bare_imap import running_bare_imap
 from tests.servers.dovecot import DovecotServer, free_port, running_dovecot
-from worker.config.settings import Secret
+from worker.config.environment import Secret
 from worker.errors import (
     MailboxError,
     MailboxFolderError,

@@ -13,7 +13,7 @@ import pytest
 
 from tests.servers.smtp_sink import SmtpSink, free_port, running_sink
 from tests.servers.tls import TestCA, make_ca
-from worker.config.settings import Secret
+from worker.config.environment import Secret
 from worker.delivery.message import ForwardMail, build_forward
 from worker.delivery.smtp import SmtpOutbox
 from worker.errors import (

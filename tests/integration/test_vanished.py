@@ -19,7 +19,7 @@ from tests import samples
 from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeOutbox
 from tests.servers.dovecot import DovecotServer
-from worker.config.settings import Secret
+from worker.config.environment import Secret
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.verdicts import VANISHED_REASON
 from worker.models import (

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from worker.config.settings import Secret, Settings, http_port_from_env
+from worker.config.environment import Secret
+from worker.config.settings import Settings, http_port_from_env
 from worker.delivery.getmyinvoices import ALREADY_THERE, GmiDestination
 from worker.delivery.smtp import SmtpOutbox
 from worker.errors import ConfigError, LeaseLost, StoreError

@@ -18,7 +18,7 @@ from worker.config import values
 from worker.tokens import AuthMethod, OAuthFlow, OAuthProvider
 
 if TYPE_CHECKING:
-    from worker.config.settings import Secret
+    from worker.config.environment import Secret
 
 _T = TypeVar("_T")
 
@@ -32,7 +32,7 @@ _FLOW_PROVIDER = {
 
 
 class Reader(Protocol):
-    """The part of `worker.config.settings._Reader` this module uses."""
+    """The part of `worker.config.environment.EnvReader` this module uses."""
 
     def text(self, name: str) -> str | None: ...
 

@@ -11,20 +11,19 @@ from __future__ import annotations
 import enum
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import unquote
 
 from worker import models
 from worker.config import values, web
+from worker.config.environment import EnvReader, Secret
 from worker.config.oauth import OAuthSettings, read_oauth
 from worker.config.schedule import parse_duration, parse_schedule
-from worker.errors import ConfigError, ConfigProblems
 from worker.faults import CrashAt
-from worker.logs import MASK, mask_url, url_passwords
+from worker.logs import url_passwords
 from worker.models import (
     AfterForward,
     DedupMode,
@@ -35,32 +34,7 @@ from worker.models import (
 )
 from worker.tokens import AuthMethod
 
-PREFIX = "INVOICE_RELAY_"
-
-_T = TypeVar("_T")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Secret:
-    """A string that never prints: `reveal()` is the only way to its value."""
-
-    _value: str
-    _display: str = field(default=MASK, compare=False)
-
-    @classmethod
-    def url(cls, value: str) -> Secret:
-        """A URL that prints with its password masked, and only its password."""
-        return cls(value, mask_url(value))
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return self._display
-
-    def __str__(self) -> str:
-        return self._display
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,7 +111,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
         """Read and check every variable; raise ConfigError naming each one at fault."""
-        env = _Reader(environ)
+        env = EnvReader(environ)
         delivery = env.parse("DELIVERY", values.enum_of(DeliveryKind), DeliveryKind.SMTP)
         # With the API, mail goes out only as notices: SMTP is needed only for those.
         smtp_needed = delivery is DeliveryKind.SMTP or env.raw("NOTIFY_TO") is not None
@@ -284,7 +258,7 @@ class Settings:
 
 def database_url_from_env(environ: Mapping[str, str]) -> Secret:
     """Only the database URL (with its default), for commands that need nothing else."""
-    env = _Reader(environ)
+    env = EnvReader(environ)
     url = _database_url(env)
     env.raise_problems()
     return url
@@ -292,7 +266,7 @@ def database_url_from_env(environ: Mapping[str, str]) -> Secret:
 
 def http_port_from_env(environ: Mapping[str, str]) -> int:
     """Only INVOICE_RELAY_HTTP_PORT, for the container's health probe."""
-    env = _Reader(environ)
+    env = EnvReader(environ)
     port = env.parse("HTTP_PORT", values.port(0), models.DEFAULT_HTTP_PORT)
     env.raise_problems()
     return port
@@ -302,90 +276,8 @@ _IMAP_PORTS = {Security.SSL: 993, Security.STARTTLS: 143, Security.NONE: 143}
 _SMTP_PORTS = {Security.SSL: 465, Security.STARTTLS: 587, Security.NONE: 25}
 
 
-class _Reader:
-    """Reads `INVOICE_RELAY_*` variables, collecting problems instead of stopping."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        self._problems: list[ConfigError] = []
-        self._read: set[str] = set()
-
-    def raw(self, name: str, *, strip: bool = True) -> str | None:
-        """The variable's value; None when unset or empty."""
-        self._read.add(PREFIX + name)
-        value = self._environ.get(PREFIX + name)
-        if value is None or not value.strip():
-            return None
-        return value.strip() if strip else value
-
-    def outside(self, name: str) -> str:
-        """A variable without our prefix, such as HOME; "" when unset."""
-        return self._environ.get(name, "")
-
-    def fail(self, name: str, problem: str) -> None:
-        self._problems.append(ConfigError(PREFIX + name, problem))
-
-    def text(self, name: str) -> str | None:
-        return self.raw(name)
-
-    def required(self, name: str) -> str:
-        value = self.raw(name)
-        if value is None:
-            self.fail(name, "required")
-        return value or ""
-
-    def parse(
-        self, name: str, parser: Callable[[str], _T], default: _T, *, required: bool = False
-    ) -> _T:
-        value = self.raw(name)
-        if value is None:
-            if required:
-                self.fail(name, "required")
-            return default
-        try:
-            return parser(value)
-        except ValueError as exc:
-            self.fail(name, str(exc))
-            return default
-
-    def secret(self, name: str, *, required: bool) -> Secret | None:
-        """A password from `NAME` or from the file `NAME_FILE`; never echoed."""
-        value = self.raw(name, strip=False)
-        path = self.raw(name + "_FILE")
-        if value is not None and path is not None:
-            self.fail(name, f"set either {PREFIX}{name} or {PREFIX}{name}_FILE, not both")
-            return None
-        if path is not None:
-            try:
-                value = Path(path).read_text(encoding="utf-8")
-            except (OSError, UnicodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                self.fail(name + "_FILE", f"cannot read {path}: {reason}")
-                return None
-            value = value.removesuffix("\n").removesuffix("\r")
-            if not value:
-                self.fail(name + "_FILE", f"{path} is empty")
-                return None
-        if value is None:
-            if required:
-                self.fail(name, f"required (or {PREFIX}{name}_FILE)")
-            return None
-        return Secret(value)
-
-    def unknown(self) -> tuple[str, ...]:
-        return tuple(
-            sorted(key for key in self._environ if key.startswith(PREFIX) and key not in self._read)
-        )
-
-    def raise_problems(self) -> None:
-        if len(self._problems) == 1:
-            raise self._problems[0]
-        if self._problems:
-            raise ConfigProblems(tuple(self._problems))
-
-
 def _web_settings(
-    env: _Reader, key_file: Path | None, *, keep_pdfs: bool
+    env: EnvReader, key_file: Path | None, *, keep_pdfs: bool
 ) -> web.WebSettings | None:
     port = env.parse("WEB_PORT", values.port(0), models.DEFAULT_WEB_PORT)
     name = env.parse("WEB_USER", web.user_name, models.DEFAULT_WEB_USER)
@@ -427,7 +319,7 @@ def _web_settings(
     )
 
 
-def _database_url(env: _Reader) -> Secret:
+def _database_url(env: EnvReader) -> Secret:
     url = env.raw("DATABASE_URL")
     if url is None:
         return Secret.url(_default_database_url(env))
@@ -448,7 +340,7 @@ def _database_url(env: _Reader) -> Secret:
     return Secret.url(url)
 
 
-def _default_database_url(env: _Reader) -> str:
+def _default_database_url(env: EnvReader) -> str:
     # XDG_DATA_HOME and HOME belong to the environment too: read them from the same mapping.
     data_home = env.outside("XDG_DATA_HOME")
     if not os.path.isabs(data_home):

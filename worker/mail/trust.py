@@ -15,9 +15,10 @@ can be believed at all. Two kinds of proof, each turned on by its own setting:
   it) is parsed with authres; `dkim=pass` with an aligned `header.d` (or `header.i`) or
   `dmarc=pass` for the From domain proves the From. All other such headers are ignored.
 
-With both on, either proof is enough; the cheap header check comes first and a mail it
-proves is never fetched whole. A DNS timeout while no signature passed makes the
-verdict UNSURE: the mail becomes `error` and is tried again on a later poll.
+With both on, either proof is enough; the intake's step (`worker.mail.proof.SenderProof`)
+runs the cheap header check first, and a mail it proves is never fetched whole. A DNS
+timeout while no signature passed makes the verdict UNSURE: the mail becomes `error` and
+is tried again on a later poll.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol
 
 import authres  # type: ignore[import-untyped,unused-ignore]
@@ -36,11 +36,7 @@ import dns.exception  # type: ignore[import-untyped,unused-ignore]
 from dkim.dnsplug import get_txt  # type: ignore[import-untyped,unused-ignore]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped,unused-ignore]
 
-from worker.mail.batches import size_batches
 from worker.mail.text import clean_text
-from worker.models import DEFAULT_MAX_MAIL_BYTES, MailSummary
-
-log = logging.getLogger(__name__)
 
 MAX_SIGNATURES = 10  # checked per mail; each may cost a DNS lookup
 REASON_MAX_CHARS = 400
@@ -62,32 +58,10 @@ _DKIM_ERRORS = (
 )
 
 
-class WholeMails(Protocol):
-    """The one thing DKIM asks of a mailbox (`worker.relay.ports.Mailbox` has it): whole
-    raw mails, so it is declared here and mail/ depends on no port of the relay."""
-
-    def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
-        """Whole raw mails by UID; mails the server does not return are absent."""
-
-
 class TxtLookup(Protocol):
     """dkimpy's DNS hook: the TXT record at `name` (b"sel._domainkey.example.com."), or None."""
 
     def __call__(self, name: bytes, timeout: float = 5) -> bytes | None: ...
-
-
-class ProofGuard(Protocol):
-    """Runs one mail's proof step; whatever the step raises becomes that mail's verdict
-    (the intake's per-mail catch: a hostile key or signature can make dkimpy raise
-    anything, and that must not stop the other mails' proofs)."""
-
-    def __call__(self, uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict: ...
-
-
-def unguarded(uid: int, step: Callable[[], TrustVerdict]) -> TrustVerdict:
-    """No guard: the step's exceptions propagate (for callers that catch themselves)."""
-    del uid
-    return step()
 
 
 class Proof(enum.Enum):
@@ -142,7 +116,8 @@ def _accepted_signer(signing_domain: str, from_domain: str, policy: TrustPolicy)
     )
 
 
-def _short(text: str) -> str:
+def short_reason(text: str) -> str:
+    """A verdict's reason: cleaned and cut to `REASON_MAX_CHARS`."""
     return clean_text(text, REASON_MAX_CHARS, mark_cut=True)
 
 
@@ -171,7 +146,7 @@ def check_authentication_results(
     except (authres.AuthResError, ValueError, IndexError, AttributeError) as exc:
         return TrustVerdict(
             proof=Proof.FAILED,
-            reason=_short(f"{prefix}{trusted}'s header is unreadable: {type(exc).__name__}"),
+            reason=short_reason(f"{prefix}{trusted}'s header is unreadable: {type(exc).__name__}"),
         )
     if not from_domain:
         return TrustVerdict(proof=Proof.FAILED, reason=f"{prefix}From has no single address")
@@ -199,7 +174,7 @@ def check_authentication_results(
     found = ", ".join(seen) or "no results"
     return TrustVerdict(
         proof=Proof.FAILED,
-        reason=_short(f"{prefix}{trusted} shows no aligned pass for {from_domain} ({found})"),
+        reason=short_reason(f"{prefix}{trusted} shows no aligned pass for {from_domain} ({found})"),
     )
 
 
@@ -265,11 +240,13 @@ class DkimVerifier:
         if self._lookup.timed_out:
             return TrustVerdict(
                 proof=Proof.UNSURE,
-                reason=_short(f"DKIM: DNS lookup timed out: {', '.join(self._lookup.timed_out)}"),
+                reason=short_reason(
+                    f"DKIM: DNS lookup timed out: {', '.join(self._lookup.timed_out)}"
+                ),
             )
         return TrustVerdict(
             proof=Proof.FAILED,
-            reason=_short(
+            reason=short_reason(
                 f"DKIM: no valid aligned signature for {from_domain} ({'; '.join(notes)})"
             ),
         )
@@ -300,105 +277,3 @@ class DkimVerifier:
             detail = clean_text(str(exc).split(" (", 1)[0], 120)
             return False, f"{label}: {type(exc).__name__}: {detail}"
         return valid, (f"valid signature of {label}" if valid else f"{label}: does not verify")
-
-
-# --- the intake's step ------------------------------------------------------------------
-
-
-class SenderProof:
-    """Applies a TrustPolicy to the mails of one batch, fetching whole mails for DKIM."""
-
-    def __init__(
-        self,
-        *,
-        policy: TrustPolicy,
-        mailbox: WholeMails,
-        verifier: DkimVerifier | None = None,
-        batch_bytes: int = DEFAULT_MAX_MAIL_BYTES,
-    ) -> None:
-        self._policy = policy
-        self._mailbox = mailbox
-        self._verifier = verifier or DkimVerifier()
-        self._batch_bytes = batch_bytes
-
-    def check(
-        self,
-        summaries: Sequence[MailSummary],
-        *,
-        guard: ProofGuard = unguarded,
-        keep: Callable[[int, bytes], None] | None = None,
-    ) -> dict[int, TrustVerdict]:
-        """A verdict per mail; empty when the policy demands no proof.
-
-        Each mail's header check and DKIM check runs under `guard`; fetching whole mails
-        does not (a server failing ends the poll). `keep(uid, raw)` is given each whole
-        mail whose DKIM proof passed, while it is in hand, so its parts need not be
-        downloaded a second time."""
-        policy = self._policy
-        if not policy.active:
-            return {}
-        verdicts: dict[int, TrustVerdict] = {}
-        header_reasons: dict[int, str] = {}
-        needs_dkim: list[MailSummary] = []
-        for summary in summaries:
-            from_domain = domain_of(summary.headers.sender_address)
-            if policy.trusted_authserv_id is not None:
-                verdict = guard(
-                    summary.uid,
-                    partial(
-                        check_authentication_results,
-                        summary.headers.authentication_results,
-                        from_domain,
-                        policy,
-                    ),
-                )
-                if verdict.proof is Proof.PASSED or not policy.require_dkim:
-                    verdicts[summary.uid] = verdict
-                    continue
-                header_reasons[summary.uid] = verdict.reason
-            needs_dkim.append(summary)
-        for batch in _size_batches(needs_dkim, self._batch_bytes):
-            raws = self._mailbox.fetch_messages([summary.uid for summary in batch])
-            for summary in batch:
-                raw = raws.pop(summary.uid, None)
-                if raw is None:
-                    verdict = TrustVerdict(
-                        proof=Proof.UNSURE, reason="DKIM: the mail vanished from the server"
-                    )
-                else:
-                    verdict = guard(
-                        summary.uid,
-                        partial(
-                            self._verifier.verify,
-                            raw,
-                            from_domain=domain_of(summary.headers.sender_address),
-                            policy=policy,
-                        ),
-                    )
-                if keep is not None and raw is not None and verdict.proof is Proof.PASSED:
-                    keep(summary.uid, raw)
-                other = header_reasons.get(summary.uid)
-                if verdict.proof is not Proof.PASSED and other is not None:
-                    verdict = TrustVerdict(
-                        proof=verdict.proof, reason=_short(f"{verdict.reason}; {other}")
-                    )
-                verdicts[summary.uid] = verdict
-        for uid, verdict in verdicts.items():
-            if verdict.proof is not Proof.PASSED:
-                log.info(
-                    "sender of mail %s not proven: %s",
-                    uid,
-                    verdict.reason,
-                    extra={"action": "sender_unproven", "uid": uid},
-                )
-        return verdicts
-
-
-def _size_batches(summaries: Sequence[MailSummary], budget: int) -> list[list[MailSummary]]:
-    """Consecutive groups whose mails add up to at most `budget` bytes (at least one each)."""
-    groups: list[list[MailSummary]] = []
-    start = 0
-    for length in size_batches([summary.size for summary in summaries], max_bytes=budget):
-        groups.append(list(summaries[start : start + length]))
-        start += length
-    return groups

@@ -16,12 +16,12 @@ from typing import Protocol, TypeVar, runtime_checkable
 from worker.errors import InfrastructureError
 from worker.mail import mime, transfer
 from worker.mail.batches import size_batches
+from worker.mail.proof import SenderProof
 from worker.mail.ranged import LARGE_PART, RangedFetch, fetch_decoded
 from worker.mail.trust import (
     NO_PROOF,
     DkimVerifier,
     Proof,
-    SenderProof,
     TrustPolicy,
     TrustVerdict,
     TxtLookup,

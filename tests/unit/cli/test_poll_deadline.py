@@ -6,7 +6,7 @@ import pytest
 
 from tests.unit.config.test_settings import settings
 from worker.cli.commands import imap_mailbox
-from worker.config.settings import Secret
+from worker.config.environment import Secret
 from worker.imap.mailbox import ImapMailbox
 from worker.models import PasswordCredentials, Security
 

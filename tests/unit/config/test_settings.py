@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.config.settings import Secret, Settings, database_url_from_env, http_port_from_env
+from worker.config.environment import Secret
+from worker.config.settings import Settings, database_url_from_env, http_port_from_env
 from worker.errors import ConfigError, ConfigProblems
-from worker.mail.trust import SenderProof
+from worker.mail.proof import SenderProof
 from worker.models import DEFAULT_MAX_MAIL_BYTES, DedupMode, Security
 from worker.relay.forwarding import ForwardRules
 from worker.relay.intake import IntakeRules

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.servers.getmyinvoices import ACCOUNT_ID, request_problem
-from worker.config.settings import Secret
+from worker.config.environment import Secret
 from worker.delivery.getmyinvoices import ALREADY_THERE, GmiDestination, classify
 from worker.errors import (
     DeliveryDeferred,

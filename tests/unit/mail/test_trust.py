@@ -16,10 +16,10 @@ from tests.signing import KeyServer, sign, signing_key
 from worker.config import values
 from worker.config.settings import Settings
 from worker.mail.headers import parse_headers
+from worker.mail.proof import SenderProof
 from worker.mail.trust import (
     DkimVerifier,
     Proof,
-    SenderProof,
     TrustPolicy,
     aligned,
     authserv_id_of,
