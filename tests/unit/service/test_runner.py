@@ -308,7 +308,7 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_polling_goes_on(
 
 
 def test_a_locked_poll_counts_as_locked_and_healthy() -> None:
-    # A lock held by another replica comes back as a PollReport (worker.cli.commands).
+    # A lock held by another replica comes back as a PollReport (worker.cli.polling).
     poll = FakePoll([report(locked=True)])
     with running_service(poll, interval=3600) as running:
         wait_until(lambda: poll.finished == 1)
