@@ -187,8 +187,8 @@ def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> No
 
 
 def once(settings: Settings, *, progress: Callable[[str], None] | None = None) -> PollReport:
-    from worker.service.runner import stop_on_signals
     from worker.service.shutdown import exit_within
+    from worker.service.signals import stop_on_signals
 
     stop = threading.Event()
     with stop_on_signals(stop):

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 def run_service(settings: Settings) -> int:
     from worker.config.schedule import interval_hint, parse_schedule
-    from worker.service.runner import stop_on_signals
     from worker.service.shutdown import exit_within
+    from worker.service.signals import stop_on_signals
 
     spec = parse_schedule(settings.schedule, settings.timezone)
     stop = threading.Event()

@@ -31,7 +31,9 @@ from worker.models import PollReport
 from worker.service.health import probe_health
 from worker.service.idle import PollRequests
 from worker.service.metrics import RelayMetrics
-from worker.service.runner import Service, misfire_grace_seconds, stop_on_signals
+from worker.service.runner import Service
+from worker.service.scheduling import misfire_grace_seconds
+from worker.service.signals import stop_on_signals
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 
