@@ -247,7 +247,7 @@ def test_two_stores_share_one_budget(api: FakeGetMyInvoices, database_url: str) 
 
 
 def test_resend_refuses_what_getmyinvoices_has(api: FakeGetMyInvoices, database_url: str) -> None:
-    from worker.cli.commands import resend_through_api
+    from worker.cli.maintenance import resend_through_api
     from worker.config.settings import Settings
 
     migrate.upgrade_database(database_url)

@@ -1,6 +1,6 @@
 """Spoofing against real servers: Dovecot holds the mails, the aiosmtpd sink counts
 what was forwarded. The relay runs in-process with its real adapters (built by
-`worker.cli.commands` from settings), so DKIM keys can be injected through dkimpy's DNS
+`worker.cli.wiring` from settings), so DKIM keys can be injected through dkimpy's DNS
 hook: no network. Each test prints its figures."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
 from tests.signing import KeyServer, sign, signing_key
-from worker.cli import commands
+from worker.cli import wiring
 from worker.config.settings import Settings
 from worker.models import AuditFilter, AuditRow, Outcome
 from worker.relay.pipeline import Pipeline
@@ -43,14 +43,14 @@ def poll(
     imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, database_url: str, **extra: str
 ) -> list[AuditRow]:
     settings = Settings.from_env(relay_env(imap, smtp, database_url, smtp_ca=smtp_ca, **extra))
-    store = commands.prepared_store(settings)
-    inspector = commands.pdf_inspector(settings)
+    store = wiring.prepared_store(settings)
+    inspector = wiring.pdf_inspector(settings)
     try:
-        config = commands.pipeline_config(settings)
+        config = wiring.pipeline_config(settings)
         Pipeline(
             config=config,
-            mailbox=commands.imap_mailbox(settings),
-            outbox=commands.smtp_outbox(settings),
+            mailbox=wiring.imap_mailbox(settings),
+            outbox=wiring.smtp_outbox(settings),
             store=store,
             owner=poll_owner(store, config.mailbox),
             inspector=inspector,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import TextIO
 
-from worker.cli.commands import (
+from worker.cli.wiring import (
     Logins,
     gmi_destination,
     imap_mailbox,

@@ -150,11 +150,11 @@ def _settings(environ: Mapping[str, str]) -> Settings:
 
 
 def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from worker.cli import commands  # the heavy imports wait until a command needs them
+    from worker.cli import maintenance, polling, serve  # heavy: only when a command runs
 
     command: str = args.command
     if command == "healthcheck":
-        return commands.healthcheck(environ, ready=args.ready)
+        return maintenance.healthcheck(environ, ready=args.ready)
     if command in ("audit", "db", "retry", "resend"):
         url = database_url_from_env(environ)
         configure_logging("text" if sys.stderr.isatty() else "json", level=logging.WARNING)
@@ -166,22 +166,22 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 invoice_number=args.invoice,
                 limit=args.limit,
             )
-            rows = commands.audit_rows(url.reveal(), query)
+            rows = maintenance.audit_rows(url.reveal(), query)
             sys.stdout.write(audit.FORMATTERS[args.format](rows))
             return EXIT_OK
         if command == "db":
-            commands.upgrade(url.reveal())
+            maintenance.upgrade(url.reveal())
             print("database is up to date")
             return EXIT_OK
         if command == "retry":
-            count = commands.retry(url.reveal(), None if args.all else args.sha256)
+            count = maintenance.retry(url.reveal(), None if args.all else args.sha256)
             print(f"{count} document(s) queued again")
             return EXIT_OK if count or args.all else EXIT_UNAVAILABLE
         if environ.get("INVOICE_RELAY_DELIVERY", "").strip().lower() == "getmyinvoices":
-            queued, said = commands.resend_through_api(_settings(environ), args.sha256)
+            queued, said = maintenance.resend_through_api(_settings(environ), args.sha256)
             print(said)
             return EXIT_OK if queued else EXIT_UNAVAILABLE
-        queued = commands.resend(url.reveal(), args.sha256)
+        queued = maintenance.resend(url.reveal(), args.sha256)
         print(
             "queued for a deliberate resend"
             if queued
@@ -191,19 +191,19 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return EXIT_OK if queued else EXIT_UNAVAILABLE
     settings = _settings(environ)
     if command == "oauth" and args.oauth_command == "login":
-        user = commands.oauth_login(settings, show=print, pasted=sys.stdin.readline)
+        user = maintenance.oauth_login(settings, show=print, pasted=sys.stdin.readline)
         print(f"stored a refresh token for {user}; `invoice-relay oauth status` shows it")
         return EXIT_OK
     if command == "oauth":
-        for line in commands.oauth_status(settings):
+        for line in maintenance.oauth_status(settings):
             print(line)
         return EXIT_OK
     if command == "check":
         return checks.run_checks(settings, send_test=args.send_test, out=sys.stdout)
     if command == "run":
-        return commands.run_service(settings)
+        return serve.run_service(settings)
     if args.dry_run:
-        planned = commands.dry_run(settings)
+        planned = polling.dry_run(settings)
         for item in planned:
             verb = "would forward" if item.kind is SightingKind.DOCUMENT else item.kind.value
             print(
@@ -215,7 +215,7 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print(f"dry run: {forwards} PDF(s) would be forwarded; nothing was recorded or sent")
         return EXIT_OK
     progress = _progress_printer(sys.stderr)
-    report = commands.once(settings, progress=progress)
+    report = polling.once(settings, progress=progress)
     if progress is not None:
         sys.stderr.write("\n")  # end the progress line before the summary
     print(summary_line(report))

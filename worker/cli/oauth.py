@@ -1,7 +1,7 @@
 """Wiring for OAuth2 logins: from the settings to the IMAP and SMTP token credentials,
 and the `oauth status` and `oauth login` commands.
 
-worker.cli.commands' `logins` hands these to the adapters (as worker.models'
+worker.cli.wiring's `logins` hands these to the adapters (as worker.models'
 Credentials) when `*_AUTH` is oauth2, and closes the token sources when the command ends.
 """
 

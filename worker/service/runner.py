@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, Protocol
 
 from apscheduler.events import EVENT_SCHEDULER_STARTED  # type: ignore[import-untyped,unused-ignore]
-from apscheduler.executors.base import BaseExecutor, run_job  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped,unused-ignore]
 
 from worker.errors import InfrastructureError
@@ -34,99 +31,17 @@ from worker.service.health import (
     judge_health,
 )
 from worker.service.metrics import RelayMetrics
+from worker.service.scheduling import DaemonThreadExecutor, misfire_grace_seconds
+from worker.service.signals import HANDLED_SIGNALS
 
 _LOG = logging.getLogger(__name__)
 
 _JOB_ID = "poll"
 _STARTUP_TIMEOUT = 10.0  # seconds for the scheduler thread to come up
-_FALLBACK_GRACE = 60  # misfire grace when the trigger has no two future fire times
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@contextmanager
-def stop_on_signals(stop_event: threading.Event) -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT set `stop_event` instead of ending the process.
-
-    For the time before `Service.run()` installs its own handlers (waiting for the
-    database at start-up), so a stop then is still clean. Only the main thread can set
-    signal handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        del signum, frame
-        stop_event.set()
-
-    previous = {signum: signal.signal(signum, handler) for signum in _HANDLED_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-# --- scheduling: pure decisions -------------------------------------------------------
-
-
-def misfire_grace_seconds(trigger: Any, now: datetime) -> int:
-    """How late a scheduled poll may start: half the gap between the trigger's next two
-    fire times, rounded up to whole seconds (APScheduler wants an int), at least one.
-
-    A poll that would start later than that is dropped, because the next regular one
-    is nearer; `coalesce` already folds a backlog (after a suspend) into one run.
-    """
-    first = trigger.get_next_fire_time(None, now)
-    if first is None:
-        return _FALLBACK_GRACE
-    second = trigger.get_next_fire_time(first, first)
-    if second is None:
-        return _FALLBACK_GRACE
-    gap: timedelta = second - first
-    return max(math.ceil(gap.total_seconds() / 2), 1)
-
-
-# --- the scheduler's executor ----------------------------------------------------------
-
-
-class _DaemonThreadExecutor(BaseExecutor):  # type: ignore[misc]
-    """Runs each job in its own daemon thread.
-
-    APScheduler's thread pool uses non-daemon threads that the interpreter joins at exit,
-    so a poll stuck on a dead server could hold the process past its shutdown bound.
-    `on_start` runs when a job is handed over and `on_end` once APScheduler no longer
-    counts it as running: only then may the job be asked to run again (a request before
-    it is dropped as an overlap of `max_instances=1`).
-    """
-
-    def __init__(self, *, on_start: Callable[[], None], on_end: Callable[[], None]) -> None:
-        super().__init__()
-        self._on_start = on_start
-        self._on_end = on_end
-
-    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        def target() -> None:
-            try:
-                try:
-                    events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
-                except BaseException as exc:  # noqa: BLE001 - handed to APScheduler, which logs it
-                    self._run_job_error(job.id, exc, exc.__traceback__)
-                else:
-                    self._run_job_success(job.id, events)
-            finally:
-                self._on_end()
-
-        self._on_start()
-        try:
-            threading.Thread(target=target, name="invoice-relay-poll", daemon=True).start()
-        except BaseException:
-            self._on_end()  # no thread, no job: later requests must not wait for it
-            raise
 
 
 class SideServer(Protocol):
@@ -274,7 +189,7 @@ class Service:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous: dict[int, Any] = {}
-        for signum in _HANDLED_SIGNALS:
+        for signum in HANDLED_SIGNALS:
             previous[signum] = signal.signal(signum, self.handle_signal)
         return previous
 
@@ -369,7 +284,7 @@ class Service:
         scheduler = BlockingScheduler(
             timezone="UTC",
             executors={
-                "default": _DaemonThreadExecutor(on_start=self._job_started, on_end=self._job_ended)
+                "default": DaemonThreadExecutor(on_start=self._job_started, on_end=self._job_ended)
             },
         )
         scheduler.add_job(

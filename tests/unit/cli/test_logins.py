@@ -1,4 +1,4 @@
-"""What IMAP and SMTP log in with, per protocol (worker.cli.commands.logins)."""
+"""What IMAP and SMTP log in with, per protocol (worker.cli.wiring.logins)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.cli.test_oauth import ENV
-from worker.cli.commands import dry_run, imap_mailbox, logins, password_logins, smtp_outbox
+from worker.cli.polling import dry_run
+from worker.cli.wiring import imap_mailbox, logins, password_logins, smtp_outbox
 from worker.config.settings import Settings
 from worker.errors import ConfigError, StoreError
 from worker.models import PasswordCredentials

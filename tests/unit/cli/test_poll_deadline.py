@@ -1,11 +1,11 @@
-"""The whole-poll IMAP deadline as the CLI wires it (worker.cli.commands.imap_mailbox)."""
+"""The whole-poll IMAP deadline as the CLI wires it (worker.cli.wiring.imap_mailbox)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.unit.config.test_settings import settings
-from worker.cli.commands import imap_mailbox
+from worker.cli.wiring import imap_mailbox
 from worker.config.environment import Secret
 from worker.imap.mailbox import ImapMailbox
 from worker.models import PasswordCredentials, Security

@@ -1,4 +1,4 @@
-"""worker.cli.commands.status_page: `run` serves the page only when a web user is set."""
+"""worker.cli.serve.status_page: `run` serves the page only when a web user is set."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.unit.web.test_rules import BASE
-from worker.cli.commands import status_page
+from worker.cli.serve import status_page
 from worker.config.settings import Settings
 from worker.models import PollStatus
 from worker.store.engine import create_schema

@@ -25,7 +25,7 @@ from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen.canvas import Canvas
 
 from tests import samples
-from worker.cli.commands import pdf_inspector
+from worker.cli.wiring import pdf_inspector
 from worker.config.settings import Settings
 from worker.models import PdfReport
 from worker.pdf.inspection import inspect_pdf

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from worker.cli.commands import pipeline_config
+from worker.cli.wiring import pipeline_config
 from worker.config.settings import Settings
 from worker.relay.lease import HEARTBEAT_SECONDS, LEASE_SECONDS
 from worker.relay.retry import MAX_DELAY, out_of_attempts, retry_delay

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.cli.commands import healthcheck
+from worker.cli.maintenance import healthcheck
 from worker.errors import ConfigError, MailboxError
 from worker.service.health import (
     HealthServer,

@@ -31,7 +31,9 @@ from worker.models import PollReport
 from worker.service.health import probe_health
 from worker.service.idle import PollRequests
 from worker.service.metrics import RelayMetrics
-from worker.service.runner import Service, misfire_grace_seconds, stop_on_signals
+from worker.service.runner import Service
+from worker.service.scheduling import misfire_grace_seconds
+from worker.service.signals import stop_on_signals
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -308,7 +310,7 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_polling_goes_on(
 
 
 def test_a_locked_poll_counts_as_locked_and_healthy() -> None:
-    # A lock held by another replica comes back as a PollReport (worker.cli.commands).
+    # A lock held by another replica comes back as a PollReport (worker.cli.polling).
     poll = FakePoll([report(locked=True)])
     with running_service(poll, interval=3600) as running:
         wait_until(lambda: poll.finished == 1)

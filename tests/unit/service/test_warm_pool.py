@@ -1,4 +1,4 @@
-"""`run` keeps one warm PdfInspector across polls (worker.cli.commands.run_service):
+"""`run` keeps one warm PdfInspector across polls (worker.cli.serve.run_service):
 the same worker processes serve one poll after another, and a worker that timed out
 is replaced without ending the pool."""
 
