@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from worker.config.settings import Secret, Settings, http_port_from_env
-from worker.delivery.getmyinvoices import ALREADY_THERE, GmiDestination
+from worker.delivery.getmyinvoices import GmiDestination
+from worker.delivery.gmiapi import ALREADY_THERE
 from worker.delivery.smtp import SmtpOutbox
 from worker.errors import ConfigError, LeaseLost, StoreError
 from worker.faults import Checkpoint, checkpoint_for, no_checkpoint
