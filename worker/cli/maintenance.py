@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from worker.cli.wiring import gmi_destination, prepared_store
 from worker.config.settings import Settings, http_port_from_env
-from worker.delivery.getmyinvoices import ALREADY_THERE
+from worker.delivery.gmiapi import ALREADY_THERE
 from worker.errors import StoreError
 from worker.models import AuditFilter, AuditRow, sqlite_file
 from worker.store import migrate

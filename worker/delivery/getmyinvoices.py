@@ -1,8 +1,8 @@
-"""Delivering to GetMyInvoices through its REST API (v3); the only module that speaks it.
+"""Delivering to GetMyInvoices through its REST API (v3); the only module that calls it.
 
 `GmiDestination` is the adapter behind `worker.relay.ports.Destination`. Each answer is
-classified once, here (`classify`), as shared/DESIGN.md "Delivering through the
-GetMyInvoices API" lays down: 200 is a receipt with the `documentUid`; 422/127 (or
+classified once (`worker.delivery.gmiapi.classify`), as shared/DESIGN.md "Delivering
+through the GetMyInvoices API" lays down: 200 is a receipt with the `documentUid`; 422/127 (or
 `/documents/exists` true) is delivered already; 422/105, 403/429, HTTP 429 and 503 are a
 limit (`DeliveryThrottled`: pending, not an attempt); 422/100 a deferral with backoff;
 403 with 403, 407, 430 or 431 a refused session (`DestinationRefused`); any other 4xx a
@@ -23,21 +23,29 @@ import logging
 import re
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
+from worker.delivery.gmiapi import (
+    ALREADY_THERE,
+    APPLICATION,
+    VIA,
+    Account,
+    as_integer,
+    classify,
+    document_type,
+    header_seconds,
+    upload_request,
+)
 from worker.errors import (
     DeliveryDeferred,
     DeliveryRefused,
-    DeliveryRejected,
     DeliveryThrottled,
     DeliveryUnavailable,
     DeliveryUncertain,
-    DestinationRefused,
 )
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
 from worker.mail.text import clean_text
@@ -45,36 +53,14 @@ from worker.models import (
     DEFAULT_GMI_API_URL,
     DEFAULT_GMI_DOCUMENT_TYPE,
     DEFAULT_TIMEOUT_SECONDS,
-    GMI_DOCUMENT_TYPES,
-    DeliveryKind,
     Parcel,
     Receipt,
     SecretText,
 )
 
-__all__ = ["ALREADY_THERE", "GMI_DOCUMENT_TYPES", "Account", "GmiDestination", "classify"]
+__all__ = ["BudgetHold", "CallBudget", "GmiDestination", "UploadMarks"]
 
 logger = logging.getLogger(__name__)
-
-VIA = DeliveryKind.GETMYINVOICES.value
-APPLICATION = "invoice-relay"  # the x-application header: the document's source
-ALREADY_THERE = "already in GetMyInvoices"
-
-CREDIT_NOTE = "CREDIT_NOTE"
-
-# How long a limit holds when the answer does not say. The description says neither
-# which of the minute and day limits a 403/429 is nor when the hourly one resets: the
-# shortest plausible wait is taken (a day limit then costs one call a minute).
-MINUTE_LIMIT_SECONDS = 60.0
-HOURLY_LIMIT_SECONDS = 3600.0
-UNAVAILABLE_SECONDS = 300.0  # 503: "Please retry in a few minutes."
-
-SESSION_CAUSES = {
-    403: "the API key is unknown (check INVOICE_RELAY_GMI_API_KEY)",
-    407: "the API key is blocked",
-    430: "the API key lacks permission for documents",
-    431: "the account is cancelled",
-}
 
 
 class BudgetHold(Protocol):
@@ -101,74 +87,6 @@ class UploadMarks(Protocol):
     """Where the upload-started mark is written (`documents.upload_started_at`)."""
 
     def mark_upload_started(self, sha256: str, *, now: datetime) -> None: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Account:
-    """What `GET /account` says."""
-
-    account_id: str
-    name: str
-
-    @property
-    def destination(self) -> str:
-        """The budgets' key, shared by every route and replica with this account."""
-        return f"{VIA}:{self.account_id}"
-
-
-def classify(
-    status: int, body: Mapping[str, Any], *, retry_after: float | None = None
-) -> DeliveryRefused | DeliveryUnavailable | None:
-    """What an answer other than a 200 means; None for 200 and for 422/127 (the
-    document is there). `retry_after`: the HTTP Retry-After header, in seconds."""
-    code = _integer(body.get("error_code", body.get("code")))
-    detail = clean_text(str(body.get("detail") or body.get("message") or ""), 300)
-    words = f"HTTP {status}" + (f" code {code}" if code is not None else "")
-    words += f": {detail}" if detail else ""
-    if status == 200:
-        return None
-    if status == 422 and code == 127:
-        return None
-    if status == 422 and code == 105:
-        return DeliveryThrottled(
-            words,
-            retry_after_seconds=HOURLY_LIMIT_SECONDS,
-            limit="the API's hourly upload limit (100 uploads)",
-            code=status,
-        )
-    if status == 403 and code == 429:
-        return DeliveryThrottled(
-            words,
-            retry_after_seconds=MINUTE_LIMIT_SECONDS,
-            limit="the API's minute or day call limit",
-            code=status,
-        )
-    if status == 429:
-        return DeliveryThrottled(
-            words,
-            retry_after_seconds=retry_after or MINUTE_LIMIT_SECONDS,
-            limit="the API's rate limit (HTTP 429)",
-            code=status,
-        )
-    if status == 503:
-        return DeliveryThrottled(
-            words,
-            retry_after_seconds=retry_after or UNAVAILABLE_SECONDS,
-            limit="the API's availability (HTTP 503)",
-            code=status,
-        )
-    if status == 403 and code in SESSION_CAUSES:
-        return DestinationRefused(f"GetMyInvoices: {SESSION_CAUSES[code]} ({words})", code=code)
-    if status == 403:
-        return DestinationRefused(f"GetMyInvoices refused the API key ({words})", code=code)
-    if status == 422 and code == 100:
-        return DeliveryDeferred(f"GetMyInvoices: an unexpected error ({words})", code=status)
-    if 400 <= status < 500:
-        error = f"error_code {code}" if code is not None else "no error_code"
-        return DeliveryRejected(
-            f"GetMyInvoices refused the document ({words}; {error})", code=status
-        )
-    return DeliveryDeferred(f"GetMyInvoices answered {words}", code=status)
 
 
 class GmiDestination:
@@ -258,11 +176,11 @@ class GmiDestination:
         if before_final is not None:
             before_final()
         status, body = self._send("POST", "/documents", request, sha256=parcel.sha256, sent=True)
-        if status == 422 and _integer(body.get("error_code")) == 127:
+        if status == 422 and as_integer(body.get("error_code")) == 127:
             return Receipt(delivery_id="", answer=ALREADY_THERE, via=VIA)
         self._raise_for(status, body, sha256=parcel.sha256)
         uid = body.get("documentUid")
-        if body.get("success") is not True or _integer(uid) is None:
+        if body.get("success") is not True or as_integer(uid) is None:
             raise DeliveryUncertain(
                 f"GetMyInvoices answered 200 without a documentUid: {clean_text(str(body), 200)}",
                 code=status,
@@ -285,30 +203,18 @@ class GmiDestination:
 
     def upload_request(self, parcel: Parcel, encoded: str) -> dict[str, Any]:
         """The body of `POST /documents` for this parcel."""
-        request: dict[str, Any] = {
-            "fileName": parcel.filename,
-            "fileContent": encoded,
-            "documentType": self.document_type(parcel),
-            "note": _note(parcel),
-            "runOCR": self._run_ocr,
-        }
-        if parcel.invoice_number:
-            request["documentNumber"] = parcel.invoice_number
-        if self._tags:
-            request["tags"] = list(self._tags)
-        return request
+        return upload_request(
+            parcel,
+            encoded,
+            document_type=self.document_type(parcel),
+            run_ocr=self._run_ocr,
+            tags=self._tags,
+        )
 
     def document_type(self, parcel: Parcel) -> str:
         """CREDIT_NOTE where the pattern matched the first pages' text, the filename or
         the subject; else INVOICE_RELAY_GMI_DOCUMENT_TYPE."""
-        pattern = self._credit_notes
-        if parcel.credit_note:  # the first pages' text matched (the PDF check)
-            return CREDIT_NOTE
-        if pattern is not None and any(
-            pattern.search(text) for text in (parcel.filename, parcel.original_subject)
-        ):
-            return CREDIT_NOTE
-        return self._document_type
+        return document_type(parcel, pattern=self._credit_notes, default=self._document_type)
 
     # --- HTTP ----------------------------------------------------------------------------
 
@@ -378,7 +284,7 @@ class GmiDestination:
             raise DeliveryDeferred(
                 f"GetMyInvoices {method} {path}: {_reason(exc)}", sha256=sha256
             ) from exc
-        retry_after = _seconds(response.headers.get("retry-after"))
+        retry_after = header_seconds(response.headers.get("retry-after"))
         try:
             parsed = response.json() if response.content else {}
         except ValueError:
@@ -412,31 +318,6 @@ class GmiDestination:
             except (OSError, ssl.SSLError) as exc:
                 raise DeliveryUnavailable(f"INVOICE_RELAY_CA_FILE: {exc}") from exc
         return context
-
-
-def _note(parcel: Parcel) -> str:
-    date = parcel.original_date.isoformat() if parcel.original_date else "unknown"
-    return (
-        f"Forwarded by invoice-relay. From: {parcel.original_sender or 'unknown'}; "
-        f"Date: {date}; Message-ID: {parcel.original_message_id or 'none'}"
-    )
-
-
-def _integer(value: object) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
 
 
 def _reason(exc: httpx.HTTPError) -> str:

@@ -1,104 +1,37 @@
-"""Sending forwarded mail; the only module that speaks SMTP.
+"""Sending forwarded mail over SMTP: the envelope, the content and the answers' order.
 
 `SmtpOutbox` is the adapter behind `worker.relay.ports.Destination` (and the notices'
 `worker.relay.notify.NoticeSender`): it turns every smtplib, socket and TLS failure into
 `SessionRefused` (the session is unusable, nothing counts) or a `DeliveryRefused` for this
 one mail: 5xx `DeliveryRejected`, 4xx `DeliveryDeferred`, a connection lost while the
-content went out `DeliveryUncertain`. The mail itself is built by `worker.delivery.message`.
+content went out `DeliveryUncertain`. The mail itself is built by `worker.delivery.message`;
+the session is opened and logged into by `worker.delivery.session`, answers are worded
+and classified by `worker.delivery.answers`.
 (`worker.relay.pacer.SendPacer` enforces `INVOICE_RELAY_MAX_SENDS_PER_MINUTE`.)
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import smtplib
-import socket
-import ssl
-from collections.abc import Callable, Iterator, Sequence
-from email import policy
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from worker.delivery import pipelined
-from worker.delivery.framing import Abandoned, data, forward_pieces, stuffed_slices
-from worker.delivery.message import RELAY_HEADER, ForwardMail, build_forward, notice_message
-from worker.errors import (
-    DeliveryDeferred,
-    DeliveryRefused,
-    DeliveryRejected,
-    DeliveryUncertain,
-    SessionRefused,
-    TokenEndpointError,
-)
-from worker.mail.sasl import Exchange, SaslError, login_with_token, preferred_mechanism
-from worker.mail.text import clean_text
-from worker.models import (
-    DEFAULT_TIMEOUT_SECONDS,
-    Credentials,
-    Notice,
-    Parcel,
-    PasswordCredentials,
-    Receipt,
-    Security,
-)
-from worker.tokens import AccessToken, TokenCredentials
+from worker.delivery import answers, pipelined, session
+from worker.delivery.content import raw_pieces, sha256_of, stuffed_pieces
+from worker.delivery.framing import Abandoned, data
+from worker.delivery.message import ForwardMail, build_forward, notice_message
+from worker.errors import DeliveryUncertain, SessionRefused
+from worker.models import DEFAULT_TIMEOUT_SECONDS, Credentials, Notice, Parcel, Receipt, Security
 
 __all__ = ["LOST_DURING_SEND", "SmtpOutbox"]
 
 logger = logging.getLogger(__name__)
 
 LOST_DURING_SEND = 451  # the code a send gets when the connection died mid-DATA
-
-
-# --- the SMTP adapter -------------------------------------------------------------------
-
-
-def _answer_text(answer: bytes | str) -> str:
-    text = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else answer
-    return clean_text(text, 500)
-
-
-def _answer(code: int, answer: bytes | str) -> str:
-    return f"{code} {_answer_text(answer)}".strip()
-
-
-def _open_failure_reason(exc: Exception, *, timeout: float) -> str:
-    """Why connecting, TLS or login failed, in words a person can act on."""
-    match exc:
-        case ssl.SSLCertVerificationError():
-            why = exc.verify_message or exc.reason or "verification failed"
-            return f"TLS certificate not trusted (set INVOICE_RELAY_CA_FILE): {why}"
-        case ssl.SSLError():
-            return f"TLS handshake failed: {exc.reason or exc}"
-        case smtplib.SMTPAuthenticationError():
-            return (
-                "login refused (check INVOICE_RELAY_SMTP_USER/_PASSWORD): "
-                f"{_answer(exc.smtp_code, exc.smtp_error)}"
-            )
-        case smtplib.SMTPNotSupportedError():
-            return (
-                "the server offers no login (check INVOICE_RELAY_SMTP_USER and "
-                f"INVOICE_RELAY_SMTP_SECURITY): {exc}"
-            )
-        case smtplib.SMTPResponseException():
-            return f"the server refused: {_answer(exc.smtp_code, exc.smtp_error)}"
-        case smtplib.SMTPServerDisconnected():
-            return f"the server closed the connection: {exc}"
-        case smtplib.SMTPException():
-            return f"SMTP error: {exc}"
-        case ConnectionRefusedError():
-            return "connection refused"
-        case TimeoutError():
-            return f"no answer within {timeout:g}s"
-        case socket.gaierror():
-            return f"host name not found: {exc.strerror or exc}"
-        case OSError():
-            return f"connection failed: {exc.strerror or exc}"
-        case _:
-            return f"{type(exc).__name__}: {exc}"
 
 
 class SmtpOutbox:
@@ -156,122 +89,22 @@ class SmtpOutbox:
     def _refused(self, reason: str) -> SessionRefused:
         return SessionRefused(reason, host=self._host, port=self._port)
 
-    def _tls_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        if self._ca_file is not None:
-            context.load_verify_locations(cafile=str(self._ca_file))
-        return context
-
     def open(self) -> None:
-        """Connect, TLS, log in. Raises `SessionRefused`."""
+        """Connect, TLS, log in (`worker.delivery.session`). Raises `SessionRefused`."""
         self.close()
-        smtp: smtplib.SMTP | None = None
-        try:
-            if self._ca_file is not None and not self._ca_file.is_file():
-                raise self._refused(
-                    f"CA file {self._ca_file} is not readable (check INVOICE_RELAY_CA_FILE)"
-                )
-            if self._security is Security.SSL:
-                smtp = smtplib.SMTP_SSL(
-                    self._host, self._port, timeout=self._timeout, context=self._tls_context()
-                )
-            else:
-                smtp = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
-            smtp.ehlo()
-            if self._security is Security.STARTTLS:
-                if not smtp.has_extn("starttls"):
-                    raise self._refused(
-                        "the server does not offer STARTTLS (check INVOICE_RELAY_SMTP_SECURITY)"
-                    )
-                smtp.starttls(context=self._tls_context())
-                smtp.ehlo()
-            if self._credentials is not None:
-                self._log_in(smtp, self._credentials)
-        except (SessionRefused, TokenEndpointError):
-            _discard(smtp)
-            raise
-        except (smtplib.SMTPException, OSError) as exc:
-            _discard(smtp)
-            reason = _open_failure_reason(exc, timeout=self._timeout)
-            password = _password(self._credentials)
-            if password and isinstance(exc, smtplib.SMTPAuthenticationError):
-                # A server may quote what it was sent; the password never goes further.
-                reason = reason.replace(password, "****")
-            raise self._refused(reason) from exc
-        if smtp.sock is not None:
-            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        smtp = session.open_session(
+            host=self._host,
+            port=self._port,
+            security=self._security,
+            credentials=self._credentials,
+            ca_file=self._ca_file,
+            timeout=self._timeout,
+        )
         self._smtp = smtp
         logger.info(
             "smtp session open",
             extra={"action": "smtp_opened", "host": self._host, "port": self._port},
         )
-
-    def _log_in(self, smtp: smtplib.SMTP, credentials: Credentials) -> None:
-        """AUTH with smtplib's choice of mechanism, or, for a user or password that is
-        not ASCII (which smtplib cannot encode), AUTH PLAIN in UTF-8 (RFC 4954, RFC 4616).
-        Raises `SessionRefused` when the server offers no mechanism that carries it."""
-        match credentials:
-            case TokenCredentials():
-                self._log_in_with_token(smtp, credentials)
-                return
-            case PasswordCredentials(user=user, password=secret):
-                password = secret.reveal()
-        if not user:
-            return
-        if not smtp.has_extn("auth"):
-            # What smtplib's login() says, before it could try to encode anything.
-            raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
-        offered = smtp.esmtp_features.get("auth", "").upper().split()
-        mechanism = login_mechanism(user, password, offered)
-        if mechanism == SMTPLIB_CHOICE:
-            smtp.login(user, password)
-            return
-        if mechanism is None:
-            # Named by position in the settings, never by a character of the secret.
-            raise self._refused(
-                "the user or password has non-ASCII characters and the server offers no "
-                "login that can carry them (they need AUTH PLAIN; it offers "
-                f"{' '.join(offered) or 'none'}); check INVOICE_RELAY_SMTP_USER/_PASSWORD"
-            )
-        response = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
-        code, answer = smtp.docmd("AUTH", "PLAIN " + response.decode("ascii"))
-        if code == 503:  # already authenticated, as smtplib's login() accepts too
-            return
-        if code != 235:
-            raise smtplib.SMTPAuthenticationError(code, answer)
-
-    def _log_in_with_token(self, smtp: smtplib.SMTP, credentials: TokenCredentials) -> None:
-        """AUTH XOAUTH2 (OAUTHBEARER where that is all it offers) with an initial response;
-        the server's error challenge is answered with an empty line (worker.mail.sasl's
-        Exchange), never in a loop. A refused token gets one retry with a fresh one, in
-        the same session (a 535 leaves it usable)."""
-        if not smtp.has_extn("auth"):
-            raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
-        offered = smtp.esmtp_features.get("auth", "").upper().split()
-        mechanism = preferred_mechanism(frozenset(offered))
-        if mechanism is None:
-            raise self._refused(
-                "the server offers no OAuth2 login (AUTH XOAUTH2 or OAUTHBEARER; it offers "
-                f"{' '.join(offered) or 'none'}); check INVOICE_RELAY_SMTP_AUTH"
-            )
-        answers: list[str] = []
-
-        def attempt(token: AccessToken) -> SaslError | None:
-            exchange = Exchange(mechanism=mechanism, user=credentials.user, token=token.value)
-            try:
-                smtp.auth(mechanism, exchange.text, initial_response_ok=True)
-            except smtplib.SMTPAuthenticationError as exc:
-                answers.append(_answer(exc.smtp_code, exc.smtp_error))
-                return exchange.error or SaslError(status=str(exc.smtp_code))
-            return None
-
-        error = login_with_token(credentials.tokens, attempt)
-        if error is not None:
-            raise self._refused(
-                f"OAuth2 login as {credentials.user} refused ({mechanism}, {error.status}): "
-                f"{answers[-1]}; the mailbox may not send with this app (SMTP.SendAsApp, "
-                "SMTP AUTH enabled on the mailbox: docs/oauth.md)"
-            )
 
     def deliver(
         self,
@@ -329,12 +162,8 @@ class SmtpOutbox:
                 before_end=before_end,
                 more_follows=more_follows,
             )
-        if isinstance(message, ForwardMail):
-            sha256 = message.sha256
-            pieces = forward_pieces(message)
-        else:
-            sha256 = str(message.get(RELAY_HEADER, ""))
-            pieces = stuffed_slices(message.as_bytes(policy=policy.SMTP))
+        sha256 = sha256_of(message)
+        pieces = stuffed_pieces(message)
         self.round_trips += 4  # MAIL, RCPT, DATA, the content, one after another
 
         # Envelope first: a refusal here concerns the session (sender, recipient,
@@ -345,7 +174,7 @@ class SmtpOutbox:
                 self._reset_or_drop()
                 raise self._refused(
                     f"sender {self._forward_from} refused (check INVOICE_RELAY_FORWARD_FROM): "
-                    f"{_answer(code, answer)}"
+                    f"{answers.answer(code, answer)}"
                 )
             to = recipient or self._forward_to
             code, answer = smtp.rcpt(to)
@@ -353,11 +182,11 @@ class SmtpOutbox:
                 self._reset_or_drop()
                 raise self._refused(
                     f"recipient {to} refused (check INVOICE_RELAY_FORWARD_TO): "
-                    f"{_answer(code, answer)}"
+                    f"{answers.answer(code, answer)}"
                 )
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()
-            reason = _open_failure_reason(exc, timeout=self._timeout)
+            reason = answers.failure_reason(exc, timeout=self._timeout)
             raise self._refused(f"connection lost before sending: {reason}") from exc
 
         try:
@@ -365,8 +194,8 @@ class SmtpOutbox:
         except smtplib.SMTPDataError as exc:
             # The server refused the DATA command itself: an answer about this mail.
             self._reset_or_drop()
-            raise _refusal(
-                _answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
+            raise answers.refusal(
+                answers.answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
             ) from exc
         except Abandoned as abandoned:
             # `before_end` raised: the mail is abandoned without its terminating dot, so
@@ -377,20 +206,21 @@ class SmtpOutbox:
             # Part or all of the mail went out and no answer came back: the server may
             # have accepted it. Temporary, so it is retried under the same Message-ID.
             self._drop()
+            reason = answers.failure_reason(exc, timeout=self._timeout)
             raise DeliveryUncertain(
-                f"connection lost during send: {_open_failure_reason(exc, timeout=self._timeout)}",
+                f"connection lost during send: {reason}",
                 code=LOST_DURING_SEND,
                 sha256=sha256,
             ) from exc
 
         if 200 <= code < 300:
-            return _answer(code, answer)
+            return answers.answer(code, answer)
         self._reset_or_drop()
         if 400 <= code < 600:
-            raise _refusal(_answer(code, answer), code=code, sha256=sha256)
+            raise answers.refusal(answers.answer(code, answer), code=code, sha256=sha256)
         # Neither 2xx, 4xx nor 5xx after the content is a broken server, which may have
         # kept the mail: retry later, like a connection lost during the send.
-        raise DeliveryUncertain(_answer(code, answer), code=LOST_DURING_SEND, sha256=sha256)
+        raise DeliveryUncertain(answers.answer(code, answer), code=LOST_DURING_SEND, sha256=sha256)
 
     def _send_pipelined(
         self,
@@ -405,9 +235,7 @@ class SmtpOutbox:
         server offers CHUNKING, else by DATA once its 354 came back; with `more_follows`
         the next envelope in the write that ends this mail."""
         chunking = smtp.has_extn("chunking")
-        sha256 = message.sha256 if isinstance(message, ForwardMail) else ""
-        if not isinstance(message, ForwardMail):
-            sha256 = str(message.get(RELAY_HEADER, ""))
+        sha256 = sha256_of(message)
         following = pipelined.envelope(self._forward_from, recipient) if more_follows else b""
         ahead, self._ahead = self._ahead, None
         unread = 0  # answers asked for and not read yet, in order
@@ -435,7 +263,7 @@ class SmtpOutbox:
                 )
                 unread = 0
             if chunking:
-                pieces = _raw_pieces(message)
+                pieces = raw_pieces(message)
                 unread += pipelined.send_bdat(
                     smtp, pieces, before_end, first=envelope, then=following
                 )
@@ -454,20 +282,24 @@ class SmtpOutbox:
                 content_sent = True
                 self.round_trips += 1
                 code, answer = data(
-                    smtp, _stuffed_pieces(message), before_end, then=following, command_sent=True
+                    smtp,
+                    stuffed_pieces(message),
+                    before_end,
+                    then=following,
+                    command_sent=True,
                 )
         except smtplib.SMTPDataError as exc:
             # The server refused the DATA command itself: an answer about this mail.
             self._reset_or_drop()
-            raise _refusal(
-                _answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
+            raise answers.refusal(
+                answers.answer(exc.smtp_code, exc.smtp_error), code=exc.smtp_code, sha256=sha256
             ) from exc
         except Abandoned as abandoned:
             self._drop()
             raise abandoned.cause from None
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()
-            reason = _open_failure_reason(exc, timeout=self._timeout)
+            reason = answers.failure_reason(exc, timeout=self._timeout)
             if not content_sent:
                 raise self._refused(f"connection lost before sending: {reason}") from exc
             raise DeliveryUncertain(
@@ -476,11 +308,11 @@ class SmtpOutbox:
         if 200 <= code < 300:
             if following:
                 self._ahead = recipient
-            return _answer(code, answer)
+            return answers.answer(code, answer)
         self._reset_or_drop(unread=2 if following else 0)
         if 400 <= code < 600:
-            raise _refusal(_answer(code, answer), code=code, sha256=sha256)
-        raise DeliveryUncertain(_answer(code, answer), code=LOST_DURING_SEND, sha256=sha256)
+            raise answers.refusal(answers.answer(code, answer), code=code, sha256=sha256)
+        raise DeliveryUncertain(answers.answer(code, answer), code=LOST_DURING_SEND, sha256=sha256)
 
     def _check_envelope(
         self,
@@ -501,11 +333,11 @@ class SmtpOutbox:
         if not 200 <= mail_code < 300:
             raise self._refused(
                 f"sender {self._forward_from} refused (check INVOICE_RELAY_FORWARD_FROM): "
-                f"{_answer(mail_code, mail_answer)}"
+                f"{answers.answer(mail_code, mail_answer)}"
             )
         raise self._refused(
             f"recipient {recipient} refused (check INVOICE_RELAY_FORWARD_TO): "
-            f"{_answer(rcpt_code, rcpt_answer)}"
+            f"{answers.answer(rcpt_code, rcpt_answer)}"
         )
 
     def _after_refused_envelope(self, unread: int) -> None:
@@ -539,7 +371,7 @@ class SmtpOutbox:
         try:
             smtp.quit()
         except (smtplib.SMTPException, OSError):
-            _discard(smtp)
+            session.discard(smtp)
 
     def _reset_or_drop(self, *, unread: int = 0) -> None:
         """RSET so the session can carry the next mail; drop it if even that fails.
@@ -560,62 +392,4 @@ class SmtpOutbox:
     def _drop(self) -> None:
         self._ahead = None
         smtp, self._smtp = self._smtp, None
-        _discard(smtp)
-
-
-SMTPLIB_CHOICE = "smtplib"  # CRAM-MD5, PLAIN or LOGIN, as smtplib prefers
-
-
-def login_mechanism(user: str, password: str, offered: Sequence[str]) -> str | None:
-    """How to log in: smtplib's choice for ASCII; for anything else AUTH PLAIN in UTF-8
-    (RFC 4954, RFC 4616) when the server offers it, since smtplib encodes every
-    mechanism in ASCII; None when nothing offered can carry these."""
-    if user.isascii() and password.isascii():
-        return SMTPLIB_CHOICE
-    if "PLAIN" in (mechanism.upper() for mechanism in offered):
-        return "PLAIN"
-    return None
-
-
-def _refusal(detail: str, *, code: int, sha256: str) -> DeliveryRefused:
-    """A reply to this mail's content: 5xx refuses it for good, anything else for now."""
-    if 500 <= code < 600:
-        return DeliveryRejected(detail, code=code, sha256=sha256)
-    return DeliveryDeferred(detail, code=code, sha256=sha256)
-
-
-def _raw_pieces(message: ForwardMail | EmailMessage) -> list[bytes] | Iterator[bytes]:
-    """The content as BDAT carries it: no dot-stuffing, no terminating dot."""
-    if isinstance(message, ForwardMail):
-        return _forward_raw(message)
-    content = message.as_bytes(policy=policy.SMTP)
-    return [content if content.endswith(b"\r\n") else content + b"\r\n"]
-
-
-def _forward_raw(mail: ForwardMail) -> Iterator[bytes]:
-    yield mail.head
-    yield from mail.attachment_slices(pipelined.CHUNK)
-    yield mail.tail
-
-
-def _stuffed_pieces(message: ForwardMail | EmailMessage) -> Iterator[bytes]:
-    if isinstance(message, ForwardMail):
-        return forward_pieces(message)
-    return stuffed_slices(message.as_bytes(policy=policy.SMTP))
-
-
-def _password(credentials: Credentials | None) -> str:
-    match credentials:
-        case PasswordCredentials(password=secret):
-            return secret.reveal()
-        case TokenCredentials() | None:
-            return ""
-
-
-def _discard(smtp: smtplib.SMTP | None) -> None:
-    if smtp is None:
-        return
-    try:
-        smtp.close()
-    except OSError:
-        logger.debug("closing the smtp socket failed", exc_info=True)
+        session.discard(smtp)

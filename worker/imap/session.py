@@ -1,5 +1,5 @@
 """The IMAP connection below `worker.imap.mailbox`: fewer round trips, and logins that
-carry UTF-8.
+carry UTF-8 (LOGIN or AUTHENTICATE PLAIN) or an OAuth2 token (XOAUTH2, OAUTHBEARER).
 
 imaplib asks for CAPABILITY on every connection, even when the greeting listed them
 (`* OK [CAPABILITY IMAP4rev1 ...]`, as Dovecot's and Cyrus's do); here it is asked only
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import imaplib
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
 from imapclient import (  # type: ignore[import-untyped,unused-ignore]
@@ -21,6 +23,15 @@ from imapclient import (  # type: ignore[import-untyped,unused-ignore]
 from imapclient.imapclient import (  # type: ignore[import-untyped,unused-ignore]
     IMAPlibLoggerAdapter,
 )
+
+from worker.errors import MailboxLoginError, MailboxLoginUnsupported, MailboxTokenRefused
+from worker.mail.sasl import Exchange, SaslError, login_with_token, preferred_mechanism
+from worker.models import Credentials, PasswordCredentials
+from worker.tokens import AccessToken, TokenCredentials
+
+# `ImapConnection._translated`: turns the library's errors during an action into
+# `MailboxError`s.
+Translated = Callable[[str], AbstractContextManager[None]]
 
 
 class _GreetedCapabilities:
@@ -83,3 +94,101 @@ def login_command(user: str, password: str, capabilities: Collection[bytes]) -> 
     if b"AUTH=PLAIN" in {capability.upper() for capability in capabilities}:
         return AUTHENTICATE_PLAIN
     return None
+
+
+def server_text(exc: BaseException) -> str:
+    """An imapclient error's text: the server's own words."""
+    return str(exc).removeprefix("b'").removesuffix("'")
+
+
+def log_in(
+    client: Any, credentials: Credentials, *, translated: Translated, host: str, port: int
+) -> datetime | None:
+    """Log in with a password or an OAuth2 token; the token's expiry, None for a
+    password. Raises `MailboxError` subclasses (and `TokenEndpointError`)."""
+    match credentials:
+        case TokenCredentials():
+            return _log_in_with_token(
+                client, credentials, translated=translated, host=host, port=port
+            )
+        case PasswordCredentials(user=user, password=secret):
+            _log_in_with_password(
+                client, user, secret.reveal(), translated=translated, host=host, port=port
+            )
+            return None
+
+
+def _log_in_with_token(
+    client: Any, credentials: TokenCredentials, *, translated: Translated, host: str, port: int
+) -> datetime | None:
+    """AUTHENTICATE XOAUTH2 (OAUTHBEARER where that is all the server offers), through
+    `sasl_login` with worker.mail.sasl's Exchange: imapclient's `oauth2_login` would
+    answer the error challenge with the token again. A refused token gets one retry
+    with a fresh one (worker.mail.sasl.login_with_token) on the same connection."""
+    offered = frozenset(
+        capability.decode("ascii", "replace").removeprefix("AUTH=")
+        for capability in client.known_capabilities()
+        if capability.startswith(b"AUTH=")
+    )
+    mechanism = preferred_mechanism(offered)
+    if mechanism is None:
+        raise MailboxTokenRefused(
+            "the server offers neither AUTHENTICATE XOAUTH2 nor OAUTHBEARER "
+            "(check INVOICE_RELAY_IMAP_AUTH)",
+            host=host,
+            port=port,
+        )
+    refusals: list[str] = []
+    expires_at: list[datetime | None] = []  # of the token the server accepted
+
+    def attempt(token: AccessToken) -> SaslError | None:
+        exchange = Exchange(mechanism=mechanism, user=credentials.user, token=token.value)
+        try:
+            with translated(f"AUTHENTICATE {mechanism}"):
+                client.sasl_login(mechanism, exchange)
+        except MailboxLoginError as exc:
+            # The server's own words, without our "IMAP host:port" prefix.
+            refusals.append(server_text(exc.__cause__ or exc))
+            return exchange.error or SaslError(status="refused")
+        expires_at.append(token.expires_at)
+        return None
+
+    error = login_with_token(credentials.tokens, attempt)
+    if error is not None:
+        raise MailboxTokenRefused(
+            f"{mechanism} as {credentials.user} ({error.status}"
+            f"{', scope ' + error.scope if error.scope else ''}): {refusals[-1]}",
+            host=host,
+            port=port,
+        )
+    return expires_at[-1] if expires_at else None
+
+
+def _log_in_with_password(
+    client: Any, user: str, password: str, *, translated: Translated, host: str, port: int
+) -> None:
+    """LOGIN, or AUTHENTICATE PLAIN in UTF-8 (RFC 4616) for a user or password that
+    LOGIN cannot carry (it is ASCII-only)."""
+    method = login_command(user, password, client.known_capabilities())
+    if method == LOGIN:
+        command = client.login
+    elif method == AUTHENTICATE_PLAIN:
+        command = client.plain_login
+    else:
+        # Said without the codec's error, which would quote a character of the secret.
+        raise MailboxLoginUnsupported(
+            "the user or password has non-ASCII characters, which LOGIN cannot carry, "
+            "and the server does not offer AUTHENTICATE PLAIN",
+            host=host,
+            port=port,
+        )
+    try:
+        with translated(method):
+            command(user, password)
+    except UnicodeError:
+        # The codec error would quote a character of the password: do not chain it.
+        raise MailboxLoginUnsupported(
+            f"the user or password has characters {method} cannot send",
+            host=host,
+            port=port,
+        ) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.config.environment import Secret
-from worker.delivery.smtp import SMTPLIB_CHOICE, login_mechanism
+from worker.delivery.session import SMTPLIB_CHOICE, login_mechanism
 from worker.imap.session import AUTHENTICATE_PLAIN, LOGIN, login_command
 from worker.models import PasswordCredentials
 

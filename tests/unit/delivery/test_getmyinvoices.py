@@ -14,7 +14,8 @@ import pytest
 
 from tests.servers.getmyinvoices import ACCOUNT_ID, request_problem
 from worker.config.environment import Secret
-from worker.delivery.getmyinvoices import ALREADY_THERE, GmiDestination, classify
+from worker.delivery.getmyinvoices import GmiDestination
+from worker.delivery.gmiapi import ALREADY_THERE, classify
 from worker.errors import (
     DeliveryDeferred,
     DeliveryRejected,
