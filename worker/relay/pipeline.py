@@ -42,7 +42,8 @@ from worker.models import (
     SightingKind,
 )
 from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules, ForwardsDue
-from worker.relay.intake import FetchedBatch, Intake, IntakeRules
+from worker.relay.intake import FetchedBatch, Intake
+from worker.relay.mailparts import IntakeRules
 from worker.relay.pacer import SendPacer
 from worker.relay.ports import Destination, Inspector, Mailbox, PipelineStore
 from worker.relay.sessions import ParallelSessions
@@ -71,7 +72,7 @@ class PipelineConfig:
     error_retries: int = DEFAULT_ERROR_RETRIES
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     batch_size: int = 200
-    batch_bytes: int = DEFAULT_BATCH_BYTES  # RFC822.SIZE a batch reads (worker.relay.intake)
+    batch_bytes: int = DEFAULT_BATCH_BYTES  # RFC822.SIZE a batch reads (worker.relay.mailparts)
     send_batch: int = DEFAULT_SEND_BATCH
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS  # doubles per attempt
 

@@ -12,7 +12,7 @@ from worker.errors import ConfigError, ConfigProblems
 from worker.mail.trust import SenderProof
 from worker.models import DEFAULT_MAX_MAIL_BYTES, DedupMode, Security
 from worker.relay.forwarding import ForwardRules
-from worker.relay.intake import IntakeRules
+from worker.relay.mailparts import IntakeRules
 from worker.relay.pipeline import PipelineConfig
 
 IMAP_SECRET = "imap-Pa55-zq81"
