@@ -30,9 +30,11 @@ from worker.models import (
 )
 from worker.pdf.pool import PdfInspector
 from worker.relay.budget import Budget, SharedBudget
+from worker.relay.dryrun import PlannedSighting
 from worker.relay.lease import LEASE_SECONDS, Heartbeat, new_owner
 from worker.relay.pacer import SendPacer
-from worker.relay.pipeline import Pipeline, PipelineConfig, PlannedSighting
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 from worker.relay.ports import Destination, MailActionStore
 from worker.relay.tidy import MailTidier
 from worker.service.idle import IdleWatcher, PollRequests

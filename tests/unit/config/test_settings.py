@@ -13,7 +13,7 @@ from worker.mail.trust import SenderProof
 from worker.models import DEFAULT_MAX_MAIL_BYTES, DedupMode, Security
 from worker.relay.forwarding import ForwardRules
 from worker.relay.mailparts import IntakeRules
-from worker.relay.pipeline import PipelineConfig
+from worker.relay.pollconfig import PipelineConfig
 
 IMAP_SECRET = "imap-Pa55-zq81"
 SMTP_SECRET = "smtp-Pa55-kx47"

@@ -25,7 +25,8 @@ from worker.models import (
 )
 from worker.relay.intake import Intake
 from worker.relay.mailparts import IntakeRules
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 
