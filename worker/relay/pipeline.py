@@ -29,8 +29,9 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
+from worker.relay.background import BackgroundForwarding, ForwardsDue
 from worker.relay.dryrun import PlannedSighting, dry_run
-from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules, ForwardsDue
+from worker.relay.forwarding import Forwarder, ForwardRules
 from worker.relay.intake import FetchedBatch, Intake
 from worker.relay.mailparts import IntakeRules
 from worker.relay.pacer import SendPacer
