@@ -26,7 +26,8 @@ from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
 from worker.models import AuditFilter, AuditRow, DedupMode, Outcome
 from worker.pdf.inspection import inspect_pdf
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 from worker.store import migrate
 from worker.store.sqlstore import SqlStore
 

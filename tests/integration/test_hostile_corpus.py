@@ -34,7 +34,8 @@ from tests.servers.tls import TestCA
 from worker.mail import headers, mime
 from worker.models import FolderStatus, MailSummary
 from worker.pdf.pool import PdfInspector
-from worker.relay.intake import Intake, IntakeRules
+from worker.relay.intake import Intake
+from worker.relay.mailparts import IntakeRules
 
 PDF_TIMEOUT_SECONDS = 10
 PDF_MEMORY_MB = 512

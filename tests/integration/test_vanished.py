@@ -31,7 +31,8 @@ from worker.models import (
     PasswordCredentials,
     Security,
 )
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 

@@ -26,9 +26,10 @@ from worker.errors import LeaseLost, StoreError
 from worker.faults import checkpoint_for
 from worker.models import DeliveryKind, PollReport
 from worker.pdf.pool import PdfInspector
+from worker.relay.dryrun import PlannedSighting
 from worker.relay.lease import LEASE_SECONDS, Heartbeat, new_owner
 from worker.relay.pacer import SendPacer
-from worker.relay.pipeline import Pipeline, PlannedSighting
+from worker.relay.pipeline import Pipeline
 from worker.relay.ports import MailActionStore
 from worker.store import migrate
 from worker.store.engine import create_schema

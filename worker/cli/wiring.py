@@ -21,7 +21,7 @@ from worker.models import Credentials, DeliveryKind, PasswordCredentials
 from worker.pdf.pool import PdfInspector
 from worker.relay.budget import Budget, SharedBudget
 from worker.relay.lease import LEASE_SECONDS
-from worker.relay.pipeline import PipelineConfig
+from worker.relay.pollconfig import PipelineConfig
 from worker.relay.ports import Destination, MailActionStore
 from worker.relay.tidy import MailTidier
 from worker.store import migrate

@@ -3,6 +3,9 @@
 A document is leased before it is delivered and marked forwarded only after the
 destination accepted it; a refused session releases every lease without counting an
 attempt.
+
+Running beside the reading of mail is `worker.relay.background`; the claim ahead and
+the mark in flight, each in a thread of their own, are `worker.relay.overlap`.
 """
 
 from __future__ import annotations
@@ -12,10 +15,8 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
 
 from worker.errors import (
     DeliveryRefused,
@@ -34,6 +35,8 @@ from worker.models import (
     Parcel,
     Receipt,
 )
+from worker.relay.background import Arrivals
+from worker.relay.overlap import Claims, Marks, Tally
 from worker.relay.pacer import SendPacer
 from worker.relay.ports import Destination, SendQueue
 from worker.relay.retry import BASE_DELAY, out_of_attempts, retry_delay
@@ -49,97 +52,6 @@ class ForwardRules:
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # renewed by the heartbeat while the owner lives
     send_batch: int = DEFAULT_SEND_BATCH
     retry_base: timedelta = BASE_DELAY
-
-
-class _News:
-    """What `Arrivals` and its followers share: how many batches were recorded, and
-    whether reading ended."""
-
-    def __init__(self) -> None:
-        self.changed = threading.Condition()
-        self.batches = 0
-        self.ended = False
-
-
-class Arrivals:
-    """Tells a Forwarder running beside the reading of mail that more was recorded."""
-
-    def __init__(self, news: _News | None = None) -> None:
-        self._news = news or _News()
-        self._seen = 0
-
-    def follower(self) -> Arrivals:
-        """Another waiter on the same news (a second session): each sees every batch."""
-        return Arrivals(self._news)
-
-    def recorded(self) -> None:
-        news = self._news
-        with news.changed:
-            news.batches += 1
-            news.changed.notify_all()
-
-    def ended(self) -> None:
-        news = self._news
-        with news.changed:
-            news.ended = True
-            news.changed.notify_all()
-
-    def wait_for_more(self, stop: threading.Event) -> bool:
-        """Block until a batch was recorded since the last call (True) or reading
-        ended with nothing new (False)."""
-        news = self._news
-        with news.changed:
-            while news.batches == self._seen and not news.ended and not stop.is_set():
-                news.changed.wait(0.5)  # wakes for `stop` too
-            fresh = news.batches != self._seen
-            self._seen = news.batches
-            return fresh and not stop.is_set()
-
-
-class ForwardsDue(Protocol):
-    """A `Forwarder`, or several sending at once (`worker.relay.sessions`)."""
-
-    def forward_due(self, arrivals: Arrivals | None = None) -> tuple[int, int, int]: ...
-
-
-class BackgroundForwarding:
-    """`Forwarder.forward_due` in a thread of its own while the poll reads mail, so
-    sending overlaps reading; each document is still sent only once it is recorded."""
-
-    def __init__(self, forwarder: ForwardsDue) -> None:
-        self.arrivals = Arrivals()
-        self._result: tuple[int, int, int] | BaseException = (0, 0, 0)
-        self._thread = threading.Thread(target=self._run, args=(forwarder,), name="forwarding")
-        self._thread.start()
-
-    def _run(self, forwarder: ForwardsDue) -> None:
-        try:
-            self._result = forwarder.forward_due(self.arrivals)
-        except BaseException as exc:  # noqa: BLE001 - handed to the poll's thread by result()
-            self._result = exc
-
-    def finish(self) -> None:
-        """Reading has ended: send what is left, then stop."""
-        self.arrivals.ended()
-        self._thread.join()
-
-    def result(self) -> tuple[int, int, int]:
-        """(forwarded, retried later, failed), or what the thread raised."""
-        if isinstance(self._result, BaseException):
-            raise self._result
-        return self._result
-
-    def log_failure(self) -> None:
-        """Log what the thread raised, with its traceback, for a poll that fails for
-        another reason and so never calls `result`."""
-        failure = self._result
-        if isinstance(failure, BaseException):
-            log.error(
-                "forwarding failed while the poll was reading: %s",
-                failure,
-                exc_info=failure,
-                extra={"action": "forwarding_failed"},
-            )
 
 
 class Forwarder:
@@ -186,10 +98,10 @@ class Forwarder:
         while the next one goes out; that mark is committed before the next delivery can
         become final (`Destination.deliver(before_final=...)`), so at any moment at most
         one accepted document is not yet marked, as if the marks were made in line."""
-        tally = _Tally()
+        tally = Tally()
         opened = False
-        marks = _Marks(self._mark_forwarded, tally, self._marked)
-        claims = _Claims(self._claim)
+        marks = Marks(self._mark_forwarded, tally, self._marked)
+        claims = Claims(self._claim)
         untouched: list[OutgoingDocument] = []  # claimed, and not one step taken yet
         try:
             while not self._stop.is_set():
@@ -271,7 +183,7 @@ class Forwarder:
                 self._outbox.close()
         return tally.result()
 
-    def _before_end(self, document: OutgoingDocument, marks: _Marks) -> None:
+    def _before_end(self, document: OutgoingDocument, marks: Marks) -> None:
         """Right before the mail's content is ended: the previous mail is marked, and
         this one's claim is still ours. A sender frozen past its lease (at the `354`
         answer, say) whose document another process took over must not complete a
@@ -308,7 +220,7 @@ class Forwarder:
                 extra={"action": "release_failed"},
             )
 
-    def _refused(self, document: OutgoingDocument, refusal: DeliveryRefused, tally: _Tally) -> None:
+    def _refused(self, document: OutgoingDocument, refusal: DeliveryRefused, tally: Tally) -> None:
         config = self._config
         answer_text = str(refusal)
         attempts = document.attempts + 1
@@ -344,7 +256,7 @@ class Forwarder:
         )
 
     def _postponed(
-        self, document: OutgoingDocument, throttled: DeliveryThrottled, tally: _Tally
+        self, document: OutgoingDocument, throttled: DeliveryThrottled, tally: Tally
     ) -> None:
         resume = self._clock() + timedelta(seconds=throttled.retry_after_seconds)
         # The audit's reason while it waits: which limit, and when it resumes.
@@ -382,89 +294,3 @@ class Forwarder:
     def _report_progress(self, text: str) -> None:
         if self._progress is not None:
             self._progress(text)
-
-
-@dataclass(slots=True, kw_only=True)
-class _Tally:
-    """What one `forward_due` did so far."""
-
-    forwarded: int = 0
-    retried: int = 0
-    failed: int = 0
-
-    def result(self) -> tuple[int, int, int]:
-        return self.forwarded, self.retried, self.failed
-
-
-class _Claims:
-    """Claims the next batch in a thread of its own while this one is sent, so the
-    claim's write transaction is off the sending path. The lease of a batch claimed
-    ahead is kept alive by the owner's heartbeat (`worker.relay.lease`) while it waits."""
-
-    def __init__(self, claim: Callable[[], list[OutgoingDocument]]) -> None:
-        self._claim = claim
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claims")
-        self._ahead: Future[list[OutgoingDocument]] | None = None
-
-    def take(self) -> list[OutgoingDocument]:
-        """The batch claimed ahead, or, when there is none or it came back empty (more
-        may have been recorded since), a batch claimed now; then the next is claimed
-        ahead."""
-        ahead, self._ahead = self._ahead, None
-        batch = ahead.result() if ahead is not None else []
-        if not batch:
-            batch = self._claim()
-        if batch:
-            self._ahead = self._executor.submit(self._claim)
-        return batch
-
-    def drop(self) -> list[OutgoingDocument]:
-        """The documents claimed ahead and not taken, for the caller to release. A claim
-        that failed leased nothing (its transaction rolled back): none, and its error
-        is only logged, since the loop is ending for a reason of its own."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return []
-        try:
-            return ahead.result()
-        except StoreError as exc:
-            log.warning("claiming the next batch failed: %s", exc, extra={"action": "claim_failed"})
-            return []
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-
-
-class _Marks:
-    """At most one `mark_forwarded` in flight, in a thread of its own; `settle` waits
-    for it and raises what it raised."""
-
-    def __init__(
-        self,
-        mark: Callable[[OutgoingDocument, Receipt], None],
-        tally: _Tally,
-        marked: Callable[[OutgoingDocument, int], None] | None = None,
-    ) -> None:
-        self._mark = mark
-        self._tally = tally
-        self._marked = marked
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marks")
-        self._pending: tuple[Future[None], OutgoingDocument] | None = None
-
-    def start(self, document: OutgoingDocument, receipt: Receipt) -> None:
-        self.settle()
-        future = self._executor.submit(self._mark, document, receipt)
-        self._pending = (future, document)
-
-    def settle(self) -> None:
-        if self._pending is None:
-            return
-        (future, document), self._pending = self._pending, None
-        future.result()
-        self._tally.forwarded += 1
-        if self._marked is not None:
-            self._marked(document, self._tally.forwarded)
-
-    def close(self) -> None:
-        """Wait for a mark still in flight (an exception is on its way already)."""
-        self._executor.shutdown(wait=True)

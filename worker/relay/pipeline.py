@@ -12,26 +12,14 @@ import logging
 import random
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from worker.faults import Checkpoint, CrashPoint, no_checkpoint
-from worker.mail.trust import NO_PROOF, TrustPolicy, TxtLookup
+from worker.mail.trust import TxtLookup
 from worker.mail.verdicts import is_vanished
 from worker.models import (
-    DEFAULT_BATCH_BYTES,
-    DEFAULT_ERROR_RETRIES,
-    DEFAULT_LEASE_SECONDS,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_DEPTH,
-    DEFAULT_MAX_MAIL_BYTES,
-    DEFAULT_MAX_PARTS,
-    DEFAULT_MAX_PDF_BYTES,
-    DEFAULT_RETRY_DELAY_SECONDS,
-    DEFAULT_SEND_BATCH,
-    DedupMode,
     DocumentState,
     FolderStatus,
     MailboxPosition,
@@ -41,9 +29,13 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
-from worker.relay.forwarding import BackgroundForwarding, Forwarder, ForwardRules, ForwardsDue
-from worker.relay.intake import FetchedBatch, Intake, IntakeRules
+from worker.relay.background import BackgroundForwarding, ForwardsDue
+from worker.relay.dryrun import PlannedSighting, dry_run
+from worker.relay.forwarding import Forwarder, ForwardRules
+from worker.relay.intake import FetchedBatch, Intake
+from worker.relay.mailparts import IntakeRules
 from worker.relay.pacer import SendPacer
+from worker.relay.pollconfig import PipelineConfig, recorded_up_to, uid_batches
 from worker.relay.ports import Destination, Inspector, Mailbox, PipelineStore
 from worker.relay.sessions import ParallelSessions
 from worker.relay.tidy import MailTidier, TidyReport, tidy_quietly
@@ -51,41 +43,6 @@ from worker.relay.tidy import MailTidier, TidyReport, tidy_quietly
 log = logging.getLogger(__name__)
 
 _FIRST_BACKFILL_BATCH = 25
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PipelineConfig:
-    mailbox: str  # the audit's name for the polled folder: "user@host/folder"
-    forward_to: str
-    forward_from: str
-    since: date | None = None
-    dedup: DedupMode = DedupMode.CONTENT
-    keep_pdfs: bool = False
-    allowed_senders: tuple[str, ...] = ()
-    max_mail_bytes: int = DEFAULT_MAX_MAIL_BYTES
-    max_pdf_bytes: int = DEFAULT_MAX_PDF_BYTES
-    max_parts: int = DEFAULT_MAX_PARTS
-    max_depth: int = DEFAULT_MAX_DEPTH
-    trust: TrustPolicy = NO_PROOF
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    error_retries: int = DEFAULT_ERROR_RETRIES
-    lease_seconds: float = DEFAULT_LEASE_SECONDS
-    batch_size: int = 200
-    batch_bytes: int = DEFAULT_BATCH_BYTES  # RFC822.SIZE a batch reads (worker.relay.intake)
-    send_batch: int = DEFAULT_SEND_BATCH
-    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS  # doubles per attempt
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PlannedSighting:
-    """What a dry run would record for one part."""
-
-    uid: int
-    part: str
-    kind: SightingKind
-    reason: str | None
-    filename: str | None
-    sha256: str | None
 
 
 class Pipeline:
@@ -179,7 +136,7 @@ class Pipeline:
         status = self._mailbox.open()
         try:
             position = self._store.position(config.mailbox)
-            last_uid = _last_uid(position, status)
+            last_uid = recorded_up_to(position, status)
             if position is None or position.uidvalidity != status.uidvalidity:
                 rescanned = position is not None
                 self._start_over(position, status)
@@ -193,7 +150,7 @@ class Pipeline:
                 first = _FIRST_BACKFILL_BATCH if sending is not None else None
                 # Cut by count here; each fetch also stops at the byte budget and hands
                 # the rest on, which is then fetched next, before the following chunk.
-                chunks = deque(_chunks(uids, config.batch_size, first=first))
+                chunks = deque(uid_batches(uids, config.batch_size, first=first))
                 # While the PDF workers check (and the store records) one batch, a
                 # thread of its own fetches the next one: only it uses the mailbox then.
                 # Nothing is recorded out of order: batch N+1 is recorded after batch N.
@@ -275,22 +232,11 @@ class Pipeline:
                 sending.finish()
 
     def plan(self) -> list[PlannedSighting]:
-        """A dry run: what a poll would record now, without writing or sending anything.
-        Accepted PDFs whose key is known already (or seen earlier in this run) are shown
-        as duplicates, so the DOCUMENT entries are exactly what would be forwarded."""
-        status = self._mailbox.open()
-        try:
-            last_uid = _last_uid(self._store.position(self._config.mailbox), status)
-            planned: list[PlannedSighting] = []
-            seen: set[str] = set()
-            uids = self._mailbox.new_uids(last_uid, self._config.since)
-            for batch in _chunks(uids, self._config.batch_size):
-                for mails in self._intake.record_batches(batch):
-                    for mail in mails:
-                        planned.extend(self._planned(mail, seen))
-            return planned
-        finally:
-            self._mailbox.close()
+        """A dry run (`worker.relay.dryrun`): what a poll would record now, without
+        writing or sending anything."""
+        return dry_run(
+            config=self._config, mailbox=self._mailbox, store=self._store, intake=self._intake
+        )
 
     # --- reading mail -----------------------------------------------------------------
 
@@ -328,7 +274,7 @@ class Pipeline:
             mailbox=config.mailbox, uidvalidity=uidvalidity, max_tries=config.error_retries + 1
         )
         result: Counter[Outcome] = Counter()
-        for batch in _chunks(uids, config.batch_size):
+        for batch in uid_batches(uids, config.batch_size):
             for mails in self._intake.record_batches(batch):
                 result.update(self._record_retried(uidvalidity, mails))
         return result
@@ -373,40 +319,9 @@ class Pipeline:
             _log_sighting(sighting, retry=retry)
         return recorded
 
-    def _planned(self, mail: MailRecord, seen: set[str]) -> Iterator[PlannedSighting]:
-        for part in mail.parts:
-            kind, reason = part.kind, part.reason
-            if kind is SightingKind.DOCUMENT and part.sha256 is not None:
-                content_key = part.fingerprint if self._config.dedup is DedupMode.CONTENT else None
-                keys = {part.sha256} | ({content_key} if content_key else set())
-                known = self._store.known_key(sha256=part.sha256, content_key=content_key)
-                if known is not None or keys & seen:
-                    kind = SightingKind.DUPLICATE
-                    reason = (
-                        f"same {known} as a recorded invoice"
-                        if known
-                        else ("same invoice as an earlier mail in this run")
-                    )
-                seen.update(keys)
-            yield PlannedSighting(
-                uid=mail.uid,
-                part=part.part,
-                kind=kind,
-                reason=reason,
-                filename=part.filename,
-                sha256=part.sha256,
-            )
-
     def _report_progress(self, text: str) -> None:
         if self._progress is not None:
             self._progress(text)
-
-
-def _last_uid(position: MailboxPosition | None, status: FolderStatus) -> int:
-    """Every UID up to this one is recorded; 0 when the folder must be read from the start."""
-    if position is not None and position.uidvalidity == status.uidvalidity:
-        return position.last_uid
-    return 0
 
 
 def _outcome(sighting: RecordedSighting) -> Outcome:
@@ -427,13 +342,3 @@ def _log_sighting(sighting: RecordedSighting, *, retry: bool) -> None:
         log.warning("error: %s", sighting.reason, extra={"action": "pdf_error", **extra})
     elif sighting.kind is SightingKind.DOCUMENT:
         log.info("new invoice recorded", extra={"action": "pdf_recorded", **extra})
-
-
-def _chunks(items: Sequence[int], size: int, *, first: int | None = None) -> Iterator[list[int]]:
-    """Batches of `size`; with `first`, they start at `first` and double up to `size`, so
-    a backfill's sending thread gets its first documents after a few mails, not 200."""
-    start, step = 0, min(first or size, size)
-    while start < len(items):
-        yield list(items[start : start + step])
-        start += step
-        step = min(step * 2, size)

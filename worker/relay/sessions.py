@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from worker.relay.forwarding import Arrivals, Forwarder
+from worker.relay.background import Arrivals
+from worker.relay.forwarding import Forwarder
 
 
 class ParallelSessions:

@@ -13,8 +13,8 @@ from worker.errors import ConfigError, ConfigProblems
 from worker.mail.proof import SenderProof
 from worker.models import DEFAULT_MAX_MAIL_BYTES, DedupMode, Security
 from worker.relay.forwarding import ForwardRules
-from worker.relay.intake import IntakeRules
-from worker.relay.pipeline import PipelineConfig
+from worker.relay.mailparts import IntakeRules
+from worker.relay.pollconfig import PipelineConfig
 
 IMAP_SECRET = "imap-Pa55-zq81"
 SMTP_SECRET = "smtp-Pa55-kx47"

@@ -23,8 +23,10 @@ from worker.models import (
     Outcome,
     RecordedSighting,
 )
-from worker.relay.intake import Intake, IntakeRules
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.intake import Intake
+from worker.relay.mailparts import IntakeRules
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 

@@ -26,7 +26,8 @@ from worker.mail.trust import (
     check_authentication_results,
 )
 from worker.models import AuditFilter, AuditRow, DedupMode, MailSummary, Outcome
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 
 SHOP = signing_key("shop.example")
 PARENT = signing_key("example.net")  # signs for billing.example.net

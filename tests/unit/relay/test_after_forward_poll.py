@@ -12,7 +12,8 @@ from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailActions, FakeMailbox, FakeOutbox, StoredMail
 from worker.errors import DeliveryDeferred
 from worker.models import AfterForward, AuditFilter, DedupMode, MailActionMode, PollReport
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 from worker.relay.tidy import MailTidier
 from worker.store.sqlstore import SqlStore
 

@@ -17,7 +17,8 @@ from tests.documents import poll_owner
 from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from worker.errors import MailboxError
 from worker.models import DedupMode, MailSummary
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 
 
 class _SecondReadFails(FakeMailbox):

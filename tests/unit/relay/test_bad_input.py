@@ -40,7 +40,8 @@ from worker.models import (
 from worker.pdf.content import our_bug
 from worker.pdf.inspection import inspect_pdf
 from worker.pdf.pool import PdfInspector
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 from worker.store.notices import SqlNoticeLog
 from worker.store.sqlstore import SqlStore
 

@@ -36,8 +36,10 @@ from tests.hostile import injected_headers, injection_mails
 from worker.mail.mime import FILENAME_MAX_CHARS
 from worker.models import AuditFilter, DedupMode, Outcome, SightingKind
 from worker.pdf.inspection import inspect_pdf
-from worker.relay.intake import Intake, IntakeRules
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.intake import Intake
+from worker.relay.mailparts import IntakeRules
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 
 PROPERTY_SETTINGS = settings(
     max_examples=300,

@@ -8,7 +8,7 @@ import pytest
 
 from worker.errors import MailboxError, StoreError
 from worker.models import PartRecord, SightingKind
-from worker.relay.intake import per_mail
+from worker.relay.permail import per_mail
 
 
 def _explode() -> list[PartRecord]:

@@ -20,7 +20,8 @@ from tests.fakes import FakeInspector, FakeMailbox, FakeOutbox, FakeStore
 from worker.errors import DeliveryDeferred, DeliveryRejected, MailboxError, SessionRefused
 from worker.mail.verdicts import loop_reason, sender_allowed
 from worker.models import AuditFilter, AuditRow, DedupMode, DocumentState, Outcome, PdfReport
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 
 FORWARD_TO = "inbox-123@getmyinvoices.example"
 FORWARD_FROM = "relay@shop.example"

@@ -22,7 +22,8 @@ from worker.models import (
     PdfReport,
     RecordedSighting,
 )
-from worker.relay.pipeline import Pipeline, PipelineConfig
+from worker.relay.pipeline import Pipeline
+from worker.relay.pollconfig import PipelineConfig
 
 MAILBOX = "invoices@imap.example/INBOX"
 WAIT = 5.0  # seconds a test waits for the other thread before it gives up

@@ -14,7 +14,8 @@ from tests.documents import OWNER, add_pending_documents
 from tests.fakes import FakeOutbox, FakeStore
 from worker.errors import SessionRefused
 from worker.models import OutgoingDocument
-from worker.relay.forwarding import Arrivals, Forwarder, ForwardRules
+from worker.relay.background import Arrivals
+from worker.relay.forwarding import Forwarder, ForwardRules
 from worker.relay.pacer import SendPacer
 from worker.relay.sessions import ParallelSessions
 
