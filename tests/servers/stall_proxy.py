@@ -258,11 +258,16 @@ class StallProxy:
         self._closed.set()
         self._released.set()
         _close(self._listener)
+        # A connection accepted just before the listener closed registers its sockets
+        # only once the target answered: wait for the acceptor, so that every
+        # connection is cut, not one that a relay would keep in its pool.
+        if self._acceptor.is_alive():
+            self._acceptor.join(timeout=10)
         with self._lock:
             sockets = list(self._sockets)
         for sock in sockets:
             _abort(sock)
-        for thread in [self._acceptor, *self._threads]:
+        for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=5)
 
