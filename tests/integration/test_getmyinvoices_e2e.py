@@ -103,7 +103,6 @@ def test_a_crash_between_upload_and_mark_leaves_one_copy(
         api,
         url,
         INVOICE_RELAY_TEST_CRASH_AT="after_send:2",
-        INVOICE_RELAY_TEST_LEASE_SECONDS="1",
     )
     crashed = run_once(env)
     assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-2000:]

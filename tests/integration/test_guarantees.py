@@ -121,6 +121,8 @@ def test_smtp_refusals_retry_4xx_once_and_fail_5xx_with_the_answer(
     smtp.fail_rate(0.1, 421, seed=4, text="4.3.2 closing, try later")
     smtp.fail_rate(0.2, 451, seed=5, text="4.3.0 try again later")
     database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    # A short retry delay (default 60 s) only lets the retries of 451 answers come within
+    # the test; the lease, which this test is about, keeps its default.
     env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca, INVOICE_RELAY_RETRY_DELAY="0.05s")
     runs = run_until_done(env, database_url, max_runs=20, pause=0.2)
     refusals = Counter(code for _, code in smtp.refusals)

@@ -58,7 +58,6 @@ def test_a_crash_between_two_pipelined_mails_repeats_at_most_one(
         INVOICE_RELAY_SMTP_PORT=str(postfix.port),
         INVOICE_RELAY_SMTP_SECURITY="none",
         INVOICE_RELAY_TEST_CRASH_AT=f"{point}:{nth}",
-        INVOICE_RELAY_TEST_LEASE_SECONDS="1",
     )
     crashed = run_once(env)
     assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-2000:]

@@ -169,6 +169,9 @@ def test_run_forwards_later_mail_on_schedule_and_turns_unready_when_imap_stops(
         f"sqlite:///{tmp_path / 'relay.db'}",
         smtp_ca=smtp_ca,
         INVOICE_RELAY_SCHEDULE="2s",
+        # Shorter than the defaults (three intervals plus a minute; 60 s waits) so that
+        # /healthz turning 503 and back is seen within the test; what is checked is the
+        # turn itself, which the defaults only delay.
         INVOICE_RELAY_HEALTHY_AFTER="5s",
         INVOICE_RELAY_HTTP_PORT=str(port),
         INVOICE_RELAY_TIMEOUT="5",
@@ -239,6 +242,8 @@ def test_run_started_without_its_database_polls_and_forwards_once_it_is_reachabl
             smtp_ca=smtp_ca,
             INVOICE_RELAY_SCHEDULE="2s",
             INVOICE_RELAY_HTTP_PORT=str(port),
+            # A poll on a cut database fails within this instead of the 60 s default; the
+            # recovery without a restart is the same either way.
             INVOICE_RELAY_TIMEOUT="5",
         )
 

@@ -33,6 +33,9 @@ from tests.servers.smtp_sink import SmtpSink
 from tests.servers.stall_proxy import Fault, StallProxy, running_proxy
 from tests.servers.tls import TestCA
 
+# Not the 60 s default: each test waits out a stalled server several times, and the
+# property (every network wait ends at INVOICE_RELAY_TIMEOUT, state stays safe) is the
+# same for any value; the tests assert the elapsed time against this one.
 TIMEOUT = 2.0
 # Start-up (interpreter, migrations, PDF workers) plus a logout that may wait once more.
 BOUND = 3 * TIMEOUT + 10.0
@@ -71,6 +74,8 @@ def plain_env(
         INVOICE_RELAY_SMTP_PORT=str(smtp_port),
         INVOICE_RELAY_SMTP_SECURITY="none",
         INVOICE_RELAY_TIMEOUT=f"{TIMEOUT:g}",
+        # The 60 s default would make each retry wait a minute; the order of retries and
+        # their count are what the test checks, and the backoff maths is table-tested.
         INVOICE_RELAY_RETRY_DELAY="0.1s",
     )
 

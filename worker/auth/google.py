@@ -178,7 +178,3 @@ def _json_object(response: httpx.Response) -> dict[str, object] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -228,7 +228,3 @@ def read_certificate(path: Path) -> str:
         raise ConfigError(
             "INVOICE_RELAY_OAUTH_CLIENT_CERT_FILE", f"cannot read {path}: not a PEM file"
         ) from exc
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

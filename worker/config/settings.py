@@ -286,7 +286,7 @@ def _web_settings(
     no_proxies: tuple[web.IpNetwork, ...] = ()
     proxies = env.parse("WEB_TRUSTED_PROXIES", web.networks, no_proxies)
     idle = env.parse("WEB_IDLE", parse_duration, web.DEFAULT_IDLE_SECONDS)
-    # MERGE (routes issue): users of `[[web_users]]` join this one.
+    # Issue 15 (routes file): users of `[[web_users]]` join this one.
     users = () if password is None else (web.WebUser(name=name, password=password.reveal()),)
     if port == 0 or not users:
         return None

@@ -42,7 +42,7 @@ _MAX_QUEUED = 20  # documents listed per route and state on the overview
 
 def _route(table: sa.Table | Any) -> sa.ColumnElement[str]:
     """The route of a row of `audit_log` (or `sightings`)."""
-    # MERGE (routes issue): `table.c.route` once audit_log and sightings carry it.
+    # Issue 15 (routes): `table.c.route` once audit_log and sightings carry it.
     del table
     return sa.literal(DEFAULT_ROUTE, sa.Text)
 
@@ -54,7 +54,7 @@ def _in_scope(table: sa.Table | Any, scope: RouteScope) -> sa.ColumnElement[bool
 
 
 def _known_routes() -> list[str]:
-    # MERGE (routes issue): the configured routes' names.
+    # Issue 15 (routes): the configured routes' names.
     return [DEFAULT_ROUTE]
 
 
