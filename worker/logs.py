@@ -7,16 +7,21 @@ every string registered with `register_secret`, wherever in the process it was l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TextIO
 
 MASK = "****"
+
+# The route a poll serves: every line it logs carries it as the `route` field.
+_ROUTE: ContextVar[str | None] = ContextVar("invoice_relay_route", default=None)
 
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
 
@@ -117,6 +122,16 @@ def register_secrets(values: Iterable[str]) -> None:
         SECRETS.add(value)
 
 
+@contextlib.contextmanager
+def route_context(route: str) -> Iterator[None]:
+    """Lines logged by this thread inside the block carry `route` (unless they name one)."""
+    token = _ROUTE.set(route)
+    try:
+        yield
+    finally:
+        _ROUTE.reset(token)
+
+
 class RedactingFilter(logging.Filter):
     """Renders each record's message and traceback once, then masks registered secrets."""
 
@@ -134,6 +149,9 @@ class RedactingFilter(logging.Filter):
             message = f"{record.msg!s} (unformattable arguments: {record.args!r})"
         record.msg = self.registry.redact(message)
         record.args = None
+        route = _ROUTE.get()
+        if route is not None and not hasattr(record, "route"):
+            record.route = route
         if record.exc_info and not record.exc_text:
             record.exc_text = _PLAIN.formatException(record.exc_info)
         if record.exc_text:

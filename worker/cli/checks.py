@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -16,6 +16,7 @@ from worker.cli.wiring import (
     password_logins,
     smtp_outbox,
 )
+from worker.config.routes import Deployment, Route
 from worker.config.settings import Settings
 from worker.errors import (
     AfterForwardImpossible,
@@ -35,6 +36,7 @@ from worker.errors import (
 from worker.models import DeliveryKind, MailActionMode
 from worker.relay.settled import MoveSupport, move_problem, move_support
 from worker.store import migrate
+from worker.store.sqlstore import SqlStore
 from worker.tokens import AuthMethod
 
 # What to change, by server and by the kind of failure its message names.
@@ -293,3 +295,40 @@ def run_checks(settings: Settings, *, send_test: str | None, out: TextIO) -> int
             failed += 1
             out.write(f"FAIL send-test: {exc}; to fix: {advice(exc)}\n")
     return 1 if failed else 0
+
+
+def check_routes(
+    deployment: Deployment, routes: Sequence[Route], *, send_test: str | None, out: TextIO
+) -> int:
+    """`check` for every route (or the one asked for); 1 when anything failed. With a
+    routes file each route's lines follow a `route NAME` heading, and destinations that
+    still hold pending documents but have no route left are reported."""
+    if deployment.config_file is None:
+        return run_checks(routes[0].settings, send_test=send_test, out=out)
+    failed = 0
+    for route in routes:
+        out.write(f"route {route.name} ({route.mailbox}):\n")
+        failed += run_checks(route.settings, send_test=send_test, out=out)
+    failed += _check_orphans(deployment, out)
+    return 1 if failed else 0
+
+
+def _check_orphans(deployment: Deployment, out: TextIO) -> int:
+    """Pending documents whose route was removed: nobody will deliver them."""
+    try:
+        store = SqlStore(deployment.process.database_url.reveal())
+    except RelayError:
+        return 0  # the database check of each route said why already
+    try:
+        orphans = store.orphaned_destinations([route.mailbox for route in deployment.routes])
+    except RelayError:
+        return 0
+    finally:
+        store.close()
+    for mailbox, pending in orphans:
+        out.write(
+            f"FAIL routes: {pending} pending document(s) from {mailbox}, which no route "
+            "polls any more; to fix: put the route back, or `invoice-relay purge --route "
+            "NAME` to give them up\n"
+        )
+    return 1 if orphans else 0

@@ -18,10 +18,18 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TextIO
 
 from worker.cli import audit, checks
+from worker.config.routes import DEFAULT_ROUTE, Deployment, Route, load_deployment
 from worker.config.settings import Settings, database_url_from_env
 from worker.errors import ConfigError, ConfigProblems, InfrastructureError, RelayError
 from worker.logs import configure_logging, register_secret, register_secrets
-from worker.models import AuditFilter, Outcome, PollReport, SightingKind
+from worker.models import (
+    AuditFilter,
+    DeliveryKind,
+    DocumentScope,
+    Outcome,
+    PollReport,
+    SightingKind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument(
         "--dry-run", action="store_true", help="print what would be forwarded; change nothing"
     )
+    once.add_argument("--route", metavar="NAME", help="poll only this route")
     commands.add_parser("run", help="the service: poll on INVOICE_RELAY_SCHEDULE")
 
     check = commands.add_parser("check", help="try the IMAP, SMTP and database settings")
     check.add_argument("--send-test", metavar="ADDRESS", help="also send one test mail there")
+    check.add_argument("--route", metavar="NAME", help="check only this route")
 
     audit_cmd = commands.add_parser("audit", help="print the audit log")
     audit_cmd.add_argument("--format", choices=sorted(audit.FORMATTERS), default="table")
@@ -87,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_argument(
         "--limit", type=_positive_int, default=None, help="at most this many rows"
     )
+    audit_cmd.add_argument("--route", metavar="NAME", help="only rows of this route")
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -96,22 +107,42 @@ def build_parser() -> argparse.ArgumentParser:
     target = retry.add_mutually_exclusive_group(required=True)
     target.add_argument("sha256", nargs="?", help="the document's SHA-256")
     target.add_argument("--all", action="store_true", help="every failed document")
+    _scope_arguments(retry)
 
     resend = commands.add_parser("resend", help="forward one document again, on purpose")
     resend.add_argument("sha256")
+    _scope_arguments(resend)
+
+    purge = commands.add_parser(
+        "purge", help="delete a removed route's documents and sightings (offboarding)"
+    )
+    purge.add_argument("--route", metavar="NAME", required=True, help="the route's name")
+    purge.add_argument(
+        "--before", type=_iso_date, help="only what was received before this date (ISO)"
+    )
 
     oauth = commands.add_parser("oauth", help="OAuth2 logins (docs/oauth.md)")
     oauth_commands = oauth.add_subparsers(
         dest="oauth_command", required=True, metavar="OAUTH_COMMAND"
     )
-    oauth_commands.add_parser("status", help="each login's flow and its token's age, no secrets")
-    oauth_commands.add_parser(
-        "login", help="sign in (Microsoft, delegated) and store the refresh token"
+    oauth_status = oauth_commands.add_parser(
+        "status", help="each login's flow and its token's age, no secrets"
     )
+    oauth_login = oauth_commands.add_parser(
+        "login", help="sign in (delegated flow) and store the refresh token"
+    )
+    for sub in (oauth_status, oauth_login):
+        sub.add_argument("--route", metavar="NAME", help="only this route's login")
 
     health = commands.add_parser("healthcheck", help="exit 0 when the local service is alive")
     health.add_argument("--ready", action="store_true", help="ask /healthz instead of /livez")
     return parser
+
+
+def _scope_arguments(command: argparse.ArgumentParser) -> None:
+    scope = command.add_mutually_exclusive_group()
+    scope.add_argument("--route", metavar="NAME", help="only documents this route introduced")
+    scope.add_argument("--destination", metavar="NAME", help="only documents bound there")
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -140,86 +171,184 @@ def _fail(line: str) -> None:
     print(f"invoice-relay: {line}", file=sys.stderr)
 
 
-def _settings(environ: Mapping[str, str]) -> Settings:
-    settings = Settings.from_env(environ, stderr_is_tty=sys.stderr.isatty())
-    configure_logging(settings.log_format)
-    register_secrets(settings.secret_values())
-    for name in settings.unknown_variables:
+def _deployment(environ: Mapping[str, str]) -> Deployment:
+    deployment = load_deployment(environ, stderr_is_tty=sys.stderr.isatty())
+    configure_logging(deployment.process.log_format)
+    for route in deployment.routes:
+        register_secrets(route.settings.secret_values())
+    for name in deployment.process.unknown_variables:
         log.warning("unknown setting %s ignored (a typo?)", name, extra={"action": "config"})
-    return settings
+    return deployment
+
+
+def _database_url(environ: Mapping[str, str]) -> str:
+    """The database of the maintenance commands: from the routes file's `[relay]` when
+    there is one (the environment overrides it), else from the environment."""
+    if environ.get("INVOICE_RELAY_CONFIG", "").strip():
+        url = load_deployment(environ, stderr_is_tty=sys.stderr.isatty()).process.database_url
+    else:
+        url = database_url_from_env(environ)
+    register_secret(url.reveal())
+    return url.reveal()
 
 
 def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from worker.cli import maintenance, polling, serve  # heavy: only when a command runs
+    from worker.cli import maintenance  # heavy: only when a command runs
 
     command: str = args.command
     if command == "healthcheck":
         return maintenance.healthcheck(environ, ready=args.ready)
-    if command in ("audit", "db", "retry", "resend"):
-        url = database_url_from_env(environ)
+    if command in ("audit", "db", "retry", "resend", "purge"):
         configure_logging("text" if sys.stderr.isatty() else "json", level=logging.WARNING)
-        register_secret(url.reveal())
-        if command == "audit":
-            query = AuditFilter(
-                since=args.since,
-                outcomes=tuple(Outcome(o) for o in args.outcome or ()),
-                invoice_number=args.invoice,
-                limit=args.limit,
-            )
-            rows = maintenance.audit_rows(url.reveal(), query)
-            sys.stdout.write(audit.FORMATTERS[args.format](rows))
-            return EXIT_OK
-        if command == "db":
-            maintenance.upgrade(url.reveal())
-            print("database is up to date")
-            return EXIT_OK
-        if command == "retry":
-            count = maintenance.retry(url.reveal(), None if args.all else args.sha256)
-            print(f"{count} document(s) queued again")
-            return EXIT_OK if count or args.all else EXIT_UNAVAILABLE
-        if environ.get("INVOICE_RELAY_DELIVERY", "").strip().lower() == "getmyinvoices":
-            queued, said = maintenance.resend_through_api(_settings(environ), args.sha256)
-            print(said)
-            return EXIT_OK if queued else EXIT_UNAVAILABLE
-        queued = maintenance.resend(url.reveal(), args.sha256)
-        print(
-            "queued for a deliberate resend"
-            if queued
-            else "no forwarded document with "
-            "that SHA-256 whose bytes are kept (INVOICE_RELAY_KEEP_PDFS)"
+        return _maintain(args, environ)
+    deployment = _deployment(environ)
+    if command == "oauth":
+        return _oauth(args, deployment)
+    routes = deployment.select(getattr(args, "route", None))
+    if command == "check":
+        return checks.check_routes(deployment, routes, send_test=args.send_test, out=sys.stdout)
+    if command == "run":
+        from worker.cli import serve
+
+        return serve.run_deployment(deployment)
+    if args.dry_run:
+        return _dry_run(routes)
+    return _once(deployment, routes)
+
+
+def _maintain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from worker.cli import maintenance
+
+    command: str = args.command
+    url = _database_url(environ)
+    if command == "audit":
+        query = AuditFilter(
+            since=args.since,
+            outcomes=tuple(Outcome(o) for o in args.outcome or ()),
+            invoice_number=args.invoice,
+            route=args.route,
+            limit=args.limit,
         )
+        rows = maintenance.audit_rows(url, query)
+        sys.stdout.write(audit.FORMATTERS[args.format](rows))
+        return EXIT_OK
+    if command == "db":
+        maintenance.upgrade(url)
+        print("database is up to date")
+        return EXIT_OK
+    if command == "purge":
+        configured = _configured_routes(environ)
+        if args.route in configured:
+            raise ConfigError(
+                "route",
+                f"{args.route} is still configured; remove it from the routes file first",
+            )
+        counts = maintenance.purge(url, args.route, before=args.before)
+        print(f"route {args.route}: {counts}")
+        return EXIT_OK
+    scope = DocumentScope(route=args.route, destination=args.destination)
+    if command == "retry":
+        count = maintenance.retry(url, None if args.all else args.sha256, scope=scope)
+        print(f"{count} document(s) queued again")
+        return EXIT_OK if count or args.all else EXIT_UNAVAILABLE
+    settings = _resend_settings(environ, scope)
+    if settings is not None:
+        queued, said = maintenance.resend_through_api(settings, args.sha256, scope=scope)
+        print(said)
         return EXIT_OK if queued else EXIT_UNAVAILABLE
-    settings = _settings(environ)
-    if command == "oauth" and args.oauth_command == "login":
-        user = maintenance.oauth_login(settings, show=print, pasted=sys.stdin.readline)
+    queued = maintenance.resend(url, args.sha256, scope=scope)
+    print(
+        "queued for a deliberate resend"
+        if queued
+        else "no forwarded document with "
+        "that SHA-256 whose bytes are kept (INVOICE_RELAY_KEEP_PDFS)"
+    )
+    return EXIT_OK if queued else EXIT_UNAVAILABLE
+
+
+def _configured_routes(environ: Mapping[str, str]) -> frozenset[str]:
+    if not environ.get("INVOICE_RELAY_CONFIG", "").strip():
+        return frozenset({DEFAULT_ROUTE})
+    deployment = load_deployment(environ, stderr_is_tty=sys.stderr.isatty())
+    return frozenset(route.name for route in deployment.routes)
+
+
+def _resend_settings(environ: Mapping[str, str], scope: DocumentScope) -> Settings | None:
+    """The settings of the API route a resend goes through; None: by mail (no API call)."""
+    if environ.get("INVOICE_RELAY_CONFIG", "").strip():
+        deployment = _deployment(environ)
+        candidates = (
+            deployment.select(scope.route) if scope.route is not None else deployment.routes
+        )
+        api = [r for r in candidates if r.settings.delivery is DeliveryKind.GETMYINVOICES]
+        if scope.destination is not None:
+            api = [r for r in api if r.destination in (None, scope.destination)]
+        return api[0].settings if api else None
+    if environ.get("INVOICE_RELAY_DELIVERY", "").strip().lower() == "getmyinvoices":
+        return _deployment(environ).process
+    return None
+
+
+def _oauth(args: argparse.Namespace, deployment: Deployment) -> int:
+    from worker.cli import maintenance
+
+    routes = deployment.select(args.route)
+    if args.oauth_command == "login":
+        if len(routes) != 1:
+            raise ConfigError("route", "say which route signs in: oauth login --route NAME")
+        user = maintenance.oauth_login(
+            routes[0].settings, show=print, pasted=sys.stdin.readline
+        )
         print(f"stored a refresh token for {user}; `invoice-relay oauth status` shows it")
         return EXIT_OK
-    if command == "oauth":
-        for line in maintenance.oauth_status(settings):
-            print(line)
-        return EXIT_OK
-    if command == "check":
-        return checks.run_checks(settings, send_test=args.send_test, out=sys.stdout)
-    if command == "run":
-        return serve.run_service(settings)
-    if args.dry_run:
-        planned = polling.dry_run(settings)
+    for route in routes:
+        for line in maintenance.oauth_status(route.settings):
+            print(line if deployment.config_file is None else f"route {route.name}: {line}")
+    return EXIT_OK
+
+
+def _dry_run(routes: Sequence[Route]) -> int:
+    from worker.cli import polling
+
+    for route in routes:
+        planned = polling.dry_run(route.settings)
+        prefix = "" if len(routes) == 1 else f"route {route.name}: "
         for item in planned:
             verb = "would forward" if item.kind is SightingKind.DOCUMENT else item.kind.value
             print(
-                f"uid {item.uid} part {item.part or '-'}: {verb}"
+                f"{prefix}uid {item.uid} part {item.part or '-'}: {verb}"
                 f"{' ' + item.filename if item.filename else ''}"
                 f"{' (' + item.reason + ')' if item.reason else ''}"
             )
         forwards = sum(item.kind is SightingKind.DOCUMENT for item in planned)
-        print(f"dry run: {forwards} PDF(s) would be forwarded; nothing was recorded or sent")
-        return EXIT_OK
-    progress = _progress_printer(sys.stderr)
-    report = polling.once(settings, progress=progress)
-    if progress is not None:
-        sys.stderr.write("\n")  # end the progress line before the summary
-    print(summary_line(report))
+        print(
+            f"{prefix}dry run: {forwards} PDF(s) would be forwarded; "
+            "nothing was recorded or sent"
+        )
     return EXIT_OK
+
+
+def _once(deployment: Deployment, routes: Sequence[Route]) -> int:
+    from worker.cli import polling, routing
+
+    progress = _progress_printer(sys.stderr)
+    if deployment.config_file is None:  # one route from the environment, as ever
+        report = polling.once(routes[0].settings, progress=progress)
+        if progress is not None:
+            sys.stderr.write("\n")  # end the progress line before the summary
+        print(summary_line(report))
+        return EXIT_OK
+    outcomes = routing.once_each(deployment, routes, progress=progress)
+    if progress is not None:
+        sys.stderr.write("\n")
+    failed = 0
+    for outcome in outcomes:
+        if outcome.report is not None:
+            print(f"route {outcome.route}: {summary_line(outcome.report)}")
+        else:
+            failed += 1
+            _fail(f"route {outcome.route}: {outcome.error}")
+    return EXIT_UNAVAILABLE if failed else EXIT_OK
 
 
 def _progress_printer(stream: TextIO) -> Callable[[str], None] | None:

@@ -10,9 +10,11 @@ from worker.cli.wiring import gmi_destination, prepared_store
 from worker.config.settings import Settings, http_port_from_env
 from worker.delivery.gmiapi import ALREADY_THERE
 from worker.errors import StoreError
-from worker.models import AuditFilter, AuditRow, sqlite_file
+from worker.models import AuditFilter, AuditRow, DocumentScope, sqlite_file
 from worker.store import migrate
 from worker.store.sqlstore import SqlStore
+
+_EVERYWHERE = DocumentScope()
 
 
 def _existing_database(url: str) -> SqlStore:
@@ -61,23 +63,38 @@ def upgrade(url: str) -> None:
     migrate.upgrade_database(url)
 
 
-def retry(url: str, sha256: str | None) -> int:
+def retry(url: str, sha256: str | None, *, scope: DocumentScope = _EVERYWHERE) -> int:
     store = _existing_database(url)
     try:
-        return store.requeue(sha256=sha256, now=datetime.now(UTC))
+        return store.requeue(
+            sha256=sha256, now=datetime.now(UTC), route=scope.route, destination=scope.destination
+        )
     finally:
         store.close()
 
 
-def resend(url: str, sha256: str) -> bool:
+def resend(url: str, sha256: str, *, scope: DocumentScope = _EVERYWHERE) -> bool:
     store = _existing_database(url)
     try:
-        return store.resend(sha256=sha256, now=datetime.now(UTC))
+        return store.resend(
+            sha256=sha256, now=datetime.now(UTC), route=scope.route, destination=scope.destination
+        )
     finally:
         store.close()
 
 
-def resend_through_api(settings: Settings, sha256: str) -> tuple[bool, str]:
+def purge(url: str, route: str, *, before: datetime | None) -> str:
+    """Delete a removed route's sightings and the documents its mail introduced."""
+    store = _existing_database(url)
+    try:
+        return str(store.purge_route(route, before=before))
+    finally:
+        store.close()
+
+
+def resend_through_api(
+    settings: Settings, sha256: str, *, scope: DocumentScope = _EVERYWHERE
+) -> tuple[bool, str]:
     """`resend` with INVOICE_RELAY_DELIVERY=getmyinvoices: queued only when the API says
     it does not hold the document (a second copy would be filed otherwise)."""
     store = _existing_database(settings.database_url.reveal())
@@ -94,7 +111,9 @@ def resend_through_api(settings: Settings, sha256: str) -> tuple[bool, str]:
             api.close()
         if there:
             return False, f"not queued: {ALREADY_THERE}"
-        queued = store.resend(sha256=sha256, now=datetime.now(UTC))
+        queued = store.resend(
+            sha256=sha256, now=datetime.now(UTC), route=scope.route, destination=scope.destination
+        )
         return queued, "queued for a deliberate resend" if queued else "not a forwarded document"
     finally:
         store.close()

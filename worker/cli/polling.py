@@ -21,6 +21,7 @@ from worker.cli.wiring import (
     prepared_store,
     smtp_outbox,
 )
+from worker.config.routes import DEFAULT_ROUTE
 from worker.config.settings import Settings
 from worker.errors import LeaseLost, StoreError
 from worker.faults import checkpoint_for
@@ -45,6 +46,8 @@ def _pipeline(
     logins: Logins,
     *,
     owner: str,
+    route: str = DEFAULT_ROUTE,
+    destination: str | None = None,  # None: the route's default (worker.cli.wiring)
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
@@ -58,7 +61,7 @@ def _pipeline(
     checkpoint = checkpoint_for(settings.test_crash_at)
     try:
         yield Pipeline(
-            config=pipeline_config(settings),
+            config=pipeline_config(settings, route=route, destination=destination),
             mailbox=imap_mailbox(settings, logins),
             outbox=destination(settings, store, logins, checkpoint=checkpoint),
             # INVOICE_RELAY_SMTP_SESSIONS: more SMTP sessions side by side; the API has
@@ -92,12 +95,14 @@ def poll_once(
     logins: Logins,
     *,
     owner: str,
+    route: str = DEFAULT_ROUTE,
+    destination: str | None = None,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
 ) -> PollReport:
-    """One poll under the mailbox's poll lease, held by `owner` (whose heartbeat keeps
-    its leases alive: `leases`)."""
+    """One poll of `route` under the mailbox's poll lease, held by `owner` (whose
+    heartbeat keeps its leases alive: `leases`)."""
     name = mailbox_name(settings)
     started = datetime.now(UTC)
     with store.poll_lock(name, owner=owner, lease_seconds=LEASE_SECONDS) as acquired:
@@ -114,6 +119,8 @@ def poll_once(
                 store,
                 logins,
                 owner=owner,
+                route=route,
+                destination=destination,
                 stop=stop,
                 progress=progress,
                 inspector=inspector,
@@ -132,7 +139,7 @@ def poll_once(
                 mailbox=name, started_at=started, finished_at=datetime.now(UTC), locked=True
             )
         # Inside the poll lock: no other replica records sightings while it reads them.
-        notify_after_poll(settings, store, logins)
+        notify_after_poll(settings, store, logins, route=route)
         return report
 
 
@@ -169,7 +176,9 @@ def release_leases(store: SqlStore, owner: str) -> None:
         )
 
 
-def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> None:
+def notify_after_poll(
+    settings: Settings, store: SqlStore, logins: Logins, *, route: str = DEFAULT_ROUTE
+) -> None:
     """One failure notice to INVOICE_RELAY_NOTIFY_TO when one is due; a failure to send
     it is logged by the notifier and never fails the poll."""
     if settings.notify_to is None:
@@ -183,6 +192,7 @@ def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> No
         notify_to=settings.notify_to,
         notify_from=settings.forward_from,
         mailbox=mailbox_name(settings),
+        route=route,
         interval_seconds=settings.notify_interval_seconds,
     ).after_poll()
 

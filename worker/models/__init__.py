@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from worker.models.audit import (
     AuditFilter,
+    DocumentScope,
     AuditPage,
     AuditRow,
     AuditSearch,
@@ -126,6 +127,7 @@ __all__ = [
     "MB",
     "AfterForward",
     "AuditFilter",
+    "DocumentScope",
     "AuditPage",
     "AuditRow",
     "AuditSearch",

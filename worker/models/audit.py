@@ -29,7 +29,17 @@ class AuditFilter:
     since: datetime | None = None
     outcomes: tuple[Outcome, ...] = ()
     invoice_number: str | None = None
+    route: str | None = None  # only rows of this route (`audit --route`)
     limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DocumentScope:
+    """Which documents `retry` and `resend` mean when a SHA-256 is bound for several
+    destinations: those a route introduced, or those bound for one destination."""
+
+    route: str | None = None
+    destination: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
