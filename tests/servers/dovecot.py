@@ -355,14 +355,16 @@ class DovecotServer:
     # --- helpers that act like a person or a mail server -------------------------
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[imaplib.IMAP4]:
-        """A logged-in plain IMAP session (the test's own, not the relay's)."""
+    def session(self, user: str | None = None) -> Iterator[imaplib.IMAP4]:
+        """A logged-in plain IMAP session (the test's own, not the relay's), as `user`
+        (another mailbox on this server: any name logs in with the one password)."""
+        user = user or self.user
         client = imaplib.IMAP4(self.host, self.port, timeout=30)
         try:
             if self.password.isascii():
-                _check(client.login(self.user, self.password), "LOGIN")
+                _check(client.login(user, self.password), "LOGIN")
             else:
-                plain = f"\0{self.user}\0{self.password}".encode()
+                plain = f"\0{user}\0{self.password}".encode()
                 _check(client.authenticate("PLAIN", lambda _: plain), "AUTHENTICATE")
             yield client
         finally:
@@ -399,10 +401,15 @@ class DovecotServer:
         )
 
     def append_many(
-        self, raws: Iterable[bytes], *, folder: str = "INBOX", internaldate: datetime | None = None
+        self,
+        raws: Iterable[bytes],
+        *,
+        folder: str = "INBOX",
+        internaldate: datetime | None = None,
+        user: str | None = None,
     ) -> list[int]:
-        """APPEND many mails over one connection; returns their UIDs in order."""
-        with self.session() as client:
+        """APPEND many mails over one connection (as `user`); returns their UIDs in order."""
+        with self.session(user) as client:
             return [
                 _append(client, raw, folder=folder, internaldate=internaldate, flags=())
                 for raw in raws
