@@ -173,8 +173,9 @@ class _TableReader:
             name = key.upper()
             where = f"{label}: {key}"
             if key in extra:
-                texts[name] = value if isinstance(value, str) else ""
-                if not isinstance(value, str):
+                if isinstance(value, str):
+                    texts[name] = value
+                else:
                     found.add(where, "must be a string")
                 continue
             if key == "destination":
