@@ -727,6 +727,12 @@ def test_errors(folder: Path, text: str, expected: str) -> None:
     assert expected.format(folder=folder, path=path) in problems(folder, text)
 
 
+def test_a_destination_that_is_no_string_is_one_problem(folder: Path) -> None:
+    assert problems(folder, DEFAULTS + SHOP_A + "destination = 5\n") == [
+        "route shop-a: destination: must be a string"
+    ]
+
+
 def test_every_problem_of_every_route_at_once_each_once(folder: Path) -> None:
     text = (
         "[relay]\nhttp_port = 'x'\n"
@@ -797,3 +803,45 @@ def test_an_unknown_route_name(folder: Path, name: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         deployment.select(name)
     assert lines(caught.value) == [expected]
+
+
+# --- the README's example -----------------------------------------------------------
+
+
+def readme_example() -> str:
+    readme = (Path(__file__).parents[3] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Several mailboxes: the routes file", 1)[1]
+    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_example_loads_as_it_says(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "relay.key").write_text(KEY)
+    for name in ("smtp.pw", "shop-a.imap.pw", "shop-b.imap.pw", "shop-b.gmi-key"):
+        (secrets / name).write_text(f"{name}-secret\n")
+    for name in ("anna.pw", "office.pw"):
+        (secrets / name).write_text(f"{name}-password\n")
+    path = write(tmp_path, readme_example(), mode=0o644)
+
+    deployment = load_deployment({"INVOICE_RELAY_CONFIG": str(path), **HOME})
+
+    shop_a, shop_b = deployment.routes
+    assert (shop_a.name, shop_a.destination) == (
+        "shop-a",
+        "smtp:shop-a-4711@inbox.getmyinvoices.example",
+    )
+    assert (shop_b.name, shop_b.destination) == ("shop-b", None)  # from GET /account
+    assert shop_b.mailbox == "invoices@shop-b.example@imap.example.com/Rechnungen"
+    assert shop_b.settings.delivery is DeliveryKind.GETMYINVOICES
+    assert shop_b.settings.gmi_api_key is not None
+    assert shop_b.settings.gmi_api_key.reveal() == "shop-b.gmi-key-secret"
+    assert shop_a.settings.smtp_password is not None
+    assert shop_a.settings.smtp_password.reveal() == "smtp.pw-secret"
+    assert deployment.max_parallel_polls == 8
+    web = deployment.process.web
+    assert web is not None
+    assert [(user.name, user.scope) for user in web.users] == [
+        ("anna", RouteScope(routes=frozenset({"shop-a"}))),
+        ("office", RouteScope.everything()),
+    ]
