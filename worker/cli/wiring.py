@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from worker.config import routes
 from worker.config.environment import Secret
 from worker.config.settings import Settings
 from worker.delivery.getmyinvoices import GmiDestination
@@ -31,7 +32,7 @@ from worker.tokens import AuthMethod
 
 def mailbox_name(settings: Settings) -> str:
     """The audit's name for the polled folder; stable across port or TLS changes."""
-    return f"{settings.imap_user}@{settings.imap_host}/{settings.imap_folder}"
+    return routes.mailbox_name(settings)
 
 
 def pipeline_config(settings: Settings) -> PipelineConfig:

@@ -117,6 +117,10 @@ class EnvReader:
             sorted(key for key in self._environ if key.startswith(PREFIX) and key not in self._read)
         )
 
+    def names_read(self) -> frozenset[str]:
+        """The names asked for so far, without the prefix."""
+        return frozenset(name.removeprefix(PREFIX) for name in self._read)
+
     def raise_problems(self) -> None:
         if len(self._problems) == 1:
             raise self._problems[0]

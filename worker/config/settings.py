@@ -9,6 +9,7 @@ several. No message ever contains a password or a database URL.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from worker.config import values, web
 from worker.config.environment import EnvReader, Secret
 from worker.config.oauth import OAuthSettings, read_oauth
 from worker.config.schedule import parse_duration, parse_schedule
+from worker.config.web import WebUser
 from worker.faults import CrashAt
 from worker.logs import url_passwords
 from worker.models import (
@@ -109,9 +111,30 @@ class Settings:
     gmi_calls_per_day: int = models.DEFAULT_GMI_CALLS_PER_DAY
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], *, stderr_is_tty: bool = False) -> Settings:
-        """Read and check every variable; raise ConfigError naming each one at fault."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str],
+        *,
+        stderr_is_tty: bool = False,
+        web_users: tuple[WebUser, ...] = (),
+    ) -> Settings:
+        """Read and check every variable; raise ConfigError naming each one at fault.
+
+        `web_users` are the routes file's `[[web_users]]`: they join the one user of
+        INVOICE_RELAY_WEB_PASSWORD."""
         env = EnvReader(environ)
+        settings = cls._read(env, stderr_is_tty=stderr_is_tty, web_users=web_users)
+        env.raise_problems()
+        return settings
+
+    @classmethod
+    def _read(
+        cls, env: EnvReader, *, stderr_is_tty: bool, web_users: tuple[WebUser, ...]
+    ) -> Settings:
+        # Read by worker.config.routes, which owns their meaning; named here so that
+        # they are not reported as unknown.
+        env.raw("CONFIG")
+        env.raw("MAX_PARALLEL_POLLS")
         delivery = env.parse("DELIVERY", values.enum_of(DeliveryKind), DeliveryKind.SMTP)
         # With the API, mail goes out only as notices: SMTP is needed only for those.
         smtp_needed = delivery is DeliveryKind.SMTP or env.raw("NOTIFY_TO") is not None
@@ -198,7 +221,9 @@ class Settings:
             smtp_auth=smtp_auth,
             oauth=oauth,
             secret_key_file=secret_key_file,
-            web=_web_settings(env, secret_key_file, keep_pdfs=keep_pdfs),
+            web=web.read_web_settings(
+                env, secret_key_file, keep_pdfs=keep_pdfs, extra_users=web_users
+            ),
             delivery=delivery,
             gmi_api_key=env.secret("GMI_API_KEY", required=api),
             gmi_api_url=env.parse("GMI_API_URL", values.http_url, models.DEFAULT_GMI_API_URL),
@@ -227,7 +252,6 @@ class Settings:
             parse_schedule(settings.schedule, settings.timezone)
         except ValueError as exc:
             env.fail("SCHEDULE", str(exc))
-        env.raise_problems()
         return settings
 
     def sqlite_path(self) -> Path | None:
@@ -256,6 +280,15 @@ class Settings:
         return tuple(dict.fromkeys(value for value in values if value))
 
 
+@functools.cache
+def setting_names() -> frozenset[str]:
+    """Every name `Settings.from_env` reads, without the prefix (the `_FILE` forms of
+    secrets included): the keys a routes file may use."""
+    env = EnvReader({})
+    Settings._read(env, stderr_is_tty=False, web_users=())
+    return env.names_read()
+
+
 def database_url_from_env(environ: Mapping[str, str]) -> Secret:
     """Only the database URL (with its default), for commands that need nothing else."""
     env = EnvReader(environ)
@@ -274,49 +307,6 @@ def http_port_from_env(environ: Mapping[str, str]) -> int:
 
 _IMAP_PORTS = {Security.SSL: 993, Security.STARTTLS: 143, Security.NONE: 143}
 _SMTP_PORTS = {Security.SSL: 465, Security.STARTTLS: 587, Security.NONE: 25}
-
-
-def _web_settings(
-    env: EnvReader, key_file: Path | None, *, keep_pdfs: bool
-) -> web.WebSettings | None:
-    port = env.parse("WEB_PORT", values.port(0), models.DEFAULT_WEB_PORT)
-    name = env.parse("WEB_USER", web.user_name, models.DEFAULT_WEB_USER)
-    password = env.secret("WEB_PASSWORD", required=False)
-    public_url = env.parse("WEB_PUBLIC_URL", web.public_url, None)
-    no_proxies: tuple[web.IpNetwork, ...] = ()
-    proxies = env.parse("WEB_TRUSTED_PROXIES", web.networks, no_proxies)
-    idle = env.parse("WEB_IDLE", parse_duration, web.DEFAULT_IDLE_SECONDS)
-    # Issue 15 (routes file): users of `[[web_users]]` join this one.
-    users = () if password is None else (web.WebUser(name=name, password=password.reveal()),)
-    if port == 0 or not users:
-        return None
-    # One key file for the process (the stored tokens use it too); worker.web derives
-    # its own key from it, so that a session signature never doubles as a token key.
-    secret = b""
-    if key_file is None:
-        if env.raw("SECRET_KEY_FILE") is None:  # else its own problem is listed already
-            env.fail("SECRET_KEY_FILE", "required when the status page is on (a web user is set)")
-    else:
-        try:
-            secret = key_file.read_bytes().strip()
-        except OSError as exc:
-            env.fail("SECRET_KEY_FILE", f"cannot read {key_file}: {exc.strerror}")
-        else:
-            if len(secret) < web.MIN_KEY_BYTES:
-                env.fail(
-                    "SECRET_KEY_FILE",
-                    f"{key_file} holds fewer than {web.MIN_KEY_BYTES} bytes "
-                    "(for example the output of `openssl rand -base64 32`)",
-                )
-    return web.WebSettings(
-        port=port,
-        users=users,
-        secret_key=secret,
-        public_url=public_url,
-        trusted_proxies=proxies,
-        idle_seconds=idle,
-        keep_pdfs=keep_pdfs,
-    )
 
 
 def _database_url(env: EnvReader) -> Secret:

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker.models import DEFAULT_WEB_PORT, RouteScope
+from worker.config import values
+from worker.config.environment import EnvReader
+from worker.config.schedule import parse_duration
+from worker.models import DEFAULT_WEB_PORT, DEFAULT_WEB_USER, RouteScope
 
 MIN_KEY_BYTES = 32  # of INVOICE_RELAY_SECRET_KEY_FILE, as worker.auth.crypto asks too
 DEFAULT_IDLE_SECONDS = 30 * 60.0  # INVOICE_RELAY_WEB_IDLE: a session unused this long ends
@@ -86,3 +90,52 @@ def user_name(text: str) -> str:
     if not name.isprintable() or not 0 < len(name) <= 64 or " " in name:
         raise ValueError("a user name is 1 to 64 printable characters without spaces")
     return name
+
+
+def read_web_settings(
+    env: EnvReader,
+    key_file: Path | None,
+    *,
+    keep_pdfs: bool,
+    extra_users: tuple[WebUser, ...],
+) -> WebSettings | None:
+    """The status page's settings; None when it is off (no web user, or WEB_PORT 0)."""
+    port = env.parse("WEB_PORT", values.port(0), DEFAULT_WEB_PORT)
+    name = env.parse("WEB_USER", user_name, DEFAULT_WEB_USER)
+    password = env.secret("WEB_PASSWORD", required=False)
+    published = env.parse("WEB_PUBLIC_URL", public_url, None)
+    no_proxies: tuple[IpNetwork, ...] = ()
+    proxies = env.parse("WEB_TRUSTED_PROXIES", networks, no_proxies)
+    idle = env.parse("WEB_IDLE", parse_duration, DEFAULT_IDLE_SECONDS)
+    # The routes file's `[[web_users]]` join this one (its names are checked there).
+    single = () if password is None else (WebUser(name=name, password=password.reveal()),)
+    users = single + extra_users
+    if port == 0 or not users:
+        return None
+    # One key file for the process (the stored tokens use it too); worker.web derives
+    # its own key from it, so that a session signature never doubles as a token key.
+    secret = b""
+    if key_file is None:
+        if env.raw("SECRET_KEY_FILE") is None:  # else its own problem is listed already
+            env.fail("SECRET_KEY_FILE", "required when the status page is on (a web user is set)")
+    else:
+        try:
+            secret = key_file.read_bytes().strip()
+        except OSError as exc:
+            env.fail("SECRET_KEY_FILE", f"cannot read {key_file}: {exc.strerror}")
+        else:
+            if len(secret) < MIN_KEY_BYTES:
+                env.fail(
+                    "SECRET_KEY_FILE",
+                    f"{key_file} holds fewer than {MIN_KEY_BYTES} bytes "
+                    "(for example the output of `openssl rand -base64 32`)",
+                )
+    return WebSettings(
+        port=port,
+        users=users,
+        secret_key=secret,
+        public_url=published,
+        trusted_proxies=proxies,
+        idle_seconds=idle,
+        keep_pdfs=keep_pdfs,
+    )
