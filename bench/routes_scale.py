@@ -280,9 +280,11 @@ def run_scale(scale: Scale, *, invoices_per_route: int) -> None:
         scale.start_replica(f"replica-{number + 1}", config)
     backfill = _wait("the backfill", lambda: scale.forwarded() >= expected, 1800, scale)
     backfill_cpu = sum(r.cpu_seconds() for r in scale.replicas)
-    scale.say(f"backfill: {expected} invoices forwarded in {backfill:.1f} s "
-              f"({time.monotonic() - started_cpu:.1f} s after start), "
-              f"replica CPU {backfill_cpu:.1f} s")
+    scale.say(
+        f"backfill: {expected} invoices forwarded in {backfill:.1f} s "
+        f"({time.monotonic() - started_cpu:.1f} s after start), "
+        f"replica CPU {backfill_cpu:.1f} s"
+    )
 
     # Idle: two whole intervals with nothing new.
     polls_before = count_actions(scale.replicas, "poll_started")
@@ -293,8 +295,10 @@ def run_scale(scale: Scale, *, invoices_per_route: int) -> None:
     idle_polls = count_actions(scale.replicas, "poll_started") - polls_before
     idle_cpu = sum(r.cpu_seconds() for r in scale.replicas) - cpu_before
     per_idle = idle_cpu / idle_polls if idle_polls else float("nan")
-    scale.say(f"idle: {idle_polls} polls in {2 * interval:.0f} s, "
-              f"{per_idle * 1000:.1f} ms CPU per idle poll")
+    scale.say(
+        f"idle: {idle_polls} polls in {2 * interval:.0f} s, "
+        f"{per_idle * 1000:.1f} ms CPU per idle poll"
+    )
 
     # A kill and a freeze while new mail arrives for every route.
     killed, frozen, survivor = scale.replicas
@@ -314,30 +318,43 @@ def run_scale(scale: Scale, *, invoices_per_route: int) -> None:
     served = _wait("every route served after the faults", all_served, 1800, scale)
     done = _wait("every invoice forwarded", lambda: scale.forwarded() >= 2 * expected, 1800, scale)
     forwarded_cpu = survivor.cpu_seconds() - survivor_cpu
-    scale.say(f"after SIGKILL of {killed.name} and SIGSTOP of {frozen.name}: every route "
-              f"served again within {served:.1f} s, every invoice within {served + done:.1f} s")
+    scale.say(
+        f"after SIGKILL of {killed.name} and SIGSTOP of {frozen.name}: every route "
+        f"served again within {served:.1f} s, every invoice within {served + done:.1f} s"
+    )
     per_invoice = (forwarded_cpu - scale.routes * per_idle) / expected
-    scale.say(f"CPU per forwarded invoice (the survivor, idle share taken out): "
-              f"{per_invoice * 1000:.1f} ms")
+    scale.say(
+        f"CPU per forwarded invoice (the survivor, idle share taken out): "
+        f"{per_invoice * 1000:.1f} ms"
+    )
     os.killpg(frozen.process.pid, signal.SIGCONT)
 
     copies = Counter(str(mail.message["X-Invoice-Relay"]).strip() for mail in scale.sink.messages)
     duplicated = sum(count - 1 for count in copies.values())
     scale.say(f"forwarded {len(copies)} distinct of {2 * expected}; duplicates {duplicated}")
     logins, claims = scale.server.logins(), scale.claims()
-    ratios = [logins[user(i)] / claims[f"client-{i:05d}"] for i in range(scale.routes)
-              if claims[f"client-{i:05d}"]]
+    ratios = [
+        logins[user(i)] / claims[f"client-{i:05d}"]
+        for i in range(scale.routes)
+        if claims[f"client-{i:05d}"]
+    ]
     exact = sum(1 for value in ratios if value == 1)
-    scale.say(f"logins per claimed fire time: {exact} of {len(ratios)} routes exactly 1, "
-              f"max {max(ratios, default=0):.2f}, mean {statistics.fmean(ratios):.3f}")
+    scale.say(
+        f"logins per claimed fire time: {exact} of {len(ratios)} routes exactly 1, "
+        f"max {max(ratios, default=0):.2f}, mean {statistics.fmean(ratios):.3f}"
+    )
     delays = fire_delays(scale.replicas)
-    scale.say(f"fire time to poll start: p50 {percentile(delays, 0.5):.2f} s, "
-              f"p95 {percentile(delays, 0.95):.2f} s ({len(delays)} polls)")
+    scale.say(
+        f"fire time to poll start: p50 {percentile(delays, 0.5):.2f} s, "
+        f"p95 {percentile(delays, 0.95):.2f} s ({len(delays)} polls)"
+    )
     skipped = count_actions(scale.replicas, "poll_skipped")
     scale.say(f"fire times claimed by another replica (poll_skipped): {skipped}")
     for replica in scale.replicas:
-        scale.say(f"{replica.name}: peak RSS {replica.peak_rss_kib / 1024:.0f} MiB, "
-                  f"peak threads {replica.peak_threads}")
+        scale.say(
+            f"{replica.name}: peak RSS {replica.peak_rss_kib / 1024:.0f} MiB, "
+            f"peak threads {replica.peak_threads}"
+        )
     scale.say(f"PostgreSQL connections, peak: {scale.peak_connections}")
     _estimate(scale, per_idle, per_invoice)
 
@@ -347,9 +364,11 @@ def _estimate(scale: Scale, per_idle: float, per_invoice: float) -> None:
     for routes in (10_000, 100_000):
         polls_per_second = routes / 300
         cores = polls_per_second * per_idle
-        scale.say(f"estimate for {routes} routes on 5m: {polls_per_second:.0f} polls/s, "
-                  f"{cores:.1f} cores of relay CPU for idle polls; at 8 polls and about 3 "
-                  f"connections per replica, {max(1, round(cores / 0.8))} replicas")
+        scale.say(
+            f"estimate for {routes} routes on 5m: {polls_per_second:.0f} polls/s, "
+            f"{cores:.1f} cores of relay CPU for idle polls; at 8 polls and about 3 "
+            f"connections per replica, {max(1, round(cores / 0.8))} replicas"
+        )
     del per_invoice
 
 
@@ -372,8 +391,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.start()
         sink = stack.enter_context(running_sink())
         database_url = stack.enter_context(temporary_database())
-        scale = Scale(scratch=scratch, server=server, sink=sink, database_url=database_url,
-                      routes=args.routes, schedule=args.schedule)
+        scale = Scale(
+            scratch=scratch,
+            server=server,
+            sink=sink,
+            database_url=database_url,
+            routes=args.routes,
+            schedule=args.schedule,
+        )
         stack.enter_context(_stopping(scale))
         run_scale(scale, invoices_per_route=args.invoices_per_route)
     return 0

@@ -127,9 +127,7 @@ def test_routes_cross_destinations_and_dedupe_per_destination(
     assert {outcomes[("shop-a", shared[0].sha256)], outcomes[("shop-c", shared[0].sha256)]} == {
         "forwarded"
     }
-    assert {row["destination"] for row in rows if row["route"] == "shop-c"} == {
-        f"smtp:{INBOX_TWO}"
-    }
+    assert {row["destination"] for row in rows if row["route"] == "shop-c"} == {f"smtp:{INBOX_TWO}"}
 
     audited = run_relay(
         file_env(imap, smtp, config), "audit", "--route", "shop-b", "--format", "json"
@@ -181,14 +179,16 @@ def test_configuration_errors_name_each_route(
         ca_bundle(imap, smtp, smtp_ca, database_url),
         {"shop-a": (USERS["shop-a"], INBOX_ONE), "shop-b": (USERS["shop-a"], INBOX_TWO)},
     )
-    config.write_text(config.read_text() + 'imap_prot = 993\n')  # a typo, in shop-b
+    config.write_text(config.read_text() + "imap_prot = 993\n")  # a typo, in shop-b
 
     result = run_relay(file_env(imap, smtp, config), "once")
 
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert any(line.startswith("invoice-relay: configuration error: route shop-b: imap_prot")
-               for line in lines), lines
+    assert any(
+        line.startswith("invoice-relay: configuration error: route shop-b: imap_prot")
+        for line in lines
+    ), lines
     # Two routes on one mailbox folder: reported too, in the same run.
     assert sum("route shop-b" in line for line in lines) >= 2, lines
     assert smtp.messages == []

@@ -172,6 +172,9 @@ def _fail(line: str) -> None:
 
 
 def _deployment(environ: Mapping[str, str]) -> Deployment:
+    # Lines logged while the file is read (a process setting overridden) need a handler
+    # before the file says which format; the file's choice replaces it below.
+    configure_logging("text" if sys.stderr.isatty() else "json")
     deployment = load_deployment(environ, stderr_is_tty=sys.stderr.isatty())
     configure_logging(deployment.process.log_format)
     for route in deployment.routes:
@@ -296,9 +299,7 @@ def _oauth(args: argparse.Namespace, deployment: Deployment) -> int:
     if args.oauth_command == "login":
         if len(routes) != 1:
             raise ConfigError("route", "say which route signs in: oauth login --route NAME")
-        user = maintenance.oauth_login(
-            routes[0].settings, show=print, pasted=sys.stdin.readline
-        )
+        user = maintenance.oauth_login(routes[0].settings, show=print, pasted=sys.stdin.readline)
         print(f"stored a refresh token for {user}; `invoice-relay oauth status` shows it")
         return EXIT_OK
     for route in routes:
@@ -322,8 +323,7 @@ def _dry_run(routes: Sequence[Route]) -> int:
             )
         forwards = sum(item.kind is SightingKind.DOCUMENT for item in planned)
         print(
-            f"{prefix}dry run: {forwards} PDF(s) would be forwarded; "
-            "nothing was recorded or sent"
+            f"{prefix}dry run: {forwards} PDF(s) would be forwarded; nothing was recorded or sent"
         )
     return EXIT_OK
 

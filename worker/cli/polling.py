@@ -47,7 +47,7 @@ def _pipeline(
     *,
     owner: str,
     route: str = DEFAULT_ROUTE,
-    destination: str | None = None,  # None: the route's default (worker.cli.wiring)
+    destination_name: str | None = None,  # None: the route's default (worker.cli.wiring)
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
@@ -61,7 +61,7 @@ def _pipeline(
     checkpoint = checkpoint_for(settings.test_crash_at)
     try:
         yield Pipeline(
-            config=pipeline_config(settings, route=route, destination=destination),
+            config=pipeline_config(settings, route=route, destination=destination_name),
             mailbox=imap_mailbox(settings, logins),
             outbox=destination(settings, store, logins, checkpoint=checkpoint),
             # INVOICE_RELAY_SMTP_SESSIONS: more SMTP sessions side by side; the API has
@@ -96,7 +96,7 @@ def poll_once(
     *,
     owner: str,
     route: str = DEFAULT_ROUTE,
-    destination: str | None = None,
+    destination_name: str | None = None,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
@@ -120,7 +120,7 @@ def poll_once(
                 logins,
                 owner=owner,
                 route=route,
-                destination=destination,
+                destination_name=destination_name,
                 stop=stop,
                 progress=progress,
                 inspector=inspector,

@@ -72,7 +72,7 @@ def poll_route(
             made,
             owner=owner,
             route=route.name,
-            destination=destinations.of(route),
+            destination_name=destinations.of(route),
             stop=stop,
             progress=progress,
         )
@@ -104,9 +104,7 @@ def once_each(
                         if stop.is_set():
                             outcomes.append(RouteOutcome(route=route.name, error="stopped"))
                             continue
-                        outcomes.append(
-                            _one(route, store, destinations, owner, stop, progress)
-                        )
+                        outcomes.append(_one(route, store, destinations, owner, stop, progress))
         finally:
             store.close()
     return outcomes
@@ -121,9 +119,7 @@ def _one(
     progress: Callable[[str], None] | None,
 ) -> RouteOutcome:
     try:
-        report = poll_route(
-            route, store, destinations, owner=owner, stop=stop, progress=progress
-        )
+        report = poll_route(route, store, destinations, owner=owner, stop=stop, progress=progress)
     except (RelayError, InfrastructureError) as exc:
         log.warning(
             "poll failed: %s",

@@ -227,6 +227,11 @@ class GmiDestination:
                 "counted by the relay", retry_after_seconds=wait, limit=hold.limit, sha256=sha256
             )
 
+    @property
+    def destination_name(self) -> str:
+        """`getmyinvoices:<accountId>` once open: a route's destination by default."""
+        return self._destination()
+
     def _destination(self) -> str:
         if self._account is None:
             raise DeliveryUnavailable("GetMyInvoices: the session is not open")
