@@ -10,6 +10,7 @@ import pytest
 from tests.documents import OWNER
 from tests.storecases import T0, StoreFactory, accepted, mail, pdf, record
 from worker.models import (
+    AttemptOutcome,
     AuditSearch,
     DocumentState,
     Outcome,
@@ -88,14 +89,22 @@ def test_a_documents_story_holds_its_sightings_and_delivery(store: SqlStore) -> 
     assert story.row.duplicate_of == rows[1].id
     assert story.state is DocumentState.FORWARDED
     assert story.forwarded_message_id == "<out@relay>"
+    assert (story.delivered_via, story.delivery_id) == ("smtp", "<out@relay>")
+    assert [(a.outcome, a.answer, a.via) for a in story.attempt_history] == [
+        (AttemptOutcome.FORWARDED, "250 ok", "smtp")
+    ]
     assert [seen.uid for seen in story.sightings] == [1, 2]
     assert story.pdf_kept
     assert store.document_pdf(rows[1].id, EVERYONE) == ("=cmd.pdf", pdf("a"))
     failed = store.document_story(rows[4].id, EVERYONE)
     assert failed is not None and failed.state is DocumentState.FAILED
     assert failed.last_answer == "554 5.7.1 refused"
+    assert [(a.outcome, a.answer) for a in failed.attempt_history] == [
+        (AttemptOutcome.FAILED, "554 5.7.1 refused")
+    ]
     rejected = store.document_story(rows[3].id, EVERYONE)
     assert rejected is not None and rejected.document_id is None
+    assert rejected.attempt_history == ()
     assert store.document_story(10_000, EVERYONE) is None
 
 
