@@ -1007,6 +1007,9 @@ class PageRow:
     last_answer: str | None = None
     pdf: bytes | None = None
     attempts: tuple[DeliveryAttempt, ...] = ()  # its document's history
+    forwarded_at: datetime | None = None
+    delivered_via: str | None = None
+    delivery_id: str | None = None
 
 
 class FakePageStore:
@@ -1072,6 +1075,9 @@ class FakePageStore:
             state=item.state,
             last_answer=item.last_answer,
             attempt_history=item.attempts,
+            forwarded_at=item.forwarded_at,
+            delivered_via=item.delivered_via,
+            delivery_id=item.delivery_id,
             pdf_kept=item.pdf is not None,
             sightings=(self._scoped(item, scope),),
         )

@@ -108,6 +108,33 @@ def test_a_documents_story_holds_its_sightings_and_delivery(store: SqlStore) -> 
     assert store.document_story(10_000, EVERYONE) is None
 
 
+def test_a_document_delivered_to_getmyinvoices_names_its_document_uid(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory()
+    (seen,) = record(store, mail(1, accepted(pdf("a"))))
+    (claimed,) = store.claim_due(now=T0, limit=10, owner=OWNER, lease_seconds=60)
+    store.mark_forwarded(
+        claimed.document_id,
+        owner=OWNER,
+        message_id="4711",
+        answer="200 documentUid 4711",
+        now=T0,
+        keep_pdf=False,
+        via="getmyinvoices",
+    )
+    story = store.document_story(seen.sighting_id, EVERYONE)
+    assert story is not None
+    assert (story.delivered_via, story.delivery_id, story.forwarded_message_id) == (
+        "getmyinvoices",
+        "4711",
+        None,
+    )
+    assert [(a.outcome, a.via) for a in story.attempt_history] == [
+        (AttemptOutcome.FORWARDED, "getmyinvoices")
+    ]
+
+
 def test_the_overview_counts_today_and_this_month(store: SqlStore) -> None:
     (overview,) = store.route_overviews(EVERYONE, T0 + timedelta(days=40, hours=1))
     assert overview.route == "default"

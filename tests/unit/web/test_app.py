@@ -422,6 +422,36 @@ def test_a_documents_page_lists_its_attempts_with_times_and_escaped_answers() ->
     assert 'id="attempts"' not in untried and "No attempt recorded yet" in untried
 
 
+@pytest.mark.parametrize(
+    ("via", "delivery_id", "shown"),
+    [
+        (
+            "smtp",
+            "<out@relay>",
+            'by mail (SMTP), delivery id <code id="delivery">&lt;out@relay&gt;</code>',
+        ),
+        ("getmyinvoices", "4711", 'to GetMyInvoices, delivery id <code id="delivery">4711</code>'),
+        ("getmyinvoices", "", "(GetMyInvoices had it already)"),
+    ],
+)
+def test_a_documents_page_says_where_it_was_delivered(
+    via: str, delivery_id: str, shown: str
+) -> None:
+    page = make_page()
+    page.store.add(
+        PageRow(
+            route="shop-a",
+            row=audit_row(9),
+            state=DocumentState.FORWARDED,
+            forwarded_at=T0,
+            delivered_via=via,
+            delivery_id=delivery_id,
+        )
+    )
+    sign_in(page)
+    assert shown in page.client.get("/documents/9").text
+
+
 def test_the_csv_export_neutralises_formulas_and_follows_the_search() -> None:
     page = make_page()
     sign_in(page)
