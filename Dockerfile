@@ -38,7 +38,9 @@ RUN pip install --no-cache-dir /wheels/*.whl \
 # Ownership is set above: changes made to a volume path after VOLUME are discarded.
 VOLUME /data
 WORKDIR /data
-EXPOSE 8080
+# The probes (INVOICE_RELAY_HTTP_PORT) and the status page (INVOICE_RELAY_WEB_PORT's
+# default). Publish only 8081, behind a reverse proxy with TLS; keep 8080 private.
+EXPOSE 8080 8081
 
 USER 10001:10001
 

@@ -115,6 +115,7 @@ def send_loop(
     stop: threading.Event | None = None,
     checkpoint: Checkpoint = no_checkpoint,
     pacer: SendPacer | None = None,
+    via: str = "smtp",
 ) -> Forwarder:
     """A `Forwarder` for tests: a fixed clock, no pacing unless given, retries 10 s
     apart (±20 %)."""
@@ -122,6 +123,7 @@ def send_loop(
         rules=ForwardRules(
             send_batch=send_batch,
             retry_base=timedelta(seconds=10),
+            via=via,
         ),
         outbox=outbox,
         store=store,

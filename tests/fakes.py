@@ -6,7 +6,7 @@ import email
 import email.policy
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage, Message
 
@@ -23,12 +23,14 @@ from worker.errors import (
 )
 from worker.mail import headers
 from worker.models import (
+    AttemptOutcome,
     AuditFilter,
     AuditPage,
     AuditRow,
     AuditSearch,
     BodyPart,
     DedupMode,
+    DeliveryAttempt,
     DocumentState,
     DocumentStory,
     FolderStatus,
@@ -344,6 +346,8 @@ class _Document:
     forwarded_at: datetime | None = None
     forwarded_message_id: str | None = None
     last_answer: str | None = None
+    # Every try, as `delivery_attempts` keeps them (unbounded here), oldest first.
+    history: list[DeliveryAttempt] = field(default_factory=list)
 
 
 class FakeStore:
@@ -394,14 +398,24 @@ class FakeStore:
             and document.lease_until > self.clock()
         )
 
-    def _leased(self, document_id: int, owner: str) -> _Document:
-        """The document, ending its lease; `LeaseLost` (nothing changed) unless `owner`
-        holds it."""
+    def _leased(
+        self,
+        document_id: int,
+        owner: str,
+        attempt: tuple[AttemptOutcome, str, str] | None = None,
+    ) -> _Document:
+        """The document, ending its lease and keeping `attempt` (outcome, answer, via) in
+        its history; `LeaseLost` (nothing changed) unless `owner` holds it."""
         document = self.documents[document_id]
         if not self._holds(document, owner):
             raise LeaseLost(f"document {document_id}")
         document.lease_until = None
         document.lease_owner = None
+        if attempt is not None:
+            outcome, answer, via = attempt
+            document.history.append(
+                DeliveryAttempt(attempted_at=self.clock(), outcome=outcome, answer=answer, via=via)
+            )
         return document
 
     def still_holds(self, document_id: int, *, owner: str, lease_seconds: float) -> bool:
@@ -672,7 +686,7 @@ class FakeStore:
         keep_pdf: bool,
         via: str = "smtp",
     ) -> None:
-        document = self._leased(document_id, owner)
+        document = self._leased(document_id, owner, (AttemptOutcome.FORWARDED, answer, via))
         document.state = DocumentState.FORWARDED
         document.attempts += 1
         document.forwarded_message_id = message_id
@@ -689,27 +703,38 @@ class FakeStore:
         answer: str,
         next_attempt_at: datetime,
         failed: bool,
+        via: str = "smtp",
     ) -> None:
-        document = self._leased(document_id, owner)
+        outcome = AttemptOutcome.FAILED if failed else AttemptOutcome.RETRY
+        document = self._leased(document_id, owner, (outcome, answer, via))
         document.attempts += 1
         document.last_answer = answer
         document.next_attempt_at = next_attempt_at
         if failed:
             document.state = DocumentState.FAILED
 
-    def mark_failed(self, document_id: int, *, owner: str, answer: str) -> None:
-        document = self._leased(document_id, owner)
+    def mark_failed(self, document_id: int, *, owner: str, answer: str, via: str = "smtp") -> None:
+        document = self._leased(document_id, owner, (AttemptOutcome.FAILED, answer, via))
         document.state = DocumentState.FAILED
         document.attempts += 1
         document.last_answer = answer
 
-    def release(self, document_id: int, *, owner: str) -> None:
-        self._leased(document_id, owner)
+    def release(
+        self, document_id: int, *, owner: str, answer: str | None = None, via: str = "smtp"
+    ) -> None:
+        attempt = None if answer is None else (AttemptOutcome.RELEASED, answer, via)
+        self._leased(document_id, owner, attempt)
 
     def postpone(
-        self, document_id: int, *, owner: str, answer: str, next_attempt_at: datetime
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        answer: str,
+        next_attempt_at: datetime,
+        via: str = "smtp",
     ) -> None:
-        document = self._leased(document_id, owner)
+        document = self._leased(document_id, owner, (AttemptOutcome.HELD, answer, via))
         document.last_answer = answer
         document.next_attempt_at = next_attempt_at
 
@@ -981,6 +1006,10 @@ class PageRow:
     state: DocumentState | None = None  # of the document it introduced, if any
     last_answer: str | None = None
     pdf: bytes | None = None
+    attempts: tuple[DeliveryAttempt, ...] = ()  # its document's history
+    forwarded_at: datetime | None = None
+    delivered_via: str | None = None
+    delivery_id: str | None = None
 
 
 class FakePageStore:
@@ -1045,6 +1074,10 @@ class FakePageStore:
             document_id=sighting_id if item.state is not None else None,
             state=item.state,
             last_answer=item.last_answer,
+            attempt_history=item.attempts,
+            forwarded_at=item.forwarded_at,
+            delivered_via=item.delivered_via,
+            delivery_id=item.delivery_id,
             pdf_kept=item.pdf is not None,
             sightings=(self._scoped(item, scope),),
         )

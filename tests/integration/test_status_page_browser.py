@@ -58,6 +58,8 @@ FLAGS = (
 )
 SCRIPT_SUBJECT = "<script>alert(1)</script> Rechnung"
 FORMULA_FILE = '=HYPERLINK("http://evil.example/","open").pdf'
+# A server's answer is text from outside too: it must show as text.
+GREYLISTED = "451 4.7.1 <b>greylisted</b>, try again later"
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -110,17 +112,27 @@ def _seed(store: SqlStore) -> tuple[int, int]:
         advance_to=2,
     )
     due = store.claim_due(now=now, limit=10, owner=OWNER, lease_seconds=60)
-    by_id = {item.document_id: item for item in due}
     assert sent.document_id is not None and refused.document_id is not None
+    assert {item.document_id for item in due} == {sent.document_id, refused.document_id}
+    store.mark_failed(refused.document_id, owner=OWNER, answer="554 5.7.1 message refused")
+    # The first one is refused for now, then goes out on its second attempt.
+    store.mark_retry(
+        sent.document_id,
+        owner=OWNER,
+        answer=GREYLISTED,
+        next_attempt_at=now,
+        failed=False,
+    )
+    (again,) = store.claim_due(now=now, limit=10, owner=OWNER, lease_seconds=60)
+    assert again.document_id == sent.document_id
     store.mark_forwarded(
-        by_id[sent.document_id].document_id,
+        sent.document_id,
         owner=OWNER,
         message_id="<out-1@relay.example>",
         answer="250 2.0.0 queued as 4XyZ",
         now=now,
         keep_pdf=True,
     )
-    store.mark_failed(refused.document_id, owner=OWNER, answer="554 5.7.1 message refused")
     return sent.sighting_id, refused.sighting_id
 
 
@@ -298,9 +310,23 @@ def test_an_accountant_follows_a_failed_invoice_through_the_page(
     story = relay.store.document_story(relay.failed_id, RouteScope.everything())
     assert story is not None and story.state is DocumentState.PENDING
 
-    # The forwarded one names its delivery id.
+    # The forwarded one names its delivery id, and both its attempts: refused once,
+    # then accepted, each with its time and the server's answer.
     browser.get(f"{relay.web}/documents/{relay.forwarded_id}")
     assert browser.find_element(By.ID, "delivery").text == "<out-1@relay.example>"
+    attempts = [
+        [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        for row in browser.find_elements(By.CSS_SELECTOR, "#attempts tbody tr")
+    ]
+    assert [(outcome, via, answer) for _, outcome, via, answer in attempts] == [
+        ("retry", "smtp", GREYLISTED),
+        ("forwarded", "smtp", "250 2.0.0 queued as 4XyZ"),
+    ]
+    times = [datetime.strptime(when, "%Y-%m-%d %H:%M:%S UTC") for when, *_ in attempts]
+    assert times == sorted(times)
+    assert abs(times[-1].replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=5)
+    assert browser.find_elements(By.CSS_SELECTOR, "#attempts b") == []  # no markup of theirs
+    screenshot(browser, "attempts")
 
     # A POST without the CSRF token is refused (and changes nothing).
     navigate_by(

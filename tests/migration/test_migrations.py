@@ -101,6 +101,7 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "web_sessions",
         "oauth_tokens",
         "delivery_budgets",
+        "delivery_attempts",
         "poll_leases",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
@@ -159,12 +160,16 @@ def _insert_bogus(table: str) -> sa.Insert:
         return sa.insert(schema.documents).values(
             sha256="x", state="bogus", next_attempt_at=now, created_at=now
         )
+    if table == "delivery_attempts":
+        return sa.insert(schema.delivery_attempts).values(
+            document_id=1, attempted_at=now, outcome="bogus", answer="", via="smtp"
+        )
     return sa.insert(schema.sightings).values(
         mailbox="m", uidvalidity=1, uid=1, part="", received_at=now, kind="bogus"
     )
 
 
-@pytest.mark.parametrize("table", ["documents", "sightings"])
+@pytest.mark.parametrize("table", ["documents", "sightings", "delivery_attempts"])
 def test_check_constraints_refuse_unknown_states(empty_database: str, table: str) -> None:
     migrate.upgrade_database(empty_database)
     engine = make_engine(empty_database)
@@ -481,5 +486,61 @@ def test_a_lease_taken_before_the_leases_migration_ends_with_it(empty_database: 
         assert claimed.document_id == 1
         migrate.downgrade_database(empty_database, before)
         assert "poll_leases" not in table_names(empty_database)
+    finally:
+        engine.dispose()
+
+
+def test_delivery_attempts_start_with_each_known_delivery_and_go_away_again(
+    empty_database: str,
+) -> None:
+    # 0014 adds `delivery_attempts`. A document forwarded before it has one known try,
+    # its delivery (at forwarded_at, with its last answer and way); a pending or failed
+    # one's tries were never recorded, and none is made up for it.
+    previous = "0008_gmi_delivery"
+    migrate.upgrade_database(empty_database, previous)
+    forwarded_at = datetime(2026, 11, 30, 9, 15, tzinfo=UTC)
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            now = datetime(2026, 12, 1, tzinfo=UTC)
+            connection.execute(
+                sa.text(
+                    "INSERT INTO documents (id, sha256, state, attempts, next_attempt_at,"
+                    " forwarded_message_id, forwarded_at, last_answer, delivered_via,"
+                    " delivery_id, resend_count, created_at) VALUES"
+                    " (1, 'a', 'forwarded', 2, :now, '<f@relay>', :sent, '250 2.0.0 ok',"
+                    " 'smtp', '<f@relay>', 0, :now),"
+                    " (2, 'b', 'failed', 3, :now, NULL, NULL, '554 no', NULL, NULL, 0, :now),"
+                    " (3, 'c', 'forwarded', 1, :now, NULL, :sent, '200 documentUid 7',"
+                    " 'getmyinvoices', '7', 0, :now)"
+                ),
+                {"now": now, "sent": forwarded_at},
+            )
+        migrate.upgrade_database(empty_database)
+        assert "delivery_attempts" in table_names(empty_database)
+        store = SqlStore(empty_database)
+        try:
+            with store.engine.connect() as connection:
+                rows = connection.execute(
+                    sa.select(
+                        schema.delivery_attempts.c.document_id,
+                        schema.delivery_attempts.c.attempted_at,
+                        schema.delivery_attempts.c.outcome,
+                        schema.delivery_attempts.c.answer,
+                        schema.delivery_attempts.c.via,
+                    ).order_by(schema.delivery_attempts.c.id)
+                ).all()
+        finally:
+            store.close()
+        assert [tuple(row) for row in rows] == [
+            (1, forwarded_at, "forwarded", "250 2.0.0 ok", "smtp"),
+            (3, forwarded_at, "forwarded", "200 documentUid 7", "getmyinvoices"),
+        ]
+        migrate.downgrade_database(empty_database, previous)
+        assert "delivery_attempts" not in table_names(empty_database)
+        with engine.connect() as connection:
+            kept = connection.execute(sa.text("SELECT count(*) FROM documents")).scalar_one()
+        assert kept == 3
+        assert view_columns(empty_database) == README_AUDIT_COLUMNS
     finally:
         engine.dispose()

@@ -137,7 +137,8 @@ def test_the_final_stage_runs_as_a_fixed_non_root_user(stages: list[list[Instruc
 def test_the_data_volume_and_defaults(stages: list[list[Instruction]]) -> None:
     final = stages[-1]
     assert only(final, "VOLUME") == "/data"
-    assert only(final, "EXPOSE") == "8080"
+    # The probes' port and the status page's default port (INVOICE_RELAY_WEB_PORT).
+    assert only(final, "EXPOSE").split() == ["8080", "8081"]
     env = " ".join(item.arguments for item in final if item.keyword == "ENV")
     assert "INVOICE_RELAY_DATABASE_URL=sqlite:////data/invoice-relay.db" in env
     assert "PYTHONUNBUFFERED=1" in env

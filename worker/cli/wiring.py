@@ -60,6 +60,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         lease_seconds=LEASE_SECONDS,
         send_batch=send_batch,
         retry_delay_seconds=settings.retry_delay_seconds,
+        delivery=settings.delivery,
     )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from worker.models.defaults import DEFAULT_PAGE_ROWS
-from worker.models.documents import DocumentState, Outcome
+from worker.models.documents import AttemptOutcome, DocumentState, Outcome
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,6 +190,16 @@ class RouteOverview:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryAttempt:
+    """One try at delivering a document, as `delivery_attempts` keeps it."""
+
+    attempted_at: datetime  # on the database's clock
+    outcome: AttemptOutcome
+    answer: str  # the destination's own words (cleaned by the adapter), or why not sent
+    via: str  # "smtp" or "getmyinvoices" (`DeliveryKind`)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DocumentStory:
     """One audit row and, when it belongs to a document, that document's life."""
 
@@ -201,11 +211,17 @@ class DocumentStory:
     last_answer: str | None = None
     next_attempt_at: datetime | None = None
     forwarded_at: datetime | None = None
-    forwarded_message_id: str | None = None  # the delivery id the destination answered
+    forwarded_message_id: str | None = None  # the forwarded mail's Message-ID (SMTP only)
+    delivered_via: str | None = None  # where it was delivered: "smtp" or "getmyinvoices"
+    # the destination's id for it: the Message-ID, or GetMyInvoices' documentUid
+    # ("" when the API had the document already)
+    delivery_id: str | None = None
     resend_count: int = 0
     created_at: datetime | None = None
     pdf_kept: bool = False  # its bytes are still stored (KEEP_PDFS, or not sent yet)
     sightings: tuple[AuditRow, ...] = ()  # every sighting of the document, oldest first
+    # its last tries (at most `KEPT_ATTEMPTS`), oldest first
+    attempt_history: tuple[DeliveryAttempt, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

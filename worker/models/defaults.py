@@ -24,6 +24,7 @@ DEFAULT_LEASE_SECONDS = (
     30.0  # a claim or poll lease; renewed by the heartbeat while its owner lives
 )
 DEFAULT_SEND_BATCH = 10  # documents claimed per send session
+KEPT_ATTEMPTS = 50  # `delivery_attempts` rows a document keeps: its last tries
 DEFAULT_BATCH_BYTES = 64_000_000  # RFC822.SIZE one fetch batch may hold
 DEFAULT_HTTP_PORT = 8080  # INVOICE_RELAY_HTTP_PORT: /livez, /healthz, /metrics
 DEFAULT_NOTIFY_INTERVAL_SECONDS = 3600.0  # INVOICE_RELAY_NOTIFY_INTERVAL

@@ -29,6 +29,16 @@ class DocumentState(enum.Enum):
     FAILED = "failed"  # refused for good or out of attempts: a person must look
 
 
+class AttemptOutcome(enum.Enum):
+    """What one try at delivering a document came to (`delivery_attempts.outcome`)."""
+
+    FORWARDED = "forwarded"  # the destination accepted it
+    RETRY = "retry"  # refused for now: counted, tried again later
+    FAILED = "failed"  # refused for good, or the last attempt allowed: counted, FAILED
+    HELD = "held"  # a limit of the destination: due again later, not counted
+    RELEASED = "released"  # the session could not take it: nothing sent, not counted
+
+
 class SightingKind(enum.Enum):
     DOCUMENT = "document"  # this sighting introduced a new document
     DUPLICATE = "duplicate"  # an accepted PDF whose document was already known

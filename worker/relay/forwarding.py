@@ -31,6 +31,7 @@ from worker.models import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_SEND_BATCH,
+    DeliveryKind,
     OutgoingDocument,
     Parcel,
     Receipt,
@@ -52,6 +53,9 @@ class ForwardRules:
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # renewed by the heartbeat while the owner lives
     send_batch: int = DEFAULT_SEND_BATCH
     retry_base: timedelta = BASE_DELAY
+    # Where documents go (INVOICE_RELAY_DELIVERY), for the history of refused attempts;
+    # an accepted one says so in its receipt.
+    via: str = DeliveryKind.SMTP.value
 
 
 class Forwarder:
@@ -140,7 +144,15 @@ class Forwarder:
                         # of this document went out.
                         marks.settle()
                         untouched = []
-                        self._release(claimed[index:])
+                        # The document in hand keeps the try in its history; the rest
+                        # were not begun.
+                        self._store.release(
+                            document.document_id,
+                            owner=self._owner,
+                            answer=str(refusal),
+                            via=self._config.via,
+                        )
+                        self._release(claimed[index + 1 :])
                         if self._one_of_several and not opened:
                             log.warning(
                                 "a session was refused as it opened; the others go on: %s",
@@ -225,7 +237,9 @@ class Forwarder:
         answer_text = str(refusal)
         attempts = document.attempts + 1
         if refusal.permanent:
-            self._store.mark_failed(document.document_id, owner=self._owner, answer=answer_text)
+            self._store.mark_failed(
+                document.document_id, owner=self._owner, answer=answer_text, via=config.via
+            )
             tally.failed += 1
             action = "pdf_failed"
         elif out_of_attempts(attempts, config.max_attempts):
@@ -235,6 +249,7 @@ class Forwarder:
                 answer=answer_text,
                 next_attempt_at=self._clock(),
                 failed=True,
+                via=config.via,
             )
             tally.failed += 1
             action = "pdf_failed"
@@ -246,6 +261,7 @@ class Forwarder:
                 next_attempt_at=self._clock()
                 + retry_delay(attempts, base=config.retry_base, rng=self._rng),
                 failed=False,
+                via=config.via,
             )
             tally.retried += 1
             action = "pdf_retry_later"
@@ -262,7 +278,11 @@ class Forwarder:
         # The audit's reason while it waits: which limit, and when it resumes.
         answer = f"pending: {throttled.detail}; resumes {resume:%Y-%m-%d %H:%M} UTC"
         self._store.postpone(
-            document.document_id, owner=self._owner, answer=answer, next_attempt_at=resume
+            document.document_id,
+            owner=self._owner,
+            answer=answer,
+            next_attempt_at=resume,
+            via=self._config.via,
         )
         tally.retried += 1
         log.info(

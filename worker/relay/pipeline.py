@@ -99,6 +99,7 @@ class Pipeline:
             lease_seconds=config.lease_seconds,
             send_batch=config.send_batch,
             retry_base=timedelta(seconds=config.retry_delay_seconds),
+            via=config.delivery.value,
         )
         shared_rng = rng or random.Random()  # noqa: S311 - jitter, not security
         shared_pacer = pacer or SendPacer(None)

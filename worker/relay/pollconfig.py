@@ -21,6 +21,7 @@ from worker.models import (
     DEFAULT_RETRY_DELAY_SECONDS,
     DEFAULT_SEND_BATCH,
     DedupMode,
+    DeliveryKind,
     FolderStatus,
     MailboxPosition,
 )
@@ -47,6 +48,7 @@ class PipelineConfig:
     batch_bytes: int = DEFAULT_BATCH_BYTES  # RFC822.SIZE a batch reads (worker.relay.mailparts)
     send_batch: int = DEFAULT_SEND_BATCH
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS  # doubles per attempt
+    delivery: DeliveryKind = DeliveryKind.SMTP  # where documents go (INVOICE_RELAY_DELIVERY)
 
 
 def recorded_up_to(position: MailboxPosition | None, status: FolderStatus) -> int:

@@ -176,7 +176,9 @@ class SendQueue(Protocol):
 
     # Every write under a document's lease names its owner and ends the lease; it raises
     # `worker.errors.LeaseLost`, changing nothing, when the lease expired or another
-    # owner holds it now (fencing).
+    # owner holds it now (fencing). Each mark also keeps the try as one attempt of the
+    # document's history (`DocumentStory.attempt_history`), with its answer and `via`
+    # (the destination's `DeliveryKind` value), in the same transaction.
 
     def mark_forwarded(
         self,
@@ -199,17 +201,28 @@ class SendQueue(Protocol):
         answer: str,
         next_attempt_at: datetime,
         failed: bool,
+        via: str = "smtp",
     ) -> None:
         """Count an attempt; `failed` True makes the document FAILED (out of attempts)."""
 
-    def mark_failed(self, document_id: int, *, owner: str, answer: str) -> None:
+    def mark_failed(self, document_id: int, *, owner: str, answer: str, via: str = "smtp") -> None:
         """A permanent refusal: counts the attempt and makes the document FAILED."""
 
-    def release(self, document_id: int, *, owner: str) -> None:
-        """Drop the lease without counting an attempt (the session was refused)."""
+    def release(
+        self, document_id: int, *, owner: str, answer: str | None = None, via: str = "smtp"
+    ) -> None:
+        """Drop the lease without counting an attempt (the session was refused, or the
+        document was claimed and not begun). With `answer`, the document was the one in
+        hand when the session failed: kept in its history as `released`."""
 
     def postpone(
-        self, document_id: int, *, owner: str, answer: str, next_attempt_at: datetime
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        answer: str,
+        next_attempt_at: datetime,
+        via: str = "smtp",
     ) -> None:
         """Drop the lease without counting an attempt, due again at `next_attempt_at`
         (a limit of the destination; `answer` says which)."""

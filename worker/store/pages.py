@@ -28,6 +28,7 @@ from worker.models import (
     RouteScope,
     SightingKind,
 )
+from worker.store.attempts import attempt_history
 from worker.store.engine import SqlBase
 from worker.store.schema import (
     audit_log,
@@ -143,6 +144,7 @@ class PageQueries(SqlBase):
                 .where(sightings.c.document_id == document_id)
                 .order_by(audit_log.c.received_at, audit_log.c.id)
             ).all()
+            history = attempt_history(connection, document_id)
         return DocumentStory(
             row=row,
             route=DEFAULT_ROUTE,
@@ -153,10 +155,13 @@ class PageQueries(SqlBase):
             next_attempt_at=document.next_attempt_at,
             forwarded_at=document.forwarded_at,
             forwarded_message_id=document.forwarded_message_id,
+            delivered_via=document.delivered_via,
+            delivery_id=document.delivery_id,
             resend_count=document.resend_count,
             created_at=document.created_at,
             pdf_kept=bool(document.kept),
             sightings=tuple(audit_row(item) for item in related),
+            attempt_history=history,
         )
 
     def route_overviews(self, scope: RouteScope, now: datetime) -> list[RouteOverview]:

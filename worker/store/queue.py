@@ -1,6 +1,7 @@
 """The forwarding queue: lease due documents (FOR UPDATE SKIP LOCKED on PostgreSQL,
-BEGIN IMMEDIATE on SQLite) and record what the SMTP server answered, each record only
-while the lease is still the recorder's (`worker.store.leases`)."""
+BEGIN IMMEDIATE on SQLite) and record what the destination answered, each record only
+while the lease is still the recorder's (`worker.store.leases`), together with the
+attempt it was (`worker.store.attempts`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
 from worker.errors import LeaseLost
-from worker.models import DocumentState, OutgoingDocument, SightingKind
+from worker.models import (
+    AttemptOutcome,
+    DeliveryKind,
+    DocumentState,
+    OutgoingDocument,
+    SightingKind,
+)
+from worker.store.attempts import record_attempt
 from worker.store.leases import LeaseQueries, lease_held
 from worker.store.schema import document_contents, documents, sightings
 
 DEFAULT_FILENAME = "invoice.pdf"
+SMTP = DeliveryKind.SMTP.value
 
 
 class DocumentQueue(LeaseQueries):
@@ -99,20 +108,26 @@ class DocumentQueue(LeaseQueries):
         answer: str,
         now: datetime,
         keep_pdf: bool,
-        via: str = "smtp",
+        via: str = SMTP,
     ) -> None:
         values: dict[str, Any] = {
             "state": DocumentState.FORWARDED.value,
             "attempts": documents.c.attempts + 1,
             # No mail was forwarded through an API: its id is the delivery id alone.
-            "forwarded_message_id": message_id if via == "smtp" else None,
+            "forwarded_message_id": message_id if via == SMTP else None,
             "forwarded_at": now,
             "last_answer": answer,
             "delivered_via": via,
             "delivery_id": message_id,
             "held_reason": None,
         }
-        self._update_document(document_id, owner, values, drop_content=not keep_pdf)
+        self._update_document(
+            document_id,
+            owner,
+            values,
+            drop_content=not keep_pdf,
+            attempt=(AttemptOutcome.FORWARDED, answer, via),
+        )
 
     def mark_retry(
         self,
@@ -122,6 +137,7 @@ class DocumentQueue(LeaseQueries):
         answer: str,
         next_attempt_at: datetime,
         failed: bool,
+        via: str = SMTP,
     ) -> None:
         values: dict[str, Any] = {
             "attempts": documents.c.attempts + 1,
@@ -131,9 +147,10 @@ class DocumentQueue(LeaseQueries):
         }
         if failed:
             values["state"] = DocumentState.FAILED.value
-        self._update_document(document_id, owner, values)
+        outcome = AttemptOutcome.FAILED if failed else AttemptOutcome.RETRY
+        self._update_document(document_id, owner, values, attempt=(outcome, answer, via))
 
-    def mark_failed(self, document_id: int, *, owner: str, answer: str) -> None:
+    def mark_failed(self, document_id: int, *, owner: str, answer: str, via: str = SMTP) -> None:
         self._update_document(
             document_id,
             owner,
@@ -143,15 +160,28 @@ class DocumentQueue(LeaseQueries):
                 "last_answer": answer,
                 "held_reason": None,
             },
+            attempt=(AttemptOutcome.FAILED, answer, via),
         )
 
-    def release(self, document_id: int, *, owner: str) -> None:
-        self._update_document(document_id, owner, {})
+    def release(
+        self, document_id: int, *, owner: str, answer: str | None = None, via: str = SMTP
+    ) -> None:
+        """The lease ends, nothing else changes; with `answer` (why the session could
+        not take the document) the try is kept as a `released` attempt."""
+        attempt = None if answer is None else (AttemptOutcome.RELEASED, answer, via)
+        self._update_document(document_id, owner, {}, attempt=attempt)
 
     def postpone(
-        self, document_id: int, *, owner: str, answer: str, next_attempt_at: datetime
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        answer: str,
+        next_attempt_at: datetime,
+        via: str = SMTP,
     ) -> None:
-        """A limit of the destination: due again later, no attempt counted."""
+        """A limit of the destination: due again later, no attempt counted (but kept,
+        as `held`)."""
         self._update_document(
             document_id,
             owner,
@@ -160,6 +190,7 @@ class DocumentQueue(LeaseQueries):
                 "next_attempt_at": next_attempt_at,
                 "held_reason": answer,
             },
+            attempt=(AttemptOutcome.HELD, answer, via),
         )
 
     def mark_upload_started(self, sha256: str, *, now: datetime) -> None:
@@ -189,10 +220,11 @@ class DocumentQueue(LeaseQueries):
         values: dict[str, Any],
         *,
         drop_content: bool = False,
+        attempt: tuple[AttemptOutcome, str, str] | None = None,
     ) -> None:
-        """One leased document's new values with its lease ended, and its PDF dropped
-        with them when asked; `LeaseLost`, and nothing changed, when the lease is no
-        longer `owner`'s."""
+        """One leased document's new values with its lease ended, its PDF dropped with
+        them when asked, and `attempt` (outcome, answer, via) recorded; `LeaseLost`, and
+        nothing changed or recorded, when the lease is no longer `owner`'s."""
         with self._write() as connection:
             changed = connection.execute(
                 sa.update(documents)
@@ -201,6 +233,16 @@ class DocumentQueue(LeaseQueries):
             ).rowcount
             if changed != 1:
                 raise LeaseLost(f"document {document_id}")
+            if attempt is not None:
+                outcome, answer, via = attempt
+                record_attempt(
+                    connection,
+                    document_id=document_id,
+                    outcome=outcome,
+                    answer=answer,
+                    via=via,
+                    attempted_at=self._db_now(),
+                )
             if drop_content:
                 connection.execute(
                     sa.delete(document_contents).where(

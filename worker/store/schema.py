@@ -85,6 +85,32 @@ documents = sa.Table(
     sa.Index("ix_documents_lease_owner", "lease_owner"),
 )
 
+# Each try at delivering a document, written in the same transaction (and under the
+# same lease check) as the document's new state: `attempted_at` on the database's clock,
+# `outcome` a `worker.models.AttemptOutcome`, `answer` the destination's words. A
+# document keeps its last `worker.models.KEPT_ATTEMPTS` rows; `documents.attempts`
+# keeps counting.
+delivery_attempts = sa.Table(
+    "delivery_attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "document_id",
+        sa.Integer,
+        sa.ForeignKey("documents.id", name="fk_delivery_attempts_document_id_documents"),
+        nullable=False,
+    ),
+    sa.Column("attempted_at", UtcDateTime(), nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("answer", sa.Text, nullable=False, server_default=sa.text("''")),
+    sa.Column("via", sa.Text, nullable=False),
+    sa.CheckConstraint(
+        "outcome IN ('forwarded', 'retry', 'failed', 'held', 'released')",
+        name="ck_delivery_attempts_outcome",
+    ),
+    sa.Index("ix_delivery_attempts_document_id", "document_id", "id"),
+)
+
 # One mailbox's poll lease: a row, not a database session, so that a node lost without a
 # word (its session lingers for hours) or a frozen process loses it when it expires.
 # `expires_at` is on the database's clock.

@@ -36,7 +36,7 @@ from starlette.staticfiles import StaticFiles
 from worker.config.web import WebSettings
 from worker.mail.csvsafe import write_csv
 from worker.mail.text import clean_text
-from worker.models import AuditRow, Outcome, PollStatus
+from worker.models import KEPT_ATTEMPTS, AuditRow, Outcome, PollStatus
 from worker.relay.ports import AdminStore, PageReader, WebSessionStore
 from worker.web import search as audit_search
 from worker.web.auth import Account, LoginThrottle, PasswordBook, client_address, new_token
@@ -320,7 +320,9 @@ class StatusPage:
         )
         if story is None:
             raise HTTPException(404, "No such document.")
-        return self._render(request, "document.html", visitor=visitor, story=story)
+        return self._render(
+            request, "document.html", visitor=visitor, story=story, kept_attempts=KEPT_ATTEMPTS
+        )
 
     # --- actions -------------------------------------------------------------------------
 

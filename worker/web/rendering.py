@@ -13,7 +13,7 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from worker.mail.text import clean_text
-from worker.models import DocumentState, Outcome
+from worker.models import AttemptOutcome, DocumentState, Outcome
 
 TEXT_CAP = 200  # characters of a stranger's text shown in one cell
 
@@ -24,7 +24,7 @@ def shown(value: object, limit: int = TEXT_CAP) -> str:
         return ""
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    if isinstance(value, Outcome | DocumentState):
+    if isinstance(value, Outcome | DocumentState | AttemptOutcome):
         return str(value.value)
     return clean_text(str(value), limit, mark_cut=True)
 

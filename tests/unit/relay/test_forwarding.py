@@ -12,7 +12,13 @@ import pytest
 
 from tests.documents import add_pending_documents, send_loop
 from tests.fakes import FakeOutbox, FakeStore
-from worker.errors import DeliveryDeferred, DeliveryRefused, SessionRefused, StoreError
+from worker.errors import (
+    DeliveryDeferred,
+    DeliveryRefused,
+    DeliveryRejected,
+    SessionRefused,
+    StoreError,
+)
 from worker.faults import (
     CRASH_EXIT_STATUS,
     Checkpoint,
@@ -21,7 +27,7 @@ from worker.faults import (
     CrashPoint,
     checkpoint_for,
 )
-from worker.models import OutgoingDocument, Parcel, Receipt
+from worker.models import AttemptOutcome, OutgoingDocument, Parcel, Receipt
 from worker.relay.forwarding import Forwarder
 from worker.relay.pacer import SendPacer
 
@@ -85,6 +91,49 @@ def test_a_refused_mail_is_retried_later_over_a_fresh_session(store: FakeStore) 
     assert states(store) == {first: ("pending", 1), second: ("forwarded", 1)}
     (due,) = [d.next_attempt_at for d in store.documents.values() if d.sha256 == first]
     assert timedelta(seconds=8) <= due - NOW <= timedelta(seconds=12)  # base, +-20 %
+
+
+def tries(store: FakeStore) -> dict[str, list[tuple[AttemptOutcome, str, str]]]:
+    return {
+        d.sha256: [(a.outcome, a.answer, a.via) for a in d.history]
+        for d in store.documents.values()
+    }
+
+
+FOR_NOW = "The destination refused the document for now"  # DeliveryDeferred's text
+FOR_GOOD = "The destination refused the document for good"  # DeliveryRejected's
+
+
+def test_each_try_is_kept_with_its_answer_and_the_destinations_kind(store: FakeStore) -> None:
+    first, second, third = add_pending_documents(store, 3, now=NOW)
+    outbox = FakeOutbox()
+    outbox.answers = [
+        DeliveryDeferred("451 4.3.0 try later", code=451),
+        None,
+        DeliveryRejected("554 5.7.1 no such account", code=554),
+    ]
+    relay = send_loop(store, outbox, now=NOW, send_batch=3, via="getmyinvoices")
+    assert relay.forward_due() == (1, 1, 1)
+    assert tries(store) == {
+        first: [(AttemptOutcome.RETRY, f"{FOR_NOW}: 451 4.3.0 try later", "getmyinvoices")],
+        # An accepted one names its way in the receipt (the fake's is SMTP's).
+        second: [(AttemptOutcome.FORWARDED, "250 2.0.0 queued", "smtp")],
+        third: [(AttemptOutcome.FAILED, f"{FOR_GOOD}: 554 5.7.1 no such account", "getmyinvoices")],
+    }
+
+
+def test_a_refused_session_is_a_released_try_of_the_document_in_hand_only(
+    store: FakeStore,
+) -> None:
+    first, *rest = add_pending_documents(store, 3, now=NOW)
+    outbox = FakeOutbox()
+    outbox.refuse_session = True
+    with pytest.raises(SessionRefused):
+        send_loop(store, outbox, now=NOW, send_batch=3).forward_due()
+    (released,) = tries(store)[first]
+    assert released[0] is AttemptOutcome.RELEASED and "connection refused" in released[1]
+    assert [tries(store)[sha256] for sha256 in rest] == [[], []]  # never begun
+    assert states(store)[first] == ("pending", 0)  # not counted
 
 
 def leased(store: FakeStore) -> list[str]:

@@ -67,6 +67,7 @@ class LockedQueue:
         answer: str,
         next_attempt_at: datetime,
         failed: bool,
+        via: str = "smtp",
     ) -> None:
         with self._lock:
             self._store.mark_retry(
@@ -75,22 +76,35 @@ class LockedQueue:
                 answer=answer,
                 next_attempt_at=next_attempt_at,
                 failed=failed,
+                via=via,
             )
 
-    def mark_failed(self, document_id: int, *, owner: str, answer: str) -> None:
+    def mark_failed(self, document_id: int, *, owner: str, answer: str, via: str = "smtp") -> None:
         with self._lock:
-            self._store.mark_failed(document_id, owner=owner, answer=answer)
+            self._store.mark_failed(document_id, owner=owner, answer=answer, via=via)
 
-    def release(self, document_id: int, *, owner: str) -> None:
+    def release(
+        self, document_id: int, *, owner: str, answer: str | None = None, via: str = "smtp"
+    ) -> None:
         with self._lock:
-            self._store.release(document_id, owner=owner)
+            self._store.release(document_id, owner=owner, answer=answer, via=via)
 
     def postpone(
-        self, document_id: int, *, owner: str, answer: str, next_attempt_at: datetime
+        self,
+        document_id: int,
+        *,
+        owner: str,
+        answer: str,
+        next_attempt_at: datetime,
+        via: str = "smtp",
     ) -> None:
         with self._lock:
             self._store.postpone(
-                document_id, owner=owner, answer=answer, next_attempt_at=next_attempt_at
+                document_id,
+                owner=owner,
+                answer=answer,
+                next_attempt_at=next_attempt_at,
+                via=via,
             )
 
     def still_holds(self, document_id: int, *, owner: str, lease_seconds: float) -> bool:

@@ -10,6 +10,7 @@ import pytest
 from tests.documents import OWNER
 from tests.storecases import T0, StoreFactory, accepted, mail, pdf, record
 from worker.models import (
+    AttemptOutcome,
     AuditSearch,
     DocumentState,
     Outcome,
@@ -88,15 +89,50 @@ def test_a_documents_story_holds_its_sightings_and_delivery(store: SqlStore) -> 
     assert story.row.duplicate_of == rows[1].id
     assert story.state is DocumentState.FORWARDED
     assert story.forwarded_message_id == "<out@relay>"
+    assert (story.delivered_via, story.delivery_id) == ("smtp", "<out@relay>")
+    assert [(a.outcome, a.answer, a.via) for a in story.attempt_history] == [
+        (AttemptOutcome.FORWARDED, "250 ok", "smtp")
+    ]
     assert [seen.uid for seen in story.sightings] == [1, 2]
     assert story.pdf_kept
     assert store.document_pdf(rows[1].id, EVERYONE) == ("=cmd.pdf", pdf("a"))
     failed = store.document_story(rows[4].id, EVERYONE)
     assert failed is not None and failed.state is DocumentState.FAILED
     assert failed.last_answer == "554 5.7.1 refused"
+    assert [(a.outcome, a.answer) for a in failed.attempt_history] == [
+        (AttemptOutcome.FAILED, "554 5.7.1 refused")
+    ]
     rejected = store.document_story(rows[3].id, EVERYONE)
     assert rejected is not None and rejected.document_id is None
+    assert rejected.attempt_history == ()
     assert store.document_story(10_000, EVERYONE) is None
+
+
+def test_a_document_delivered_to_getmyinvoices_names_its_document_uid(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory()
+    (seen,) = record(store, mail(1, accepted(pdf("a"))))
+    (claimed,) = store.claim_due(now=T0, limit=10, owner=OWNER, lease_seconds=60)
+    store.mark_forwarded(
+        claimed.document_id,
+        owner=OWNER,
+        message_id="4711",
+        answer="200 documentUid 4711",
+        now=T0,
+        keep_pdf=False,
+        via="getmyinvoices",
+    )
+    story = store.document_story(seen.sighting_id, EVERYONE)
+    assert story is not None
+    assert (story.delivered_via, story.delivery_id, story.forwarded_message_id) == (
+        "getmyinvoices",
+        "4711",
+        None,
+    )
+    assert [(a.outcome, a.via) for a in story.attempt_history] == [
+        (AttemptOutcome.FORWARDED, "getmyinvoices")
+    ]
 
 
 def test_the_overview_counts_today_and_this_month(store: SqlStore) -> None:

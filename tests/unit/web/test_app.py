@@ -12,7 +12,14 @@ from starlette.testclient import TestClient
 
 from tests.fakes import FakePageStore, PageRow
 from worker.config.web import WebSettings, WebUser
-from worker.models import AuditRow, DocumentState, Outcome, RouteScope
+from worker.models import (
+    AttemptOutcome,
+    AuditRow,
+    DeliveryAttempt,
+    DocumentState,
+    Outcome,
+    RouteScope,
+)
 from worker.web.app import COOKIE, StatusPage
 from worker.web.auth import LoginThrottle
 from worker.web.rendering import content_disposition
@@ -104,6 +111,20 @@ def make_page(
             ),
             state=DocumentState.FAILED,
             last_answer="554 5.7.1 refused",
+            attempts=(
+                DeliveryAttempt(
+                    attempted_at=T0 - timedelta(hours=1),
+                    outcome=AttemptOutcome.RETRY,
+                    answer="451 4.7.1 <b>greylisted</b>",
+                    via="smtp",
+                ),
+                DeliveryAttempt(
+                    attempted_at=T0,
+                    outcome=AttemptOutcome.FAILED,
+                    answer="554 5.7.1 refused",
+                    via="smtp",
+                ),
+            ),
         )
     )
     store.add(
@@ -381,6 +402,54 @@ def test_a_subject_holding_a_script_is_shown_as_text() -> None:
         html = page.client.get(path).text
         assert "<script>" not in html
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_a_documents_page_lists_its_attempts_with_times_and_escaped_answers() -> None:
+    page = make_page()
+    sign_in(page)
+    html = page.client.get("/documents/2").text
+    table = html[html.index('<table id="attempts">') : html.index("</table>")]
+    rows = re.findall(r"<tr class=\"(\w+)\"><td>([^<]+)</td>", table)
+    assert rows == [
+        ("retry", (T0 - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("failed", T0.strftime("%Y-%m-%d %H:%M:%S UTC")),
+    ]
+    assert "451 4.7.1 &lt;b&gt;greylisted&lt;/b&gt;" in table
+    assert "<b>" not in table
+    assert "554 5.7.1 refused" in table
+    # A document nobody tried yet says so, instead of an empty table.
+    untried = page.client.get("/documents/1").text
+    assert 'id="attempts"' not in untried and "No attempt recorded yet" in untried
+
+
+@pytest.mark.parametrize(
+    ("via", "delivery_id", "shown"),
+    [
+        (
+            "smtp",
+            "<out@relay>",
+            'by mail (SMTP), delivery id <code id="delivery">&lt;out@relay&gt;</code>',
+        ),
+        ("getmyinvoices", "4711", 'to GetMyInvoices, delivery id <code id="delivery">4711</code>'),
+        ("getmyinvoices", "", "(GetMyInvoices had it already)"),
+    ],
+)
+def test_a_documents_page_says_where_it_was_delivered(
+    via: str, delivery_id: str, shown: str
+) -> None:
+    page = make_page()
+    page.store.add(
+        PageRow(
+            route="shop-a",
+            row=audit_row(9),
+            state=DocumentState.FORWARDED,
+            forwarded_at=T0,
+            delivered_via=via,
+            delivery_id=delivery_id,
+        )
+    )
+    sign_in(page)
+    assert shown in page.client.get("/documents/9").text
 
 
 def test_the_csv_export_neutralises_formulas_and_follows_the_search() -> None:
