@@ -26,6 +26,7 @@ from worker.models.audit import (
     ProblemKind,
     QueuedDocument,
     RouteOverview,
+    RoutePollState,
     RouteScope,
     WebSession,
 )
@@ -160,6 +161,7 @@ __all__ = [
     "Receipt",
     "RecordedSighting",
     "RouteOverview",
+    "RoutePollState",
     "RouteScope",
     "SecretText",
     "Security",
