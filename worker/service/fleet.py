@@ -131,6 +131,7 @@ class Fleet:
         self._timers: list[tuple[datetime, int, str]] = []  # the timer thread's alone
         self._forgot_at: datetime | None = None
         self._threads: list[threading.Thread] = []
+        self._started = threading.Event()  # every thread was started
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class Fleet:
         )
         for thread in self._threads:
             thread.start()
+        self._started.set()
         _LOG.info(
             "polling %d routes, at most %d at once",
             len(self._states),
@@ -193,10 +195,11 @@ class Fleet:
         return finished
 
     def alive(self) -> bool:
-        """The timer and every worker thread run (false before start and once stopping)."""
-        if self._is_stopping():
+        """The timer and every worker thread run (false until `start` has returned, and
+        once stopping)."""
+        if self._is_stopping() or not self._started.is_set():
             return False
-        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+        return all(thread.is_alive() for thread in self._threads)
 
     # --- what the endpoints and IDLE ask -------------------------------------------------
 
@@ -218,6 +221,11 @@ class Fleet:
     def polls_running(self) -> int:
         with self._lock:
             return self._running
+
+    def polls_waiting(self) -> int:
+        """Polls due and waiting for a free worker."""
+        with self._lock:
+            return len(self._ready)
 
     def poll_now(self, route: str) -> None:
         """Poll `route` as soon as a worker is free, without a claim (IMAP IDLE
@@ -243,6 +251,9 @@ class Fleet:
                 return
             now = self._clock.now()
             self._forget_old_claims(now)
+            if not self._timers:  # no routes: nothing to wait for but the stop
+                self._timer_wake.wait()
+                continue
             while self._timers[0][0] <= now:
                 self._fire(now)
             self._clock.wait(self._timer_wake, self._timers[0][0])

@@ -85,6 +85,7 @@ class FleetService:
         self._running_since = clock()
         self._server: HealthServer | None = None
         self._signal: int | None = None
+        self.started = threading.Event()  # set once `run` serves HTTP and polls
 
     # --- what the endpoints ask ----------------------------------------------------------
 
@@ -173,6 +174,7 @@ class FleetService:
                 f"{address[0]}:{address[1]}" if address else "off",
                 extra={"action": "service_started"},
             )
+            self.started.set()
             status = self._wait_for_stop()
             self.fleet.stop(self._shutdown_timeout)
             return status

@@ -34,9 +34,13 @@ class FakeFireStore:
         self.records: list[dict[str, object]] = []
         self.states: dict[str, RoutePollState] = {}
         self.unavailable = False
+        self.refused = 0  # calls refused while unavailable
 
     def _check(self) -> None:
+        # Called with the condition held.
         if self.unavailable:
+            self.refused += 1
+            self._changed.notify_all()
             raise StoreError("connection refused")
 
     def claim_fire(self, route: str, fire_time: datetime, owner: str) -> bool:
@@ -149,10 +153,12 @@ class FakeClock:
 
 @dataclass
 class BlockingPoll:
-    """A poll that counts how many run at once and, while `gate` is closed, blocks."""
+    """A poll that counts how many run at once and blocks until a test lets it end:
+    `allow(n)` lets n more polls end, `open()` every poll from now on."""
 
     started_at: datetime
-    gate: threading.Event = field(default_factory=threading.Event)
+    opened: bool = False
+    permits: int = 0
     calls: list[tuple[str, datetime]] = field(default_factory=list)
     running: int = 0
     most_at_once: int = 0
@@ -166,7 +172,10 @@ class BlockingPoll:
             self.most_at_once = max(self.most_at_once, self.running)
             self._changed.notify_all()
         try:
-            self.gate.wait()
+            with self._changed:
+                self._changed.wait_for(lambda: self.opened or self.permits > 0)
+                if not self.opened:
+                    self.permits -= 1
             failure = self.failures.get(route)
             if failure is not None:
                 raise failure
@@ -183,6 +192,16 @@ class BlockingPoll:
             with self._changed:
                 self.running -= 1
                 self._changed.notify_all()
+
+    def allow(self, polls: int) -> None:
+        with self._changed:
+            self.permits += polls
+            self._changed.notify_all()
+
+    def open(self) -> None:
+        with self._changed:
+            self.opened = True
+            self._changed.notify_all()
 
     def wait_for(self, condition: Callable[[BlockingPoll], bool]) -> None:
         with self._changed:
