@@ -12,7 +12,8 @@ At start-up each route's latest past fire time is due at once: a restarted repli
 polls every route unless a peer already did that fire time. A route whose poll is still
 queued or running when its next fire time comes is not queued twice (`poll_overlap`);
 that fire time is left to the peers. After a suspend, only the latest missed fire time
-of a route is polled, not every one.
+of a route is polled, not every one. What a worker does with one fire (claim, poll,
+record) is `worker.service.routepoll`; the fire times are `worker.service.fires`.
 """
 
 from __future__ import annotations
