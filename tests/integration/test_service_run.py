@@ -132,12 +132,15 @@ def test_run_polls_at_start_up_serves_health_and_metrics_and_stops_on_sigterm(
         status, text = get(port, "/metrics")
         assert status == 200
         metrics = samples_of(text)
-        assert metrics['invoice_relay_polls_total{result="ok"}'] == 1
-        assert metrics['invoice_relay_polls_total{result="error"}'] == 0
-        assert metrics['invoice_relay_pdfs_total{outcome="pending"}'] == 1
-        assert metrics["invoice_relay_poll_duration_seconds_count"] == 1
-        assert metrics["invoice_relay_last_success_timestamp_seconds"] > time.time() - 60
-        assert metrics["invoice_relay_pending_forwards"] == 0
+        assert metrics['invoice_relay_polls_total{result="ok",route="default"}'] == 1
+        assert metrics['invoice_relay_polls_total{result="error",route="default"}'] == 0
+        assert metrics['invoice_relay_pdfs_total{outcome="pending",route="default"}'] == 1
+        assert metrics['invoice_relay_poll_duration_seconds_count{route="default"}'] == 1
+        assert (
+            metrics['invoice_relay_last_success_timestamp_seconds{route="default"}']
+            > time.time() - 60
+        )
+        assert metrics['invoice_relay_pending_forwards{route="default"}'] == 0
         assert imap.password not in text
 
         probe = subprocess.run(
@@ -181,7 +184,7 @@ def test_run_forwards_later_mail_on_schedule_and_turns_unready_when_imap_stops(
         status, text = get(port, "/metrics")
         if status != 200:
             return 0.0  # not listening yet
-        return samples_of(text)[f'invoice_relay_polls_total{{result="{result}"}}']
+        return samples_of(text)[f'invoice_relay_polls_total{{result="{result}",route="default"}}']
 
     with running_relay(env, tmp_path / "run.log", port) as relay:
         relay.wait_until(lambda: polls("ok") >= 1, 30, "the start-up poll")
@@ -251,7 +254,9 @@ def test_run_started_without_its_database_polls_and_forwards_once_it_is_reachabl
             status, text = get(port, "/metrics")
             if status != 200:
                 return 0.0  # not listening yet
-            return samples_of(text)[f'invoice_relay_polls_total{{result="{result}"}}']
+            return samples_of(text)[
+                f'invoice_relay_polls_total{{result="{result}",route="default"}}'
+            ]
 
         with running_relay(env, tmp_path / "run.log", port) as relay:
             relay.wait_until(

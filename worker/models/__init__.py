@@ -28,6 +28,7 @@ from worker.models.audit import (
     ProblemKind,
     QueuedDocument,
     RouteOverview,
+    RoutePollState,
     RouteScope,
     WebSession,
 )
@@ -168,6 +169,7 @@ __all__ = [
     "Receipt",
     "RecordedSighting",
     "RouteOverview",
+    "RoutePollState",
     "RouteScope",
     "SecretText",
     "Security",

@@ -236,6 +236,19 @@ class PollStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RoutePollState:
+    """A route's latest poll by any replica, as the database keeps it (`/healthz`)."""
+
+    route: str
+    last_started_at: datetime
+    last_finished_at: datetime
+    last_success_at: datetime | None  # None until a poll of the route succeeded
+    last_result: str  # the latest poll's summary, or its failure
+    last_error: str | None  # the latest poll's error; None when it succeeded cleanly
+    owner: str  # the replica that ran it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WebSession:
     """A signed-in browser, as the database keeps it (logout deletes the row)."""
 

@@ -1,6 +1,8 @@
 """Health of the service: the pure verdict, the HTTP endpoints, and the client probe.
 
-`judge_health` decides whether `/healthz` says 200 or 503; `HealthServer` serves
+`judge_health` decides whether `/healthz` says 200 or 503 for one route polled by
+this process; `judge_route` and `judge_process` decide it for many routes, from every
+replica's polls as the database keeps them; `HealthServer` serves
 `/livez`, `/healthz` and `/metrics` for any `HealthSource` (the `Service`);
 `probe_health` is the client side, for `invoice-relay healthcheck`.
 """
@@ -12,13 +14,16 @@ import json
 import logging
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from worker.errors import ConfigError, RelayError
+from worker.models import RoutePollState
 from worker.service.metrics import CONTENT_TYPE
 
 _LOG = logging.getLogger(__name__)
@@ -31,6 +36,11 @@ class HealthStatus(enum.Enum):
     STARTING = "starting"  # no poll has finished yet
     OK = "ok"  # the last successful poll is recent enough
     STALE = "stale"  # no successful poll within `healthy_after_seconds`
+    DEGRADED = "degraded"  # the process works and some route is healthy, others are not
+    UNAVAILABLE = "unavailable"  # the process cannot work: database or scheduler down
+
+
+_SERVING = frozenset({HealthStatus.OK, HealthStatus.DEGRADED})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,7 +62,8 @@ class HealthVerdict:
 
     @property
     def ok(self) -> bool:
-        return self.status is HealthStatus.OK
+        """`/healthz` answers 200 (else 503)."""
+        return self.status in _SERVING
 
 
 def judge_health(
@@ -70,6 +81,110 @@ def judge_health(
             reason=f"no successful poll for {age:.0f} s (limit {healthy_after_seconds:g} s)",
         )
     return HealthVerdict(status=HealthStatus.OK)
+
+
+def judge_route(
+    state: RoutePollState | None,
+    *,
+    now: datetime,
+    healthy_after_seconds: float,
+    running_since: datetime,
+) -> HealthVerdict:
+    """One route, judged by its latest successful poll by any replica (`state`, from
+    the database): a replica that loses every claim to its peers still sees the route
+    healthy. A route never polled is starting for one window after this process
+    started, then stale."""
+    if state is None:
+        if (now - running_since).total_seconds() <= healthy_after_seconds:
+            return HealthVerdict(status=HealthStatus.STARTING, reason="not polled yet")
+        return HealthVerdict(
+            status=HealthStatus.STALE,
+            reason=f"never polled (limit {healthy_after_seconds:g} s)",
+        )
+    if state.last_success_at is None:
+        return HealthVerdict(status=HealthStatus.STALE, reason="no poll has succeeded yet")
+    age = (now - state.last_success_at).total_seconds()
+    if age > healthy_after_seconds:
+        return HealthVerdict(
+            status=HealthStatus.STALE,
+            reason=f"no successful poll for {age:.0f} s (limit {healthy_after_seconds:g} s)",
+        )
+    return HealthVerdict(status=HealthStatus.OK)
+
+
+def judge_process(
+    *,
+    database_error: str | None,
+    scheduler_running: bool,
+    routes: Mapping[str, HealthVerdict],
+) -> HealthVerdict:
+    """The whole process: unavailable (503) when it cannot work, starting or stale (503)
+    when no route is healthy, degraded (200) when some are, else ok."""
+    if database_error is not None:
+        return HealthVerdict(
+            status=HealthStatus.UNAVAILABLE, reason=f"database unreachable: {database_error}"
+        )
+    if not scheduler_running:
+        return HealthVerdict(status=HealthStatus.UNAVAILABLE, reason="scheduler not running")
+    healthy = sum(1 for verdict in routes.values() if verdict.ok)
+    if healthy == 0:
+        if routes and all(v.status is HealthStatus.STARTING for v in routes.values()):
+            return HealthVerdict(status=HealthStatus.STARTING, reason="no route polled yet")
+        return HealthVerdict(status=HealthStatus.STALE, reason="no route is healthy")
+    if healthy < len(routes):
+        return HealthVerdict(
+            status=HealthStatus.DEGRADED,
+            reason=f"{len(routes) - healthy} of {len(routes)} routes unhealthy",
+        )
+    return HealthVerdict(status=HealthStatus.OK)
+
+
+def process_body(
+    verdict: HealthVerdict,
+    routes: Mapping[str, HealthVerdict],
+    states: Mapping[str, RoutePollState],
+) -> dict[str, object]:
+    """The JSON document `/healthz` answers for a process serving several routes: the
+    unhealthy routes are listed, the healthy ones only counted."""
+    body: dict[str, object] = {
+        "status": verdict.status.value,
+        "routes": len(routes),
+        "healthy": sum(1 for route in routes.values() if route.ok),
+        "unhealthy": [
+            _route_entry(name, route, states.get(name))
+            for name, route in sorted(routes.items())
+            if not route.ok
+        ],
+    }
+    if verdict.reason is not None:
+        body["reason"] = verdict.reason
+    return body
+
+
+def route_body(
+    name: str, verdict: HealthVerdict, state: RoutePollState | None
+) -> dict[str, object]:
+    """The JSON document `/healthz?route=NAME` answers."""
+    body = _route_entry(name, verdict, state)
+    if state is not None:
+        body["last_poll_at"] = _iso(state.last_finished_at)
+        body["last_result"] = state.last_result
+        body["polled_by"] = state.owner
+    return body
+
+
+def _route_entry(
+    name: str, verdict: HealthVerdict, state: RoutePollState | None
+) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "route": name,
+        "status": verdict.status.value,
+        "last_success": _iso(state.last_success_at) if state is not None else None,
+        "last_error": state.last_error if state is not None else None,
+    }
+    if verdict.reason is not None:
+        entry["reason"] = verdict.reason
+    return entry
 
 
 def health_body(snapshot: HealthSnapshot, verdict: HealthVerdict) -> dict[str, object]:
@@ -102,12 +217,22 @@ def _iso(moment: datetime | None) -> str | None:
 # --- the endpoints ---------------------------------------------------------------------
 
 
+class UnknownRoute(LookupError):
+    """`/healthz?route=NAME` named no route this process serves (a 404)."""
+
+    def __init__(self, route: str) -> None:
+        super().__init__(f"unknown route {route!r}")
+        self.route = route
+
+
 class HealthSource(Protocol):
-    """What the endpoints ask; `worker.service.runner.Service` answers."""
+    """What the endpoints ask; `worker.service.runner.Service` (one route) and
+    `worker.service.fleetservice.FleetService` (many) answer."""
 
     def liveness(self) -> tuple[bool, str]: ...
 
-    def health(self) -> tuple[HealthVerdict, dict[str, object]]: ...
+    def health(self, route: str | None = None) -> tuple[HealthVerdict, dict[str, object]]:
+        """The process's health, or one route's; `UnknownRoute` for a name not served."""
 
     def render_metrics(self) -> bytes: ...
 
@@ -157,15 +282,21 @@ class _HealthHandler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         source = self.server.source
         if path == "/livez":
             alive, text = source.liveness()
             self._answer(200 if alive else 503, f"{text}\n".encode(), "text/plain; charset=utf-8")
         elif path == "/healthz":
-            verdict, body = source.health()
+            route = _route_asked(query)
+            try:
+                verdict, body = source.health(route)
+            except UnknownRoute as exc:
+                status, body = 404, {"error": str(exc)}
+            else:
+                status = 200 if verdict.ok else 503
             payload = json.dumps(body, sort_keys=True).encode() + b"\n"
-            self._answer(200 if verdict.ok else 503, payload, "application/json")
+            self._answer(status, payload, "application/json")
         elif path == "/metrics":
             self._answer(200, source.render_metrics(), CONTENT_TYPE)
         else:
@@ -182,6 +313,11 @@ class _HealthHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # Probes hit these endpoints every few seconds: keep them out of the normal log.
         _LOG.debug(format, *args, extra={"action": "http_request"})
+
+
+def _route_asked(query: str) -> str | None:
+    values = urllib.parse.parse_qs(query).get("route")
+    return values[-1] if values else None
 
 
 # --- the client side, for `invoice-relay healthcheck` -----------------------------------

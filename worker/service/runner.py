@@ -21,11 +21,12 @@ from apscheduler.events import EVENT_SCHEDULER_STARTED  # type: ignore[import-un
 from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped,unused-ignore]
 
 from worker.errors import InfrastructureError
-from worker.models import PollReport, PollStatus
+from worker.models import DEFAULT_ROUTE, PollReport, PollStatus
 from worker.service.health import (
     HealthServer,
     HealthSnapshot,
     HealthVerdict,
+    UnknownRoute,
     describe_error,
     health_body,
     judge_health,
@@ -117,7 +118,10 @@ class Service:
     def render_metrics(self) -> bytes:
         return self.metrics.render()
 
-    def health(self) -> tuple[HealthVerdict, dict[str, object]]:
+    def health(self, route: str | None = None) -> tuple[HealthVerdict, dict[str, object]]:
+        """The one route's health; the process serves only the route named `default`."""
+        if route is not None and route != DEFAULT_ROUTE:
+            raise UnknownRoute(route)
         with self._lock:
             snapshot = self._snapshot
         verdict = judge_health(

@@ -36,7 +36,10 @@ def samples(metrics: RelayMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]
     }
 
 
-def value(metrics: RelayMetrics, name: str, **labels: str) -> float:
+def value(metrics: RelayMetrics, name: str, route: str | None = "default", **labels: str) -> float:
+    """A sample's value; `route` None for a metric of the whole process."""
+    if route is not None:
+        labels["route"] = route
     return samples(metrics)[(name, frozenset(labels.items()))]
 
 
@@ -67,7 +70,7 @@ def test_a_fresh_registry_exposes_every_named_metric(name: str) -> None:
     assert name in names
 
 
-@pytest.mark.parametrize("result", ["ok", "error", "locked"])
+@pytest.mark.parametrize("result", ["ok", "error", "locked", "skipped"])
 def test_every_poll_result_starts_at_zero(result: str) -> None:
     assert value(RelayMetrics(), "invoice_relay_polls_total", result=result) == 0
 
@@ -154,3 +157,62 @@ def test_each_instance_has_its_own_registry_and_leaves_the_global_one_alone() ->
 
 def test_content_type_is_the_classic_text_format() -> None:
     assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
+
+
+# --- per route -------------------------------------------------------------------------
+
+ROUTED_METRICS = (
+    "invoice_relay_polls_total",
+    "invoice_relay_pdfs_total",
+    "invoice_relay_forwards_total",
+    "invoice_relay_poll_duration_seconds_count",
+    "invoice_relay_last_success_timestamp_seconds",
+    "invoice_relay_pending_forwards",
+    "invoice_relay_failed_documents",
+)
+
+
+@pytest.mark.parametrize("name", ROUTED_METRICS)
+def test_every_route_metric_exists_for_each_route_from_the_start(name: str) -> None:
+    metrics = RelayMetrics(routes=["shop-a", "shop-b"])
+    routes = {
+        dict(labels).get("route") for sample_name, labels in samples(metrics) if sample_name == name
+    }
+    assert routes == {"shop-a", "shop-b"}
+
+
+def test_routes_are_counted_apart() -> None:
+    metrics = RelayMetrics(routes=["shop-a", "shop-b"])
+    metrics.observe(make_report(forwarded=2, pending=1), route="shop-a")
+    metrics.observe(make_report(forwarded=5, pending=4, failed=1), route="shop-b")
+    metrics.observe_failure(RuntimeError("down"), 0.5, route="shop-b")
+    metrics.observe_skipped(route="shop-a")
+
+    assert value(metrics, "invoice_relay_forwards_total", route="shop-a") == 2
+    assert value(metrics, "invoice_relay_forwards_total", route="shop-b") == 5
+    assert value(metrics, "invoice_relay_pending_forwards", route="shop-a") == 1
+    assert value(metrics, "invoice_relay_pending_forwards", route="shop-b") == 4
+    assert value(metrics, "invoice_relay_failed_documents", route="shop-b") == 1
+    assert value(metrics, "invoice_relay_polls_total", route="shop-b", result="error") == 1
+    assert value(metrics, "invoice_relay_polls_total", route="shop-a", result="error") == 0
+    assert value(metrics, "invoice_relay_polls_total", route="shop-a", result="skipped") == 1
+    assert value(metrics, "invoice_relay_poll_duration_seconds_count", route="shop-b") == 2
+
+
+def test_a_route_not_named_at_the_start_gets_its_series_on_its_first_poll() -> None:
+    metrics = RelayMetrics(routes=[])
+    metrics.observe(make_report(forwarded=1), route="late")
+    assert value(metrics, "invoice_relay_forwards_total", route="late") == 1
+
+
+def test_the_start_delay_is_one_histogram_for_the_process() -> None:
+    metrics = RelayMetrics(routes=["shop-a"])
+    metrics.observe_start_delay(0.3)
+    metrics.observe_start_delay(-1.0)  # a clock step back counts as no delay
+    assert value(metrics, "invoice_relay_poll_start_delay_seconds_count", route=None) == 2
+    assert value(
+        metrics, "invoice_relay_poll_start_delay_seconds_sum", route=None
+    ) == pytest.approx(0.3)
+    assert (
+        value(metrics, "invoice_relay_poll_start_delay_seconds_bucket", route=None, le="0.25") == 1
+    )

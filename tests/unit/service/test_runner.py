@@ -316,7 +316,7 @@ def test_a_locked_poll_counts_as_locked_and_healthy() -> None:
         wait_until(lambda: poll.finished == 1)
         wait_until(lambda: healthz(running.port)[0] == 200)
         text = get(running.port, "/metrics")[1]
-    assert 'invoice_relay_polls_total{result="locked"} 1.0' in text
+    assert 'invoice_relay_polls_total{result="locked",route="default"} 1.0' in text
 
 
 NAMED_METRICS = (
@@ -344,8 +344,8 @@ def test_metrics_endpoint_serves_every_named_metric_and_other_paths_are_404() ->
     assert status == 200
     assert content_type.startswith("text/plain; version=0.0.4")
     assert [name for name in NAMED_METRICS if f"# TYPE {name} " not in text] == []
-    assert 'invoice_relay_polls_total{result="ok"} 1.0' in text
-    assert "invoice_relay_pending_forwards 3.0" in text
+    assert 'invoice_relay_polls_total{result="ok",route="default"} 1.0' in text
+    assert 'invoice_relay_pending_forwards{route="default"} 3.0' in text
     assert missing == []
 
 
