@@ -211,9 +211,9 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if command == "check":
         return checks.check_routes(deployment, routes, send_test=args.send_test, out=sys.stdout)
     if command == "run":
-        from worker.cli import serve
+        from worker.cli import fleetrun
 
-        return serve.run_deployment(deployment)
+        return fleetrun.run_deployment(deployment)
     if args.dry_run:
         return _dry_run(routes)
     return _once(deployment, routes)

@@ -35,7 +35,7 @@ def run_service(settings: Settings) -> int:
     closing = ExitStack()
     # Installed before the wait for the database: a SIGTERM then is a clean stop too.
     with stop_on_signals(stop):
-        store = _store_with_backoff(settings, stop)
+        store = store_with_backoff(settings, stop)
         if store is None:
             return 0
         healthy_after = settings.healthy_after_seconds or 3 * interval_hint(spec) + 60
@@ -120,7 +120,7 @@ def _serve(
     return service.run()
 
 
-def _store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore | None:
+def store_with_backoff(settings: Settings, stop: threading.Event) -> SqlStore | None:
     """The service waits for its database instead of dying in a restart loop."""
     delay = 1.0
     while True:

@@ -1,0 +1,211 @@
+"""`run` with a routes file: every route on its own fire times, claimed per replica
+(worker.service.fleet), one warm PDF pool and one lease token for all of them, and
+IMAP IDLE for the routes that ask for it, each watched by one replica under a lease.
+
+Without a file the environment's one route runs as before (worker.cli.serve)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import ExitStack
+from datetime import UTC, datetime
+
+from worker.cli.polling import leases, poll_once, release_leases
+from worker.cli.routing import Destinations
+from worker.cli.serve import run_service, status_page, store_with_backoff
+from worker.cli.wiring import imap_mailbox, logins, pdf_inspector
+from worker.config.routes import Deployment, Route
+from worker.config.schedule import interval_hint, parse_schedule
+from worker.logs import route_context
+from worker.models import PollReport, PollStatus
+from worker.pdf.pool import PdfInspector
+from worker.relay.lease import LEASE_SECONDS
+from worker.service.fleet import Fleet, RouteSchedule
+from worker.store.sqlstore import SqlStore
+
+log = logging.getLogger(__name__)
+
+# IMAP IDLE holds a connection and a thread per watched route: at most this many per
+# replica (README, "Several mailboxes"); further IDLE routes are polled on schedule
+# until a replica with room takes their watch.
+MAX_IDLE_WATCHES = 20
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def run_deployment(deployment: Deployment) -> int:
+    if deployment.config_file is None:
+        return run_service(deployment.routes[0].settings)
+    return run_routes(deployment)
+
+
+def run_routes(deployment: Deployment) -> int:
+    from worker.service.fleetservice import FleetService
+    from worker.service.shutdown import exit_within
+    from worker.service.signals import stop_on_signals
+
+    process = deployment.process
+    stop = threading.Event()
+    closing = ExitStack()
+    with stop_on_signals(stop):
+        store = store_with_backoff(process, stop)
+        if store is None:
+            return 0
+        inspector = pdf_inspector(process)
+        inspector.prestart()
+        try:
+            owner = closing.enter_context(leases(store))
+            closing.enter_context(
+                exit_within(stop, on_expiry=lambda: release_leases(store, owner), exit_code=0)
+            )
+            polls = RoutePolls(deployment, store, owner=owner, stop=stop, inspector=inspector)
+            specs = {
+                route.name: parse_schedule(route.settings.schedule, route.settings.timezone)
+                for route in deployment.routes
+            }
+            fleet = Fleet(
+                routes=[RouteSchedule(name=name, spec=spec) for name, spec in specs.items()],
+                poll=polls.poll,
+                claims=store,
+                owner=owner,
+                max_parallel_polls=deployment.max_parallel_polls,
+            )
+            polls.fleet = fleet
+            service = FleetService(
+                fleet=fleet,
+                polls=store,
+                healthy_after={
+                    route.name: route.settings.healthy_after_seconds
+                    or 3 * interval_hint(specs[route.name]) + 60
+                    for route in deployment.routes
+                },
+                http_port=process.http_port,
+                stop_event=stop,
+                side_servers=status_page(process, store, lambda: _poll_status(store)),
+            )
+            try:
+                return service.run()
+            finally:
+                polls.end_watches()
+        finally:
+            closing.close()
+            inspector.close()
+            store.close()
+
+
+class RoutePolls:
+    """What the fleet runs for one (route, fire time): the route's poll under its poll
+    lease, then its IDLE watch kept (or taken, or given up)."""
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        store: SqlStore,
+        *,
+        owner: str,
+        stop: threading.Event,
+        inspector: PdfInspector,
+    ) -> None:
+        self._routes = {route.name: route for route in deployment.routes}
+        self._store = store
+        self._owner = owner
+        self._stop = stop
+        self._inspector = inspector
+        self._destinations = Destinations(store)
+        self._watches: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.fleet: Fleet | None = None  # set once built: IDLE announcements poll through it
+
+    def poll(self, name: str, fire_time: datetime) -> PollReport:
+        del fire_time  # the fleet logs and claims it
+        route = self._routes[name]
+        with route_context(name), logins(route.settings, self._store) as made:
+            report = poll_once(
+                route.settings,
+                self._store,
+                made,
+                owner=self._owner,
+                route=name,
+                destination_name=self._destinations.of(route),
+                stop=self._stop,
+                inspector=self._inspector,
+            )
+        if route.settings.idle:
+            self._keep_watch(route)
+        return report
+
+    def _keep_watch(self, route: Route) -> None:
+        """One replica watches a route with IDLE: the one holding its `idle:` lease,
+        renewed by this process's heartbeat. Checked at each of the route's fire times,
+        so a dead watcher's route is taken over within one interval after its lease."""
+        lease = f"idle:{route.mailbox}"
+        with self._lock:
+            watching = self._watches.get(route.name)
+            if watching is None and len(self._watches) >= MAX_IDLE_WATCHES:
+                return
+        held = self._store.take_poll_lease(lease, owner=self._owner, lease_seconds=LEASE_SECONDS)
+        if watching is not None:
+            if not held:  # frozen past the lease: another replica watches now
+                watching.set()
+                with self._lock:
+                    self._watches.pop(route.name, None)
+                log.warning(
+                    "another replica took over the IDLE watch",
+                    extra={"action": "idle_lost", "route": route.name},
+                )
+            return
+        if not held:
+            return
+        from worker.service.idle import IdleWatcher
+
+        ended = threading.Event()
+        with self._lock:
+            self._watches[route.name] = ended
+        threading.Thread(
+            target=self._watch,
+            args=(route, ended, IdleWatcher),
+            name=f"invoice-relay-idle-{route.name}",
+            daemon=True,
+        ).start()
+
+    def end_watches(self) -> None:
+        """The service stops: every IDLE watch ends (and hands its lease back)."""
+        with self._lock:
+            for ended in self._watches.values():
+                ended.set()
+
+    def _watch(self, route: Route, ended: threading.Event, watcher: type) -> None:
+        stop = ended
+        try:
+            with route_context(route.name), logins(route.settings, self._store) as made:
+                mailbox = imap_mailbox(route.settings, made, for_idle=True)
+                fleet = self.fleet
+                if fleet is None:
+                    return
+                watcher(
+                    mailbox=mailbox, on_new_mail=lambda: fleet.poll_now(route.name), stop=stop
+                ).run()
+        except Exception:  # noqa: BLE001 - a watch that fails leaves the route to its schedule
+            log.exception(
+                "the IDLE watch ended", extra={"action": "idle_failed", "route": route.name}
+            )
+        finally:
+            with self._lock:
+                if self._watches.get(route.name) is ended:
+                    self._watches.pop(route.name, None)
+            self._store.end_poll_lease(f"idle:{route.mailbox}", owner=self._owner)
+
+
+def _poll_status(store: SqlStore) -> PollStatus:
+    """The status page's overview line: the latest poll of any route, by any replica."""
+    states = store.route_polls().values()
+    finished = [state.last_finished_at for state in states if state.last_finished_at]
+    success = [state.last_success_at for state in states if state.last_success_at]
+    errors = [state for state in states if state.last_error and state.last_finished_at]
+    latest = max(errors, key=lambda state: state.last_finished_at or _EPOCH, default=None)
+    return PollStatus(
+        last_finished_at=max(finished, default=None),
+        last_success_at=max(success, default=None),
+        last_error=latest.last_error if latest else None,
+        last_error_at=latest.last_finished_at if latest else None,
+    )
