@@ -16,6 +16,7 @@ shop) so that a run takes minutes; the per-poll costs it measures do not depend 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pwd
@@ -28,7 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -411,10 +412,8 @@ def _stopping(scale: Scale) -> Iterator[None]:
     finally:
         for replica in scale.replicas:
             for signum in (signal.SIGCONT, signal.SIGKILL):
-                try:
+                with suppress(ProcessLookupError):
                     os.killpg(replica.process.pid, signum)
-                except ProcessLookupError:
-                    pass
             replica.process.wait(timeout=30)
 
 

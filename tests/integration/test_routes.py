@@ -24,7 +24,7 @@ INBOX_TWO = "inbox-2@getmyinvoices.example"
 USERS = {"shop-a": "a@shop.example", "shop-b": "b@shop.example", "shop-c": "c@shop.example"}
 
 
-def routes_file(
+def routes_file(  # noqa: PLR0917 - the servers and the routes, as a test sets them up
     folder: Path,
     imap: DovecotServer,
     smtp: SmtpSink,

@@ -185,7 +185,7 @@ class RoutePolls:
                 watcher(
                     mailbox=mailbox, on_new_mail=lambda: fleet.poll_now(route.name), stop=stop
                 ).run()
-        except Exception:  # noqa: BLE001 - a watch that fails leaves the route to its schedule
+        except Exception:
             log.exception(
                 "the IDLE watch ended", extra={"action": "idle_failed", "route": route.name}
             )

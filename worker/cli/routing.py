@@ -104,7 +104,16 @@ def once_each(
                         if stop.is_set():
                             outcomes.append(RouteOutcome(route=route.name, error="stopped"))
                             continue
-                        outcomes.append(_one(route, store, destinations, owner, stop, progress))
+                        outcomes.append(
+                            _one(
+                                route,
+                                store,
+                                destinations,
+                                owner=owner,
+                                stop=stop,
+                                progress=progress,
+                            )
+                        )
         finally:
             store.close()
     return outcomes
@@ -114,6 +123,7 @@ def _one(
     route: Route,
     store: SqlStore,
     destinations: Destinations,
+    *,
     owner: str,
     stop: threading.Event,
     progress: Callable[[str], None] | None,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from worker.models.audit import (
     AuditFilter,
-    DocumentScope,
     AuditPage,
     AuditRow,
     AuditSearch,
     DeliveryAttempt,
+    DocumentScope,
     DocumentStory,
     Notice,
     NoticeMark,
@@ -133,7 +133,6 @@ __all__ = [
     "AfterForward",
     "AttemptOutcome",
     "AuditFilter",
-    "DocumentScope",
     "AuditPage",
     "AuditRow",
     "AuditSearch",
@@ -143,6 +142,7 @@ __all__ = [
     "DedupMode",
     "DeliveryAttempt",
     "DeliveryKind",
+    "DocumentScope",
     "DocumentState",
     "DocumentStory",
     "FolderStatus",
