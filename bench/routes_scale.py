@@ -16,7 +16,6 @@ shop) so that a run takes minutes; the per-poll costs it measures do not depend 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pwd
