@@ -182,6 +182,17 @@ def resaved_with_pypdf(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def joined_pdf(*documents: bytes) -> bytes:
+    """The pages of `documents`, in order, as one PDF (a multi-page invoice, say)."""
+    writer = PdfWriter()
+    for data in documents:
+        for page in PdfReader(io.BytesIO(data)).pages:
+            writer.add_page(page)
+    buffer = io.BytesIO()
+    writer.write(buffer)
+    return buffer.getvalue()
+
+
 # --- mails -----------------------------------------------------------------------------
 
 DEFAULT_SENDER = "Printout Designer <invoices@shop.example>"

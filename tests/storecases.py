@@ -38,6 +38,7 @@ def accepted(
     part: str = "2",
     fingerprint: str | None = None,
     invoice_number: str | None = None,
+    invoice_number_ambiguous: bool = False,
     filename: str | None = "invoice.pdf",
 ) -> PartRecord:
     return PartRecord(
@@ -48,6 +49,7 @@ def accepted(
         sha256=hashlib.sha256(content).hexdigest(),
         fingerprint=fingerprint,
         invoice_number=invoice_number,
+        invoice_number_ambiguous=invoice_number_ambiguous,
         content=content,
     )
 

@@ -12,14 +12,18 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
+from tests import samples
 from tests.documents import OWNER, send_loop, wait_for_leases_to_expire
 from tests.servers.getmyinvoices import UNAVAILABLE, FakeGetMyInvoices, refused, unprocessable
 from tests.storecases import T0, accepted, mail, pdf, record
 from worker.config.environment import Secret
 from worker.delivery.getmyinvoices import GmiDestination
+from worker.delivery.gmiapi import AMBIGUOUS_NUMBER
 from worker.errors import DestinationRefused
 from worker.faults import Checkpoint, CrashAt, CrashHook, CrashPoint, no_checkpoint
+from worker.mail.verdicts import checked_part
 from worker.models import (
     DEFAULT_GMI_CREDIT_NOTE_PATTERN,
     AuditFilter,
@@ -27,8 +31,10 @@ from worker.models import (
     Outcome,
     Parcel,
 )
-from worker.relay.budget import Budget, SharedBudget
+from worker.pdf.inspection import inspect_pdf
+from worker.relay.budget import Budget, SharedBudget, Window
 from worker.store import migrate
+from worker.store.schema import delivery_budgets
 from worker.store.sqlstore import SqlStore
 
 KEY = "test-key-123"
@@ -120,6 +126,26 @@ def test_a_backfill_uploads_each_invoice_once(api: FakeGetMyInvoices, store: Sql
     assert {rows[uid].delivered_via for uid in (1, 3, 4)} == {"getmyinvoices"}
     assert rows[1].forwarded_message_id is None
     assert _send(api, store) == (0, 0, 0)  # nothing twice
+
+
+def test_an_ambiguous_invoice_number_is_not_filed(api: FakeGetMyInvoices, store: SqlStore) -> None:
+    # Real PDFs, read by the PDF check as a poll reads them; the flag travels through the
+    # database, so whichever poll or replica uploads the document knows it.
+    plain = samples.invoice_pdf(number="1042", logo=False)
+    repeated = samples.joined_pdf(plain, samples.invoice_pdf(number="1042", amount="5.00"))
+    corrects = samples.invoice_pdf(number="1044", lines=[("Corrects Invoice No. 1041", "-5")])
+    for uid, data in enumerate((plain, repeated, corrects), start=1):
+        part = checked_part("2", f"{uid}.pdf", data, inspect_pdf(data))
+        record(store, mail(uid, part))
+    assert _send(api, store) == (3, 0, 0)
+    sent = {d.request["fileName"]: d.request for d in api.documents}  # schema-checked
+    assert sent["1.pdf"]["documentNumber"] == "1042"
+    assert sent["2.pdf"]["documentNumber"] == "1042"  # the same number on both pages
+    assert "documentNumber" not in sent["3.pdf"]  # 1044 and 1041: which is it?
+    assert AMBIGUOUS_NUMBER in sent["3.pdf"]["note"]
+    assert all(AMBIGUOUS_NUMBER not in sent[name]["note"] for name in ("1.pdf", "2.pdf"))
+    numbers = {row.uid: row.invoice_number for row in store.audit(AuditFilter())}
+    assert numbers == {1: "1042", 2: "1042", 3: "1044"}  # the audit keeps the first read
 
 
 @pytest.mark.parametrize(
@@ -227,7 +253,7 @@ def test_two_stores_share_one_budget(api: FakeGetMyInvoices, database_url: str) 
     first, second = SqlStore(database_url), SqlStore(database_url)
     try:
         record(first, *(mail(n, accepted(pdf(f"doc {n}"))) for n in range(1, 9)))
-        budget = Budget(calls_per_minute=5)  # five uploads a minute, whoever sends them
+        budget = Budget(uploads_per_hour=5)  # five uploads an hour, whoever sends them
         results: list[tuple[int, int, int]] = []
 
         def run(store: SqlStore) -> None:
@@ -238,12 +264,25 @@ def test_two_stores_share_one_budget(api: FakeGetMyInvoices, database_url: str) 
             thread.start()
         for thread in threads:
             thread.join()
-        assert len(api.uploads()) == 5  # both spent from one minute's budget
+        assert len(api.uploads()) == 5  # both spent from one hour's budget
         assert sum(r[0] for r in results) == len(api.documents) == 5
         assert len(api.documents) == len({d.sha256 for d in api.documents})
+        _every_call_counted(api, first)
     finally:
         first.close()
         second.close()
+
+
+def _every_call_counted(api: FakeGetMyInvoices, store: SqlStore) -> None:
+    """The minute and day windows counted every call the API saw, `GET /account` too;
+    the hourly upload window only the uploads."""
+    with store.engine.connect() as connection:
+        used = dict(
+            connection.execute(sa.select(delivery_budgets.c.window, delivery_budgets.c.used)).all()
+        )
+    assert any(c.path.endswith("/account") for c in api.calls)  # a session's first call
+    assert used[Window.MINUTE.value] == used[Window.DAY.value] == len(api.calls)
+    assert used[Window.UPLOAD_HOUR.value] == len(api.uploads())
 
 
 def test_resend_refuses_what_getmyinvoices_has(api: FakeGetMyInvoices, database_url: str) -> None:
@@ -294,7 +333,7 @@ def _send_in_a_process(database_url: str, api_url: str) -> tuple[int, int, int]:
     try:
         destination = GmiDestination(
             api_key=Secret(KEY),
-            budget=SharedBudget(store=store, budget=Budget(calls_per_minute=5), clock=lambda: T0),
+            budget=SharedBudget(store=store, budget=Budget(uploads_per_hour=5), clock=lambda: T0),
             marks=store,
             api_url=api_url,
             timeout=5.0,
@@ -316,6 +355,11 @@ def test_two_processes_share_one_budget(api: FakeGetMyInvoices, database_url: st
     with ProcessPoolExecutor(max_workers=2, mp_context=spawn) as pool:
         futures = [pool.submit(_send_in_a_process, database_url, api.url) for _ in range(2)]
         results = [future.result(timeout=120) for future in futures]
-    assert len(api.uploads()) == 5  # five calls a minute, whichever process makes them
+    assert len(api.uploads()) == 5  # five uploads an hour, whichever process makes them
     assert sum(forwarded for forwarded, _, _ in results) == len(api.documents) == 5
     assert len({d.sha256 for d in api.documents}) == 5
+    store = SqlStore(database_url)
+    try:
+        _every_call_counted(api, store)
+    finally:
+        store.close()

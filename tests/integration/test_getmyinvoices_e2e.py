@@ -20,7 +20,7 @@ from tests.integration.guarantee_tools import (
 )
 from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
-from tests.servers.getmyinvoices import FakeGetMyInvoices
+from tests.servers.getmyinvoices import UNAVAILABLE, Answer, FakeGetMyInvoices
 from tests.servers.smtp_sink import SmtpSink
 from worker.faults import CRASH_EXIT_STATUS
 
@@ -44,7 +44,9 @@ def _env(
         INVOICE_RELAY_DELIVERY="getmyinvoices",
         INVOICE_RELAY_GMI_API_KEY=KEY,
         INVOICE_RELAY_GMI_API_URL=api.url,
-        INVOICE_RELAY_INVOICE_NUMBER_PATTERN=r"Invoice (?:no\.|number)?\s*(\d+)",
+        # As the sample invoices print it ("Invoice No. 8100"); the default would also
+        # read "Rechnung 8100" in a credit note's lines.
+        INVOICE_RELAY_INVOICE_NUMBER_PATTERN=r"Invoice No\. (\d+)",
         **extra,
     )
     return env
@@ -72,19 +74,40 @@ def test_a_backfill_through_the_api(
         subject="Your document 8201",
         message_id="<credit-8201@shop.example>",
     )
-    imap.append_many([*(i.mail for i in batch), batch[0].mail, credit, quiet_credit])
+    # Two invoices in one file: which number is the document's cannot be told.
+    two_in_one = samples.invoice_mail(
+        pdfs=[
+            (
+                "Invoices 8300 and 8301.pdf",
+                samples.joined_pdf(
+                    samples.invoice_pdf(number="8300", logo=False),
+                    samples.invoice_pdf(number="8301", logo=False),
+                ),
+            )
+        ],
+        subject="Your invoices",
+        message_id="<two-8300@shop.example>",
+    )
+    imap.append_many([*(i.mail for i in batch), batch[0].mail, credit, quiet_credit, two_in_one])
     url = f"sqlite:///{tmp_path / 'relay.db'}"
     result = run_once(_env(imap, smtp, api, url))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(api.uploads()) == 6 and len(api.documents) == 6  # the repeat is not uploaded
+    assert len(api.uploads()) == 7 and len(api.documents) == 7  # the repeat is not uploaded
     assert {d.sha256 for d in api.documents} >= {i.sha256 for i in batch}
-    kinds = {d.request["fileName"]: d.request["documentType"] for d in api.documents}
+    sent = {d.request["fileName"]: d.request for d in api.documents}
+    kinds = {name: request["documentType"] for name, request in sent.items()}
     assert kinds["Gutschrift 8200.pdf"] == "CREDIT_NOTE"
     assert kinds["Document 8201.pdf"] == "CREDIT_NOTE"
     assert kinds["Invoice 8100.pdf"] == "SALES_INVOICE"
+    # Each named as its attachment, numbered as its first page says.
+    numbers = {name: request.get("documentNumber") for name, request in sent.items()}
+    assert all(numbers[f"Invoice {i.number}.pdf"] == i.number for i in batch)
+    assert (numbers["Gutschrift 8200.pdf"], numbers["Document 8201.pdf"]) == ("8200", "8201")
+    assert numbers["Invoices 8300 and 8301.pdf"] is None
+    assert "several invoice numbers" in sent["Invoices 8300 and 8301.pdf"]["note"]
     rows = sql_rows(url, "SELECT outcome, delivered_via, delivery_id FROM audit_log")
     forwarded = [r for r in rows if r["outcome"] == "forwarded"]
-    assert len(forwarded) == 6
+    assert len(forwarded) == 7
     assert {r["delivery_id"] for r in forwarded} == {str(d.uid) for d in api.documents}
     assert {r["delivered_via"] for r in forwarded} == {"getmyinvoices"}
     assert smtp.messages == []
@@ -111,6 +134,41 @@ def test_a_crash_between_upload_and_mark_leaves_one_copy(
     copies = {i.sha256: sum(d.sha256 == i.sha256 for d in api.documents) for i in batch}
     assert copies == {i.sha256: 1 for i in batch}
     assert sum(c.path.endswith("/documents/exists") for c in api.calls) == 1
+
+
+def test_a_lost_answer_leaves_one_copy(
+    imap: DovecotServer, smtp: SmtpSink, api: FakeGetMyInvoices, tmp_path: Path
+) -> None:
+    api.detect_duplicates = False  # only the relay's /documents/exists check prevents a copy
+    api.drop_after_store = 1  # the first upload is filed, and its answer never comes
+    batch = invoices(2, first=8500)
+    imap.append_many(i.mail for i in batch)
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    # The lost answer is an attempt, retried after INVOICE_RELAY_RETRY_DELAY (a minute by
+    # default); what is under test is what the retry asks first, not how long it waits.
+    run_until_done(_env(imap, smtp, api, url, INVOICE_RELAY_RETRY_DELAY="0.5s"), url)
+    copies = {i.sha256: api.copies(i.sha256) for i in batch}
+    assert copies == {i.sha256: 1 for i in batch}
+    assert len(api.uploads()) == 2  # one per invoice: the lost one was not sent again
+    assert sum(c.path.endswith("/documents/exists") for c in api.calls) == 1
+
+
+def test_a_burst_of_503_waits_uncounted_and_sends_each_once(
+    imap: DovecotServer, smtp: SmtpSink, api: FakeGetMyInvoices, tmp_path: Path
+) -> None:
+    # "Please retry in a few minutes": the fake says how many seconds in Retry-After,
+    # which the relay obeys, so that the burst passes within the test.
+    busy = Answer(status=UNAVAILABLE.status, body=UNAVAILABLE.body, headers={"Retry-After": "1"})
+    api.faults.extend([busy] * 3)
+    batch = invoices(3, first=8600)
+    imap.append_many(i.mail for i in batch)
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    runs = run_until_done(_env(imap, smtp, api, url), url)
+    assert len(runs) > 1  # the burst held every document at least once
+    assert {i.sha256: api.copies(i.sha256) for i in batch} == {i.sha256: 1 for i in batch}
+    assert len(api.uploads()) == 3 + 3  # each invoice once, and the three refused tries
+    rows = sql_rows(url, "SELECT outcome, attempts FROM audit_log")
+    assert rows == [{"outcome": "forwarded", "attempts": 1}] * 3  # no 503 counted
 
 
 def test_a_wrong_key_exits_1_naming_the_cause(

@@ -541,6 +541,34 @@ def test_delivery_attempts_start_with_each_known_delivery_and_go_away_again(
         with engine.connect() as connection:
             kept = connection.execute(sa.text("SELECT count(*) FROM documents")).scalar_one()
         assert kept == 3
+def test_invoice_number_certainty_comes_and_goes_with_0012(empty_database: str) -> None:
+    # 0012 adds `sightings.invoice_number_ambiguous`; a sighting recorded before it has
+    # NULL (its number counts as read unambiguously), and the view stays as it was.
+    previous = "0014_delivery_attempts"  # its down_revision
+    migrate.upgrade_database(empty_database, previous)
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO sightings (mailbox, uidvalidity, uid, part, received_at,"
+                    " message_id, sender, subject, kind, tries, invoice_number) VALUES"
+                    " ('m', 1, 5, '2', :now, '', '', '', 'rejected', 1, '1042')"
+                ),
+                {"now": datetime(2026, 12, 1, tzinfo=UTC)},
+            )
+        migrate.upgrade_database(empty_database, "0012_invoice_number_certainty")
+        assert view_columns(empty_database) == README_AUDIT_COLUMNS
+        with engine.connect() as connection:
+            row = connection.execute(
+                sa.text("SELECT invoice_number, invoice_number_ambiguous FROM sightings")
+            ).one()
+        assert tuple(row) == ("1042", None)
+        migrate.downgrade_database(empty_database, previous)
+        with engine.connect() as connection:
+            back = connection.execute(sa.text("SELECT * FROM sightings"))
+            assert "invoice_number_ambiguous" not in list(back.keys())
+            assert [r.invoice_number for r in back] == ["1042"]
         assert view_columns(empty_database) == README_AUDIT_COLUMNS
     finally:
         engine.dispose()

@@ -147,6 +147,18 @@ def smtp_outbox(settings: Settings, logins: Logins | None = None) -> SmtpOutbox:
     )
 
 
+def gmi_budget(settings: Settings, store: SqlStore) -> SharedBudget:
+    """The API budgets kept in `store`, on its clock (the database's, which every replica
+    shares: a replica's own may disagree with another's)."""
+    return SharedBudget(
+        store=store,
+        budget=Budget(
+            calls_per_minute=settings.gmi_calls_per_minute,
+            calls_per_day=settings.gmi_calls_per_day,
+        ),
+    )
+
+
 def gmi_destination(
     settings: Settings, store: SqlStore, *, checkpoint: Checkpoint = no_checkpoint
 ) -> GmiDestination:
@@ -154,14 +166,7 @@ def gmi_destination(
     pattern = settings.gmi_credit_note_pattern
     return GmiDestination(
         api_key=settings.gmi_api_key or Secret(""),
-        budget=SharedBudget(
-            store=store,
-            budget=Budget(
-                calls_per_minute=settings.gmi_calls_per_minute,
-                calls_per_day=settings.gmi_calls_per_day,
-            ),
-            clock=lambda: datetime.now(UTC),
-        ),
+        budget=gmi_budget(settings, store),
         marks=store,
         api_url=settings.gmi_api_url,
         document_type=settings.gmi_document_type,

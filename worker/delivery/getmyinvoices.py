@@ -11,7 +11,8 @@ rejection. Every httpx failure becomes one of those too.
 A document is marked upload-started (`UploadMarks`) before its upload goes out; an
 attempt at a document so marked first asks `/documents/exists`, so that an upload whose
 answer was lost is not repeated. Every call is spent from the destination's budget
-(`CallBudget`, kept in the database) before it is made.
+(`CallBudget`, kept in the database) before it is made, except `GET /account`: its
+answer names the destination, so it is counted (as a call, not an upload) after it.
 
 The API key travels in `X-API-KEY` only: it is never logged and never in an error.
 """
@@ -72,12 +73,20 @@ class BudgetHold(Protocol):
     @property
     def until(self) -> datetime: ...
 
+    @property
+    def seconds(self) -> float:
+        """How long until `until`, on the budget's clock (the database's)."""
+        ...
+
 
 class CallBudget(Protocol):
     """The destination's budgets, shared through the database (`worker.relay.budget`)."""
 
     def spend(self, destination: str, *, upload: bool) -> BudgetHold | None:
         """Spend one call (and one upload); the hold instead when a limit is reached."""
+
+    def count(self, destination: str) -> None:
+        """A call already made (`GET /account`): counted as a call, not as an upload."""
 
     def hold(self, destination: str, *, seconds: float, limit: str) -> datetime:
         """The API reported `limit`: every sharer waits `seconds`."""
@@ -134,10 +143,13 @@ class GmiDestination:
         """Connect and read the account (the budgets' key). Raises `DeliveryUnavailable`."""
         if self._account is None:
             try:
-                self._account = self.account()
-            except DeliveryUnavailable:
+                account = self.account()
+                # A call like any other to the minute and day limits (none is exempted).
+                self._budget.count(account.destination)
+            except BaseException:  # refused, or the budget's store failed
                 self.close()  # the caller closes only a session that opened
                 raise
+            self._account = account
 
     def account(self) -> Account:
         """`GET /account` (what `check` asks): the account's id and name."""
@@ -170,6 +182,14 @@ class GmiDestination:
         if parcel.upload_started and self.exists_encoded(encoded, sha256=parcel.sha256):
             return Receipt(delivery_id="", answer=ALREADY_THERE, via=VIA)
         request = self.upload_request(parcel, encoded)
+        if parcel.invoice_number and parcel.invoice_number_ambiguous:
+            logger.info(
+                "uploading %s without documentNumber: its first pages name several"
+                " invoice numbers (the first is %s)",
+                parcel.filename,
+                parcel.invoice_number,
+                extra={"action": "gmi_number_ambiguous", "sha256": parcel.sha256},
+            )
         self._spend(upload=True, sha256=parcel.sha256)
         self._marks.mark_upload_started(parcel.sha256, now=self._clock())
         self._checkpoint(CrashPoint.AFTER_UPLOAD_STARTED)
@@ -222,7 +242,8 @@ class GmiDestination:
         destination = self._destination()
         hold = self._budget.spend(destination, upload=upload)
         if hold is not None:
-            wait = max(1.0, (hold.until - self._clock()).total_seconds())
+            # Measured on the budget's clock: this host's may disagree with it.
+            wait = max(1.0, hold.seconds)
             raise DeliveryThrottled(
                 "counted by the relay", retry_after_seconds=wait, limit=hold.limit, sha256=sha256
             )

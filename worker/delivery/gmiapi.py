@@ -25,6 +25,7 @@ from worker.models import DeliveryKind, Parcel
 
 __all__ = [
     "ALREADY_THERE",
+    "AMBIGUOUS_NUMBER",
     "APPLICATION",
     "VIA",
     "Account",
@@ -38,6 +39,8 @@ __all__ = [
 VIA = DeliveryKind.GETMYINVOICES.value
 APPLICATION = "invoice-relay"  # the x-application header: the document's source
 ALREADY_THERE = "already in GetMyInvoices"
+# In the note of an upload without `documentNumber` although a number was read.
+AMBIGUOUS_NUMBER = "no documentNumber: the first pages name several invoice numbers"
 
 CREDIT_NOTE = "CREDIT_NOTE"
 
@@ -127,7 +130,8 @@ def classify(
 def upload_request(
     parcel: Parcel, encoded: str, *, document_type: str, run_ocr: bool, tags: Sequence[str]
 ) -> dict[str, Any]:
-    """The body of `POST /documents` for this parcel."""
+    """The body of `POST /documents` for this parcel: `documentNumber` only when the
+    invoice number was read unambiguously (the note says when it was not)."""
     request: dict[str, Any] = {
         "fileName": parcel.filename,
         "fileContent": encoded,
@@ -135,7 +139,7 @@ def upload_request(
         "note": _note(parcel),
         "runOCR": run_ocr,
     }
-    if parcel.invoice_number:
+    if parcel.invoice_number and not parcel.invoice_number_ambiguous:
         request["documentNumber"] = parcel.invoice_number
     if tags:
         request["tags"] = list(tags)
@@ -156,10 +160,13 @@ def document_type(parcel: Parcel, *, pattern: re.Pattern[str] | None, default: s
 
 def _note(parcel: Parcel) -> str:
     date = parcel.original_date.isoformat() if parcel.original_date else "unknown"
-    return (
+    note = (
         f"Forwarded by invoice-relay. From: {parcel.original_sender or 'unknown'}; "
         f"Date: {date}; Message-ID: {parcel.original_message_id or 'none'}"
     )
+    if parcel.invoice_number and parcel.invoice_number_ambiguous:
+        note += f"; {AMBIGUOUS_NUMBER}"
+    return note
 
 
 def as_integer(value: object) -> int | None:

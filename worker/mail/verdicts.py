@@ -97,6 +97,7 @@ def checked_part(
             sha256=sha256,
             fingerprint=report.fingerprint,
             invoice_number=report.invoice_number,
+            invoice_number_ambiguous=report.invoice_number_ambiguous,
             credit_note=report.credit_note,
             content=data,
         )

@@ -85,6 +85,7 @@ class PartRecord:
     sha256: str | None = None
     fingerprint: str | None = None
     invoice_number: str | None = None
+    invoice_number_ambiguous: bool = False  # the first pages read as several numbers
     credit_note: bool = False  # its first pages read as a credit note
     content: bytes | None = None  # the PDF's bytes, for DOCUMENT only
 
@@ -127,6 +128,7 @@ class OutgoingDocument:
     original_date: datetime | None
     original_message_id: str
     invoice_number: str | None = None  # the introducing sighting's
+    invoice_number_ambiguous: bool = False  # its first pages read as several numbers
     credit_note: bool = False  # the introducing sighting's first pages read as one
     upload_started: bool = False  # an API upload of it may have gone out before
 
@@ -149,6 +151,8 @@ class Parcel:
     original_date: datetime | None
     original_message_id: str
     invoice_number: str | None = None  # as read from the PDF, when it was
+    # The first pages read as several numbers: `invoice_number` is only the first.
+    invoice_number_ambiguous: bool = False
     credit_note: bool = False  # its first pages' text matched the credit note pattern
     # An upload of it was started before and may have arrived: an API asks first.
     upload_started: bool = False
@@ -165,6 +169,7 @@ class Parcel:
             original_date=document.original_date,
             original_message_id=document.original_message_id,
             invoice_number=document.invoice_number,
+            invoice_number_ambiguous=document.invoice_number_ambiguous,
             credit_note=document.credit_note,
             upload_started=document.upload_started,
         )

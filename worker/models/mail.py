@@ -99,7 +99,10 @@ class PdfReport:
     pages: int = 0
     fingerprint: str | None = None  # "fp1:<hex>" or None when it could not be computed
     fingerprint_note: str | None = None  # why there is no fingerprint
-    invoice_number: str | None = None
+    invoice_number: str | None = None  # the first the pattern read
+    # The first pages read as several different invoice numbers: `invoice_number` is
+    # only the first of them, and is not filed as the document's number.
+    invoice_number_ambiguous: bool = False
     # INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN matched the first pages' text (when checked).
     credit_note: bool = False
 

@@ -154,13 +154,15 @@ def _inspect(
         except (DependencyError, NotImplementedError, RecursionError) as exc:
             fingerprint.give_up(f"page {number}: {short(exc)}")
     text = _first_text(reader)
+    invoice_number, ambiguous = _invoice_number(text, pattern)
     return PdfReport(
         accepted=True,
         encrypted=encrypted,
         pages=page_count,
         fingerprint=fingerprint.hexdigest(),
         fingerprint_note=fingerprint.note,
-        invoice_number=_invoice_number(text, pattern),
+        invoice_number=invoice_number,
+        invoice_number_ambiguous=ambiguous,
         # INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN, on the same bounded first-page text.
         credit_note=credit_notes is not None and credit_notes.search(text) is not None,
     )
@@ -181,10 +183,21 @@ def _first_text(reader: PdfReader) -> str:
     return text[:_TEXT_LIMIT]
 
 
-def _invoice_number(text: str, pattern: re.Pattern[str]) -> str | None:
-    match = pattern.search(text)
-    if match is None:
-        return None
+def _invoice_number(text: str, pattern: re.Pattern[str]) -> tuple[str | None, bool]:
+    """The first number the pattern reads in `text`, and whether the first pages read
+    as several different ones (the same number repeated, on every page's head say, is
+    not): then nobody can tell which is the invoice's."""
+    numbers: list[str] = []
+    for match in pattern.finditer(text):
+        number = _captured(match, pattern)
+        if number and number not in numbers:
+            numbers.append(number)
+            if len(numbers) > 1:
+                break
+    return (numbers[0] if numbers else None), len(numbers) > 1
+
+
+def _captured(match: re.Match[str], pattern: re.Pattern[str]) -> str | None:
     if "number" in pattern.groupindex:
         number = match.group("number")
     else:

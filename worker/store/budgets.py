@@ -1,10 +1,11 @@
 """The API budgets' rows (`worker.relay.budget`): one row per destination and window,
-spent under a lock so that replicas sharing an account never overspend it together."""
+spent under a lock so that replicas sharing an account never overspend it together.
+Every time in them is the database's (`SqlStore.database_now`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
@@ -12,6 +13,7 @@ from worker.store.engine import SqlBase
 from worker.store.schema import delivery_budgets
 
 HOLD = "hold"  # the row whose window_start is the end of a hold the API asked for
+NO_HOLD = datetime(2000, 1, 1, tzinfo=UTC)  # a hold's row before any hold: long over
 
 
 class BudgetRows(SqlBase):
@@ -21,7 +23,6 @@ class BudgetRows(SqlBase):
         self,
         destination: str,
         *,
-        now: datetime,
         starts: Mapping[str, datetime],
         allow: Callable[[Mapping[str, int], datetime | None, str], bool],
     ) -> bool:
@@ -36,7 +37,7 @@ class BudgetRows(SqlBase):
                         {
                             "destination": destination,
                             "window": name,
-                            "window_start": starts.get(name, now),
+                            "window_start": starts.get(name, NO_HOLD),
                             "used": 0,
                             "note": "",
                         }
@@ -57,20 +58,24 @@ class BudgetRows(SqlBase):
                 query = query.with_for_update()
             rows = {row.window: row for row in connection.execute(query)}
             hold = rows[HOLD]
+            # `starts` came from the database's clock before this lock was had: a sharer
+            # that read it a moment later may have begun the next window already. The
+            # call counts in that window; a window never goes back.
+            current = {name: max(start, rows[name].window_start) for name, start in starts.items()}
             used = {
-                name: rows[name].used if rows[name].window_start == start else 0
-                for name, start in starts.items()
+                name: rows[name].used if rows[name].window_start == current[name] else 0
+                for name in starts
             }
             if not allow(used, hold.window_start, hold.note):
                 return False
-            for name, start in starts.items():
+            for name in starts:
                 connection.execute(
                     sa.update(delivery_budgets)
                     .where(
                         delivery_budgets.c.destination == destination,
                         delivery_budgets.c.window == name,
                     )
-                    .values(window_start=start, used=used[name] + 1)
+                    .values(window_start=current[name], used=used[name] + 1)
                 )
             return True
 

@@ -78,6 +78,7 @@ class DocumentQueue(LeaseQueries):
                     sightings.c.mail_date,
                     sightings.c.message_id,
                     sightings.c.invoice_number,
+                    sightings.c.invoice_number_ambiguous,
                     sightings.c.credit_note,
                     documents.c.upload_started_at,
                 )
@@ -319,6 +320,7 @@ def _outgoing(row: Row[*tuple[Any, ...]], content: bytes) -> OutgoingDocument:
         original_date=row.mail_date,
         original_message_id=row.message_id or "",
         invoice_number=row.invoice_number,
+        invoice_number_ambiguous=bool(row.invoice_number_ambiguous),
         credit_note=bool(row.credit_note),
         upload_started=row.upload_started_at is not None,
     )

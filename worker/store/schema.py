@@ -157,6 +157,9 @@ sightings = sa.Table(
     sa.Column("sha256", sa.Text, nullable=True),
     sa.Column("fingerprint", sa.Text, nullable=True),
     sa.Column("invoice_number", sa.Text, nullable=True),
+    # The first pages read as several different invoice numbers (true, else NULL):
+    # `invoice_number` is the first of them and is not filed as the document's number.
+    sa.Column("invoice_number_ambiguous", sa.Boolean, nullable=True),
     # The first pages matched INVOICE_RELAY_GMI_CREDIT_NOTE_PATTERN (true, else NULL).
     sa.Column("credit_note", sa.Boolean, nullable=True),
     sa.Column("kind", sa.Text, nullable=False),

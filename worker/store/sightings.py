@@ -226,6 +226,7 @@ class MailRecorder(LeaseQueries):
             "sha256": part.sha256,
             "fingerprint": part.fingerprint,
             "invoice_number": part.invoice_number,
+            "invoice_number_ambiguous": part.invoice_number_ambiguous or None,
             "credit_note": part.credit_note or None,
             "kind": part.kind.value,
             "reason": part.reason,

@@ -5,6 +5,7 @@ schema the fake server validates with."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from tests.servers.getmyinvoices import ACCOUNT_ID, request_problem
 from worker.config.environment import Secret
 from worker.delivery.getmyinvoices import GmiDestination
-from worker.delivery.gmiapi import ALREADY_THERE, classify
+from worker.delivery.gmiapi import ALREADY_THERE, AMBIGUOUS_NUMBER, classify
 from worker.errors import (
     DeliveryDeferred,
     DeliveryRejected,
@@ -115,6 +116,7 @@ def test_the_budget_decides(
 class _Budget:
     def __init__(self) -> None:
         self.spent: list[bool] = []
+        self.counted: list[str] = []
         self.holds: list[str] = []
         self.refuse: Hold | None = None
 
@@ -124,6 +126,9 @@ class _Budget:
             return self.refuse
         self.spent.append(upload)
         return None
+
+    def count(self, destination: str) -> None:
+        self.counted.append(destination)
 
     def hold(self, destination: str, *, seconds: float, limit: str) -> datetime:
         self.holds.append(limit)
@@ -213,6 +218,39 @@ def test_no_document_number_without_an_invoice_number() -> None:
     assert "documentNumber" not in api.bodies()[0]
 
 
+def test_no_document_number_when_the_number_is_ambiguous(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The first pages named several numbers: filing the first as the document's number
+    # could be wrong, so none is sent, and the note and the log say why.
+    api = _Api(httpx.Response(200, json={"success": True, "documentUid": 1}))
+    parcel = _parcel(invoice_number="RE-1001", invoice_number_ambiguous=True)
+    with caplog.at_level(logging.INFO, logger="worker.delivery.getmyinvoices"):
+        receipt = _adapter(api).deliver(parcel)
+    assert receipt.delivery_id == "1"
+    (upload,) = api.bodies()  # checked against the schema by `_Api`
+    assert "documentNumber" not in upload
+    assert AMBIGUOUS_NUMBER in upload["note"]
+    (logged,) = [r for r in caplog.records if getattr(r, "action", "") == "gmi_number_ambiguous"]
+    assert "RE-1001" in logged.getMessage()
+
+
+def test_the_note_is_quiet_about_a_number_read_unambiguously() -> None:
+    api = _Api(httpx.Response(200, json={"success": True, "documentUid": 1}))
+    _adapter(api).deliver(_parcel(invoice_number="RE-1001"))
+    assert AMBIGUOUS_NUMBER not in api.bodies()[0]["note"]
+
+
+def test_the_account_is_counted_as_a_call_not_as_an_upload() -> None:
+    # GET /account names the destination only in its answer: counted after it, in the
+    # call windows; only the upload spends from the hourly upload budget.
+    budget = _Budget()
+    api = _Api(httpx.Response(200, json={"success": True, "documentUid": 1}))
+    _adapter(api, budget=budget).deliver(_parcel())
+    assert budget.counted == [f"getmyinvoices:{ACCOUNT_ID}"]
+    assert budget.spent == [True]  # the upload, spent before it was sent
+
+
 @pytest.mark.parametrize(
     ("filename", "subject"), [("Gutschrift-17.pdf", "Invoice"), ("a.pdf", "Credit note 17")]
 )
@@ -245,7 +283,9 @@ def test_a_spent_budget_sends_nothing() -> None:
     api = _Api()
     adapter = _adapter(api, budget=budget)
     adapter.open()
-    budget.refuse = Hold(limit="the API's hourly upload limit", until=NOW + timedelta(hours=1))
+    budget.refuse = Hold(
+        limit="the API's hourly upload limit", until=NOW + timedelta(hours=1), since=NOW
+    )
     with pytest.raises(DeliveryThrottled) as raised:
         adapter.deliver(_parcel())
     assert "hourly" in raised.value.limit

@@ -197,6 +197,61 @@ def test_invoice_number_in_six_languages(language: str, number: str) -> None:
     assert report.invoice_number == number
 
 
+def test_one_number_read_is_not_ambiguous() -> None:
+    report = inspect_pdf(INVOICE)
+    assert (report.invoice_number, report.invoice_number_ambiguous) == ("1042", False)
+
+
+def test_the_same_number_repeated_is_not_ambiguous() -> None:
+    # The title, a payment reference and the next page's head all name invoice 1042.
+    first = samples.invoice_pdf(
+        number="1042", lines=[("Please quote Invoice No. 1042", "")], logo=False
+    )
+    continued = samples.invoice_pdf(number="1042", lines=[("Shipping", "5.00")], logo=False)
+    report = inspect_pdf(samples.joined_pdf(first, continued))
+    assert report.pages == 2
+    assert (report.invoice_number, report.invoice_number_ambiguous) == ("1042", False)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        # A credit note naming the invoice it corrects, on its own page.
+        samples.invoice_pdf(number="1042", lines=[("Corrects Invoice No. 1041", "-5.00")]),
+        # Two invoices sent as one file: the second on page 2.
+        samples.joined_pdf(
+            samples.invoice_pdf(number="1042", logo=False),
+            samples.invoice_pdf(number="1043", logo=False),
+        ),
+    ],
+    ids=["one-page", "second-page"],
+)
+def test_different_numbers_on_the_first_pages_are_ambiguous(document: bytes) -> None:
+    report = inspect_pdf(document)
+    assert report.accepted
+    # The audit keeps the first as read; the flag says it is not the only one.
+    assert (report.invoice_number, report.invoice_number_ambiguous) == ("1042", True)
+
+
+def test_a_custom_pattern_is_ambiguous_the_same_way() -> None:
+    document = samples.invoice_pdf(number="1042", lines=[("Replaces Invoice No. 1041", "")])
+    pattern = re.compile(r"Invoice No\. (\d+)")
+    report = inspect_pdf(document, invoice_pattern=pattern)
+    assert (report.invoice_number, report.invoice_number_ambiguous) == ("1042", True)
+    # What the custom pattern does not read does not count.
+    narrow = re.compile(r"Invoice No\. (104[2-9])")
+    report = inspect_pdf(document, invoice_pattern=narrow)
+    assert (report.invoice_number, report.invoice_number_ambiguous) == ("1042", False)
+
+
+def test_a_number_past_the_first_pages_is_not_read() -> None:
+    pages = [samples.invoice_pdf(number="1042", logo=False)] * 2
+    document = samples.joined_pdf(*pages, samples.invoice_pdf(number="1099", logo=False))
+    report = inspect_pdf(document)
+    assert report.pages == 3
+    assert (report.invoice_number, report.invoice_number_ambiguous) == ("1042", False)
+
+
 def test_pdf_without_text_has_no_invoice_number() -> None:
     report = inspect_pdf(samples.textless_pdf())
     assert report.accepted

@@ -12,7 +12,7 @@ import io
 import random
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import ClassVar
 
@@ -281,7 +281,7 @@ class _BuggyPattern:
     groupindex: ClassVar[dict[str, int]] = {}
     groups = 0
 
-    def search(self, text: str) -> re.Match[str] | None:
+    def finditer(self, text: str) -> Iterator[re.Match[str]]:
         del text
         return len(None)  # type: ignore[arg-type,return-value]
 

@@ -20,6 +20,7 @@ from tests.storecases import (
     record,
 )
 from worker.models import (
+    AuditFilter,
     DocumentState,
 )
 from worker.store.sqlstore import SqlStore
@@ -73,6 +74,26 @@ def test_claimed_documents_carry_the_original_mail(store: SqlStore) -> None:
     assert claimed.original_date.utcoffset() == timedelta(0)
     assert claimed.sha256 == hashlib.sha256(pdf("a")).hexdigest()
     assert (claimed.attempts, claimed.resend_count) == (0, 0)
+
+
+def test_a_claim_knows_whether_the_invoice_number_was_ambiguous(store: SqlStore) -> None:
+    # A retry from the database (another poll, another replica) must not file the first
+    # of several numbers as the document's: the flag is kept with the sighting.
+    record(
+        store,
+        mail(1, accepted(pdf("a"), invoice_number="1042", invoice_number_ambiguous=True)),
+        mail(2, accepted(pdf("b"), invoice_number="1043")),
+        mail(3, accepted(pdf("c"))),
+    )
+    claimed = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    assert [(c.invoice_number, c.invoice_number_ambiguous) for c in claimed] == [
+        ("1042", True),
+        ("1043", False),
+        (None, False),
+    ]
+    # The audit shows the first number read, as it always has.
+    numbers = {row.uid: row.invoice_number for row in store.audit(AuditFilter())}
+    assert numbers == {1: "1042", 2: "1043", 3: None}
 
 
 def test_concurrent_claims_never_share_a_document(store_factory: StoreFactory) -> None:
