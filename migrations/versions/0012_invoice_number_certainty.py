@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0012_invoice_number_certainty"
-down_revision: str | None = "0008_gmi_delivery"
+down_revision: str | None = "0014_delivery_attempts"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
