@@ -541,6 +541,10 @@ def test_delivery_attempts_start_with_each_known_delivery_and_go_away_again(
         with engine.connect() as connection:
             kept = connection.execute(sa.text("SELECT count(*) FROM documents")).scalar_one()
         assert kept == 3
+    finally:
+        engine.dispose()
+
+
 def test_invoice_number_certainty_comes_and_goes_with_0012(empty_database: str) -> None:
     # 0012 adds `sightings.invoice_number_ambiguous`; a sighting recorded before it has
     # NULL (its number counts as read unambiguously), and the view stays as it was.
