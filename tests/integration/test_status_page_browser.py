@@ -29,7 +29,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.documents import OWNER
+from tests.documents import OWNER, QUEUE_MAILBOX
 from tests.storecases import accepted, mail, pdf, record
 from worker.cli.audit import as_csv
 from worker.config.web import WebSettings, WebUser
@@ -109,7 +109,7 @@ def _seed(store: SqlStore) -> tuple[int, int]:
         now=now - timedelta(minutes=5),
         advance_to=2,
     )
-    due = store.claim_due(now=now, limit=10, owner=OWNER, lease_seconds=60)
+    due = store.claim_due(mailbox=QUEUE_MAILBOX, now=now, limit=10, owner=OWNER, lease_seconds=60)
     by_id = {item.document_id: item for item in due}
     assert sent.document_id is not None and refused.document_id is not None
     store.mark_forwarded(

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from worker.models.defaults import DEFAULT_PAGE_ROWS
+from worker.models.defaults import DEFAULT_PAGE_ROWS, DEFAULT_ROUTE
 from worker.models.documents import DocumentState, Outcome
 
 
@@ -30,6 +30,7 @@ class AuditFilter:
     outcomes: tuple[Outcome, ...] = ()
     invoice_number: str | None = None
     limit: int | None = None
+    route: str | None = None  # `audit --route NAME`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +60,8 @@ class AuditRow:
     mail_action: str | None = None  # what was done to the mail after forwarding (settled)
     delivered_via: str | None = None  # "smtp" or "getmyinvoices", once delivered
     delivery_id: str | None = None  # Message-ID or documentUid; "" when GMI had it
+    route: str = DEFAULT_ROUTE  # the route that recorded it
+    destination: str | None = None  # its document's; None before destinations (all of them)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -119,6 +119,9 @@ class OutgoingDocument:
     invoice_number: str | None = None  # the introducing sighting's
     credit_note: bool = False  # the introducing sighting's first pages read as one
     upload_started: bool = False  # an API upload of it may have gone out before
+    # Where it goes; None for a document older than destinations (its Message-ID then
+    # stays what it was, so a retry across the upgrade is still the same delivery).
+    destination: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +145,7 @@ class Parcel:
     credit_note: bool = False  # its first pages' text matched the credit note pattern
     # An upload of it was started before and may have arrived: an API asks first.
     upload_started: bool = False
+    destination: str | None = None  # the document's (`OutgoingDocument.destination`)
 
     @classmethod
     def from_outgoing(cls, document: OutgoingDocument) -> Parcel:
@@ -157,6 +161,7 @@ class Parcel:
             invoice_number=document.invoice_number,
             credit_note=document.credit_note,
             upload_started=document.upload_started,
+            destination=document.destination,
         )
 
 

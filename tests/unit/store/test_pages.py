@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.documents import OWNER
+from tests.documents import OWNER, QUEUE_MAILBOX
 from tests.storecases import T0, StoreFactory, accepted, mail, pdf, record
 from worker.models import (
     AuditSearch,
@@ -39,7 +39,9 @@ def store(store_factory: StoreFactory) -> SqlStore:
         mail(4, accepted(pdf("b"), filename="Rechnung_100%.pdf")),
         now=T0 + timedelta(days=40),
     )
-    due = store.claim_due(now=T0 + timedelta(days=40), limit=10, owner=OWNER, lease_seconds=60)
+    due = store.claim_due(
+        mailbox=QUEUE_MAILBOX, now=T0 + timedelta(days=40), limit=10, owner=OWNER, lease_seconds=60
+    )
     store.mark_failed(due[1].document_id, owner=OWNER, answer="554 5.7.1 refused")
     store.mark_forwarded(
         due[0].document_id,
