@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.storecases import accepted, mail, pdf, record
-from worker.models import AuditFilter, DedupMode, Outcome, SightingKind
+from worker.models import AuditFilter, DedupMode, Outcome, OutgoingDocument, SightingKind
 from worker.store import migrate
 from worker.store.engine import make_engine
 from worker.store.sqlstore import SqlStore
@@ -135,8 +135,8 @@ def test_documents_before_destinations_stay_known_everywhere(empty_database: str
 
         # The pending one is still sent, by a poll of the folder that introduced it
         # only, under the Message-ID form it had before (no destination).
-        assert [d.sha256 for d in store.claim_due(**_claim(OTHER))] == [sha("d")]
-        (pending,) = store.claim_due(**_claim(SHOP))
+        assert [d.sha256 for d in claim(store, OTHER)] == [sha("d")]
+        (pending,) = claim(store, SHOP)
         assert (pending.document_id, pending.destination) == (2, None)
         by_uid = {(row.mailbox, row.uid): row for row in store.audit(AuditFilter())}
         assert (by_uid[OTHER, 13].outcome, by_uid[OTHER, 13].destination) == (
@@ -148,8 +148,8 @@ def test_documents_before_destinations_stay_known_everywhere(empty_database: str
         store.close()
 
 
-def _claim(mailbox: str) -> dict[str, object]:
-    return {"now": NOW, "limit": 10, "owner": "tests", "lease_seconds": 60, "mailbox": mailbox}
+def claim(store: SqlStore, mailbox: str) -> list[OutgoingDocument]:
+    return store.claim_due(now=NOW, limit=10, owner="tests", lease_seconds=60, mailbox=mailbox)
 
 
 def test_the_downgrade_restores_one_dedup_while_no_sha256_is_shared(empty_database: str) -> None:
