@@ -61,18 +61,28 @@ def upgrade(url: str) -> None:
     migrate.upgrade_database(url)
 
 
-def retry(url: str, sha256: str | None) -> int:
+def retry(
+    url: str, sha256: str | None, *, route: str | None = None, destination: str | None = None
+) -> int:
+    """Raises `DestinationAmbiguous` for a SHA-256 of several destinations, unnarrowed."""
     store = _existing_database(url)
     try:
-        return store.requeue(sha256=sha256, now=datetime.now(UTC))
+        return store.requeue(
+            sha256=sha256, now=datetime.now(UTC), route=route, destination=destination
+        )
     finally:
         store.close()
 
 
-def resend(url: str, sha256: str) -> bool:
+def resend(
+    url: str, sha256: str, *, route: str | None = None, destination: str | None = None
+) -> bool:
+    """Raises `DestinationAmbiguous` for a SHA-256 of several destinations, unnarrowed."""
     store = _existing_database(url)
     try:
-        return store.resend(sha256=sha256, now=datetime.now(UTC))
+        return store.resend(
+            sha256=sha256, now=datetime.now(UTC), route=route, destination=destination
+        )
     finally:
         store.close()
 
