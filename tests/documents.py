@@ -24,6 +24,10 @@ from worker.store.sqlstore import SqlStore
 # The lease owner of the tests that write under a lease straight into a store: a fixed
 # token, where a process draws a random one (`worker.relay.lease.new_owner`).
 OWNER = "tests"
+# The folder and destination of the documents these helpers write: a document is sent
+# only by a poll of the folder that introduced it (`claim_due(mailbox=...)`).
+QUEUE_MAILBOX = "relay@example.test/INBOX"
+DESTINATION = "smtp:accounting@example.test"
 
 
 class PollLeases(Protocol):
@@ -71,8 +75,16 @@ def wait_for_leases_to_expire(store: SqlStore, *, timeout: float = 120.0) -> flo
     return time.monotonic() - started
 
 
-def add_pending_documents(store: SqlStore | FakeStore, count: int, *, now: datetime) -> list[str]:
-    """`count` pending documents due at `now`; returns their SHA-256s in order."""
+def add_pending_documents(
+    store: SqlStore | FakeStore,
+    count: int,
+    *,
+    now: datetime,
+    mailbox: str = QUEUE_MAILBOX,
+    destination: str = DESTINATION,
+) -> list[str]:
+    """`count` pending documents of `mailbox` due at `now`; returns their SHA-256s in
+    order."""
     hashes = [hashlib.sha256(f"pdf {n}".encode()).hexdigest() for n in range(count)]
     if isinstance(store, FakeStore):
         for sha256 in hashes:
@@ -81,6 +93,8 @@ def add_pending_documents(store: SqlStore | FakeStore, count: int, *, now: datet
                 content=b"%PDF-1.4 " + sha256.encode(),
                 filename="invoice.pdf",
                 now=now,
+                mailbox=mailbox,
+                destination=destination,
             )
         return hashes
     with store.engine.begin() as connection:
@@ -95,6 +109,8 @@ def add_pending_documents(store: SqlStore | FakeStore, count: int, *, now: datet
                     filename="invoice.pdf",
                     resend_count=0,
                     created_at=now,
+                    mailbox=mailbox,
+                    destination=destination,
                 )
                 .returning(schema.documents.c.id)
             ).scalar_one()
@@ -116,11 +132,13 @@ def send_loop(
     checkpoint: Checkpoint = no_checkpoint,
     pacer: SendPacer | None = None,
     via: str = "smtp",
+    mailbox: str = QUEUE_MAILBOX,
 ) -> Forwarder:
     """A `Forwarder` for tests: a fixed clock, no pacing unless given, retries 10 s
     apart (±20 %)."""
     return Forwarder(
         rules=ForwardRules(
+            mailbox=mailbox,
             send_batch=send_batch,
             retry_base=timedelta(seconds=10),
             via=via,

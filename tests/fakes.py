@@ -15,6 +15,7 @@ from worker.delivery.message import build_forward
 from worker.errors import (
     DeliveryRefused,
     DeliveryUnavailable,
+    DestinationAmbiguous,
     LeaseLost,
     MailboxError,
     PdfCheckFailed,
@@ -23,6 +24,7 @@ from worker.errors import (
 )
 from worker.mail import headers
 from worker.models import (
+    DEFAULT_ROUTE,
     AttemptOutcome,
     AuditFilter,
     AuditPage,
@@ -328,11 +330,14 @@ class _Sighting:
     document_id: int | None = None
     duplicate_of: int | None = None
     tries: int = 1
+    route: str = DEFAULT_ROUTE
 
 
 @dataclass(slots=True, kw_only=True)
 class _Document:
     id: int
+    destination: str | None  # None: older than destinations, known to all
+    mailbox: str | None  # the folder whose mail introduced it
     sha256: str
     content_key: str | None
     filename: str | None
@@ -355,8 +360,9 @@ class FakeStore:
     `AdminStore`) in memory, for tests of what uses the store rather than of SQL. It keeps
     the rules that `tests/unit/store/test_contract.py` checks against `SqlStore` too: a
     sighting per (mailbox, uidvalidity, uid, part), replaced only while it is an ERROR; a
-    document per sha256 and per content key, the later sighting a DUPLICATE naming the
-    key; leases with an owner and an expiry on `clock` (the database's clock of
+    document per (destination, sha256) and per (destination, content key), the later
+    sighting a DUPLICATE naming the key; only the introducing folder's documents
+    claimed for sending; leases with an owner and an expiry on `clock` (the database's clock of
     `SqlStore`), every write under one fenced by its owner (`LeaseLost`, nothing
     changed)."""
 
@@ -473,6 +479,8 @@ class FakeStore:
         keep_pdfs: bool,
         now: datetime,
         owner: str,
+        destination: str,
+        route: str = DEFAULT_ROUTE,
     ) -> list[RecordedSighting]:
         del keep_pdfs  # as in SqlStore: the bytes are kept until the document is forwarded
         for mail in mails:
@@ -495,7 +503,14 @@ class FakeStore:
                 del self.sightings[sighting.id]
         recorded = [
             self._record_part(
-                mailbox=mailbox, uidvalidity=uidvalidity, mail=mail, part=part, dedup=dedup, now=now
+                mailbox=mailbox,
+                uidvalidity=uidvalidity,
+                mail=mail,
+                part=part,
+                dedup=dedup,
+                now=now,
+                route=route,
+                destination=destination,
             )
             for mail in mails
             for part in mail.parts
@@ -521,6 +536,8 @@ class FakeStore:
         part: PartRecord,
         dedup: DedupMode,
         now: datetime,
+        route: str,
+        destination: str,
     ) -> RecordedSighting:
         location = (mailbox, uidvalidity, mail.uid, part.part)
         existing = next(
@@ -545,15 +562,18 @@ class FakeStore:
             kind=part.kind,
             reason=part.reason,
             tries=existing.tries + 1 if existing else 1,
+            route=route,
         )
         self.sightings[sighting.id] = sighting
         if part.kind is SightingKind.DOCUMENT:
             assert part.sha256 is not None
             content_key = part.fingerprint if dedup is DedupMode.CONTENT else None
-            known = self._known(part.sha256, content_key)
+            known = self._known(part.sha256, content_key, destination)
             if known is None:
                 document = _Document(
                     id=max(self.documents, default=0) + 1,
+                    destination=destination,
+                    mailbox=mailbox,
                     sha256=part.sha256,
                     content_key=content_key,
                     filename=part.filename,
@@ -575,11 +595,14 @@ class FakeStore:
                 sighting.duplicate_of = introduced_by
         return _recorded(sighting, inserted=True)
 
-    def _known(self, sha256: str, content_key: str | None) -> tuple[int, str] | None:
-        for document in self.documents.values():
+    def _known(
+        self, sha256: str, content_key: str | None, destination: str | None
+    ) -> tuple[int, str] | None:
+        there = [d for d in self.documents.values() if d.destination in (None, destination)]
+        for document in there:
             if document.sha256 == sha256:
                 return document.id, "sha256"
-        for document in self.documents.values():
+        for document in there:
             if content_key is not None and document.content_key == content_key:
                 return document.id, "content fingerprint"
         return None
@@ -613,15 +636,26 @@ class FakeStore:
             sighting.reason = f"gave up after {sighting.tries} tries: {sighting.reason or ''}"
         return len(chosen)
 
-    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
-        known = self._known(sha256, content_key)
+    def known_key(self, *, sha256: str, content_key: str | None, destination: str) -> str | None:
+        known = self._known(sha256, content_key, destination)
         return None if known is None else known[1]
 
-    def add_document(self, *, sha256: str, content: bytes, filename: str, now: datetime) -> int:
+    def add_document(
+        self,
+        *,
+        sha256: str,
+        content: bytes,
+        filename: str,
+        now: datetime,
+        mailbox: str,
+        destination: str | None,
+    ) -> int:
         """A pending document due at `now` with no sighting, as `tests.documents` writes
         one straight into SQL."""
         document = _Document(
             id=max(self.documents, default=0) + 1,
+            destination=destination,
+            mailbox=mailbox,
             sha256=sha256,
             content_key=None,
             filename=filename,
@@ -634,7 +668,7 @@ class FakeStore:
     # --- SendQueue ---------------------------------------------------------------------
 
     def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float, mailbox: str
     ) -> list[OutgoingDocument]:
         # As in SqlStore: `now` says which retries are due, `clock` which leases expired.
         leased_at = self.clock()
@@ -642,6 +676,7 @@ class FakeStore:
             d
             for d in sorted(self.documents.values(), key=lambda d: d.id)
             if d.state is DocumentState.PENDING
+            and d.mailbox == mailbox
             and d.next_attempt_at <= now
             and (d.lease_until is None or d.lease_until <= leased_at)
             and d.content is not None
@@ -671,6 +706,7 @@ class FakeStore:
                     original_subject=introducing.subject,
                     original_date=introducing.date,
                     original_message_id=introducing.message_id,
+                    destination=document.destination,
                 )
             )
         return claimed
@@ -740,11 +776,38 @@ class FakeStore:
 
     # --- AdminStore --------------------------------------------------------------------
 
-    def requeue(self, *, sha256: str | None, now: datetime) -> int:
+    def _narrowed(
+        self, sha256: str | None, route: str | None, destination: str | None
+    ) -> list[_Document]:
+        """As `worker.store.admin`: the documents meant, or `DestinationAmbiguous`."""
+        chosen = [d for d in self.documents.values() if sha256 in (None, d.sha256)]
+        if sha256 is not None and route is None and destination is None:
+            names = sorted({d.destination for d in chosen if d.destination is not None})
+            if len(names) > 1:
+                raise DestinationAmbiguous(sha256, tuple(names))
+        if destination is not None:
+            chosen = [d for d in chosen if d.destination in (None, destination)]
+        if route is not None:
+            chosen = [
+                d
+                for d in chosen
+                if any(
+                    s.document_id == d.id and s.kind is SightingKind.DOCUMENT and s.route == route
+                    for s in self.sightings.values()
+                )
+            ]
+        return chosen
+
+    def requeue(
+        self,
+        *,
+        sha256: str | None,
+        now: datetime,
+        route: str | None = None,
+        destination: str | None = None,
+    ) -> int:
         chosen = [
-            d
-            for d in self.documents.values()
-            if d.state is DocumentState.FAILED and sha256 in (None, d.sha256)
+            d for d in self._narrowed(sha256, route, destination) if d.state is DocumentState.FAILED
         ]
         for document in chosen:
             document.state = DocumentState.PENDING
@@ -754,13 +817,16 @@ class FakeStore:
             document.lease_owner = None
         return len(chosen)
 
-    def resend(self, *, sha256: str, now: datetime) -> bool:
-        for document in self.documents.values():
-            if (
-                document.sha256 == sha256
-                and document.state is DocumentState.FORWARDED
-                and document.content is not None
-            ):
+    def resend(
+        self,
+        *,
+        sha256: str,
+        now: datetime,
+        route: str | None = None,
+        destination: str | None = None,
+    ) -> bool:
+        for document in self._narrowed(sha256, route, destination):
+            if document.state is DocumentState.FORWARDED and document.content is not None:
                 document.state = DocumentState.PENDING
                 document.resend_count += 1
                 document.next_attempt_at = now
@@ -771,10 +837,11 @@ class FakeStore:
 
     # --- AuditReader -------------------------------------------------------------------
 
-    def state_counts(self) -> dict[DocumentState, int]:
+    def state_counts(self, mailbox: str | None = None) -> dict[DocumentState, int]:
         counts = dict.fromkeys(DocumentState, 0)
         for document in self.documents.values():
-            counts[document.state] += 1
+            if mailbox in (None, document.mailbox):
+                counts[document.state] += 1
         return counts
 
     def audit(self, query: AuditFilter) -> list[AuditRow]:
@@ -786,6 +853,7 @@ class FakeStore:
             if (query.since is None or row.received_at >= query.since)
             and (not query.outcomes or row.outcome in query.outcomes)
             and (query.invoice_number is None or row.invoice_number == query.invoice_number)
+            and (query.route is None or row.route == query.route)
         ]
         rows.sort(key=lambda row: (row.received_at, row.id), reverse=True)
         return rows if query.limit is None else rows[: query.limit]
@@ -822,6 +890,12 @@ class FakeStore:
             forwarded_at=shown.forwarded_at if shown else None,
             forwarded_message_id=shown.forwarded_message_id if shown else None,
             attempts=shown.attempts if shown else None,
+            route=sighting.route,
+            destination=(
+                self.documents[sighting.document_id].destination
+                if sighting.document_id is not None
+                else None
+            ),
         )
 
 
@@ -1116,7 +1190,15 @@ class FakePageStore:
 
     # --- AdminStore --------------------------------------------------------------------
 
-    def requeue(self, *, sha256: str | None, now: datetime) -> int:
+    def requeue(
+        self,
+        *,
+        sha256: str | None,
+        now: datetime,
+        route: str | None = None,
+        destination: str | None = None,
+    ) -> int:
+        del route, destination  # one destination here: nothing to narrow
         self.actions.append(("retry", sha256 or "*"))
         count = 0
         for item in self.rows.values():
@@ -1125,7 +1207,15 @@ class FakePageStore:
                 count += 1
         return count
 
-    def resend(self, *, sha256: str, now: datetime) -> bool:
+    def resend(
+        self,
+        *,
+        sha256: str,
+        now: datetime,
+        route: str | None = None,
+        destination: str | None = None,
+    ) -> bool:
+        del route, destination  # one destination here: nothing to narrow
         self.actions.append(("resend", sha256))
         for item in self.rows.values():
             if item.row.sha256 == sha256 and item.state is DocumentState.FORWARDED and item.pdf:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from tests.documents import OWNER, poll_owner
+from tests.documents import DESTINATION, OWNER, QUEUE_MAILBOX, poll_owner
 from worker.models import (
     DedupMode,
     MailHeaders,
@@ -21,7 +21,7 @@ from worker.models import (
 from worker.store.schema import document_contents, documents, sightings
 from worker.store.sqlstore import SqlStore
 
-MAILBOX = "relay@example.test/INBOX"
+MAILBOX = QUEUE_MAILBOX
 UIDVALIDITY = 7
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -71,10 +71,15 @@ def record(
     dedup: DedupMode = DedupMode.CONTENT,
     advance_to: int | None = None,
     now: datetime = T0,
+    mailbox: str = MAILBOX,
+    destination: str = DESTINATION,
+    route: str = "default",
 ) -> list[RecordedSighting]:
     recorded = store.record_mails(
-        owner=poll_owner(store, MAILBOX),
-        mailbox=MAILBOX,
+        destination=destination,
+        route=route,
+        owner=poll_owner(store, mailbox),
+        mailbox=mailbox,
         uidvalidity=UIDVALIDITY,
         mails=mails,
         advance_to=advance_to,
@@ -83,7 +88,7 @@ def record(
         now=now,
     )
     # As a poll ends: the leases left are the documents', which the tests watch.
-    store.end_poll_lease(MAILBOX, owner=OWNER)
+    store.end_poll_lease(mailbox, owner=OWNER)
     return recorded
 
 

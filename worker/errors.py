@@ -269,3 +269,16 @@ class ConfigProblems(ConfigError):
         super().__init__(problems[0].variable, problems[0].problem)
         lines = "\n".join(f"  {problem.variable}: {problem.problem}" for problem in problems)
         self.args = (f"Bad configuration ({len(problems)} problems):\n{lines}",)
+
+
+class DestinationAmbiguous(RelayError):
+    """That SHA-256 names documents of several destinations: say which (--route or --destination).
+
+    Raised by `retry` and `resend` when neither filter narrows a SHA-256 that documents
+    of several destinations share; `destinations` lists them.
+    """
+
+    def __init__(self, sha256: str, destinations: tuple[str, ...]) -> None:
+        self.sha256 = sha256
+        self.destinations = destinations
+        super().__init__(f"{sha256} goes to {', '.join(destinations)}")

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests import samples
-from tests.documents import OWNER, send_loop, wait_for_leases_to_expire
+from tests.documents import OWNER, QUEUE_MAILBOX, send_loop, wait_for_leases_to_expire
 from tests.servers.getmyinvoices import UNAVAILABLE, FakeGetMyInvoices, refused, unprocessable
 from tests.storecases import T0, accepted, mail, pdf, record
 from worker.config.environment import Secret
@@ -294,7 +294,9 @@ def test_resend_refuses_what_getmyinvoices_has(api: FakeGetMyInvoices, database_
     try:
         record(store, mail(1, accepted(pdf("A"))))
         destination = _destination(api, store, now=T0)
-        (document,) = store.claim_due(now=T0, limit=1, owner=OWNER, lease_seconds=60)
+        (document,) = store.claim_due(
+            mailbox=QUEUE_MAILBOX, now=T0, limit=1, owner=OWNER, lease_seconds=60
+        )
         receipt = destination.deliver(Parcel.from_outgoing(document))
         destination.close()
         store.mark_forwarded(

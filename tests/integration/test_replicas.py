@@ -15,7 +15,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.documents import OWNER, add_pending_documents
+from tests.documents import OWNER, QUEUE_MAILBOX, add_pending_documents
 from tests.integration.guarantee_tools import invoices, relay_command, tally
 from tests.integration.test_relay import relay_env
 from tests.servers.dovecot import DovecotServer
@@ -106,7 +106,7 @@ def test_concurrent_claims_never_lease_a_document_twice(database_url: str) -> No
     def sender() -> None:
         start.wait()
         while claimed := store.claim_due(
-            owner=OWNER, now=datetime.now(UTC), limit=3, lease_seconds=600
+            mailbox=QUEUE_MAILBOX, owner=OWNER, now=datetime.now(UTC), limit=3, lease_seconds=600
         ):
             with lock:
                 claims.update(document.document_id for document in claimed)

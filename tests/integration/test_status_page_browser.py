@@ -29,7 +29,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.documents import OWNER
+from tests.documents import OWNER, QUEUE_MAILBOX
 from tests.storecases import accepted, mail, pdf, record
 from worker.cli.audit import as_csv
 from worker.config.web import WebSettings, WebUser
@@ -111,7 +111,7 @@ def _seed(store: SqlStore) -> tuple[int, int]:
         now=now - timedelta(minutes=5),
         advance_to=2,
     )
-    due = store.claim_due(now=now, limit=10, owner=OWNER, lease_seconds=60)
+    due = store.claim_due(mailbox=QUEUE_MAILBOX, now=now, limit=10, owner=OWNER, lease_seconds=60)
     assert sent.document_id is not None and refused.document_id is not None
     assert {item.document_id for item in due} == {sent.document_id, refused.document_id}
     store.mark_failed(refused.document_id, owner=OWNER, answer="554 5.7.1 message refused")
@@ -123,7 +123,9 @@ def _seed(store: SqlStore) -> tuple[int, int]:
         next_attempt_at=now,
         failed=False,
     )
-    (again,) = store.claim_due(now=now, limit=10, owner=OWNER, lease_seconds=60)
+    (again,) = store.claim_due(
+        mailbox=QUEUE_MAILBOX, now=now, limit=10, owner=OWNER, lease_seconds=60
+    )
     assert again.document_id == sent.document_id
     store.mark_forwarded(
         sent.document_id,

@@ -15,7 +15,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from tests.documents import poll_owner
+from tests.documents import DESTINATION, poll_owner
 from worker.mail.verdicts import NOTICE_LOOP_REASON
 from worker.models import (
     AuditFilter,
@@ -57,10 +57,14 @@ README_AUDIT_COLUMNS = [
     "mail_action",
     "delivered_via",
     "delivery_id",
+    "route",
+    "destination",
 ]
 
-# The view as 0006_mail_actions left it (before the delivery columns of 0008).
+# The view as 0006_mail_actions left it (before the delivery columns of 0008), and as
+# 0008 left it (before the route columns of 0011).
 AUDIT_COLUMNS_0006 = README_AUDIT_COLUMNS[: README_AUDIT_COLUMNS.index("mail_action") + 1]
+AUDIT_COLUMNS_0008 = README_AUDIT_COLUMNS[: README_AUDIT_COLUMNS.index("delivery_id") + 1]
 
 
 def view_columns(url: str) -> list[str]:
@@ -103,6 +107,8 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "delivery_budgets",
         "delivery_attempts",
         "poll_leases",
+        "poll_claims",
+        "route_polls",
     }
     migrate.upgrade_database(empty_database)  # a second start-up changes nothing
     assert migrate.is_up_to_date(empty_database)
@@ -185,6 +191,7 @@ def test_the_store_works_on_a_migrated_database(empty_database: str) -> None:
     store = SqlStore(empty_database)
     try:
         (recorded,) = store.record_mails(
+            destination=DESTINATION,
             owner=poll_owner(store, "INBOX"),
             mailbox="INBOX",
             uidvalidity=1,
@@ -471,6 +478,14 @@ def test_a_lease_taken_before_the_leases_migration_ends_with_it(empty_database: 
                 sa.text("INSERT INTO document_contents (document_id, content) VALUES (1, :pdf)"),
                 {"pdf": b"%PDF-1.7"},
             )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO sightings (mailbox, uidvalidity, uid, part, received_at,"
+                    " message_id, sender, subject, kind, tries, document_id) VALUES"
+                    " ('m', 1, 5, '2', :now, '', '', '', 'document', 1, 1)"
+                ),
+                {"now": now},
+            )
         migrate.upgrade_database(empty_database, "0005_leases")
         with engine.connect() as connection:
             left = connection.execute(
@@ -480,7 +495,9 @@ def test_a_lease_taken_before_the_leases_migration_ends_with_it(empty_database: 
         migrate.upgrade_database(empty_database)
         store = SqlStore(empty_database)
         try:
-            (claimed,) = store.claim_due(now=now, limit=10, owner="next", lease_seconds=30)
+            (claimed,) = store.claim_due(
+                now=now, limit=10, owner="next", lease_seconds=30, mailbox="m"
+            )
         finally:
             store.close()
         assert claimed.document_id == 1

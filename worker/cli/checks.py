@@ -325,10 +325,10 @@ def _check_orphans(deployment: Deployment, out: TextIO) -> int:
         return 0
     finally:
         store.close()
-    for mailbox, pending in orphans:
+    for destination, pending in orphans:
         out.write(
-            f"FAIL routes: {pending} pending document(s) from {mailbox}, which no route "
-            "polls any more; to fix: put the route back, or `invoice-relay purge --route "
-            "NAME` to give them up\n"
+            f"FAIL routes: {pending} pending document(s) for {destination} came from a "
+            "mailbox no route polls any more; to fix: put the route back, or "
+            "`invoice-relay purge --route NAME` to give them up\n"
         )
     return 1 if orphans else 0

@@ -246,8 +246,12 @@ def _maintain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 "route",
                 f"{args.route} is still configured; remove it from the routes file first",
             )
-        counts = maintenance.purge(url, args.route, before=args.before)
-        print(f"route {args.route}: {counts}")
+        purged = maintenance.purge(url, args.route, before=args.before)
+        if not purged:
+            print(f"route {args.route}: nothing recorded under that name")
+            return EXIT_UNAVAILABLE
+        for mailbox, counts in purged:
+            print(f"route {args.route}, {mailbox}: {counts.describe()}")
         return EXIT_OK
     scope = DocumentScope(route=args.route, destination=args.destination)
     if command == "retry":

@@ -10,7 +10,7 @@ from worker.cli.wiring import gmi_destination, prepared_store
 from worker.config.settings import Settings, http_port_from_env
 from worker.delivery.gmiapi import ALREADY_THERE
 from worker.errors import StoreError
-from worker.models import AuditFilter, AuditRow, DocumentScope, sqlite_file
+from worker.models import AuditFilter, AuditRow, DocumentScope, PurgeCounts, sqlite_file
 from worker.store import migrate
 from worker.store.sqlstore import SqlStore
 
@@ -83,11 +83,15 @@ def resend(url: str, sha256: str, *, scope: DocumentScope = _EVERYWHERE) -> bool
         store.close()
 
 
-def purge(url: str, route: str, *, before: datetime | None) -> str:
-    """Delete a removed route's sightings and the documents its mail introduced."""
+def purge(url: str, route: str, *, before: datetime | None) -> list[tuple[str, PurgeCounts]]:
+    """Delete a removed route's sightings and the documents its mail introduced, folder
+    by folder (each in one transaction); empty when the route left no rows."""
     store = _existing_database(url)
     try:
-        return str(store.purge_route(route, before=before))
+        return [
+            (mailbox, store.purge(mailbox, before=before))
+            for mailbox in store.route_mailboxes(route)
+        ]
     finally:
         store.close()
 
@@ -99,7 +103,7 @@ def resend_through_api(
     it does not hold the document (a second copy would be filed otherwise)."""
     store = _existing_database(settings.database_url.reveal())
     try:
-        content = store.kept_content(sha256)
+        content = store.kept_content(sha256, route=scope.route, destination=scope.destination)
         if content is None:
             return False, (
                 "no document with that SHA-256 whose bytes are kept (INVOICE_RELAY_KEEP_PDFS)"

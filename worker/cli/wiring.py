@@ -18,7 +18,13 @@ from worker.errors import ConfigError, StoreError
 from worker.faults import Checkpoint, no_checkpoint
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.trust import TrustPolicy
-from worker.models import Credentials, DeliveryKind, PasswordCredentials
+from worker.models import (
+    DEFAULT_ROUTE,
+    Credentials,
+    DeliveryKind,
+    PasswordCredentials,
+    smtp_destination,
+)
 from worker.pdf.pool import PdfInspector
 from worker.relay.budget import Budget, SharedBudget
 from worker.relay.lease import LEASE_SECONDS
@@ -35,10 +41,17 @@ def mailbox_name(settings: Settings) -> str:
     return routes.mailbox_name(settings)
 
 
-def pipeline_config(settings: Settings) -> PipelineConfig:
+def pipeline_config(
+    settings: Settings, *, route: str = DEFAULT_ROUTE, destination: str | None = None
+) -> PipelineConfig:
+    """One route's poll. `destination` None: `smtp:<forward_to in lower case>`; a route
+    delivering through GetMyInvoices passes its account's (`GmiDestination.destination`)
+    or its own `destination` key."""
     # A small batch: what a sender frozen mid-batch holds until its leases expire.
     send_batch = 5
     return PipelineConfig(
+        route=route,
+        destination=destination or smtp_destination(settings.forward_to),
         mailbox=mailbox_name(settings),
         forward_to=settings.forward_to,
         forward_from=settings.forward_from,

@@ -95,7 +95,10 @@ class CallBudget(Protocol):
 class UploadMarks(Protocol):
     """Where the upload-started mark is written (`documents.upload_started_at`)."""
 
-    def mark_upload_started(self, sha256: str, *, now: datetime) -> None: ...
+    def mark_upload_started(
+        self, sha256: str, *, now: datetime, destination: str | None = None
+    ) -> None:
+        """`destination` is the parcel's: the mark is that destination's document's."""
 
 
 class GmiDestination:
@@ -191,7 +194,9 @@ class GmiDestination:
                 extra={"action": "gmi_number_ambiguous", "sha256": parcel.sha256},
             )
         self._spend(upload=True, sha256=parcel.sha256)
-        self._marks.mark_upload_started(parcel.sha256, now=self._clock())
+        self._marks.mark_upload_started(
+            parcel.sha256, now=self._clock(), destination=parcel.destination
+        )
         self._checkpoint(CrashPoint.AFTER_UPLOAD_STARTED)
         if before_final is not None:
             before_final()

@@ -11,6 +11,7 @@ encoded slice by slice while it is sent (`ForwardMail.attachment_slices`).
 from __future__ import annotations
 
 import binascii
+import hashlib
 import re
 import secrets
 import urllib.parse
@@ -51,11 +52,20 @@ def attachment_filename(value: str) -> str:
     return clean_filename(value, FILENAME_LIMIT) or "invoice.pdf"
 
 
-def forward_message_id(sha256: str, resend_count: int, *, relay_id: str = DEFAULT_RELAY_ID) -> str:
+def forward_message_id(
+    sha256: str,
+    resend_count: int,
+    *,
+    destination: str | None = None,
+    relay_id: str = DEFAULT_RELAY_ID,
+) -> str:
     """The forwarded mail's Message-ID: the same for every retry of one send.
 
-    A deliberate resend (`resend_count` > 0) gets a new one, so the receiver does not
-    discard it as a copy of the first.
+    It derives from the destination too, so that one PDF forwarded to two destinations
+    is two deliveries (a receiver reading both inboxes keeps both). A deliberate resend
+    (`resend_count` > 0) gets a new one, so the receiver does not discard it as a copy
+    of the first. A document older than destinations (`destination` None) keeps the
+    form it had then, so its retries across the upgrade stay one delivery.
     """
     digest = sha256.lower()
     if not _HEX.fullmatch(digest):
@@ -64,7 +74,12 @@ def forward_message_id(sha256: str, resend_count: int, *, relay_id: str = DEFAUL
         raise ValueError(f"resend_count must not be negative, got {resend_count}")
     if not _RELAY_ID.fullmatch(relay_id):
         raise ValueError(f"relay_id must be a plain domain-like word, got {relay_id!r}")
-    return f"<{digest[:32]}.{resend_count}@{relay_id}>"
+    if destination is None:
+        return f"<{digest[:32]}.{resend_count}@{relay_id}>"
+    if not destination:
+        raise ValueError("destination must not be empty")
+    bound = hashlib.blake2b(destination.encode("utf-8"), digest_size=5).hexdigest()
+    return f"<{digest[:32]}.{bound}.{resend_count}@{relay_id}>"
 
 
 def _describe_date(value: datetime | None) -> str:
@@ -216,7 +231,12 @@ def build_forward(
     `now` is the Date header (the current time when None). Raises ValueError for a
     `sha256` that is not hexadecimal or an address that cannot be a header.
     """
-    message_id = forward_message_id(document.sha256, document.resend_count, relay_id=relay_id)
+    message_id = forward_message_id(
+        document.sha256,
+        document.resend_count,
+        destination=document.destination,
+        relay_id=relay_id,
+    )
     sha256 = document.sha256.lower()
     filename = attachment_filename(document.filename)
     subject = clean_text(document.original_subject, SUBJECT_LIMIT) or f"Invoice {filename}"

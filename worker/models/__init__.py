@@ -7,6 +7,7 @@ one spelling importers use:
 - `worker.models.mail`: the polled mailbox's values, logins, the after-forward action;
 - `worker.models.documents`: sightings, the send queue, parcels, the outcome enums, and
   what a mail's sightings say when it is settled;
+- `worker.models.routes`: a route's last poll, a purge's counts, destinations' names;
 - `worker.models.audit`: the audit log read back (CLI, failure notices, status page).
 """
 
@@ -28,7 +29,6 @@ from worker.models.audit import (
     ProblemKind,
     QueuedDocument,
     RouteOverview,
-    RoutePollState,
     RouteScope,
     WebSession,
 )
@@ -98,6 +98,7 @@ from worker.models.mail import (
     SecretText,
     Security,
 )
+from worker.models.routes import PurgeCounts, RoutePollState, smtp_destination
 
 __all__ = [
     "DATABASE_WAIT_SECONDS",
@@ -164,6 +165,7 @@ __all__ = [
     "PollStatus",
     "Problem",
     "ProblemKind",
+    "PurgeCounts",
     "QueuedDocument",
     "ReasonCode",
     "Receipt",
@@ -176,6 +178,7 @@ __all__ = [
     "SightingKind",
     "UntidiedMail",
     "WebSession",
+    "smtp_destination",
     "sqlite_file",
     "sqlite_location",
 ]

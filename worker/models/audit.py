@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from worker.models.defaults import DEFAULT_PAGE_ROWS
+from worker.models.defaults import DEFAULT_PAGE_ROWS, DEFAULT_ROUTE
 from worker.models.documents import AttemptOutcome, DocumentState, Outcome
 
 
@@ -29,8 +29,8 @@ class AuditFilter:
     since: datetime | None = None
     outcomes: tuple[Outcome, ...] = ()
     invoice_number: str | None = None
-    route: str | None = None  # only rows of this route (`audit --route`)
     limit: int | None = None
+    route: str | None = None  # `audit --route NAME`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +69,8 @@ class AuditRow:
     mail_action: str | None = None  # what was done to the mail after forwarding (settled)
     delivered_via: str | None = None  # "smtp" or "getmyinvoices", once delivered
     delivery_id: str | None = None  # Message-ID or documentUid; "" when GMI had it
+    route: str = DEFAULT_ROUTE  # the route that recorded it
+    destination: str | None = None  # its document's; None before destinations (all of them)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,19 +235,6 @@ class PollStatus:
     last_error: str | None = None
     last_error_at: datetime | None = None
     next_poll_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RoutePollState:
-    """A route's latest poll by any replica, as the database keeps it (`/healthz`)."""
-
-    route: str
-    last_started_at: datetime
-    last_finished_at: datetime
-    last_success_at: datetime | None  # None until a poll of the route succeeded
-    last_result: str  # the latest poll's summary, or its failure
-    last_error: str | None  # the latest poll's error; None when it succeeded cleanly
-    owner: str  # the replica that ran it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -131,6 +131,9 @@ class OutgoingDocument:
     invoice_number_ambiguous: bool = False  # its first pages read as several numbers
     credit_note: bool = False  # the introducing sighting's first pages read as one
     upload_started: bool = False  # an API upload of it may have gone out before
+    # Where it goes; None for a document older than destinations (its Message-ID then
+    # stays what it was, so a retry across the upgrade is still the same delivery).
+    destination: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +159,7 @@ class Parcel:
     credit_note: bool = False  # its first pages' text matched the credit note pattern
     # An upload of it was started before and may have arrived: an API asks first.
     upload_started: bool = False
+    destination: str | None = None  # the document's (`OutgoingDocument.destination`)
 
     @classmethod
     def from_outgoing(cls, document: OutgoingDocument) -> Parcel:
@@ -172,6 +176,7 @@ class Parcel:
             invoice_number_ambiguous=document.invoice_number_ambiguous,
             credit_note=document.credit_note,
             upload_started=document.upload_started,
+            destination=document.destination,
         )
 
 

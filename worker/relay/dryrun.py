@@ -53,7 +53,9 @@ def _planned(
         if kind is SightingKind.DOCUMENT and part.sha256 is not None:
             content_key = part.fingerprint if config.dedup is DedupMode.CONTENT else None
             keys = {part.sha256} | ({content_key} if content_key else set())
-            known = store.known_key(sha256=part.sha256, content_key=content_key)
+            known = store.known_key(
+                sha256=part.sha256, content_key=content_key, destination=config.destination
+            )
             if known is not None or keys & seen:
                 kind = SightingKind.DUPLICATE
                 reason = (

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardRules:
     # Where to (FORWARD_TO, FORWARD_FROM) is the destination's own setting.
+    mailbox: str  # the polled folder: only the documents its mail introduced are sent
     keep_pdfs: bool = False
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # renewed by the heartbeat while the owner lives
@@ -213,6 +214,7 @@ class Forwarder:
             limit=config.send_batch,
             owner=self._owner,
             lease_seconds=config.lease_seconds,
+            mailbox=config.mailbox,
         )
 
     def _release(self, documents: list[OutgoingDocument]) -> None:

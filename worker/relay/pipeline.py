@@ -94,6 +94,7 @@ class Pipeline:
             txt_lookup=txt_lookup,
         )
         rules = ForwardRules(
+            mailbox=config.mailbox,
             keep_pdfs=config.keep_pdfs,
             max_attempts=config.max_attempts,
             lease_seconds=config.lease_seconds,
@@ -200,7 +201,7 @@ class Pipeline:
         tidied = TidyReport()
         if self._tidier is not None and not self._stop.is_set():
             tidied = tidy_quietly(self._tidier, status.uidvalidity)
-        counts = self._store.state_counts()
+        counts = self._store.state_counts(config.mailbox)
         report = PollReport(
             mailbox=config.mailbox,
             started_at=started,
@@ -314,6 +315,8 @@ class Pipeline:
             keep_pdfs=self._config.keep_pdfs,
             now=self._clock(),
             owner=self._owner,
+            destination=self._config.destination,
+            route=self._config.route,
         )
         self._checkpoint(CrashPoint.AFTER_RECORD)
         for sighting in recorded:

@@ -19,11 +19,13 @@ from worker.models import (
     DEFAULT_MAX_PARTS,
     DEFAULT_MAX_PDF_BYTES,
     DEFAULT_RETRY_DELAY_SECONDS,
+    DEFAULT_ROUTE,
     DEFAULT_SEND_BATCH,
     DedupMode,
     DeliveryKind,
     FolderStatus,
     MailboxPosition,
+    smtp_destination,
 )
 
 
@@ -49,6 +51,14 @@ class PipelineConfig:
     send_batch: int = DEFAULT_SEND_BATCH
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS  # doubles per attempt
     delivery: DeliveryKind = DeliveryKind.SMTP  # where documents go (INVOICE_RELAY_DELIVERY)
+    route: str = DEFAULT_ROUTE  # the route's name, recorded on every sighting
+    # Where its documents go, the key of its dedup: "" means `smtp:<forward_to>` (an
+    # API route's wiring passes its account's, or the route's own `destination`).
+    destination: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.destination:
+            object.__setattr__(self, "destination", smtp_destination(self.forward_to))
 
 
 def recorded_up_to(position: MailboxPosition | None, status: FolderStatus) -> int:

@@ -138,14 +138,17 @@ class PollStore(Protocol):
         keep_pdfs: bool,
         now: datetime,
         owner: str,
+        destination: str,
+        route: str = ...,
     ) -> list[RecordedSighting]:
         """In one transaction, only while `owner` holds the poll lease of `mailbox`
-        (else `LeaseLost`, and nothing is recorded): insert every sighting (one that
-        exists already is left alone, except an ERROR one, which is replaced), claim a
-        document for each accepted PDF by INSERT (a conflict on sha256, or on the
-        fingerprint in content mode, makes the sighting a DUPLICATE whose reason names
-        the key), then move the position of `mailbox` to `advance_to` (never
-        backwards)."""
+        (else `LeaseLost`, and nothing is recorded): insert every sighting, marked with
+        `route` (one that exists already is left alone, except an ERROR one, which is
+        replaced), claim a document of `destination` for each accepted PDF by INSERT (a
+        conflict on sha256, or on the fingerprint in content mode, with a document of
+        that destination or one older than destinations makes the sighting a DUPLICATE
+        whose reason names the key), then move the position of `mailbox` to
+        `advance_to` (never backwards)."""
 
     def error_uids(self, *, mailbox: str, uidvalidity: int, max_tries: int) -> list[int]:
         """UIDs with ERROR sightings tried fewer than `max_tries` times."""
@@ -159,8 +162,9 @@ class PollStore(Protocol):
     def reject_exhausted_errors(self, *, mailbox: str, max_tries: int) -> int:
         """ERROR sightings tried `max_tries` times become REJECTED; returns how many."""
 
-    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
-        """Read-only, for a dry run: which key of a PDF is known already, or None."""
+    def known_key(self, *, sha256: str, content_key: str | None, destination: str) -> str | None:
+        """Read-only, for a dry run: which key of a PDF `destination` knows already, or
+        None."""
 
 
 class SendQueue(Protocol):
@@ -168,11 +172,12 @@ class SendQueue(Protocol):
     Raises `worker.errors.StoreError`."""
 
     def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float, mailbox: str
     ) -> list[OutgoingDocument]:
         """Lease up to `limit` pending documents to `owner` for `lease_seconds` on the
-        database's clock: those whose next attempt is due (by `now`) and whose lease, if
-        any, has expired (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
+        database's clock: those `mailbox` introduced (a document is delivered by the
+        route whose mail introduced it) whose next attempt is due (by `now`) and whose
+        lease, if any, has expired (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
 
     # Every write under a document's lease names its owner and ends the lease; it raises
     # `worker.errors.LeaseLost`, changing nothing, when the lease expired or another
@@ -250,17 +255,35 @@ class AuditReader(Protocol):
 
     def audit(self, query: AuditFilter) -> list[AuditRow]: ...
 
-    def state_counts(self) -> dict[DocumentState, int]: ...
+    def state_counts(self, mailbox: str | None = ...) -> dict[DocumentState, int]:
+        """Documents by state: all, or those `mailbox` introduced."""
 
 
 class AdminStore(Protocol):
     """What the admin commands (`requeue`, `resend`) change. Raises `worker.errors.StoreError`."""
 
-    def requeue(self, *, sha256: str | None, now: datetime) -> int:
-        """FAILED documents (one, or all) back to PENDING; returns how many."""
+    def requeue(
+        self,
+        *,
+        sha256: str | None,
+        now: datetime,
+        route: str | None = ...,
+        destination: str | None = ...,
+    ) -> int:
+        """FAILED documents (one, or all; of one route or destination) back to PENDING;
+        returns how many. Raises `worker.errors.DestinationAmbiguous` for a SHA-256 that
+        documents of several destinations share when neither filter is given."""
 
-    def resend(self, *, sha256: str, now: datetime) -> bool:
-        """Queue a forwarded document again on purpose (needs its kept bytes)."""
+    def resend(
+        self,
+        *,
+        sha256: str,
+        now: datetime,
+        route: str | None = ...,
+        destination: str | None = ...,
+    ) -> bool:
+        """Queue a forwarded document again on purpose (needs its kept bytes); raises
+        `DestinationAmbiguous` as `requeue` does."""
 
 
 class PipelineStore(PollStore, SendQueue, AuditReader, Protocol):

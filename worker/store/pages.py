@@ -3,8 +3,8 @@
 
 One filter scopes everything: `_route` is the route of an `audit_log` row and
 `_in_scope` the condition that a user may see it; rows, counts, a document's page, the
-`duplicate_of` links and the CSV all go through them. Until the routes issue gives
-`audit_log` a `route` column, every row is route `default`.
+`duplicate_of` links and the CSV all go through them. A row recorded before routes
+is route `default`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from worker.store.schema import (
     document_contents,
     documents,
     mailbox_state,
+    route_polls,
     sightings,
 )
 
@@ -42,10 +43,11 @@ _MAX_QUEUED = 20  # documents listed per route and state on the overview
 
 
 def _route(table: sa.Table | Any) -> sa.ColumnElement[str]:
-    """The route of a row of `audit_log` (or `sightings`)."""
-    # Issue 15 (routes): `table.c.route` once audit_log and sightings carry it.
-    del table
-    return sa.literal(DEFAULT_ROUTE, sa.Text)
+    """The route of a row of `audit_log` (or `sightings`, whose NULL is `default`)."""
+    if table is sightings:
+        return sa.func.coalesce(sightings.c.route, DEFAULT_ROUTE)
+    route: sa.ColumnElement[str] = table.c.route
+    return route
 
 
 def _in_scope(table: sa.Table | Any, scope: RouteScope) -> sa.ColumnElement[bool]:
@@ -54,9 +56,33 @@ def _in_scope(table: sa.Table | Any, scope: RouteScope) -> sa.ColumnElement[bool
     return _route(table).in_(sorted(scope.routes))
 
 
-def _known_routes() -> list[str]:
-    # Issue 15 (routes): the configured routes' names.
-    return [DEFAULT_ROUTE]
+def _folder_routes(connection: sa.Connection) -> dict[str, str]:
+    """Each polled folder's route: the one that recorded its latest sighting, `default`
+    for a folder with none yet."""
+    latest = (
+        sa.select(sightings.c.mailbox, sa.func.max(sightings.c.id).label("id"))
+        .group_by(sightings.c.mailbox)
+        .subquery()
+    )
+    named = {
+        folder: route
+        for folder, route in connection.execute(
+            sa.select(sightings.c.mailbox, _route(sightings)).join(
+                latest, latest.c.id == sightings.c.id
+            )
+        )
+    }
+    folders = connection.execute(sa.select(mailbox_state.c.mailbox)).scalars()
+    return {folder: named.get(folder, DEFAULT_ROUTE) for folder in folders} | named
+
+
+def _known_routes(connection: sa.Connection) -> list[str]:
+    """The routes the data knows: those that recorded sightings or polled, and
+    `default` when there are none."""
+    recorded = sa.select(_route(sightings).label("route")).distinct()
+    polled = sa.select(route_polls.c.route)
+    names = set(connection.execute(sa.union(recorded, polled)).scalars())
+    return sorted(names or {DEFAULT_ROUTE})
 
 
 def _scoped_duplicate_of(scope: RouteScope) -> sa.ColumnElement[int | None]:
@@ -132,7 +158,7 @@ class PageQueries(SqlBase):
                 sa.select(sightings.c.document_id).where(sightings.c.id == sighting_id)
             ).scalar_one_or_none()
             if document_id is None:
-                return DocumentStory(row=row, route=DEFAULT_ROUTE, document_id=None, state=None)
+                return DocumentStory(row=row, route=row.route, document_id=None, state=None)
             document = connection.execute(
                 sa.select(documents, _kept().label("kept")).where(documents.c.id == document_id)
             ).one()
@@ -147,7 +173,7 @@ class PageQueries(SqlBase):
             history = attempt_history(connection, document_id)
         return DocumentStory(
             row=row,
-            route=DEFAULT_ROUTE,
+            route=row.route,
             document_id=document_id,
             state=DocumentState(document.state),
             attempts=document.attempts,
@@ -169,15 +195,21 @@ class PageQueries(SqlBase):
         month = today.replace(day=1)
         overviews = []
         with self._read() as connection:
-            positions = connection.execute(
+            all_positions = connection.execute(
                 sa.select(mailbox_state.c.mailbox, mailbox_state.c.updated_at).order_by(
                     mailbox_state.c.mailbox
                 )
             ).all()
-            for route in _known_routes():
+            folder_routes = _folder_routes(connection)
+            for route in _known_routes(connection):
                 if not scope.allows(route):
                     continue
                 only = RouteScope.of([route])
+                positions = [
+                    position
+                    for position in all_positions
+                    if folder_routes.get(position.mailbox, DEFAULT_ROUTE) == route
+                ]
                 overviews.append(
                     RouteOverview(
                         route=route,
@@ -295,4 +327,6 @@ def audit_row(row: Row[Any]) -> AuditRow:
         mail_action=row.mail_action,
         delivered_via=row.delivered_via,
         delivery_id=row.delivery_id,
+        route=row.route,
+        destination=row.destination,
     )

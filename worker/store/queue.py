@@ -32,20 +32,22 @@ class DocumentQueue(LeaseQueries):
     and change their state, each only while the document's lease is the caller's."""
 
     def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float, mailbox: str
     ) -> list[OutgoingDocument]:
         # `now` (the caller's clock) says which retries are due; leases live on the
-        # database's clock, the one every replica shares.
+        # database's clock, the one every replica shares. Only documents `mailbox`
+        # introduced: a document is delivered by the route whose mail introduced it.
         due = (
             sa.select(documents.c.id)
             .where(
+                documents.c.mailbox == mailbox,
                 documents.c.state == DocumentState.PENDING.value,
                 documents.c.next_attempt_at <= now,
                 sa.or_(
                     documents.c.lease_until.is_(None),
                     documents.c.lease_until <= self._db_now(),
                 ),
-                _has_content(),
+                has_content(),
             )
             .order_by(documents.c.id)
             .limit(limit)
@@ -81,6 +83,7 @@ class DocumentQueue(LeaseQueries):
                     sightings.c.invoice_number_ambiguous,
                     sightings.c.credit_note,
                     documents.c.upload_started_at,
+                    documents.c.destination,
                 )
                 .select_from(
                     documents.join(
@@ -194,25 +197,27 @@ class DocumentQueue(LeaseQueries):
             attempt=(AttemptOutcome.HELD, answer, via),
         )
 
-    def mark_upload_started(self, sha256: str, *, now: datetime) -> None:
+    def mark_upload_started(
+        self, sha256: str, *, now: datetime, destination: str | None = None
+    ) -> None:
         """Before an API upload goes out (kept once set: the first start is the one that
-        may have arrived)."""
+        may have arrived). `destination` is the parcel's: None for a document older
+        than destinations."""
+        bound_for = (
+            documents.c.destination.is_(None)
+            if destination is None
+            else documents.c.destination == destination
+        )
         with self._write() as connection:
             connection.execute(
                 sa.update(documents)
-                .where(documents.c.sha256 == sha256, documents.c.upload_started_at.is_(None))
+                .where(
+                    documents.c.sha256 == sha256,
+                    bound_for,
+                    documents.c.upload_started_at.is_(None),
+                )
                 .values(upload_started_at=now)
             )
-
-    def kept_content(self, sha256: str) -> bytes | None:
-        """A document's stored PDF, or None (unknown, or dropped after forwarding)."""
-        with self._read() as connection:
-            content = connection.execute(
-                sa.select(document_contents.c.content)
-                .join(documents, documents.c.id == document_contents.c.document_id)
-                .where(documents.c.sha256 == sha256)
-            ).scalar()
-            return None if content is None else bytes(content)
 
     def _update_document(
         self,
@@ -251,54 +256,8 @@ class DocumentQueue(LeaseQueries):
                     )
                 )
 
-    def requeue(self, *, sha256: str | None, now: datetime) -> int:
-        """FAILED documents back to PENDING with a fresh count of attempts."""
-        statement = (
-            sa.update(documents)
-            .where(documents.c.state == DocumentState.FAILED.value)
-            .values(
-                state=DocumentState.PENDING.value,
-                attempts=0,
-                next_attempt_at=now,
-                lease_until=None,
-                lease_owner=None,
-            )
-        )
-        if sha256 is not None:
-            statement = statement.where(documents.c.sha256 == sha256)
-        with self._write() as connection:
-            return connection.execute(statement).rowcount
 
-    def resend(self, *, sha256: str, now: datetime) -> bool:
-        statement = (
-            sa.update(documents)
-            .where(
-                documents.c.sha256 == sha256,
-                documents.c.state == DocumentState.FORWARDED.value,
-                _has_content(),
-            )
-            .values(
-                state=DocumentState.PENDING.value,
-                resend_count=documents.c.resend_count + 1,
-                next_attempt_at=now,
-                lease_until=None,
-                lease_owner=None,
-            )
-        )
-        with self._write() as connection:
-            return connection.execute(statement).rowcount == 1
-
-    def state_counts(self) -> dict[DocumentState, int]:
-        counts = dict.fromkeys(DocumentState, 0)
-        with self._read() as connection:
-            for state, count in connection.execute(
-                sa.select(documents.c.state, sa.func.count()).group_by(documents.c.state)
-            ):
-                counts[DocumentState(state)] = int(count)
-        return counts
-
-
-def _has_content() -> sa.ColumnElement[bool]:
+def has_content() -> sa.ColumnElement[bool]:
     """The document's PDF is still stored (not dropped after forwarding)."""
     return (
         sa.select(document_contents.c.document_id)
@@ -323,4 +282,5 @@ def _outgoing(row: Row[*tuple[Any, ...]], content: bytes) -> OutgoingDocument:
         invoice_number_ambiguous=bool(row.invoice_number_ambiguous),
         credit_note=bool(row.credit_note),
         upload_started=row.upload_started_at is not None,
+        destination=row.destination,
     )

@@ -78,11 +78,22 @@ documents = sa.Table(
     # Why a pending document waits for a limit of the destination (and until when);
     # the audit's reason while it waits. Cleared by the next attempt's outcome.
     sa.Column("held_reason", sa.Text, nullable=True),
-    sa.UniqueConstraint("sha256", name="uq_documents_sha256"),
-    sa.UniqueConstraint("content_key", name="uq_documents_content_key"),
+    # Where it goes ("smtp:<forward_to>", "getmyinvoices:<account>", or a route's own
+    # `destination`): dedup is per destination. NULL for a document that existed before
+    # destinations did: it is known to every destination, so nothing already forwarded
+    # is forwarded again anywhere. No new document is ever written with NULL.
+    sa.Column("destination", sa.Text, nullable=True),
+    # The mailbox folder ("user@host/folder") whose mail introduced it: the route on
+    # that folder delivers it, and only that route's polls send it.
+    sa.Column("mailbox", sa.Text, nullable=True),
+    sa.UniqueConstraint("destination", "sha256", name="uq_documents_destination_sha256"),
+    sa.UniqueConstraint("destination", "content_key", name="uq_documents_destination_content_key"),
     sa.CheckConstraint("state IN ('pending', 'forwarded', 'failed')", name="ck_documents_state"),
     sa.Index("ix_documents_state_next_attempt_at", "state", "next_attempt_at"),
     sa.Index("ix_documents_lease_owner", "lease_owner"),
+    sa.Index("ix_documents_sha256", "sha256"),
+    sa.Index("ix_documents_content_key", "content_key"),
+    sa.Index("ix_documents_mailbox_state", "mailbox", "state"),
 )
 
 # Each try at delivering a document, written in the same transaction (and under the
@@ -179,6 +190,10 @@ sightings = sa.Table(
         nullable=True,
     ),
     sa.Column("tries", sa.Integer, nullable=False, server_default=sa.text("1")),
+    # The route's name when the sighting was recorded (NULL before routes: `default`).
+    # Informative: the folder, not the name, keys the sighting, so a renamed route
+    # rescans nothing.
+    sa.Column("route", sa.Text, nullable=True),
     sa.UniqueConstraint("mailbox", "uidvalidity", "uid", "part", name="uq_sightings_location"),
     sa.CheckConstraint(
         "kind IN ('document', 'duplicate', 'rejected', 'error', 'no_pdf')",
@@ -280,6 +295,30 @@ delivery_budgets = sa.Table(
     sa.Column("note", sa.Text, nullable=False, server_default=sa.text("''")),
 )
 
+# One replica per (route, fire time): the one whose INSERT wins polls; the others log
+# `poll_skipped`. Rows older than a day are deleted (`forget_fires_before`).
+poll_claims = sa.Table(
+    "poll_claims",
+    metadata,
+    sa.Column("route", sa.Text, primary_key=True),
+    sa.Column("fire_time", UtcDateTime(), primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("claimed_at", UtcDateTime(), nullable=False),
+)
+
+# A route's last poll by any replica: its health is its last success, whoever polled.
+route_polls = sa.Table(
+    "route_polls",
+    metadata,
+    sa.Column("route", sa.Text, primary_key=True),
+    sa.Column("last_started_at", UtcDateTime(), nullable=False),
+    sa.Column("last_finished_at", UtcDateTime(), nullable=False),
+    sa.Column("last_success_at", UtcDateTime(), nullable=True),
+    sa.Column("last_result", sa.Text, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("owner", sa.Text, nullable=False),
+)
+
 # The view's current definition. Migrations carry their own frozen copy; a test checks
 # that both yield the same columns.
 AUDIT_VIEW_SQL: Final = """
@@ -311,7 +350,9 @@ SELECT
     CASE WHEN s.kind = 'document' THEN d.attempts END AS attempts,
     CASE WHEN m.state = 'done' THEN m.action END AS mail_action,
     CASE WHEN s.kind = 'document' THEN d.delivered_via END AS delivered_via,
-    CASE WHEN s.kind = 'document' THEN d.delivery_id END AS delivery_id
+    CASE WHEN s.kind = 'document' THEN d.delivery_id END AS delivery_id,
+    COALESCE(s.route, 'default') AS route,
+    d.destination AS destination
 FROM sightings AS s
 LEFT JOIN documents AS d ON d.id = s.document_id
 LEFT JOIN mail_actions AS m
@@ -342,6 +383,8 @@ AUDIT_COLUMNS: Final = (
     "mail_action",
     "delivered_via",
     "delivery_id",
+    "route",
+    "destination",
 )
 
 # The view described for reading only; kept out of `metadata` so that create_all and
@@ -373,4 +416,6 @@ audit_log = sa.Table(
     sa.Column("mail_action", sa.Text),
     sa.Column("delivered_via", sa.Text),
     sa.Column("delivery_id", sa.Text),
+    sa.Column("route", sa.Text),
+    sa.Column("destination", sa.Text),
 )

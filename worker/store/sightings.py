@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from worker.errors import StoreError
 from worker.models import (
+    DEFAULT_ROUTE,
     DedupMode,
     DocumentState,
     MailboxPosition,
@@ -21,6 +22,7 @@ from worker.models import (
     RecordedSighting,
     SightingKind,
 )
+from worker.store.dedup import claim_statement, known_document
 from worker.store.leases import LeaseQueries
 from worker.store.schema import documents, mailbox_state, sightings
 
@@ -110,6 +112,8 @@ class MailRecorder(LeaseQueries):
         keep_pdfs: bool,
         now: datetime,
         owner: str,
+        destination: str,
+        route: str = DEFAULT_ROUTE,
     ) -> list[RecordedSighting]:
         # The bytes of a new document are stored whatever `keep_pdfs` says: a retry must
         # not depend on the mailbox. `keep_pdfs` only matters once it is forwarded.
@@ -147,6 +151,8 @@ class MailRecorder(LeaseQueries):
                             dedup=dedup,
                             now=now,
                             earlier=earlier.get(mail.uid),
+                            route=route,
+                            destination=destination,
                         )
                     )
             if advance_to is not None:
@@ -161,15 +167,13 @@ class MailRecorder(LeaseQueries):
             if column.name not in {"id", *_KEPT_ON_RETRY}
         }
         replaced["tries"] = sightings.c.tries + 1
-        claim = self._insert(documents).on_conflict_do_nothing().returning(documents.c.id)
         return _Statements(
             sighting=upsert.on_conflict_do_update(
                 index_elements=[sightings.c[name] for name in _LOCATION],
                 set_=replaced,
                 where=sightings.c.kind == SightingKind.ERROR.value,
             ).returning(sightings.c.id),
-            # No conflict target: a clash on sha256 or on content_key both mean "known".
-            claim=claim,
+            claim=claim_statement(self._insert(documents)),
             link=sa.update(sightings)
             .where(sightings.c.id == sa.bindparam("sighting_id"))
             .values(document_id=sa.bindparam("new_document_id")),
@@ -209,6 +213,8 @@ class MailRecorder(LeaseQueries):
         part: PartRecord,
         dedup: DedupMode,
         now: datetime,
+        route: str,
+        destination: str,
         earlier: _EarlierTries | None = None,
     ) -> RecordedSighting:
         values: dict[str, Any] = {
@@ -234,6 +240,7 @@ class MailRecorder(LeaseQueries):
             "document_id": None,
             "duplicate_of": None,
             "tries": 1,
+            "route": route,
         }
         if earlier is not None:  # this read is another try of a mail that failed whole
             values["tries"] = earlier.tries + 1
@@ -260,6 +267,8 @@ class MailRecorder(LeaseQueries):
             part=part,
             dedup=dedup,
             now=now,
+            mailbox=mailbox,
+            destination=destination,
         )
 
     def _existing_sighting(
@@ -300,21 +309,25 @@ class MailRecorder(LeaseQueries):
         part: PartRecord,
         dedup: DedupMode,
         now: datetime,
+        mailbox: str,
+        destination: str,
     ) -> RecordedSighting:
         content_key = part.fingerprint if dedup is DedupMode.CONTENT else None
         document_id = connection.execute(
             statements.claim,
             {
-                "sha256": part.sha256,
-                "fingerprint": part.fingerprint,
-                "content_key": content_key,
-                "state": DocumentState.PENDING.value,
-                "attempts": 0,
-                "next_attempt_at": now,
-                "filename": part.filename,
-                "size_bytes": part.size_bytes,
-                "resend_count": 0,
-                "created_at": now,
+                "new_destination": destination,
+                "new_mailbox": mailbox,
+                "new_sha256": part.sha256,
+                "new_fingerprint": part.fingerprint,
+                "new_content_key": content_key,
+                "new_state": DocumentState.PENDING.value,
+                "new_attempts": 0,
+                "new_next_attempt_at": now,
+                "new_filename": part.filename,
+                "new_size_bytes": part.size_bytes,
+                "new_resend_count": 0,
+                "new_created_at": now,
             },
         ).scalar_one_or_none()
         if document_id is not None:
@@ -333,7 +346,10 @@ class MailRecorder(LeaseQueries):
                 duplicate_of=None,
                 inserted=True,
             )
-        document_id, key = self._conflicting_document(connection, part.sha256, content_key)
+        known = known_document(connection, part.sha256, content_key, destination)
+        if known is None:
+            raise StoreError(f"document {part.sha256} conflicted with no visible document")
+        document_id, key = known
         introduced_by = connection.execute(
             sa.select(sa.func.min(sightings.c.id)).where(
                 sightings.c.document_id == document_id,
@@ -361,34 +377,6 @@ class MailRecorder(LeaseQueries):
             duplicate_of=introduced_by,
             inserted=True,
         )
-
-    def _conflicting_document(
-        self, connection: Connection, sha256: str | None, content_key: str | None
-    ) -> tuple[int, str]:
-        """Which document the claim collided with, and by which key."""
-        known = known_document(connection, sha256, content_key)
-        if known is None:
-            raise StoreError(f"document {sha256} conflicted with no visible document")
-        return known
-
-
-def known_document(
-    connection: Connection, sha256: str | None, content_key: str | None
-) -> tuple[int, str] | None:
-    """The document that already has this SHA-256 or content key, and which key matched
-    ("sha256" first, then "content fingerprint"); None when neither is known."""
-    by_sha = connection.execute(
-        sa.select(documents.c.id).where(documents.c.sha256 == sha256)
-    ).scalar_one_or_none()
-    if by_sha is not None:
-        return by_sha, "sha256"
-    if content_key is not None:
-        by_content = connection.execute(
-            sa.select(documents.c.id).where(documents.c.content_key == content_key)
-        ).scalar_one_or_none()
-        if by_content is not None:
-            return by_content, "content fingerprint"
-    return None
 
 
 def _now() -> datetime:

@@ -3,9 +3,10 @@
 
 The database decides uniqueness: sightings and documents are claimed by INSERT ... ON
 CONFLICT, and only after a conflict does the store read which row won. The queries
-live by topic: `worker.store.sightings` (what a poll read), `worker.store.queue` (forwarding);
-this module adds the ERROR rows a poll retries and the audit log; the leases (who may
-send, who may poll) are `worker.store.leases`.
+live by topic: `worker.store.sightings` (what a poll read), `worker.store.queue`
+(forwarding), `worker.store.admin` (retry, resend, counts), `worker.store.routes` (fire
+times, last polls, purges); this module adds the ERROR rows a poll retries and the audit
+log; the leases (who may send, who may poll) are `worker.store.leases`.
 """
 
 from __future__ import annotations
@@ -20,20 +21,30 @@ from sqlalchemy.engine import Engine
 
 from worker.errors import StoreError
 from worker.models import AuditFilter, AuditRow, SightingKind
+from worker.store.admin import AdminQueries
 from worker.store.budgets import BudgetRows
+from worker.store.dedup import known_document
 from worker.store.engine import make_engine
 from worker.store.mailactions import MailActionRows
 from worker.store.pages import PageQueries, audit_row
 from worker.store.queue import DocumentQueue
+from worker.store.routes import RouteRows
 from worker.store.schema import audit_log, sightings
-from worker.store.sightings import MailRecorder, known_document
+from worker.store.sightings import MailRecorder
 from worker.store.websessions import WebSessionRows
 
 log = logging.getLogger(__name__)
 
 
 class SqlStore(
-    MailRecorder, DocumentQueue, MailActionRows, PageQueries, WebSessionRows, BudgetRows
+    MailRecorder,
+    DocumentQueue,
+    AdminQueries,
+    RouteRows,
+    MailActionRows,
+    PageQueries,
+    WebSessionRows,
+    BudgetRows,
 ):
     """The relay's SQL store. Every method raises `StoreError` when the database fails."""
 
@@ -120,17 +131,20 @@ class SqlStore(
             )
         if query.invoice_number is not None:
             statement = statement.where(audit_log.c.invoice_number == query.invoice_number)
+        if query.route is not None:
+            statement = statement.where(audit_log.c.route == query.route)
         if query.limit is not None:
             statement = statement.limit(query.limit)
         with self._read() as connection:
             rows = connection.execute(statement).all()
         return [audit_row(row) for row in rows]
 
-    def known_key(self, *, sha256: str, content_key: str | None) -> str | None:
-        """For a dry run only (it decides nothing): which key of a PDF is already known,
-        "sha256" or "content fingerprint", or None."""
+    def known_key(self, *, sha256: str, content_key: str | None, destination: str) -> str | None:
+        """For a dry run only (it decides nothing): which key of a PDF is already known
+        to `destination` (or to all: older than destinations), "sha256" or "content
+        fingerprint", or None."""
         with self._read() as connection:
-            known = known_document(connection, sha256, content_key)
+            known = known_document(connection, sha256, content_key, destination)
         return None if known is None else known[1]
 
     def database_now(self) -> datetime:

@@ -139,7 +139,9 @@ class _Marks:
     def __init__(self) -> None:
         self.started: list[str] = []
 
-    def mark_upload_started(self, sha256: str, *, now: datetime) -> None:
+    def mark_upload_started(
+        self, sha256: str, *, now: datetime, destination: str | None = None
+    ) -> None:
         self.started.append(sha256)
 
 

@@ -25,6 +25,8 @@ from worker.mail.text import clean_text
 from worker.models import OutgoingDocument, Parcel
 from worker.relay.pacer import SendPacer
 
+DESTINATION = "smtp:accounting@example.test"
+BOUND = "64b6eafb3b"  # the destination's part of the Message-ID
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 NOW = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
 FORWARD_TO = "inbox-42@import.example.net"
@@ -47,6 +49,7 @@ def make_document(**changes: object) -> Parcel:
         original_subject="Invoice #1042 from Example Shop",
         original_date=datetime(2024, 3, 5, 9, 15, tzinfo=timezone(timedelta(hours=1))),
         original_message_id="<abc.123@printout.example>",
+        destination=DESTINATION,
     )
     return Parcel.from_outgoing(replace(document, **changes))  # type: ignore[arg-type]
 
@@ -90,7 +93,7 @@ def test_headers_of_a_forwarded_mail() -> None:
     assert parsed["Auto-Submitted"] == "auto-generated"
     # 81 characters: folded after the colon, so a reader strips the value.
     assert parsed["X-Invoice-Relay"].strip() == SHA
-    assert parsed["Message-ID"] == f"<{SHA[:32]}.0@invoice-relay>"
+    assert parsed["Message-ID"] == f"<{SHA[:32]}.{BOUND}.0@invoice-relay>"
     assert parsed["Date"].datetime == NOW
     assert parsed.get_content_type() == "multipart/mixed"
     assert b"\nBcc:" not in raw and not raw.startswith(b"Bcc:")
@@ -100,14 +103,14 @@ def test_headers_of_a_forwarded_mail() -> None:
 def test_sha256_is_written_lower_case() -> None:
     _, parsed = round_trip(forward(make_document(sha256=SHA.upper())))
     assert parsed["X-Invoice-Relay"].strip() == SHA
-    assert parsed["Message-ID"] == f"<{SHA[:32]}.0@invoice-relay>"
+    assert parsed["Message-ID"] == f"<{SHA[:32]}.{BOUND}.0@invoice-relay>"
 
 
 def test_relay_id_names_the_message_id_domain() -> None:
     message = build_forward(
         make_document(), forward_to=FORWARD_TO, forward_from=FORWARD_FROM, relay_id="relay.test"
     )
-    assert message.message_id == f"<{SHA[:32]}.0@relay.test>"
+    assert message.message_id == f"<{SHA[:32]}.{BOUND}.0@relay.test>"
 
 
 def test_date_defaults_to_now() -> None:
@@ -337,18 +340,39 @@ def test_message_id_differs_with_the_pdf() -> None:
     assert forward(make_document()).message_id != forward(make_document(sha256=other)).message_id
 
 
+def test_message_id_differs_with_the_destination() -> None:
+    # One PDF to two destinations is two deliveries (one receiver may read both inboxes).
+    ids = {
+        forward(make_document(destination=destination)).message_id
+        for destination in (DESTINATION, "getmyinvoices:G-1", None)
+    }
+    assert len(ids) == 3
+
+
 @pytest.mark.parametrize(
-    ("sha256", "resend_count", "expected"),
+    ("sha256", "resend_count", "destination", "expected"),
     [
-        (SHA, 0, f"<{SHA[:32]}.0@invoice-relay>"),
-        (SHA, 2, f"<{SHA[:32]}.2@invoice-relay>"),
-        ("ABCDEF", 1, "<abcdef.1@invoice-relay>"),
+        (SHA, 0, "smtp:a@example.test", f"<{SHA[:32]}.4dbddb5a7b.0@invoice-relay>"),
+        (SHA, 2, "smtp:a@example.test", f"<{SHA[:32]}.4dbddb5a7b.2@invoice-relay>"),
+        (SHA, 2, "getmyinvoices:G-1", f"<{SHA[:32]}.4b69ef1682.2@invoice-relay>"),
+        ("ABCDEF", 1, "smtp:a@example.test", "<abcdef.4dbddb5a7b.1@invoice-relay>"),
+        # A document older than destinations keeps the form it had: its retries stay
+        # one delivery across the upgrade.
+        (SHA, 0, None, f"<{SHA[:32]}.0@invoice-relay>"),
+        ("ABCDEF", 1, None, "<abcdef.1@invoice-relay>"),
     ],
 )
-def test_forward_message_id(sha256: str, resend_count: int, expected: str) -> None:
-    message_id = forward_message_id(sha256, resend_count)
+def test_forward_message_id(
+    sha256: str, resend_count: int, destination: str | None, expected: str
+) -> None:
+    message_id = forward_message_id(sha256, resend_count, destination=destination)
     assert message_id == expected
-    assert re.fullmatch(r"<[0-9a-f]{1,32}\.\d+@invoice-relay>", message_id)
+    assert re.fullmatch(r"<[0-9a-f]{1,32}(\.[0-9a-f]{10})?\.\d+@invoice-relay>", message_id)
+
+
+def test_forward_message_id_refuses_an_empty_destination() -> None:
+    with pytest.raises(ValueError, match="destination"):
+        forward_message_id(SHA, 0, destination="")
 
 
 @pytest.mark.parametrize(

@@ -82,8 +82,10 @@ def _replica(
 
 
 class _NoMarks:
-    def mark_upload_started(self, sha256: str, *, now: datetime) -> None:
-        del sha256, now
+    def mark_upload_started(
+        self, sha256: str, *, now: datetime, destination: str | None = None
+    ) -> None:
+        del sha256, now, destination
 
 
 def _parcel(n: int) -> Parcel:

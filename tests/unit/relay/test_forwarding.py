@@ -209,12 +209,14 @@ class WatchedClaims(FakeStore):
         self._claims = 0
 
     def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float, mailbox: str
     ) -> list[OutgoingDocument]:
         self._claims += 1
         if self._claims == self.fail_on:
             raise StoreError("database is locked")
-        claimed = super().claim_due(now=now, limit=limit, owner=owner, lease_seconds=lease_seconds)
+        claimed = super().claim_due(
+            now=now, limit=limit, owner=owner, lease_seconds=lease_seconds, mailbox=mailbox
+        )
         self.events.append(("claim", *(document.sha256 for document in claimed)))
         return claimed
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from tests.documents import OWNER, add_pending_documents, send_loop
+from tests.documents import OWNER, QUEUE_MAILBOX, add_pending_documents, send_loop
 from tests.fakes import FakeOutbox
 from worker.errors import LeaseLost, StoreError
 from worker.faults import CrashPoint
@@ -77,7 +77,9 @@ def test_a_sender_whose_claim_was_taken_over_does_not_end_its_mail(store: SqlSto
                 connection.execute(
                     sa.update(schema.documents).values(lease_until=datetime(2000, 1, 1, tzinfo=UTC))
                 )
-            assert store.claim_due(now=NOW, limit=10, owner="other", lease_seconds=60)
+            assert store.claim_due(
+                mailbox=QUEUE_MAILBOX, now=NOW, limit=10, owner="other", lease_seconds=60
+            )
 
     relay = send_loop(store, outbox, now=NOW, send_batch=5, checkpoint=frozen_past_the_lease)
     with pytest.raises(LeaseLost):

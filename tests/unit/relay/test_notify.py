@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.documents import OWNER, poll_owner
+from tests.documents import DESTINATION, OWNER, poll_owner
 from worker.delivery.message import NOTICE_HEADER, notice_message
 from worker.errors import DeliveryRefused, DeliveryRejected, SessionRefused, StoreError
 from worker.mail.verdicts import NOTICE_LOOP_REASON, loop_code, loop_reason
@@ -307,6 +307,7 @@ def store(tmp_path: Path) -> Iterator[SqlStore]:
 
 def record(store: SqlStore, uid: int, *parts: PartRecord) -> list[int]:
     recorded = store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, "m"),
         mailbox="m",
         uidvalidity=1,
@@ -348,7 +349,8 @@ def test_the_queries_list_each_problem_row_until_a_notice_covered_it(store: SqlS
     record(store, 8, rejected("reworded", ReasonCode.NOTICE_LOOP))
     record(store, 6, PartRecord(part="", kind=SightingKind.NO_PDF))
     documents = {
-        d.filename: d for d in store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+        d.filename: d
+        for d in store.claim_due(mailbox="m", owner=OWNER, now=T0, limit=10, lease_seconds=60)
     }
     store.mark_forwarded(
         documents["fine.pdf"].document_id,

@@ -121,8 +121,12 @@ class CheckedStore(FakeStore):
         keep_pdfs: bool,
         now: datetime,
         owner: str,
+        destination: str,
+        route: str = "default",
     ) -> list[RecordedSighting]:
         result = super().record_mails(
+            destination=destination,
+            route=route,
             mailbox=mailbox,
             uidvalidity=uidvalidity,
             mails=mails,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.documents import OWNER, add_pending_documents
+from tests.documents import OWNER, QUEUE_MAILBOX, add_pending_documents
 from tests.fakes import FakeOutbox, FakeStore
 from worker.errors import SessionRefused
 from worker.models import OutgoingDocument
@@ -30,11 +30,11 @@ class LockedQueue:
         self._lock = threading.Lock()
 
     def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_seconds: float
+        self, *, now: datetime, limit: int, owner: str, lease_seconds: float, mailbox: str
     ) -> list[OutgoingDocument]:
         with self._lock:
             return self._store.claim_due(
-                now=now, limit=limit, owner=owner, lease_seconds=lease_seconds
+                now=now, limit=limit, owner=owner, lease_seconds=lease_seconds, mailbox=mailbox
             )
 
     def mark_forwarded(
@@ -117,7 +117,9 @@ def sessions(store: FakeStore, outboxes: list[FakeOutbox]) -> ParallelSessions:
     return ParallelSessions(
         [
             Forwarder(
-                rules=ForwardRules(send_batch=3, retry_base=timedelta(seconds=10)),
+                rules=ForwardRules(
+                    mailbox=QUEUE_MAILBOX, send_batch=3, retry_base=timedelta(seconds=10)
+                ),
                 outbox=outbox,
                 store=queue,
                 owner=OWNER,

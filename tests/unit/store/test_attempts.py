@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.documents import OWNER
+from tests.documents import OWNER, QUEUE_MAILBOX
 from tests.storecases import T0, StoreFactory, accepted, document_row, mail, pdf, record
 from worker.errors import LeaseLost
 from worker.models import KEPT_ATTEMPTS, AttemptOutcome, DeliveryAttempt, RouteScope
@@ -31,7 +31,7 @@ def history(store: SqlStore, sighting_id: int) -> tuple[DeliveryAttempt, ...]:
 
 def claim_one(store: SqlStore, owner: str = OWNER) -> int:
     (claimed,) = store.claim_due(
-        now=T0 + timedelta(days=1), limit=10, owner=owner, lease_seconds=60
+        mailbox=QUEUE_MAILBOX, now=T0 + timedelta(days=1), limit=10, owner=owner, lease_seconds=60
     )
     return claimed.document_id
 
@@ -86,7 +86,9 @@ def test_every_mark_is_one_attempt_on_the_databases_clock(store: SqlStore) -> No
 
 def test_a_refusal_for_good_and_the_last_allowed_attempt_are_failed(store: SqlStore) -> None:
     first, second = record(store, mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("b"))))
-    claimed = store.claim_due(now=T0, limit=10, owner=OWNER, lease_seconds=60)
+    claimed = store.claim_due(
+        mailbox=QUEUE_MAILBOX, now=T0, limit=10, owner=OWNER, lease_seconds=60
+    )
     assert first.document_id is not None and second.document_id is not None
     assert {item.document_id for item in claimed} == {first.document_id, second.document_id}
     store.mark_failed(first.document_id, owner=OWNER, answer="554 5.7.1 refused", via="smtp")
@@ -138,7 +140,9 @@ def test_a_document_keeps_its_last_attempts_only(store: SqlStore) -> None:
     kept, other = record(store, mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("b"))))
     tries = KEPT_ATTEMPTS + 5
     for number in range(1, tries + 1):
-        for claimed in store.claim_due(now=T0, limit=10, owner=OWNER, lease_seconds=60):
+        for claimed in store.claim_due(
+            mailbox=QUEUE_MAILBOX, now=T0, limit=10, owner=OWNER, lease_seconds=60
+        ):
             answer = f"451 try {number}" if claimed.document_id == kept.document_id else "451"
             store.mark_retry(
                 claimed.document_id,

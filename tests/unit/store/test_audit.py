@@ -45,7 +45,7 @@ def test_the_audit_view_shows_outcomes_and_forwarding(store: SqlStore) -> None:
     )
     record(store, mail(5, accepted(pdf("b"))), now=T0 + timedelta(hours=1))
     sent, refused = store.claim_due(
-        owner=OWNER, now=T0 + timedelta(hours=1), limit=10, lease_seconds=60
+        mailbox=MAILBOX, owner=OWNER, now=T0 + timedelta(hours=1), limit=10, lease_seconds=60
     )
     store.mark_forwarded(
         sent.document_id,

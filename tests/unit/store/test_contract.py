@@ -14,7 +14,7 @@ from typing import Protocol
 
 import pytest
 
-from tests.documents import OWNER, PollLeases, poll_owner
+from tests.documents import DESTINATION, OWNER, PollLeases, poll_owner
 from tests.fakes import FakeStore
 from tests.servers.postgres import temporary_database
 from worker.errors import LeaseLost
@@ -85,6 +85,7 @@ def record(
     now: datetime = NOW,
 ) -> list[RecordedSighting]:
     recorded = store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=uidvalidity,
@@ -120,8 +121,11 @@ def test_the_same_bytes_are_one_document_and_later_sightings_name_the_first(
     assert again.duplicate_of == first.sighting_id
     assert again.reason == f"same sha256 as sighting {first.sighting_id}"
     assert store.state_counts()[DocumentState.PENDING] == 1
-    assert store.known_key(sha256=pdf("a").sha256 or "", content_key=None) == "sha256"
-    assert store.known_key(sha256="unknown", content_key="fp:a") is None
+    assert (
+        store.known_key(destination=DESTINATION, sha256=pdf("a").sha256 or "", content_key=None)
+        == "sha256"
+    )
+    assert store.known_key(destination=DESTINATION, sha256="unknown", content_key="fp:a") is None
 
 
 @pytest.mark.parametrize(
@@ -139,7 +143,7 @@ def test_a_re_render_is_a_duplicate_only_in_content_mode(
     assert store.state_counts()[DocumentState.PENDING] == documents
     assert second.reason == reason
     content_key = "same pages" if dedup is DedupMode.CONTENT else None
-    known = store.known_key(sha256="unknown", content_key=content_key)
+    known = store.known_key(destination=DESTINATION, sha256="unknown", content_key=content_key)
     assert known == ("content fingerprint" if dedup is DedupMode.CONTENT else None)
 
 
@@ -200,22 +204,28 @@ def test_a_document_needs_its_hash_and_bytes(store: AnyStore) -> None:
 def test_the_queue_leases_marks_and_requeues(store: AnyStore) -> None:
     (first,) = record(store, 1, pdf("a"))
     record(store, 2, pdf("b"))
-    claimed = store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60)
+    claimed = store.claim_due(mailbox=MAILBOX, owner=OWNER, now=NOW, limit=10, lease_seconds=60)
     assert [c.document_id for c in claimed] == sorted(c.document_id for c in claimed)
     assert claimed[0].content == pdf("a").content
     assert (claimed[0].original_subject, claimed[0].attempts) == ("mail 1", 0)
-    assert store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60) == []  # leased
+    assert (
+        store.claim_due(mailbox=MAILBOX, owner=OWNER, now=NOW, limit=10, lease_seconds=60) == []
+    )  # leased
     a, b = (c.document_id for c in claimed)
     store.mark_forwarded(
         a, owner=OWNER, message_id="<m@relay>", answer="250 ok", now=NOW, keep_pdf=False
     )
     store.release(b, owner=OWNER)
-    (again,) = store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60)
+    (again,) = store.claim_due(mailbox=MAILBOX, owner=OWNER, now=NOW, limit=10, lease_seconds=60)
     assert again.document_id == b
     later = NOW + timedelta(minutes=1)
     store.mark_retry(b, owner=OWNER, answer="451 later", next_attempt_at=later, failed=False)
-    assert store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60) == []  # not due yet
-    (retried,) = store.claim_due(owner=OWNER, now=later, limit=10, lease_seconds=60)
+    assert (
+        store.claim_due(mailbox=MAILBOX, owner=OWNER, now=NOW, limit=10, lease_seconds=60) == []
+    )  # not due yet
+    (retried,) = store.claim_due(
+        mailbox=MAILBOX, owner=OWNER, now=later, limit=10, lease_seconds=60
+    )
     assert retried.attempts == 1
     store.mark_failed(b, owner=OWNER, answer="550 no")
     assert store.state_counts() == {
@@ -234,19 +244,21 @@ def test_the_queue_leases_marks_and_requeues(store: AnyStore) -> None:
 
     assert not store.resend(sha256=pdf("a").sha256 or "", now=later)  # its PDF was dropped
     assert store.requeue(sha256=None, now=later) == 1
-    (requeued,) = store.claim_due(owner=OWNER, now=later, limit=10, lease_seconds=60)
+    (requeued,) = store.claim_due(
+        mailbox=MAILBOX, owner=OWNER, now=later, limit=10, lease_seconds=60
+    )
     assert (requeued.document_id, requeued.attempts) == (b, 0)
 
 
 def test_a_kept_pdf_can_be_resent(store: AnyStore) -> None:
     record(store, 1, pdf("a"))
-    (claimed,) = store.claim_due(owner=OWNER, now=NOW, limit=1, lease_seconds=60)
+    (claimed,) = store.claim_due(mailbox=MAILBOX, owner=OWNER, now=NOW, limit=1, lease_seconds=60)
     store.mark_forwarded(
         claimed.document_id, owner=OWNER, message_id="<m>", answer="250", now=NOW, keep_pdf=True
     )
     assert store.resend(sha256=claimed.sha256, now=NOW)
     assert not store.resend(sha256=claimed.sha256, now=NOW)  # pending already
-    (resent,) = store.claim_due(owner=OWNER, now=NOW, limit=1, lease_seconds=60)
+    (resent,) = store.claim_due(mailbox=MAILBOX, owner=OWNER, now=NOW, limit=1, lease_seconds=60)
     assert (resent.document_id, resent.resend_count) == (claimed.document_id, 1)
 
 
@@ -278,6 +290,7 @@ def test_poll_writes_need_the_poll_lease(store: AnyStore) -> None:
     for owner in (OWNER, "nobody"):
         with pytest.raises(LeaseLost):
             store.record_mails(
+                destination=DESTINATION,
                 owner=owner,
                 mailbox=MAILBOX,
                 uidvalidity=1,
@@ -301,9 +314,13 @@ def test_poll_writes_need_the_poll_lease(store: AnyStore) -> None:
 
 def test_document_writes_are_fenced_by_their_owner(store: AnyStore) -> None:
     record(store, 1, pdf("a"))
-    (claimed,) = store.claim_due(owner="first", now=NOW, limit=10, lease_seconds=60)
+    (claimed,) = store.claim_due(
+        mailbox=MAILBOX, owner="first", now=NOW, limit=10, lease_seconds=60
+    )
     document = claimed.document_id
-    assert store.claim_due(owner="second", now=NOW, limit=10, lease_seconds=60) == []
+    assert (
+        store.claim_due(mailbox=MAILBOX, owner="second", now=NOW, limit=10, lease_seconds=60) == []
+    )
     writes: list[Callable[[], None]] = [
         lambda: store.mark_forwarded(
             document, owner="second", message_id="<m>", answer="250", now=NOW, keep_pdf=False
@@ -325,7 +342,7 @@ def test_document_writes_are_fenced_by_their_owner(store: AnyStore) -> None:
     assert not store.still_holds(document, owner="first", lease_seconds=60)
     with pytest.raises(LeaseLost):
         store.mark_failed(document, owner="first", answer="554")
-    (again,) = store.claim_due(owner="second", now=NOW, limit=10, lease_seconds=60)
+    (again,) = store.claim_due(mailbox=MAILBOX, owner="second", now=NOW, limit=10, lease_seconds=60)
     assert (again.document_id, again.attempts) == (document, 0)
     store.mark_failed(document, owner="second", answer="554")
     assert store.state_counts()[DocumentState.FAILED] == 1
@@ -334,19 +351,24 @@ def test_document_writes_are_fenced_by_their_owner(store: AnyStore) -> None:
 def test_renew_and_release_all_cover_every_lease_of_one_owner(store: AnyStore) -> None:
     record(store, 1, pdf("a"))
     record(store, 2, pdf("b"))
-    store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60)
+    store.claim_due(mailbox=MAILBOX, owner=OWNER, now=NOW, limit=10, lease_seconds=60)
     assert store.take_poll_lease(MAILBOX, owner=OWNER, lease_seconds=60)
     assert store.renew(OWNER, lease_seconds=60) == 3  # two documents and the mailbox
     assert store.renew("someone else", lease_seconds=60) == 0
     assert store.release_all(OWNER) == 2
     assert store.renew(OWNER, lease_seconds=60) == 0
-    assert len(store.claim_due(owner="next", now=NOW, limit=10, lease_seconds=60)) == 2
+    assert (
+        len(store.claim_due(mailbox=MAILBOX, owner="next", now=NOW, limit=10, lease_seconds=60))
+        == 2
+    )
     assert store.take_poll_lease(MAILBOX, owner="next", lease_seconds=60)
 
 
 def test_an_expired_lease_is_lost_and_taken_over(store: AnyStore) -> None:
     record(store, 1, pdf("a"))
-    (claimed,) = store.claim_due(owner="stale", now=NOW, limit=10, lease_seconds=0.2)
+    (claimed,) = store.claim_due(
+        mailbox=MAILBOX, owner="stale", now=NOW, limit=10, lease_seconds=0.2
+    )
     assert store.take_poll_lease(MAILBOX, owner="stale", lease_seconds=0.2)
     # Polled until the store's own clock passes the leases (no fixed sleep).
     deadline = time.monotonic() + 30
@@ -357,5 +379,7 @@ def test_an_expired_lease_is_lost_and_taken_over(store: AnyStore) -> None:
     assert store.renew("stale", lease_seconds=60) == 0
     with pytest.raises(LeaseLost):
         store.release(claimed.document_id, owner="stale")
-    (taken,) = store.claim_due(owner="current", now=NOW, limit=10, lease_seconds=60)
+    (taken,) = store.claim_due(
+        mailbox=MAILBOX, owner="current", now=NOW, limit=10, lease_seconds=60
+    )
     assert taken.document_id == claimed.document_id

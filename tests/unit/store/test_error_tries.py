@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from tests.documents import poll_owner
+from tests.documents import DESTINATION, poll_owner
 from worker.models import DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
 from worker.store.schema import sightings
 from worker.store.sqlstore import SqlStore
@@ -18,6 +18,7 @@ FIRST = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 def record(store: SqlStore, *parts: PartRecord, now: datetime) -> None:
     store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=1,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 
-from tests.documents import OWNER, poll_owner
+from tests.documents import DESTINATION, OWNER, poll_owner
 from worker.models import DedupMode, MailHeaders, MailRecord, PartRecord, SightingKind
 from worker.store.engine import LARGE_BLOB
 from worker.store.sqlstore import SqlStore
@@ -30,6 +30,7 @@ def record(store: SqlStore, uid: int, content: bytes) -> None:
         content=content,
     )
     store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, "INBOX"),
         mailbox="INBOX",
         uidvalidity=1,
@@ -51,7 +52,7 @@ def test_large_and_small_pdfs_come_back_byte_for_byte(store: SqlStore) -> None:
     for uid, content in enumerate(contents, start=1):
         record(store, uid, content)
 
-    claimed = store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60)
+    claimed = store.claim_due(mailbox="INBOX", owner=OWNER, now=NOW, limit=10, lease_seconds=60)
 
     assert [document.content for document in claimed] == contents
     assert [document.original_subject for document in claimed] == [
@@ -64,6 +65,6 @@ def test_a_large_duplicate_is_recognised_and_not_stored_again(store: SqlStore) -
     record(store, 1, content)
     record(store, 2, content)
 
-    claimed = store.claim_due(owner=OWNER, now=NOW, limit=10, lease_seconds=60)
+    claimed = store.claim_due(mailbox="INBOX", owner=OWNER, now=NOW, limit=10, lease_seconds=60)
 
     assert [document.content for document in claimed] == [content]

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.documents import OWNER, latest_lease_expiry, wait_for_leases_to_expire
+from tests.documents import DESTINATION, OWNER, latest_lease_expiry, wait_for_leases_to_expire
 from tests.storecases import (
     MAILBOX,
     T0,
@@ -36,26 +36,28 @@ def test_claim_due_leases_until_the_lease_expires(store_factory: StoreFactory) -
     # Two stores (engines) as two replicas; the lease expires on the database's clock.
     store, other = store_factory(), store_factory()
     record(store, mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("b"))))
-    claimed = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=2)
+    claimed = store.claim_due(mailbox=MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=2)
     assert [c.content for c in claimed] == [pdf("a"), pdf("b")]
     # Whatever the caller's clock says: only the database's decides an expiry.
     late = T0 + timedelta(days=1)
-    assert other.claim_due(owner="other", now=late, limit=10, lease_seconds=60) == []
+    assert (
+        other.claim_due(mailbox=MAILBOX, owner="other", now=late, limit=10, lease_seconds=60) == []
+    )
     wait_for_leases_to_expire(store)
-    again = other.claim_due(owner="other", now=T0, limit=1, lease_seconds=60)
+    again = other.claim_due(mailbox=MAILBOX, owner="other", now=T0, limit=1, lease_seconds=60)
     assert [c.document_id for c in again] == [claimed[0].document_id]
     # Expired is lost, even when nobody took it over yet: fencing needs no race.
     with pytest.raises(LeaseLost):
         store.release(claimed[1].document_id, owner=OWNER)
-    (taken,) = other.claim_due(owner="other", now=T0, limit=10, lease_seconds=60)
+    (taken,) = other.claim_due(mailbox=MAILBOX, owner="other", now=T0, limit=10, lease_seconds=60)
     assert taken.document_id == claimed[1].document_id
 
 
 def test_a_released_document_is_claimed_again_at_once(store: SqlStore) -> None:
     record(store, mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("b"))))
-    claimed = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    claimed = store.claim_due(mailbox=MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=60)
     store.release(claimed[1].document_id, owner=OWNER)
-    released = store.claim_due(owner="next", now=T0, limit=10, lease_seconds=60)
+    released = store.claim_due(mailbox=MAILBOX, owner="next", now=T0, limit=10, lease_seconds=60)
     assert [c.document_id for c in released] == [claimed[1].document_id]
     assert store.still_holds(claimed[0].document_id, owner=OWNER, lease_seconds=60)
     assert not store.still_holds(claimed[1].document_id, owner=OWNER, lease_seconds=60)
@@ -65,9 +67,11 @@ def test_a_released_document_is_claimed_again_at_once(store: SqlStore) -> None:
 def test_a_stale_owner_changes_nothing(store_factory: StoreFactory) -> None:
     stale, current = store_factory(), store_factory()
     record(stale, mail(1, accepted(pdf("a"))))
-    (document,) = stale.claim_due(owner="stale", now=T0, limit=10, lease_seconds=1)
+    (document,) = stale.claim_due(mailbox=MAILBOX, owner="stale", now=T0, limit=10, lease_seconds=1)
     wait_for_leases_to_expire(stale)
-    (taken,) = current.claim_due(owner="current", now=T0, limit=10, lease_seconds=60)
+    (taken,) = current.claim_due(
+        mailbox=MAILBOX, owner="current", now=T0, limit=10, lease_seconds=60
+    )
     assert taken.document_id == document.document_id
     before = document_row(current, document.document_id)
     writes: list[Callable[[], None]] = [
@@ -106,7 +110,7 @@ def test_a_stale_owner_changes_nothing(store_factory: StoreFactory) -> None:
 def test_a_renewed_lease_outlives_its_first_expiry(store_factory: StoreFactory) -> None:
     store, other = store_factory(), store_factory()
     record(store, mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("b"))))
-    kept, dropped = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=1)
+    kept, dropped = store.claim_due(mailbox=MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=1)
     first_expiry = latest_lease_expiry(store)
     store.release(dropped.document_id, owner=OWNER)
     assert store.renew(OWNER, lease_seconds=60) == 1
@@ -116,16 +120,18 @@ def test_a_renewed_lease_outlives_its_first_expiry(store_factory: StoreFactory) 
     assert renewed > first_expiry
     while store.database_now() <= first_expiry:  # past the lease as first claimed
         time.sleep(0.05)
-    (claimed,) = other.claim_due(owner="other", now=T0, limit=10, lease_seconds=60)
+    (claimed,) = other.claim_due(mailbox=MAILBOX, owner="other", now=T0, limit=10, lease_seconds=60)
     assert claimed.document_id == dropped.document_id  # not `kept`: its lease lives on
     assert store.still_holds(kept.document_id, owner=OWNER, lease_seconds=60)
 
 
 def test_release_all_hands_back_every_lease_of_an_owner(store: SqlStore) -> None:
     record(store, mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("b"))))
-    store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    store.claim_due(mailbox=MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=60)
     assert store.release_all(OWNER) == 2
-    assert len(store.claim_due(owner="next", now=T0, limit=10, lease_seconds=60)) == 2
+    assert (
+        len(store.claim_due(mailbox=MAILBOX, owner="next", now=T0, limit=10, lease_seconds=60)) == 2
+    )
     assert store.take_poll_lease(MAILBOX, owner="next", lease_seconds=60)
 
 
@@ -139,6 +145,7 @@ def test_an_expired_poll_lease_is_taken_over_and_fences_its_owner(
     assert current.take_poll_lease(MAILBOX, owner="current", lease_seconds=30)
     with pytest.raises(LeaseLost):
         stale.record_mails(
+            destination=DESTINATION,
             owner="stale",
             mailbox=MAILBOX,
             uidvalidity=UIDVALIDITY,

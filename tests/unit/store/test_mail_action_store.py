@@ -12,7 +12,7 @@ from typing import Protocol
 import pytest
 import sqlalchemy as sa
 
-from tests.documents import poll_owner
+from tests.documents import DESTINATION, poll_owner
 from tests.fakes import FakeMailActionStore
 from tests.servers.postgres import postgres_server, temporary_database
 from worker.models import (
@@ -83,6 +83,7 @@ def mail(uid: int, *parts: PartRecord) -> MailRecord:
 
 def record(store: SqlStore, *mails: MailRecord, uidvalidity: int = UIDVALIDITY) -> None:
     store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=uidvalidity,

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.documents import OWNER
+from tests.documents import OWNER, QUEUE_MAILBOX
 from tests.storecases import T0, StoreFactory, accepted, mail, pdf, record
 from worker.models import (
     AttemptOutcome,
@@ -21,7 +21,7 @@ from worker.models import (
 from worker.store.sqlstore import SqlStore
 
 EVERYONE = RouteScope.everything()
-ELSEWHERE = RouteScope.of(["shop-b"])  # every row is route `default` until routes land
+ELSEWHERE = RouteScope.of(["shop-b"])  # the rows above are route `default`
 
 
 @pytest.fixture
@@ -40,7 +40,9 @@ def store(store_factory: StoreFactory) -> SqlStore:
         mail(4, accepted(pdf("b"), filename="Rechnung_100%.pdf")),
         now=T0 + timedelta(days=40),
     )
-    due = store.claim_due(now=T0 + timedelta(days=40), limit=10, owner=OWNER, lease_seconds=60)
+    due = store.claim_due(
+        mailbox=QUEUE_MAILBOX, now=T0 + timedelta(days=40), limit=10, owner=OWNER, lease_seconds=60
+    )
     store.mark_failed(due[1].document_id, owner=OWNER, answer="554 5.7.1 refused")
     store.mark_forwarded(
         due[0].document_id,
@@ -113,7 +115,9 @@ def test_a_document_delivered_to_getmyinvoices_names_its_document_uid(
 ) -> None:
     store = store_factory()
     (seen,) = record(store, mail(1, accepted(pdf("a"))))
-    (claimed,) = store.claim_due(now=T0, limit=10, owner=OWNER, lease_seconds=60)
+    (claimed,) = store.claim_due(
+        mailbox=QUEUE_MAILBOX, now=T0, limit=10, owner=OWNER, lease_seconds=60
+    )
     store.mark_forwarded(
         claimed.document_id,
         owner=OWNER,
@@ -161,3 +165,30 @@ def test_sessions_end_on_logout_and_when_idle(store: SqlStore) -> None:
         store.live_session(token_hash="h1", now=T0 + timedelta(seconds=101), idle_seconds=60)
         is None
     )
+
+
+def test_routes_scope_rows_documents_and_overviews(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    second = "second@imap.example/INBOX"
+    record(store, mail(1, accepted(pdf("a"))), route="shop-a", advance_to=1)
+    (b,) = record(store, mail(1, accepted(pdf("b"))), mailbox=second, route="shop-b", advance_to=1)
+    (b_again,) = record(
+        store, mail(2, accepted(pdf("b"))), mailbox=second, route="shop-b", advance_to=2
+    )
+    only_b = RouteScope.of(["shop-b"])
+    page = store.search_audit(AuditSearch(scope=only_b))
+    assert {(row.route, row.uid) for row in page.rows} == {("shop-b", 1), ("shop-b", 2)}
+    assert store.search_audit(AuditSearch(scope=EVERYONE, route="shop-a")).total == 1
+    assert store.search_audit(AuditSearch(scope=only_b, route="shop-a")).total == 0
+    story = store.document_story(b_again.sighting_id, only_b)
+    assert story is not None and story.route == "shop-b" and len(story.sightings) == 2
+    shop_a_row = store.search_audit(AuditSearch(scope=EVERYONE, route="shop-a")).rows[0]
+    assert store.document_story(shop_a_row.id, only_b) is None
+    assert store.document_pdf(b.sighting_id, only_b) == ("invoice.pdf", pdf("b"))
+    assert store.document_pdf(shop_a_row.id, only_b) is None
+    overviews = {o.route: o for o in store.route_overviews(EVERYONE, T0 + timedelta(hours=1))}
+    assert set(overviews) == {"shop-a", "shop-b"}
+    assert overviews["shop-b"].mailboxes == (second,)
+    assert [queued.sighting_id for queued in overviews["shop-b"].waiting] == [b.sighting_id]
+    assert overviews["shop-a"].today[Outcome.PENDING] == 1
+    assert [o.route for o in store.route_overviews(only_b, T0)] == ["shop-b"]

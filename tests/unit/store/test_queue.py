@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.documents import OWNER
+from tests.documents import OWNER, QUEUE_MAILBOX
 from tests.storecases import (
     T0,
     StoreFactory,
@@ -36,7 +36,9 @@ def store(store_factory: StoreFactory) -> SqlStore:
 
 def test_claim_due_waits_for_the_next_attempt(store: SqlStore) -> None:
     record(store, mail(1, accepted(pdf("a"))))
-    (claimed,) = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    (claimed,) = store.claim_due(
+        mailbox=QUEUE_MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=60
+    )
     store.mark_retry(
         claimed.document_id,
         owner=OWNER,
@@ -45,11 +47,21 @@ def test_claim_due_waits_for_the_next_attempt(store: SqlStore) -> None:
         failed=False,
     )
     assert (
-        store.claim_due(owner=OWNER, now=T0 + timedelta(minutes=9), limit=10, lease_seconds=60)
+        store.claim_due(
+            mailbox=QUEUE_MAILBOX,
+            owner=OWNER,
+            now=T0 + timedelta(minutes=9),
+            limit=10,
+            lease_seconds=60,
+        )
         == []
     )
     (retried,) = store.claim_due(
-        owner=OWNER, now=T0 + timedelta(minutes=10), limit=10, lease_seconds=60
+        mailbox=QUEUE_MAILBOX,
+        owner=OWNER,
+        now=T0 + timedelta(minutes=10),
+        limit=10,
+        lease_seconds=60,
     )
     assert retried.attempts == 1
 
@@ -58,13 +70,22 @@ def test_claim_due_waits_for_the_next_attempt(store: SqlStore) -> None:
     )
     assert store.state_counts()[DocumentState.FAILED] == 1
     assert (
-        store.claim_due(owner=OWNER, now=T0 + timedelta(days=1), limit=10, lease_seconds=60) == []
+        store.claim_due(
+            mailbox=QUEUE_MAILBOX,
+            owner=OWNER,
+            now=T0 + timedelta(days=1),
+            limit=10,
+            lease_seconds=60,
+        )
+        == []
     )
 
 
 def test_claimed_documents_carry_the_original_mail(store: SqlStore) -> None:
     record(store, mail(8, accepted(pdf("a"), filename=None), subject="Invoice 1042"))
-    (claimed,) = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    (claimed,) = store.claim_due(
+        mailbox=QUEUE_MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=60
+    )
     assert claimed.filename == "invoice.pdf"
     assert claimed.original_subject == "Invoice 1042"
     assert claimed.original_sender == "Shop <shop@example.test>"
@@ -85,7 +106,9 @@ def test_a_claim_knows_whether_the_invoice_number_was_ambiguous(store: SqlStore)
         mail(2, accepted(pdf("b"), invoice_number="1043")),
         mail(3, accepted(pdf("c"))),
     )
-    claimed = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    claimed = store.claim_due(
+        mailbox=QUEUE_MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=60
+    )
     assert [(c.invoice_number, c.invoice_number_ambiguous) for c in claimed] == [
         ("1042", True),
         ("1043", False),
@@ -106,7 +129,9 @@ def test_concurrent_claims_never_share_a_document(store_factory: StoreFactory) -
     def worker(index: int, store: SqlStore) -> None:
         try:
             barrier.wait()
-            while batch := store.claim_due(owner=OWNER, now=T0, limit=3, lease_seconds=600):
+            while batch := store.claim_due(
+                mailbox=QUEUE_MAILBOX, owner=OWNER, now=T0, limit=3, lease_seconds=600
+            ):
                 claimed[index].extend(c.document_id for c in batch)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             failures.append(exc)
@@ -123,7 +148,9 @@ def test_concurrent_claims_never_share_a_document(store_factory: StoreFactory) -
 
 def test_forwarding_drops_the_bytes_unless_kept(store: SqlStore) -> None:
     record(store, mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("b"))))
-    dropped, kept = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    dropped, kept = store.claim_due(
+        mailbox=QUEUE_MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=60
+    )
     for document, keep in ((dropped, False), (kept, True)):
         store.mark_forwarded(
             document.document_id,
@@ -141,7 +168,11 @@ def test_forwarding_drops_the_bytes_unless_kept(store: SqlStore) -> None:
     assert not store.resend(sha256="0" * 64, now=T0)
     assert store.resend(sha256=kept.sha256, now=T0 + timedelta(minutes=1))
     (again,) = store.claim_due(
-        owner=OWNER, now=T0 + timedelta(minutes=1), limit=10, lease_seconds=60
+        mailbox=QUEUE_MAILBOX,
+        owner=OWNER,
+        now=T0 + timedelta(minutes=1),
+        limit=10,
+        lease_seconds=60,
     )
     assert (again.document_id, again.resend_count, again.content) == (
         kept.document_id,
@@ -152,7 +183,9 @@ def test_forwarding_drops_the_bytes_unless_kept(store: SqlStore) -> None:
 
 def test_requeue_brings_failed_documents_back(store: SqlStore) -> None:
     record(store, mail(1, accepted(pdf("a"))), mail(2, accepted(pdf("b"))))
-    first, second = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    first, second = store.claim_due(
+        mailbox=QUEUE_MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=60
+    )
     store.mark_failed(first.document_id, owner=OWNER, answer="554 content rejected")
     store.mark_failed(second.document_id, owner=OWNER, answer="554 content rejected")
     assert store.state_counts()[DocumentState.FAILED] == 2
@@ -160,7 +193,9 @@ def test_requeue_brings_failed_documents_back(store: SqlStore) -> None:
     assert store.requeue(sha256=first.sha256, now=T0) == 1
     assert store.requeue(sha256=None, now=T0) == 1
     assert store.requeue(sha256=None, now=T0) == 0
-    requeued = store.claim_due(owner=OWNER, now=T0, limit=10, lease_seconds=60)
+    requeued = store.claim_due(
+        mailbox=QUEUE_MAILBOX, owner=OWNER, now=T0, limit=10, lease_seconds=60
+    )
     assert [(d.document_id, d.attempts) for d in requeued] == [
         (first.document_id, 0),
         (second.document_id, 0),

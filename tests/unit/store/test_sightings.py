@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from tests.documents import poll_owner
+from tests.documents import DESTINATION, poll_owner
 from tests.storecases import (
     MAILBOX,
     T0,
@@ -44,6 +44,7 @@ def store(store_factory: StoreFactory) -> SqlStore:
 
 def test_a_new_pdf_claims_a_pending_document(store: SqlStore) -> None:
     (first,) = store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
@@ -68,6 +69,7 @@ def test_a_new_pdf_claims_a_pending_document(store: SqlStore) -> None:
 @pytest.mark.parametrize("dedup", list(DedupMode))
 def test_the_same_bytes_are_a_duplicate_in_either_mode(store: SqlStore, dedup: DedupMode) -> None:
     first, second = store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
@@ -95,6 +97,7 @@ def test_the_same_fingerprint_is_a_duplicate_only_in_content_mode(
     store: SqlStore, dedup: DedupMode, expected: SightingKind
 ) -> None:
     first, second = store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
@@ -126,6 +129,7 @@ def test_a_rejected_copy_never_blocks_a_later_accepted_one(store: SqlStore) -> N
         fingerprint="fp1:x",
     )
     first, second = store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
@@ -148,6 +152,7 @@ def test_a_replay_adds_no_second_sighting(store: SqlStore) -> None:
     ]
 
     first_run = store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
@@ -158,6 +163,7 @@ def test_a_replay_adds_no_second_sighting(store: SqlStore) -> None:
         now=T0,
     )
     replay = store.record_mails(
+        destination=DESTINATION,
         owner=poll_owner(store, MAILBOX),
         mailbox=MAILBOX,
         uidvalidity=UIDVALIDITY,
@@ -213,6 +219,7 @@ def test_exhausted_errors_become_rejected(store: SqlStore) -> None:
     error = PartRecord(part="2", kind=SightingKind.ERROR, reason="worker crashed")
     for minutes in (0, 5, 10):
         store.record_mails(
+            destination=DESTINATION,
             owner=poll_owner(store, MAILBOX),
             mailbox=MAILBOX,
             uidvalidity=UIDVALIDITY,
@@ -240,6 +247,7 @@ def test_the_position_never_moves_backwards(store: SqlStore) -> None:
 
     def advance(to: int | None, uidvalidity: int = UIDVALIDITY) -> None:
         store.record_mails(
+            destination=DESTINATION,
             owner=poll_owner(store, MAILBOX),
             mailbox=MAILBOX,
             uidvalidity=uidvalidity,
