@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from worker.cli.wiring import (
     Logins,
+    account_destination,
     destination,
     imap_mailbox,
     logins,
@@ -105,6 +106,9 @@ def poll_once(
     heartbeat keeps its leases alive: `leases`)."""
     name = mailbox_name(settings)
     started = datetime.now(UTC)
+    if destination_name is None and settings.delivery is DeliveryKind.GETMYINVOICES:
+        # Dedup is per destination: an API route's is its account, asked of the API.
+        destination_name = account_destination(settings, store)
     with store.poll_lock(name, owner=owner, lease_seconds=LEASE_SECONDS) as acquired:
         if not acquired:
             log.info(

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from worker.cli.polling import leases, poll_once, release_leases
-from worker.cli.wiring import gmi_destination, logins, prepared_store
+from worker.cli.wiring import account_destination, logins, prepared_store
 from worker.config.routes import Deployment, Route
 from worker.errors import InfrastructureError, RelayError
 from worker.logs import route_context
@@ -44,12 +44,7 @@ class Destinations:
             known = self._known.get(route.name)
         if known is not None:
             return known
-        api = gmi_destination(route.settings, self._store)
-        try:
-            api.open()
-            name = api.destination_name
-        finally:
-            api.close()
+        name = account_destination(route.settings, self._store)
         with self._lock:
             self._known[route.name] = name
         return name

@@ -192,6 +192,17 @@ def gmi_destination(
     )
 
 
+def account_destination(settings: Settings, store: SqlStore) -> str:
+    """`getmyinvoices:<accountId>` from `GET /account`: the destination of an API route
+    whose routes file names none. Raises `DeliveryUnavailable` when the API cannot say."""
+    api = gmi_destination(settings, store)
+    try:
+        api.open()
+        return api.destination_name
+    finally:
+        api.close()
+
+
 def destination(
     settings: Settings,
     store: SqlStore,

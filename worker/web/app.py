@@ -346,12 +346,16 @@ class StatusPage:
         if story.document_id is None or sha256 is None:
             raise HTTPException(409, "This row has no document to act on.")
         now = self._clock()
+        # The row's own destination: the same PDF may be bound for others too.
+        bound_for = story.row.destination
         if action == "retry":
             changed = await run_in_threadpool(
-                lambda: self._admin.requeue(sha256=sha256, now=now) > 0
+                lambda: self._admin.requeue(sha256=sha256, now=now, destination=bound_for) > 0
             )
         else:
-            changed = await run_in_threadpool(lambda: self._admin.resend(sha256=sha256, now=now))
+            changed = await run_in_threadpool(
+                lambda: self._admin.resend(sha256=sha256, now=now, destination=bound_for)
+            )
         log.info(
             "%s asked to %s document %s: %s",
             visitor.account.name,
