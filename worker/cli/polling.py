@@ -132,7 +132,7 @@ def poll_once(
                 mailbox=name, started_at=started, finished_at=datetime.now(UTC), locked=True
             )
         # Inside the poll lock: no other replica records sightings while it reads them.
-        notify_after_poll(settings, store, logins)
+        notify_after_poll(settings, store, logins, owner=owner)
         return report
 
 
@@ -169,9 +169,9 @@ def release_leases(store: SqlStore, owner: str) -> None:
         )
 
 
-def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> None:
-    """One failure notice to INVOICE_RELAY_NOTIFY_TO when one is due; a failure to send
-    it is logged by the notifier and never fails the poll."""
+def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins, *, owner: str) -> None:
+    """One failure notice to INVOICE_RELAY_NOTIFY_TO when one is due, under `owner`'s
+    notice lease; a failure to send it is logged by the notifier and never fails the poll."""
     if settings.notify_to is None:
         return
     from worker.relay.notify import Notifier
@@ -183,6 +183,7 @@ def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> No
         notify_to=settings.notify_to,
         notify_from=settings.forward_from,
         mailbox=mailbox_name(settings),
+        owner=owner,
         interval_seconds=settings.notify_interval_seconds,
     ).after_poll()
 
