@@ -4,6 +4,7 @@ it is done, and the tally of lost, duplicated and stuck PDFs against what was se
 from __future__ import annotations
 
 import hashlib
+import random
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 
 from tests import samples
 from tests.documents import wait_for_leases_to_expire
-from tests.servers.smtp_sink import ReceivedMail
+from tests.servers.smtp_sink import ReceivedMail, SmtpSink
 from worker.store.sqlstore import SqlStore
 
 
@@ -151,3 +152,18 @@ def run_until_done(
             return runs
         time.sleep(pause)  # a retry delay (INVOICE_RELAY_RETRY_DELAY) to come due
     raise AssertionError(f"not done after {max_runs} runs; last stderr: {runs[-1].stderr[-2000:]}")
+
+
+def await_kill_moment(
+    process: subprocess.Popen[bytes], sink: SmtpSink, draw: random.Random
+) -> bool:
+    """Wait for a random moment to kill `process`: mostly right after the sink accepted
+    one of the next 1..40 mails (the sending phase, and the window after acceptance);
+    sometimes a random time after start-up (reading mail, or start-up itself). False
+    when the process ended by itself first."""
+    by_time = draw.random() < 0.3
+    deadline = time.monotonic() + (draw.uniform(0.3, 3.0) if by_time else 60.0)
+    target = sink.received_count() + draw.randint(1, 40)
+    while process.poll() is None and time.monotonic() < deadline and sink.received_count() < target:
+        time.sleep(0.002)
+    return process.poll() is None

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.integration.guarantee_tools import (
+    await_kill_moment,
     document_states,
     invoices,
     relay_command,
@@ -32,6 +33,11 @@ from tests.servers.tls import TestCA
 BACKFILL = 300
 KILLS = 10
 KILL_SEED = 20261124
+# `run`: fewer kills and invoices, each kill costing a lease's wait (30 s), so that the
+# test stays within about three minutes.
+RUN_BACKFILL = 240
+RUN_KILLS = 4
+RUN_KILL_SEED = 20261202
 
 
 def test_sigkill_during_a_backfill_loses_nothing(
@@ -59,17 +65,7 @@ def test_sigkill_during_a_backfill_loses_nothing(
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        # A random moment: mostly right after the sink accepted one of the next 1..40
-        # mails (the sending phase, and the window after acceptance); sometimes a random
-        # time after start-up (reading mail, or start-up itself).
-        by_time = draw.random() < 0.3
-        deadline = time.monotonic() + (draw.uniform(0.3, 3.0) if by_time else 60.0)
-        target = len(smtp.messages) + draw.randint(1, 40)
-        while (
-            process.poll() is None and time.monotonic() < deadline and len(smtp.messages) < target
-        ):
-            time.sleep(0.002)
-        if process.poll() is not None:
+        if not await_kill_moment(process, smtp, draw):
             finished += 1
             continue
         os.killpg(process.pid, signal.SIGKILL)
@@ -107,6 +103,97 @@ def test_sigkill_during_a_backfill_loses_nothing(
         " (SELECT count(*) FROM sightings) AS sightings",
     )
     assert counts == {"documents": BACKFILL, "sightings": BACKFILL}
+
+
+def start_run(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`invoice-relay run` in its own process group (a kill takes the PDF workers too)."""
+    return subprocess.Popen(
+        relay_command("run"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def wait_until_forwarded(database_url: str, count: int, *, timeout: float) -> float:
+    """Seconds until `count` documents exist and every one is forwarded."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        states = Counter(document_states(database_url).values())
+        if states["forwarded"] == count == sum(states.values()):
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise AssertionError(f"not all forwarded within {timeout:.0f} s: {dict(states)}")
+
+
+def test_sigkill_of_run_during_a_backfill_loses_nothing(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    # The defaults: lease, heartbeat, timeouts and the schedule (*/5 * * * *); only the
+    # probes' port is free-chosen. `run` polls at start-up: each restart waits until the
+    # killed run's leases expired on the database's clock, as a container runtime's
+    # back-off would; restarted sooner, its start-up poll finds the poll lease still held
+    # and the next poll is the schedule's (see docs/guarantees.md).
+    batch = invoices(RUN_BACKFILL, first=20_000)
+    imap.append_many(invoice.mail for invoice in batch)
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    env = relay_env(imap, smtp, database_url, smtp_ca=smtp_ca, INVOICE_RELAY_HTTP_PORT="0")
+    draw = random.Random(RUN_KILL_SEED)
+    phases: Counter[str] = Counter()
+    kills = 0
+    waits: list[float] = []
+    started = time.monotonic()
+    while kills < RUN_KILLS:
+        waits.append(wait_for_leases(database_url))
+        process = start_run(env)
+        try:
+            alive = await_kill_moment(process, smtp, draw)
+            states = Counter(document_states(database_url).values())
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            killed_at = time.monotonic()
+        assert alive, "`run` ended by itself"
+        if states["forwarded"] == RUN_BACKFILL:
+            break  # all sent before this kill's moment came: not a kill mid-backfill
+        kills += 1
+        phases["reading mail" if sum(states.values()) < RUN_BACKFILL else "sending"] += 1
+    assert kills >= 3, f"only {kills} kills landed before the backfill was done"
+    # The last restart, left to run until everything is forwarded.
+    waits.append(wait_for_leases(database_url))
+    process = start_run(env)
+    restarted = time.monotonic()
+    since_kill = restarted - killed_at
+    try:
+        recovered_after = wait_until_forwarded(database_url, RUN_BACKFILL, timeout=120)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=15)
+        stopped_after = time.monotonic() - restarted - recovered_after
+    seconds = time.monotonic() - started
+    figures = tally([invoice.sha256 for invoice in batch], smtp.messages, database_url)
+    print(
+        f"\nrun kill test: {RUN_BACKFILL} invoices, {kills} SIGKILLs of `run` "
+        f"({dict(phases)}), {seconds:.0f}s; each restart once the killed run's leases "
+        f"expired ({max(waits):.1f}s at most); the last restart, {since_kill:.1f}s after the "
+        f"last kill, forwarded everything {recovered_after:.1f}s after it started, SIGTERM "
+        f"exit {code} after "
+        f"{stopped_after:.1f}s\n" + figures.row("after the kills")
+    )
+    assert code == 0
+    assert figures.lost == 0
+    assert figures.stuck == 0
+    assert figures.foreign == 0
+    assert figures.duplicated <= kills
+    assert figures.duplicates_share_message_id
+    assert "pending" not in document_states(database_url).values()
+    (counts,) = sql_rows(
+        database_url,
+        "SELECT (SELECT count(*) FROM documents) AS documents,"
+        " (SELECT count(*) FROM sightings) AS sightings",
+    )
+    assert counts == {"documents": RUN_BACKFILL, "sightings": RUN_BACKFILL}
 
 
 def test_smtp_refusals_retry_4xx_once_and_fail_5xx_with_the_answer(

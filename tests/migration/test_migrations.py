@@ -28,6 +28,7 @@ from worker.models import (
 )
 from worker.store import migrate, schema
 from worker.store.engine import create_schema, make_engine
+from worker.store.notices import SqlNoticeLog
 from worker.store.sqlstore import SqlStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +102,8 @@ def test_upgrade_head_on_an_empty_database(empty_database: str) -> None:
         "audit_log",
         "notifications",
         "notified_documents",
+        "notified_sightings",
+        "notice_leases",
         "mail_actions",
         "web_sessions",
         "oauth_tokens",
@@ -579,7 +582,7 @@ def test_invoice_number_certainty_comes_and_goes_with_0012(empty_database: str) 
                 {"now": datetime(2026, 12, 1, tzinfo=UTC)},
             )
         migrate.upgrade_database(empty_database, "0012_invoice_number_certainty")
-        assert view_columns(empty_database) == README_AUDIT_COLUMNS
+        assert view_columns(empty_database) == AUDIT_COLUMNS_0008
         with engine.connect() as connection:
             row = connection.execute(
                 sa.text("SELECT invoice_number, invoice_number_ambiguous FROM sightings")
@@ -590,6 +593,53 @@ def test_invoice_number_certainty_comes_and_goes_with_0012(empty_database: str) 
             back = connection.execute(sa.text("SELECT * FROM sightings"))
             assert "invoice_number_ambiguous" not in list(back.keys())
             assert [r.invoice_number for r in back] == ["1042"]
-        assert view_columns(empty_database) == README_AUDIT_COLUMNS
+        assert view_columns(empty_database) == AUDIT_COLUMNS_0008
+    finally:
+        engine.dispose()
+
+
+def test_sightings_the_old_mark_covered_stay_notified(empty_database: str) -> None:
+    # 0013 keeps what was notified per sighting: every rejected/error sighting at or
+    # below a notice's `last_sighting_id` gets a row naming the first notice that
+    # reached it; a later one, or one of another kind, none.
+    migrate.upgrade_database(empty_database, "0011_destinations")
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    kinds = {1: "rejected", 2: "no_pdf", 3: "error", 4: "rejected", 6: "rejected"}
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            for sighting_id, kind in kinds.items():
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO sightings (id, mailbox, uidvalidity, uid, part, received_at,"
+                        " message_id, sender, subject, kind, tries) VALUES (:id, 'm', 1, :id,"
+                        " '2', :now, '', '', '', :kind, 1)"
+                    ),
+                    {"id": sighting_id, "now": now, "kind": kind},
+                )
+            for notification_id, mark in [(1, 1), (2, 4)]:
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO notifications (id, sent_at, recipient, last_sighting_id,"
+                        " failed_documents, problem_sightings) VALUES (:id, :now, 'o@x', :mark,"
+                        " 0, 1)"
+                    ),
+                    {"id": notification_id, "now": now, "mark": mark},
+                )
+        migrate.upgrade_database(empty_database)
+        with engine.connect() as connection:
+            marked = connection.execute(
+                sa.text("SELECT sighting_id, notification_id FROM notified_sightings ORDER BY 1")
+            ).all()
+        assert [tuple(row) for row in marked] == [(1, 1), (3, 2), (4, 2)]
+        problems = SqlNoticeLog(engine).unnotified("m", limit=10)
+        assert [problem.audit_id for problem in problems] == [6]
+        assert SqlNoticeLog(engine).last_notice("m") is not None  # the old notices count
+
+        migrate.downgrade_database(empty_database, "0011_destinations")
+        assert not {"notified_sightings", "notice_leases"} & table_names(empty_database)
+        with engine.connect() as connection:
+            columns = connection.execute(sa.text("SELECT * FROM notifications")).keys()
+            assert "mailbox" not in list(columns)
     finally:
         engine.dispose()

@@ -248,6 +248,11 @@ class SmtpSink:
         with self._lock:
             return list(self._received)
 
+    def received_count(self) -> int:
+        """How many mails were accepted so far, without copying them."""
+        with self._lock:
+            return len(self._received)
+
     @property
     def refusals(self) -> list[tuple[Stage, int]]:
         """Scripted refusals answered so far, as (stage, code)."""

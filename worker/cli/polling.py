@@ -143,7 +143,7 @@ def poll_once(
                 mailbox=name, started_at=started, finished_at=datetime.now(UTC), locked=True
             )
         # Inside the poll lock: no other replica records sightings while it reads them.
-        notify_after_poll(settings, store, logins, route=route)
+        notify_after_poll(settings, store, logins, owner=owner, route=route)
         return report
 
 
@@ -181,10 +181,15 @@ def release_leases(store: SqlStore, owner: str) -> None:
 
 
 def notify_after_poll(
-    settings: Settings, store: SqlStore, logins: Logins, *, route: str = DEFAULT_ROUTE
+    settings: Settings,
+    store: SqlStore,
+    logins: Logins,
+    *,
+    owner: str,
+    route: str = DEFAULT_ROUTE,
 ) -> None:
-    """One failure notice to INVOICE_RELAY_NOTIFY_TO when one is due; a failure to send
-    it is logged by the notifier and never fails the poll."""
+    """One failure notice to INVOICE_RELAY_NOTIFY_TO when one is due, under `owner`'s
+    notice lease; a failure to send it is logged by the notifier and never fails the poll."""
     if settings.notify_to is None:
         return
     from worker.relay.notify import Notifier
@@ -197,6 +202,7 @@ def notify_after_poll(
         notify_from=settings.forward_from,
         mailbox=mailbox_name(settings),
         route=route,
+        owner=owner,
         interval_seconds=settings.notify_interval_seconds,
     ).after_poll()
 

@@ -1,8 +1,12 @@
 """Failure notices: after a poll, one short summary mail to INVOICE_RELAY_NOTIFY_TO about
-documents that `failed` and sightings `rejected` or in `error` that nobody was told of.
+a route's documents that `failed` and sightings `rejected` or in `error` that nobody was
+told of.
 
-At most one notice per INVOICE_RELAY_NOTIFY_INTERVAL, never about the same rows twice
-(what was notified is kept in the database, `worker.store.notices`). The mail carries no PDF
+A notice covers one mailbox folder's rows and names its route. At most one notice per
+mailbox per INVOICE_RELAY_NOTIFY_INTERVAL, never about the same rows twice (what was
+notified is kept per row in the database, `worker.store.notices`), and one process at a
+time sends a mailbox's notice: replicas finishing their polls at once send one notice,
+the database deciding which (a lease, like a poll's). The mail carries no PDF
 and no mail body: audit ids, outcomes, file names and reasons only. Its mail
 (`worker.delivery.message.notice_message`) is `Auto-Submitted` and carries
 `X-Invoice-Relay-Notice`, which the loop guard
@@ -19,7 +23,7 @@ from typing import Protocol
 
 from worker.errors import RelayError
 from worker.mail.text import clean_text
-from worker.models import Notice, NoticeMark, Problem, ProblemKind
+from worker.models import DEFAULT_LEASE_SECONDS, Notice, NoticeMark, Problem, ProblemKind
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +31,35 @@ LISTED_LIMIT = 50  # rows spelled out in one mail; the rest are counted
 FETCH_LIMIT = 1000  # rows one notice covers; more wait for the next notice
 REASON_LIMIT = 200
 FILENAME_LIMIT = 80
+ROUTE_LIMIT = 60
 AUDIT_HINT = "invoice-relay audit --outcome failed --outcome rejected --outcome error"
 
 
 class NoticeLog(Protocol):
     """What the notifier asks the database (`worker.store.notices.SqlNoticeLog`)."""
 
-    def last_notice(self) -> NoticeMark | None: ...
+    def take(self, mailbox: str, *, owner: str, lease_seconds: float) -> bool:
+        """The mailbox's notice lease for `owner`; False while another owner holds it."""
 
-    def unnotified(self, *, after_sighting_id: int, limit: int) -> list[Problem]: ...
+    def still_holds(self, mailbox: str, *, owner: str, lease_seconds: float) -> bool: ...
+
+    def release(self, mailbox: str, *, owner: str) -> None: ...
+
+    def last_notice(self, mailbox: str) -> NoticeMark | None: ...
+
+    def unnotified(self, mailbox: str, *, limit: int) -> list[Problem]: ...
 
     def record(
         self,
         *,
+        mailbox: str,
+        owner: str,
         sent_at: datetime,
         recipient: str,
         last_sighting_id: int,
         problems: Sequence[Problem],
-    ) -> None: ...
+    ) -> None:
+        """What the sent notice covered; hands the lease back."""
 
 
 class NoticeSender(Protocol):
@@ -61,6 +76,7 @@ class NoticeSender(Protocol):
 
 
 class NoticeResult(enum.Enum):
+    BUSY = "busy"  # another process is sending this mailbox's notice (or took it over)
     NOT_DUE = "not_due"  # the last notice is more recent than the interval
     NOTHING_NEW = "nothing_new"  # no unnotified problem rows
     SENT = "sent"  # one notice went out and was recorded
@@ -78,15 +94,17 @@ def notice_due(last: NoticeMark | None, *, now: datetime, interval_seconds: floa
 
 
 def covered_sighting_id(problems: Sequence[Problem], previous: int) -> int:
-    """The new high-water mark: the highest rejected/error sighting a notice covers."""
+    """The highest rejected/error sighting a notice covers, never below the previous
+    one (kept in `notifications.last_sighting_id`; what was notified is kept per row)."""
     ids = [p.audit_id for p in problems if p.kind is not ProblemKind.FAILED]
     return max([previous, *ids])
 
 
-def notice_subject(problems: Sequence[Problem]) -> str:
+def notice_subject(problems: Sequence[Problem], *, route: str = "default") -> str:
     counts = _counts(problems)
     parts = [f"{count} {kind.value}" for kind, count in counts.items() if count]
-    return f"invoice-relay: {', '.join(parts)} - please have a look"
+    name = clean_text(route, ROUTE_LIMIT)
+    return f"invoice-relay ({name}): {', '.join(parts)} - please have a look"
 
 
 def build_notice(
@@ -97,6 +115,7 @@ def build_notice(
     mailbox: str,
     now: datetime,
     interval_seconds: float,
+    route: str = "default",
 ) -> Notice:
     """The summary: counts, then one line per row (at most LISTED_LIMIT)."""
     if not problems:
@@ -104,8 +123,8 @@ def build_notice(
     return Notice(
         sender=notify_from,
         recipient=notify_to,
-        subject=notice_subject(problems),
-        body=_body(problems, mailbox=mailbox, interval_seconds=interval_seconds),
+        subject=notice_subject(problems, route=route),
+        body=_body(problems, route=route, mailbox=mailbox, interval_seconds=interval_seconds),
         rows=len(problems),
         written_at=now,
     )
@@ -125,9 +144,13 @@ _KIND_HELP = {
 }
 
 
-def _body(problems: Sequence[Problem], *, mailbox: str, interval_seconds: float) -> str:
+def _body(problems: Sequence[Problem], *, route: str, mailbox: str, interval_seconds: float) -> str:
+    name = clean_text(route, ROUTE_LIMIT)
     where = clean_text(mailbox, 200)
-    lines = [f"invoice-relay found rows in its audit log that need a person ({where}).", ""]
+    lines = [
+        f"invoice-relay found rows in its audit log that need a person (route {name}, {where}).",
+        "",
+    ]
     for kind, count in _counts(problems).items():
         if count:
             lines.append(f"  {kind.value:<9} {count:>5}   {_KIND_HELP[kind]}")
@@ -141,7 +164,8 @@ def _body(problems: Sequence[Problem], *, mailbox: str, interval_seconds: float)
     lines += [
         "",
         f"All of them: {AUDIT_HINT}",
-        f"These rows are not reported again; at most one notice per {interval_seconds:g} s.",
+        "These rows are not reported again; at most one notice per"
+        f" {interval_seconds:g} s for this mailbox.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -154,7 +178,11 @@ def _utc_now() -> datetime:
 
 
 class Notifier:
-    """Sends at most one notice after a poll; `after_poll` never raises a RelayError."""
+    """Sends at most one notice after a poll; `after_poll` never raises a RelayError.
+
+    `owner` is the process run's lease token (`worker.relay.lease.new_owner`): its
+    heartbeat renews the notice lease while a slow server takes the notice, and its
+    leases expire when it dies, so another process sends what it did not record."""
 
     def __init__(
         self,
@@ -164,7 +192,10 @@ class Notifier:
         notify_to: str,
         notify_from: str,
         mailbox: str,
+        owner: str,
         interval_seconds: float,
+        route: str = "default",
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._log = log
@@ -172,7 +203,10 @@ class Notifier:
         self._notify_to = notify_to
         self._notify_from = notify_from
         self._mailbox = mailbox
+        self._owner = owner
         self._interval = interval_seconds
+        self._route = route
+        self._lease_seconds = lease_seconds
         self._clock = clock
 
     def after_poll(self) -> NoticeResult:
@@ -180,16 +214,30 @@ class Notifier:
             return self._notify()
         except RelayError as exc:
             # The poll's own work is done and recorded: a notice problem must not undo that.
-            log.warning("failure notice not sent: %s", exc, extra={"action": "notice_failed"})
+            log.warning(
+                "failure notice not sent: %s",
+                exc,
+                extra={"action": "notice_failed", "route": self._route},
+            )
             return NoticeResult.FAILED
 
     def _notify(self) -> NoticeResult:
+        # Decided in the database before anything is read: of replicas finishing polls
+        # at once, one sends; the others find the lease taken, or (once it is handed
+        # back) the notice sent and its rows recorded.
+        if not self._log.take(self._mailbox, owner=self._owner, lease_seconds=self._lease_seconds):
+            return NoticeResult.BUSY
+        try:
+            return self._notify_holding()
+        finally:
+            self._log.release(self._mailbox, owner=self._owner)
+
+    def _notify_holding(self) -> NoticeResult:
         now = self._clock()
-        last = self._log.last_notice()
+        last = self._log.last_notice(self._mailbox)
         if not notice_due(last, now=now, interval_seconds=self._interval):
             return NoticeResult.NOT_DUE
-        previous = last.last_sighting_id if last is not None else 0
-        problems = self._log.unnotified(after_sighting_id=previous, limit=FETCH_LIMIT)
+        problems = self._log.unnotified(self._mailbox, limit=FETCH_LIMIT)
         if not problems:
             return NoticeResult.NOTHING_NEW
         notice = build_notice(
@@ -199,24 +247,38 @@ class Notifier:
             mailbox=self._mailbox,
             now=now,
             interval_seconds=self._interval,
+            route=self._route,
         )
         sender = self._sender()
         try:
             sender.open()
+            # A process frozen past its lease finds it taken over: the other one sends.
+            if not self._log.still_holds(
+                self._mailbox, owner=self._owner, lease_seconds=self._lease_seconds
+            ):
+                log.warning(
+                    "failure notice left to the process that took it over",
+                    extra={"action": "lease_lost", "route": self._route},
+                )
+                return NoticeResult.BUSY
             sender.send_notice(notice)
         finally:
             sender.close()
         # Recorded after the server accepted it: a crash in between repeats one notice
         # rather than losing it.
         self._log.record(
+            mailbox=self._mailbox,
+            owner=self._owner,
             sent_at=now,
             recipient=self._notify_to,
-            last_sighting_id=covered_sighting_id(problems, previous),
+            last_sighting_id=covered_sighting_id(
+                problems, last.last_sighting_id if last is not None else 0
+            ),
             problems=problems,
         )
         log.info(
             "failure notice sent about %d row(s)",
             len(problems),
-            extra={"action": "notice_sent"},
+            extra={"action": "notice_sent", "route": self._route},
         )
         return NoticeResult.SENT

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from worker.errors import LeaseLost
 from worker.store.engine import SqlBase
-from worker.store.schema import documents, poll_leases
+from worker.store.schema import documents, notice_leases, poll_leases
 
 
 class LeaseQueries(SqlBase):
@@ -49,19 +49,20 @@ class LeaseQueries(SqlBase):
             )
 
     def renew(self, owner: str, *, lease_seconds: float) -> int:
-        """Extend every unexpired lease `owner` holds (documents and poll leases) to
-        `lease_seconds` from now; an expired one stays lost. Returns how many."""
+        """Extend every unexpired lease `owner` holds (documents, poll and notice leases)
+        to `lease_seconds` from now; an expired one stays lost. Returns how many."""
         with self._write() as connection:
             renewed = connection.execute(
                 sa.update(documents)
                 .where(documents.c.lease_owner == owner, documents.c.lease_until > self._db_now())
                 .values(lease_until=self._db_now(lease_seconds))
             ).rowcount
-            renewed += connection.execute(
-                sa.update(poll_leases)
-                .where(poll_leases.c.owner == owner, poll_leases.c.expires_at > self._db_now())
-                .values(expires_at=self._db_now(lease_seconds))
-            ).rowcount
+            for table in (poll_leases, notice_leases):
+                renewed += connection.execute(
+                    sa.update(table)
+                    .where(table.c.owner == owner, table.c.expires_at > self._db_now())
+                    .values(expires_at=self._db_now(lease_seconds))
+                ).rowcount
         return renewed
 
     def still_holds(self, document_id: int, *, owner: str, lease_seconds: float) -> bool:
@@ -87,6 +88,7 @@ class LeaseQueries(SqlBase):
                 .values(lease_until=None, lease_owner=None)
             ).rowcount
             connection.execute(sa.delete(poll_leases).where(poll_leases.c.owner == owner))
+            connection.execute(sa.delete(notice_leases).where(notice_leases.c.owner == owner))
         return released
 
     def _fence_poll(self, connection: Connection, mailbox: str, owner: str) -> None:

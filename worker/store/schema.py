@@ -204,18 +204,56 @@ sightings = sa.Table(
     sa.Index("ix_sightings_invoice_number", "invoice_number"),
 )
 
-# Failure notices (worker.relay.notify): one row per summary mail, and the failed documents it
-# covered, so that no row is notified twice.
+# Failure notices (worker.relay.notify): one row per summary mail, and the failed documents
+# and the rejected/error sightings it covered, so that no row is notified twice.
 notifications = sa.Table(
     "notifications",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("sent_at", UtcDateTime(), nullable=False),
     sa.Column("recipient", sa.Text, nullable=False),
-    # every rejected/error sighting up to this id was covered
+    # The highest rejected/error sighting id this or an earlier notice covered. Before
+    # `notified_sightings` it meant "every one up to here was covered", which skips rows
+    # committed out of id order; it is kept going up for a downgrade.
     sa.Column("last_sighting_id", sa.Integer, nullable=False),
     sa.Column("failed_documents", sa.Integer, nullable=False),
     sa.Column("problem_sightings", sa.Integer, nullable=False),
+    # The mailbox folder whose rows it covered (NULL: before notices were per mailbox).
+    sa.Column("mailbox", sa.Text, nullable=True),
+)
+
+# A rejected/error sighting a notice covered; gone with its sighting (a mail's error
+# placeholder gives way to its parts, and SQLite may give a new row the same id).
+notified_sightings = sa.Table(
+    "notified_sightings",
+    metadata,
+    sa.Column(
+        "sighting_id",
+        sa.Integer,
+        sa.ForeignKey(
+            "sightings.id", name="fk_notified_sightings_sighting_id_sightings", ondelete="CASCADE"
+        ),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column(
+        "notification_id",
+        sa.Integer,
+        sa.ForeignKey(
+            "notifications.id", name="fk_notified_sightings_notification_id_notifications"
+        ),
+        nullable=False,
+    ),
+)
+
+# Who sends a mailbox's failure notice now: one process across replicas. A lease like
+# `poll_leases` (renewed by the owner's heartbeat; `expires_at` on the database's clock).
+notice_leases = sa.Table(
+    "notice_leases",
+    metadata,
+    sa.Column("mailbox", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
 )
 
 notified_documents = sa.Table(

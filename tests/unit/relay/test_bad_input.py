@@ -212,7 +212,7 @@ def test_a_vanished_mail_is_not_in_a_failure_notice(store: SqlStore) -> None:
     mailbox.doomed.add(mailbox.add(shop_mail()))
     stranger = mailbox.add(samples.invoice_mail(pdfs=[("x.pdf", b"not a pdf")]))
     poll(store, mailbox, KeyServer())
-    problems = SqlNoticeLog(store.engine).unnotified(after_sighting_id=0, limit=100)
+    problems = SqlNoticeLog(store.engine).unnotified("invoices@imap.example/INBOX", limit=100)
     # The rejected attachment is reported; the mail a person removed is not.
     assert [(p.kind, p.reason) for p in problems] == [
         (

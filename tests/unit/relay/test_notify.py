@@ -98,15 +98,37 @@ def test_covered_sighting_id(problems: list[Problem], previous: int, expected: i
 @pytest.mark.parametrize(
     ("kinds", "subject"),
     [
-        ([ProblemKind.FAILED], "invoice-relay: 1 failed - please have a look"),
+        ([ProblemKind.FAILED], "invoice-relay (default): 1 failed - please have a look"),
         (
             [ProblemKind.REJECTED, ProblemKind.ERROR, ProblemKind.REJECTED],
-            "invoice-relay: 2 rejected, 1 error - please have a look",
+            "invoice-relay (default): 2 rejected, 1 error - please have a look",
         ),
     ],
 )
 def test_notice_subject(kinds: list[ProblemKind], subject: str) -> None:
     assert notice_subject([problem(i, kind) for i, kind in enumerate(kinds, 1)]) == subject
+
+
+@pytest.mark.parametrize(
+    ("route", "named"),
+    [
+        ("shop-a", "shop-a"),
+        ("shop\r\nBcc: x@evil.example", "shop Bcc: x@evil.example"),  # cleaned, one line
+        ("r" * 100, "r" * 60),
+    ],
+)
+def test_the_notice_names_its_route(route: str, named: str) -> None:
+    built = build_notice(
+        [problem(3, ProblemKind.REJECTED)],
+        notify_from=NOTIFY_FROM,
+        notify_to=NOTIFY_TO,
+        mailbox="invoices@imap.example/INBOX",
+        now=T0,
+        interval_seconds=HOUR,
+        route=route,
+    )
+    assert built.subject == f"invoice-relay ({named}): 1 rejected - please have a look"
+    assert f"(route {named}, invoices@imap.example/INBOX)" in built.body
 
 
 def notice(problems: Sequence[Problem]) -> EmailMessage:
@@ -174,29 +196,49 @@ class FakeNoticeLog:
     last: NoticeMark | None = None
     problems: list[Problem] = field(default_factory=list)
     recorded: list[tuple[int, list[Problem]]] = field(default_factory=list)
-    asked_after: list[int] = field(default_factory=list)
+    holder: str | None = None  # the notice lease's owner
+    lose_lease: bool = False  # another process takes the lease over while this one sends
     fail: bool = False
 
-    def last_notice(self) -> NoticeMark | None:
+    def take(self, mailbox: str, *, owner: str, lease_seconds: float) -> bool:
+        assert mailbox == "m"
         if self.fail:
             raise StoreError("database down")
+        if self.holder not in (None, owner):
+            return False
+        self.holder = owner
+        return True
+
+    def still_holds(self, mailbox: str, *, owner: str, lease_seconds: float) -> bool:
+        if self.lose_lease:
+            self.holder = "other"
+        return self.holder == owner
+
+    def release(self, mailbox: str, *, owner: str) -> None:
+        if self.holder == owner:
+            self.holder = None
+
+    def last_notice(self, mailbox: str) -> NoticeMark | None:
         return self.last
 
-    def unnotified(self, *, after_sighting_id: int, limit: int) -> list[Problem]:
-        self.asked_after.append(after_sighting_id)
-        return [p for p in self.problems if p.audit_id > after_sighting_id][:limit]
+    def unnotified(self, mailbox: str, *, limit: int) -> list[Problem]:
+        told = {p.audit_id for _, covered in self.recorded for p in covered}
+        return [p for p in self.problems if p.audit_id not in told][:limit]
 
     def record(
         self,
         *,
+        mailbox: str,
+        owner: str,
         sent_at: datetime,
         recipient: str,
         last_sighting_id: int,
         problems: Sequence[Problem],
     ) -> None:
-        assert recipient == NOTIFY_TO
+        assert (mailbox, recipient) == ("m", NOTIFY_TO)
         self.recorded.append((last_sighting_id, list(problems)))
         self.last = NoticeMark(sent_at=sent_at, last_sighting_id=last_sighting_id)
+        self.release(mailbox, owner=owner)
 
 
 @dataclass
@@ -234,6 +276,7 @@ def notifier(log: FakeNoticeLog, sender: FakeSender, clock: Clock) -> Notifier:
         notify_to=NOTIFY_TO,
         notify_from=NOTIFY_FROM,
         mailbox="m",
+        owner=OWNER,
         interval_seconds=HOUR,
         clock=clock,
     )
@@ -256,12 +299,31 @@ def test_one_notice_then_nothing_until_the_interval_is_over_and_never_the_same_r
     assert relay.after_poll() is NoticeResult.NOT_DUE
     clock.now += timedelta(minutes=1)
     assert relay.after_poll() is NoticeResult.SENT
-    assert log.asked_after[-1] == 5
     assert [p.audit_id for p in log.recorded[-1][1]] == [9]
 
     clock.now += timedelta(hours=2)
     assert relay.after_poll() is NoticeResult.NOTHING_NEW
     assert len(sender.sent) == 2
+    assert log.holder is None  # the lease is handed back whatever the outcome
+
+
+def test_a_notice_another_process_is_sending_is_left_to_it() -> None:
+    log = FakeNoticeLog(problems=[problem(2, ProblemKind.REJECTED)], holder="other")
+    sender = FakeSender()
+    assert notifier(log, sender, Clock()).after_poll() is NoticeResult.BUSY
+    assert sender.sent == []
+    assert log.holder == "other"
+
+
+def test_a_notifier_that_lost_its_lease_before_sending_sends_nothing() -> None:
+    # Frozen past the lease after reading the rows: the process that took over sends.
+    log = FakeNoticeLog(problems=[problem(2, ProblemKind.REJECTED)], lose_lease=True)
+    sender = FakeSender()
+    assert notifier(log, sender, Clock()).after_poll() is NoticeResult.BUSY
+    assert sender.sent == []
+    assert log.recorded == []
+    assert sender.closed == 1
+    assert log.holder == "other"
 
 
 @pytest.mark.parametrize(
@@ -280,6 +342,7 @@ def test_a_refused_notice_is_not_recorded_and_is_tried_after_a_later_poll(
     assert relay.after_poll() is NoticeResult.FAILED
     assert log.recorded == []
     assert sender.closed == 1
+    assert log.holder is None
     sender.refuse = None
     assert relay.after_poll() is NoticeResult.SENT
 
@@ -362,8 +425,8 @@ def test_the_queries_list_each_problem_row_until_a_notice_covered_it(store: SqlS
     )
     store.mark_failed(documents["refused.pdf"].document_id, owner=OWNER, answer="550 5.7.1 no")
 
-    assert log.last_notice() is None
-    problems = log.unnotified(after_sighting_id=0, limit=100)
+    assert log.last_notice("m") is None
+    problems = log.unnotified("m", limit=100)
     assert [(p.audit_id, p.kind) for p in problems] == [
         (failing, ProblemKind.FAILED),
         (stranger, ProblemKind.REJECTED),
@@ -372,24 +435,76 @@ def test_the_queries_list_each_problem_row_until_a_notice_covered_it(store: SqlS
     assert problems[0].reason == "550 5.7.1 no"
     assert problems[0].document_id == documents["refused.pdf"].document_id
     assert forwarded not in [p.audit_id for p in problems]
+    assert log.unnotified("other@imap.example/INBOX", limit=100) == []  # another mailbox's
 
-    log.record(sent_at=T0, recipient=NOTIFY_TO, last_sighting_id=broken, problems=problems)
-    assert log.last_notice() == NoticeMark(sent_at=T0, last_sighting_id=broken)
-    assert log.unnotified(after_sighting_id=broken, limit=100) == []
-    # Recording the same document again (a repeated notice) is harmless.
-    log.record(sent_at=T0, recipient=NOTIFY_TO, last_sighting_id=broken, problems=problems[:1])
+    assert log.take("m", owner=OWNER, lease_seconds=60)
+    log.record(
+        mailbox="m",
+        owner=OWNER,
+        sent_at=T0,
+        recipient=NOTIFY_TO,
+        last_sighting_id=broken,
+        problems=problems,
+    )
+    assert log.last_notice("m") == NoticeMark(sent_at=T0, last_sighting_id=broken)
+    assert log.last_notice("other@imap.example/INBOX") is None  # its interval is its own
+    assert log.unnotified("m", limit=100) == []
+    assert log.take("m", owner="another", lease_seconds=60)  # recording handed it back
+    # Recording the same rows again (a repeated notice) is harmless; the mark never falls.
+    log.record(
+        mailbox="m",
+        owner=OWNER,
+        sent_at=T0,
+        recipient=NOTIFY_TO,
+        last_sighting_id=0,
+        problems=problems,
+    )
+    assert log.last_notice("m") == NoticeMark(sent_at=T0, last_sighting_id=broken)
 
     (later,) = record(store, 7, rejected("not a PDF"))
-    assert [p.audit_id for p in log.unnotified(after_sighting_id=broken, limit=100)] == [later]
+    assert [p.audit_id for p in log.unnotified("m", limit=100)] == [later]
 
 
-def test_the_limit_keeps_the_high_water_mark_sound(store: SqlStore) -> None:
+def test_the_limit_leaves_the_rest_for_the_next_notice(store: SqlStore) -> None:
     log = SqlNoticeLog(store.engine)
     ids = [record(store, uid, rejected(f"r{uid}"))[0] for uid in range(1, 6)]
-    first = log.unnotified(after_sighting_id=0, limit=2)
+    first = log.unnotified("m", limit=2)
     assert [p.audit_id for p in first] == ids[:2]
-    mark = covered_sighting_id(first, 0)
-    assert [p.audit_id for p in log.unnotified(after_sighting_id=mark, limit=10)] == ids[2:]
+    log.record(
+        mailbox="m",
+        owner=OWNER,
+        sent_at=T0,
+        recipient=NOTIFY_TO,
+        last_sighting_id=covered_sighting_id(first, 0),
+        problems=first,
+    )
+    assert [p.audit_id for p in log.unnotified("m", limit=10)] == ids[2:]
+
+
+def test_one_owner_holds_a_mailboxs_notice_lease_until_it_hands_it_back(store: SqlStore) -> None:
+    log = SqlNoticeLog(store.engine)
+    assert log.take("m", owner="a", lease_seconds=60)
+    assert not log.take("m", owner="b", lease_seconds=60)
+    assert log.take("other", owner="b", lease_seconds=60)  # per mailbox
+    assert log.still_holds("m", owner="a", lease_seconds=60)
+    assert not log.still_holds("m", owner="b", lease_seconds=60)
+    log.release("m", owner="b")  # not b's: nothing happens
+    assert not log.take("m", owner="b", lease_seconds=60)
+    log.release("m", owner="a")
+    assert log.take("m", owner="b", lease_seconds=60)
+    assert not log.still_holds("m", owner="a", lease_seconds=60)
+
+
+def test_an_expired_notice_lease_is_taken_over_and_the_heartbeat_renews_a_live_one(
+    store: SqlStore,
+) -> None:
+    log = SqlNoticeLog(store.engine)
+    assert log.take("m", owner="dead", lease_seconds=-1)  # expired at once
+    assert log.take("m", owner="live", lease_seconds=60)
+    assert not log.still_holds("m", owner="dead", lease_seconds=60)
+    assert store.renew("live", lease_seconds=60) == 1
+    assert store.release_all("live") == 0  # no documents; the notice lease goes too
+    assert log.take("m", owner="next", lease_seconds=60)
 
 
 # --- the loop guard ------------------------------------------------------------------------
