@@ -212,6 +212,7 @@ def record(store: SqlStore, uid: int, *parts: PartRecord) -> list[int]:
         dedup=DedupMode.BYTES,
         keep_pdfs=False,
         now=T0,
+        destination=DESTINATION,
     )
     store.end_poll_lease(MAILBOX, owner=OWNER)
     return [item.sighting_id for item in recorded]
