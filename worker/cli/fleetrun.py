@@ -113,6 +113,7 @@ class RoutePolls:
         self._inspector = inspector
         self._destinations = Destinations(store)
         self._watches: dict[str, threading.Event] = {}
+        self._again: set[str] = set()  # routes with a poll asked for after a held lease
         self._lock = threading.Lock()
         self.fleet: Fleet | None = None  # set once built: IDLE announcements poll through it
 
@@ -130,9 +131,30 @@ class RoutePolls:
                 stop=self._stop,
                 inspector=self._inspector,
             )
-        if route.settings.idle:
+        if report.locked:
+            self._ask_again(name)
+        elif route.settings.idle:
             self._keep_watch(route)
         return report
+
+    def _ask_again(self, name: str) -> None:
+        """The route's poll lease was held (a peer's long poll, or a relay that died
+        holding it and was restarted at once): poll again once that lease can have
+        expired, not a whole interval later. One timer per route at most."""
+        with self._lock:
+            if name in self._again:
+                return
+            self._again.add(name)
+
+        def again() -> None:
+            with self._lock:
+                self._again.discard(name)
+            if self.fleet is not None and not self._stop.is_set():
+                self.fleet.poll_now(name)
+
+        timer = threading.Timer(LEASE_SECONDS + 1.0, again)
+        timer.daemon = True
+        timer.start()
 
     def _keep_watch(self, route: Route) -> None:
         """One replica watches a route with IDLE: the one holding its `idle:` lease,

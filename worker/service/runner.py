@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[im
 
 from worker.errors import InfrastructureError
 from worker.models import DEFAULT_ROUTE, PollReport, PollStatus
+from worker.relay.lease import LEASE_SECONDS
 from worker.service.health import (
     HealthServer,
     HealthSnapshot,
@@ -80,6 +81,7 @@ class Service:
         shutdown_timeout: float = 8.0,
         misfire_grace: int | None = None,
         side_servers: tuple[SideServer, ...] = (),
+        locked_retry_seconds: float = LEASE_SECONDS + 1.0,
     ) -> None:
         if not 0 <= http_port <= 65535:
             raise ValueError(f"http_port must be 0..65535, not {http_port}")
@@ -99,6 +101,8 @@ class Service:
         self._active_polls = 0
         self._job_running = False  # from hand-over to APScheduler's end of the poll job
         self._poll_wanted = False  # poll_now() came while the job ran: once more after it
+        self._found_locked = False  # the last poll found the poll lease held
+        self._locked_retry_seconds = locked_retry_seconds
         self._snapshot = HealthSnapshot()
         self._scheduler_thread: threading.Thread | None = None
         self._scheduler: Any = None
@@ -163,11 +167,17 @@ class Service:
                 return
         self._schedule_poll()
 
-    def _schedule_poll(self) -> None:
+    def _schedule_poll(self, delay: float = 0.0) -> None:
+        """The poll job now, or `delay` seconds from now when that comes before its next
+        scheduled run."""
         scheduler = self._scheduler
         if scheduler is not None and scheduler.running and not self._stop_event.is_set():
             with contextlib.suppress(LookupError):  # the job is gone: shutting down
-                scheduler.modify_job(_JOB_ID, next_run_time=_utc_now())
+                when = _utc_now() + timedelta(seconds=delay)
+                job = scheduler.get_job(_JOB_ID)
+                if job is not None and job.next_run_time is not None:
+                    when = min(when, job.next_run_time)
+                scheduler.modify_job(_JOB_ID, next_run_time=when)
 
     def _job_started(self) -> None:
         with self._lock:
@@ -177,8 +187,14 @@ class Service:
         with self._lock:
             self._job_running = False
             wanted, self._poll_wanted = self._poll_wanted, False
+            locked, self._found_locked = self._found_locked, False
         if wanted:
             self._schedule_poll()
+        elif locked:
+            # The poll lease was held: by a peer now polling, or by a relay that died
+            # holding it (a restart right after a crash). Ask again once that lease has
+            # had time to expire, not a whole schedule interval later.
+            self._schedule_poll(self._locked_retry_seconds)
 
     # --- signals -------------------------------------------------------------------------
 
@@ -223,6 +239,9 @@ class Service:
                 self._idle.notify_all()
 
     def _record_success(self, report: PollReport) -> None:
+        if report.locked:
+            with self._lock:
+                self._found_locked = True
         self.metrics.observe(report)
         now = self._clock()
         # The poll forwarded, but could not act on the mailbox as configured: shown in

@@ -153,6 +153,7 @@ def running_service(
     clock: Callable[[], datetime] | None = None,
     shutdown_timeout: float = 8.0,
     http: bool = True,
+    locked_retry_seconds: float | None = None,
 ) -> Iterator[Running]:
     port = free_port() if http else 0
     stop_event = threading.Event()
@@ -166,6 +167,7 @@ def running_service(
         metrics=RelayMetrics(),
         shutdown_timeout=shutdown_timeout,
         clock=clock if clock is not None else (lambda: datetime.now(UTC)),
+        **({} if locked_retry_seconds is None else {"locked_retry_seconds": locked_retry_seconds}),
     )
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(service.run()), daemon=True)
@@ -317,6 +319,19 @@ def test_a_locked_poll_counts_as_locked_and_healthy() -> None:
         wait_until(lambda: healthz(running.port)[0] == 200)
         text = get(running.port, "/metrics")[1]
     assert 'invoice_relay_polls_total{result="locked",route="default"} 1.0' in text
+
+
+def test_a_locked_poll_is_asked_again_after_a_lease_not_a_whole_interval() -> None:
+    # A restart right after a crash finds the dead relay's poll lease still held: the
+    # next poll comes once that lease can have expired. The default wait is one lease
+    # plus a second (31 s); shortened here to test the mechanism quickly. The kill test
+    # of `run` (tests/integration/test_guarantees.py) shows the default end to end.
+    poll = FakePoll([report(locked=True), report(), report()])
+    with running_service(poll, interval=3600, http=False, locked_retry_seconds=0.2):
+        wait_until(lambda: poll.finished >= 2)
+        assert poll.calls[1] - poll.calls[0] >= 0.2
+        time.sleep(0.5)  # no third poll: only a locked poll is asked again
+        assert poll.finished == 2
 
 
 NAMED_METRICS = (
