@@ -5,6 +5,7 @@ environment to a file. Real Dovecot, the SMTP sink, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -61,9 +62,13 @@ def routes_file(  # noqa: PLR0917 - the servers and the routes, as a test sets t
 
 
 def file_env(imap: DovecotServer, smtp: SmtpSink, config: Path) -> dict[str, str]:
-    env = relay_env(imap, smtp, "sqlite://")  # only for PATH, HOME and the CA bundle
-    kept = {key: env[key] for key in ("PATH", "HOME")}
-    return {**kept, "INVOICE_RELAY_CONFIG": str(config)}
+    """Nothing but the routes file: every route setting comes from it."""
+    del smtp
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(imap.config_file.parent),
+        "INVOICE_RELAY_CONFIG": str(config),
+    }
 
 
 def ca_bundle(imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, database_url: str) -> str:
