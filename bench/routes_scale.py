@@ -42,7 +42,7 @@ from tests.servers.smtp_sink import SmtpSink, free_port, running_sink
 
 FORWARD_FROM = "relay@agency.example"
 PASSWORD = "bench-password"
-_LOGIN = re.compile(r"imap-login: Login: user=<([^>]+)>")
+_LOGIN = re.compile(r"imap-login: (?:Info: )?Login: user=<([^>]+)>")
 
 
 class PasswdFileDovecot(DovecotServer):

@@ -298,7 +298,7 @@ class Fleet:
             return
         self._forgot_at = now
         try:
-            removed = self._claims.forget_fires_before(now - CLAIM_RETENTION)
+            removed = self._claims.forget_claims_older_than(CLAIM_RETENTION.total_seconds())
         except InfrastructureError as exc:
             _LOG.warning(
                 "could not delete old fire claims: %s", exc, extra={"action": "claims_kept"}

@@ -17,8 +17,9 @@ class FireClaims(Protocol):
         """True for the one replica that claims (route, fire_time) first; False for
         every later claim, by anyone."""
 
-    def forget_fires_before(self, moment: datetime) -> int:
-        """Delete the claims of fire times before `moment`; how many went."""
+    def forget_claims_older_than(self, seconds: float) -> int:
+        """Delete the claims made more than `seconds` ago (the database's clock); how
+        many went."""
 
     def record_route_poll(
         self,

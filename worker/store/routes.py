@@ -52,11 +52,14 @@ class RouteRows(SqlBase):
         with self._write() as connection:
             return connection.execute(statement).first() is not None
 
-    def forget_fires_before(self, moment: datetime) -> int:
-        """Delete the claims of fire times before `moment`; returns how many."""
+    def forget_claims_older_than(self, seconds: float) -> int:
+        """Delete the claims made more than `seconds` ago on the database's clock;
+        returns how many. By when a claim was made, not by its fire time: a fire time
+        long past (a yearly schedule's latest) must not be freed by one replica just as
+        another claimed it, or both would poll it."""
         with self._write() as connection:
             return connection.execute(
-                sa.delete(poll_claims).where(poll_claims.c.fire_time < moment)
+                sa.delete(poll_claims).where(poll_claims.c.claimed_at < self._db_now(-seconds))
             ).rowcount
 
     # --- last polls ------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from worker.errors import StoreError
 from worker.models import PollReport, RoutePollState
@@ -29,8 +29,10 @@ class FakeFireStore:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self.claims: dict[tuple[str, datetime], str] = {}
+        self.claimed_at: dict[tuple[str, datetime], datetime] = {}
+        self.now: Callable[[], datetime] = lambda: datetime.now(UTC)  # the database's clock
         self.attempts: list[ClaimAttempt] = []
-        self.forgotten: list[datetime] = []
+        self.forgotten: list[float] = []  # the ages asked for
         self.records: list[dict[str, object]] = []
         self.states: dict[str, RoutePollState] = {}
         self.unavailable = False
@@ -49,19 +51,22 @@ class FakeFireStore:
             won = (route, fire_time) not in self.claims
             if won:
                 self.claims[route, fire_time] = owner
+                self.claimed_at[route, fire_time] = self.now()
             self.attempts.append(
                 ClaimAttempt(route=route, fire_time=fire_time, owner=owner, won=won)
             )
             self._changed.notify_all()
             return won
 
-    def forget_fires_before(self, moment: datetime) -> int:
+    def forget_claims_older_than(self, seconds: float) -> int:
         with self._changed:
             self._check()
-            old = [key for key in self.claims if key[1] < moment]
+            moment = self.now() - timedelta(seconds=seconds)
+            old = [key for key, at in self.claimed_at.items() if at < moment]
             for key in old:
                 del self.claims[key]
-            self.forgotten.append(moment)
+                del self.claimed_at[key]
+            self.forgotten.append(seconds)
             self._changed.notify_all()
             return len(old)
 

@@ -28,6 +28,7 @@ from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import
 
 from worker.errors import ConfigError, MailboxError
 from worker.models import PollReport
+from worker.relay.lease import LEASE_SECONDS
 from worker.service.health import probe_health
 from worker.service.idle import PollRequests
 from worker.service.metrics import RelayMetrics
@@ -167,7 +168,9 @@ def running_service(
         metrics=RelayMetrics(),
         shutdown_timeout=shutdown_timeout,
         clock=clock if clock is not None else (lambda: datetime.now(UTC)),
-        **({} if locked_retry_seconds is None else {"locked_retry_seconds": locked_retry_seconds}),
+        locked_retry_seconds=(
+            LEASE_SECONDS + 1.0 if locked_retry_seconds is None else locked_retry_seconds
+        ),
     )
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(service.run()), daemon=True)

@@ -46,7 +46,9 @@ def test_one_replica_claims_each_fire_time(store_factory: StoreFactory) -> None:
     assert not first.claim_fire("shop-a", T0, "replica-1")  # even for the winner
     assert second.claim_fire("shop-a", T0 + timedelta(minutes=5), "replica-2")
     assert second.claim_fire("shop-b", T0, "replica-2")
-    assert first.forget_fires_before(T0 + timedelta(minutes=1)) == 2
+    assert first.forget_claims_older_than(3600) == 0  # made just now: kept
+    assert not first.claim_fire("shop-a", T0, "replica-1")
+    assert first.forget_claims_older_than(-3600) == 3  # "older than an hour from now"
     assert first.claim_fire("shop-a", T0, "replica-1")  # forgotten, so free again
 
 
