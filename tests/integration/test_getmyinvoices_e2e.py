@@ -183,8 +183,14 @@ def test_a_wrong_key_exits_1_naming_the_cause(
     assert "the API key is unknown" in result.stderr
     assert "wrong-key-0000" not in result.stderr + result.stdout
     api.calls.clear()  # the fake saw the wrong key: not a request-schema problem of ours
-    rows = sql_rows(url, "SELECT outcome, attempts FROM audit_log")
-    assert rows == [{"outcome": "pending", "attempts": 0}]
+    # Dedup is per destination, and an API route's is its account: without a named
+    # `destination` nothing is recorded until the API says which account the key opens.
+    # The mail waits in the mailbox; the right key records and delivers it.
+    assert sql_rows(url, "SELECT outcome FROM audit_log") == []
+    env["INVOICE_RELAY_GMI_API_KEY"] = KEY
+    assert run_once(env).returncode == 0
+    rows = sql_rows(url, "SELECT outcome, destination FROM audit_log")
+    assert rows == [{"outcome": "forwarded", "destination": "getmyinvoices:G-20707-0"}]
 
 
 def test_check_asks_for_the_account(
