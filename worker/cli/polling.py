@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from worker.cli.wiring import (
     Logins,
@@ -22,7 +23,7 @@ from worker.cli.wiring import (
     smtp_outbox,
 )
 from worker.config.settings import Settings
-from worker.errors import LeaseLost, StoreError
+from worker.errors import LeaseLost, OAuthClientRejected, OAuthLoginRefused, StoreError
 from worker.faults import checkpoint_for
 from worker.models import DeliveryKind, PollReport
 from worker.pdf.pool import PdfInspector
@@ -30,10 +31,14 @@ from worker.relay.dryrun import PlannedSighting
 from worker.relay.lease import LEASE_SECONDS, Heartbeat, new_owner
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from worker.relay.notify import Notifier
 from worker.relay.ports import MailActionStore
 from worker.store import migrate
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
+from worker.tokens import AuthMethod
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,9 @@ def poll_once(
             return PollReport(
                 mailbox=name, started_at=started, finished_at=datetime.now(UTC), locked=True
             )
+        except (OAuthLoginRefused, OAuthClientRejected) as refused:
+            notify_login_failure(settings, store, logins, str(refused))
+            raise
         # Inside the poll lock: no other replica records sightings while it reads them.
         notify_after_poll(settings, store, logins)
         return report
@@ -174,17 +182,32 @@ def notify_after_poll(settings: Settings, store: SqlStore, logins: Logins) -> No
     it is logged by the notifier and never fails the poll."""
     if settings.notify_to is None:
         return
+    _notifier(settings, store, logins).after_poll()
+
+
+def _notifier(settings: Settings, store: SqlStore, logins: Logins) -> Notifier:
     from worker.relay.notify import Notifier
     from worker.store.notices import SqlNoticeLog
 
-    Notifier(
+    if settings.notify_to is None:
+        raise ValueError("no INVOICE_RELAY_NOTIFY_TO")
+    return Notifier(
         log=SqlNoticeLog(store.engine),
         sender=lambda: smtp_outbox(settings, logins),
         notify_to=settings.notify_to,
         notify_from=settings.forward_from,
         mailbox=mailbox_name(settings),
         interval_seconds=settings.notify_interval_seconds,
-    ).after_poll()
+    )
+
+
+def notify_login_failure(settings: Settings, store: SqlStore, logins: Logins, reason: str) -> None:
+    """A notice that the OAuth2 grant or client was refused, when a transport for it
+    remains: SMTP with a password (or none). On SMTP with oauth2 the notice would need
+    the very credential that failed: `check`, `/healthz` and the status page say it."""
+    if settings.notify_to is None or settings.smtp_auth is AuthMethod.OAUTH2:
+        return
+    _notifier(settings, store, logins).after_login_failure(reason)
 
 
 def once(settings: Settings, *, progress: Callable[[str], None] | None = None) -> PollReport:

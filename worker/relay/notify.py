@@ -1,6 +1,10 @@
 """Failure notices: after a poll, one short summary mail to INVOICE_RELAY_NOTIFY_TO about
 documents that `failed` and sightings `rejected` or in `error` that nobody was told of.
 
+And a login notice when a poll could not log in because the mailbox's OAuth2 grant or
+client was refused, sent only where the notice's own transport does not hang on that
+credential (SMTP with a password): otherwise `check`, `/healthz` and the status page say it.
+
 At most one notice per INVOICE_RELAY_NOTIFY_INTERVAL, never about the same rows twice
 (what was notified is kept in the database, `worker.store.notices`). The mail carries no PDF
 and no mail body: audit ids, outcomes, file names and reasons only. Its mail
@@ -111,6 +115,35 @@ def build_notice(
     )
 
 
+def build_login_notice(
+    reason: str,
+    *,
+    notify_from: str,
+    notify_to: str,
+    mailbox: str,
+    now: datetime,
+    interval_seconds: float,
+) -> Notice:
+    """The mail saying the relay cannot log in to `mailbox` and what to do (`reason`,
+    an error's text, which names the fix and never a token)."""
+    where = clean_text(mailbox, 200)
+    body = (
+        f"invoice-relay cannot log in to {where}, so it reads no new invoices until a "
+        "person acts:\n\n"
+        f"  {clean_text(reason, 2 * REASON_LIMIT)}\n\n"
+        "Nothing is lost: the mail stays in the mailbox and is read once the login works.\n"
+        f"While this lasts, this notice comes at most once per {interval_seconds:g} s.\n"
+    )
+    return Notice(
+        sender=notify_from,
+        recipient=notify_to,
+        subject=f"invoice-relay: cannot log in to {clean_text(mailbox, 80)} - please act",
+        body=body,
+        rows=0,
+        written_at=now,
+    )
+
+
 def _counts(problems: Sequence[Problem]) -> dict[ProblemKind, int]:
     counts = dict.fromkeys(ProblemKind, 0)
     for problem in problems:
@@ -183,6 +216,43 @@ class Notifier:
             log.warning("failure notice not sent: %s", exc, extra={"action": "notice_failed"})
             return NoticeResult.FAILED
 
+    def after_login_failure(self, reason: str) -> NoticeResult:
+        """A login notice (`build_login_notice`) when one is due; never raises a RelayError.
+        It counts as a notice for the interval, and covers no rows."""
+        try:
+            now = self._clock()
+            last = self._log.last_notice()
+            if not notice_due(last, now=now, interval_seconds=self._interval):
+                return NoticeResult.NOT_DUE
+            notice = build_login_notice(
+                reason,
+                notify_from=self._notify_from,
+                notify_to=self._notify_to,
+                mailbox=self._mailbox,
+                now=now,
+                interval_seconds=self._interval,
+            )
+            self._send(notice)
+            self._log.record(
+                sent_at=now,
+                recipient=self._notify_to,
+                last_sighting_id=last.last_sighting_id if last is not None else 0,
+                problems=(),
+            )
+        except RelayError as exc:
+            log.warning("login notice not sent: %s", exc, extra={"action": "notice_failed"})
+            return NoticeResult.FAILED
+        log.info("login failure notice sent", extra={"action": "login_notice_sent"})
+        return NoticeResult.SENT
+
+    def _send(self, notice: Notice) -> None:
+        sender = self._sender()
+        try:
+            sender.open()
+            sender.send_notice(notice)
+        finally:
+            sender.close()
+
     def _notify(self) -> NoticeResult:
         now = self._clock()
         last = self._log.last_notice()
@@ -200,12 +270,7 @@ class Notifier:
             now=now,
             interval_seconds=self._interval,
         )
-        sender = self._sender()
-        try:
-            sender.open()
-            sender.send_notice(notice)
-        finally:
-            sender.close()
+        self._send(notice)
         # Recorded after the server accepted it: a crash in between repeats one notice
         # rather than losing it.
         self._log.record(
