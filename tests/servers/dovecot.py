@@ -427,6 +427,15 @@ class DovecotServer:
             timeout=30,
         )
 
+    def add_folder(self, name: str) -> None:
+        """Create a folder as the administrator would (doveadm): no IMAP login needed."""
+        subprocess.run(
+            [DOVEADM, "-c", str(self.config_file), "mailbox", "create", "-u", self.user, name],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
     def append_many(
         self, raws: Iterable[bytes], *, folder: str = "INBOX", internaldate: datetime | None = None
     ) -> list[int]:
