@@ -156,6 +156,11 @@ class TokenServer:
         self._server.server_close()
         self._thread.join(timeout=5)
 
+    @property
+    def authorize_url(self) -> str:
+        """The authorization endpoint of Google's and a generic provider's sign-in."""
+        return f"{self.url}/authorize"
+
     def token_url(self, tenant: str | None = None) -> str:
         if tenant is None:
             return f"{self.url}/token"
@@ -322,6 +327,8 @@ class TokenServer:
             return self._openid_configuration(parts[0])
         if method == "GET" and len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "authorize"]:
             return self._authorize(parts[0], query)
+        if method == "GET" and parts == ["authorize"]:  # Google's and a generic provider's
+            return self._authorize("", query)
         if method == "POST" and parts == ["introspect"]:
             return 200, self._introspect(form)
         if method == "POST" and (parts == ["token"] or parts[1:] == ["oauth2", "v2.0", "token"]):
