@@ -63,6 +63,21 @@ class AccessToken:
     __str__ = __repr__
 
 
+SESSION_LEAD = timedelta(minutes=1)
+
+
+def renew_session_at(expires_at: datetime, *, logged_in_at: datetime) -> datetime:
+    """When a session logged in with a token that expires at `expires_at` is logged in
+    again, with a fresh token, between two commands: `SESSION_LEAD` before the token
+    expires, or a quarter of its remaining life before when that is shorter. Exchange
+    Online ends an IMAP session whose token expired (`BYE ... AccessTokenExpired`), so a
+    backfill that outlasts a token renews its sessions instead of losing them. The lead
+    is inside the token source's refresh margin (worker.auth.cache), so the new session
+    gets a new token, not the same one again."""
+    lead = min(SESSION_LEAD, max(expires_at - logged_in_at, timedelta(0)) / 4)
+    return expires_at - lead
+
+
 class TokenSource(Protocol):
     """What a mail adapter needs to log in with OAuth2."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.dovecot import DovecotServer, OAuth2Passdb, running_dovecot
+from tests.servers.dovecot import DovecotServer, running_dovecot
 from tests.servers.postgres import temporary_database
 from tests.servers.smtp_sink import SmtpSink, running_sink
 from tests.servers.tls import TestCA, make_ca
@@ -59,9 +59,17 @@ def token_server(tmp_path: Path, smtp_ca: TestCA) -> Iterator[TokenServer]:
 
 @pytest.fixture
 def oauth_imap(tmp_path: Path, token_server: TokenServer) -> Iterator[DovecotServer]:
-    passdb = OAuth2Passdb(
-        introspection_url=token_server.introspection_url, ca_file=token_server.ca_file
-    )
+    """Dovecot validating each token locally, as a signed JWT (Exchange Online and Gmail
+    ask nobody either): expiry, issuer and audience come from the token itself."""
+    with running_dovecot(tmp_path / "dovecot", oauth2=token_server.dovecot_passdb()) as server:
+        yield server
+
+
+@pytest.fixture
+def introspecting_imap(tmp_path: Path, token_server: TokenServer) -> Iterator[DovecotServer]:
+    """Dovecot asking the token server about each token (RFC 7662): it sees a token made
+    invalid early (`TokenServer.expire_access_tokens`), and which token each login used."""
+    passdb = token_server.dovecot_passdb(local=False)
     with running_dovecot(tmp_path / "dovecot", oauth2=passdb) as server:
         yield server
 

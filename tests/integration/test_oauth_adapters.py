@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.dovecot import DovecotServer, OAuth2Passdb, running_dovecot
+from tests.servers.dovecot import DovecotServer, running_dovecot
 from tests.servers.smtp_sink import SmtpSink
 from tests.servers.tls import TestCA
 from tests.servers.token_server import TokenServer
@@ -129,11 +129,7 @@ def test_imap_refused_twice_is_a_token_refusal_without_the_token(
 def test_imap_uses_oauthbearer_where_that_is_all_the_server_offers(
     tmp_path: Path, token_server: TokenServer, sources: TokenSources
 ) -> None:
-    passdb = OAuth2Passdb(
-        introspection_url=token_server.introspection_url,
-        ca_file=token_server.ca_file,
-        mechanisms="oauthbearer",
-    )
+    passdb = token_server.dovecot_passdb(mechanisms="oauthbearer")
     with running_dovecot(tmp_path / "bearer-only", oauth2=passdb) as server:
         mailbox = imap_mailbox(server, app_source(token_server, sources))
         try:
@@ -167,7 +163,7 @@ def test_smtp_refused_twice_is_a_session_refusal_naming_the_fix(
 
 
 def test_an_idle_session_is_renewed_with_a_fresh_token_before_its_token_expires(
-    oauth_imap: DovecotServer, token_server: TokenServer, sources: TokenSources
+    introspecting_imap: DovecotServer, token_server: TokenServer, sources: TokenSources
 ) -> None:
     # 20-second tokens: the token source keeps one for half its life (10 s), the watcher
     # renews the session a quarter of the time left before the end (at 15 s), when the
@@ -176,7 +172,7 @@ def test_an_idle_session_is_renewed_with_a_fresh_token_before_its_token_expires(
     tokens = app_source(token_server, sources)
     stop = threading.Event()
     watcher = IdleWatcher(
-        mailbox=imap_mailbox(oauth_imap, tokens),
+        mailbox=imap_mailbox(introspecting_imap, tokens),
         on_new_mail=lambda: None,
         stop=stop,
         timing=IdleTiming(check_seconds=0.2, first_backoff_seconds=0.2),
@@ -198,7 +194,7 @@ def test_an_idle_session_is_renewed_with_a_fresh_token_before_its_token_expires(
     assert first != second  # the new session logged in with the fresh token
     issued = token_server.issued(first)
     assert issued is not None
-    assert "AccessTokenExpired" not in oauth_imap.log()
+    assert "AccessTokenExpired" not in introspecting_imap.log()
 
 
 def _introspected(server: TokenServer) -> list[str]:

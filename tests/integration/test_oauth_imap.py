@@ -1,21 +1,26 @@
-"""Logging in to Dovecot with OAuth2: a token from the relay's token source, checked by
-Dovecot's oauth2 passdb at the token server's introspection endpoint (RFC 7662).
+"""Logging in to Dovecot with OAuth2: a token from the relay's token source, a JWT that
+Dovecot's oauth2 passdb validates locally (signature, expiry, issuer, audience) with the
+token server's public key, asking nobody; and, as some servers do, at the token server's
+introspection endpoint (RFC 7662).
 
 The Dovecot here has no password passdb, so only a token the server issued opens it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import imapclient
 import imapclient.exceptions
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.servers.dovecot import DovecotServer, OAuth2Passdb, running_dovecot
-from tests.servers.token_server import TokenServer, running_token_server
+from tests.servers.dovecot import DovecotServer, running_dovecot
+from tests.servers.token_server import MAIL_AUDIENCE, TokenServer, running_token_server
 from worker.auth.crypto import Sealer
 from worker.auth.sources import OAuthClient, TokenSources
 from worker.mail.sasl import Exchange, SaslError, login_with_token
@@ -32,10 +37,16 @@ def token_server(tmp_path: Path) -> Iterator[TokenServer]:
 
 @pytest.fixture
 def oauth_imap(tmp_path: Path, token_server: TokenServer) -> Iterator[DovecotServer]:
-    passdb = OAuth2Passdb(
-        introspection_url=token_server.introspection_url, ca_file=token_server.ca_file
-    )
-    with running_dovecot(tmp_path / "dovecot", tls=False, oauth2=passdb) as server:
+    with running_dovecot(
+        tmp_path / "dovecot", tls=False, oauth2=token_server.dovecot_passdb()
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def introspecting_imap(tmp_path: Path, token_server: TokenServer) -> Iterator[DovecotServer]:
+    passdb = token_server.dovecot_passdb(local=False)
+    with running_dovecot(tmp_path / "introspecting", tls=False, oauth2=passdb) as server:
         yield server
 
 
@@ -81,6 +92,24 @@ def test_xoauth2_with_a_token_from_the_token_source(
         assert client.select_folder("INBOX")[b"EXISTS"] == 0
     finally:
         client.logout()
+    assert jwt.get_unverified_header(token)["kid"] == token_server.key_id
+    # Validated by Dovecot alone: the token server was asked for the token, nothing else.
+    assert [item.path for item in token_server.requests if item.method == "POST"] == [
+        "/contoso.example/oauth2/v2.0/token"
+    ]
+    assert f"Login: user=<{oauth_imap.user}>, method=XOAUTH2" in oauth_imap.log()
+
+
+def test_xoauth2_checked_at_the_introspection_endpoint(
+    introspecting_imap: DovecotServer, token_server: TokenServer, sources: TokenSources
+) -> None:
+    token = app_token(token_server, sources, introspecting_imap.user)
+    client = connect(introspecting_imap)
+    try:
+        client.oauth2_login(introspecting_imap.user, token)
+        client.select_folder("INBOX")
+    finally:
+        client.logout()
     introspected = [item for item in token_server.requests if item.path == "/introspect"]
     assert [item.form.get("token") for item in introspected] == [token]
 
@@ -97,22 +126,82 @@ def test_oauthbearer_with_the_same_token(
         client.logout()
 
 
-@pytest.mark.parametrize("login", ["password", "unknown token", "another mailbox's token"])
-def test_anything_but_the_mailboxs_token_is_refused(
+def forged(token_server: TokenServer, user: str) -> str:
+    """A token like the server's, with its key id, signed with another key."""
+    now = int(time.time())
+    claims = {
+        "iss": token_server.issuer,
+        "sub": user,
+        "aud": MAIL_AUDIENCE,
+        "exp": now + 3600,
+        "iat": now,
+        "nbf": now,
+    }
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return jwt.encode(claims, other_key, algorithm="RS256", headers={"kid": token_server.key_id})
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        "password",
+        "not a JWT",
+        "another mailbox's token",
+        "an expired token",
+        "a token for another resource",
+        "a token signed with another key",
+    ],
+)
+def test_anything_but_the_mailboxs_valid_token_is_refused(
     oauth_imap: DovecotServer, token_server: TokenServer, sources: TokenSources, login: str
 ) -> None:
+    user = oauth_imap.user
+    if login == "another mailbox's token":
+        token = app_token(token_server, sources, "someone-else@shop.example")
+    elif login == "an expired token":
+        # Issued two hours ago with the provider's one-hour lifetime.
+        token = token_server.access_token(
+            user=user,
+            client_id="app-1",
+            scope="https://outlook.office365.com/.default",
+            issued_at=time.time() - 7200,
+        )
+    elif login == "a token for another resource":
+        # A scope naming another API (Microsoft Graph) gives a token for that API.
+        token_server.audience = "https://graph.microsoft.com"
+        token = app_token(token_server, sources, user)
+    elif login == "a token signed with another key":
+        token = forged(token_server, user)
+    else:
+        token = "at-never-issued"
     client = connect(oauth_imap)
     try:
         with pytest.raises(imapclient.exceptions.LoginError):
             if login == "password":
-                client.login(oauth_imap.user, oauth_imap.password)
-            elif login == "unknown token":
-                client.oauth2_login(oauth_imap.user, "at-never-issued")
+                client.login(user, oauth_imap.password)
             else:
-                token = app_token(token_server, sources, "someone-else@shop.example")
-                client.oauth2_login(oauth_imap.user, token)
+                client.oauth2_login(user, token)
     finally:
         client.shutdown()
+    expected = {
+        "an expired token": "Token has expired",
+        "a token for another resource": "client_id not found in aud field",
+        "a token signed with another key": "Bad signature",
+        "another mailbox's token": "did not match",
+    }.get(login)
+    if expected is not None:  # Dovecot says why it refused the token
+        assert expected in oauth_imap.log(), oauth_imap.log()[-2000:]
+
+
+def test_the_same_token_opens_the_mailbox(
+    oauth_imap: DovecotServer, token_server: TokenServer, sources: TokenSources
+) -> None:
+    """The refusals above are about the token: the mailbox's own opens it."""
+    client = connect(oauth_imap)
+    try:
+        client.oauth2_login(oauth_imap.user, app_token(token_server, sources, oauth_imap.user))
+    finally:
+        client.logout()
 
 
 def test_the_adapters_exchange_keeps_dovecots_error_and_retries_once(

@@ -188,7 +188,7 @@ OAUTH_CLIENT_SECRET = "oauth-Cl1ent-" + secrets.token_hex(8)
 
 
 def test_no_token_or_secret_in_output_logs_database_or_metrics(
-    oauth_imap: DovecotServer,
+    introspecting_imap: DovecotServer,
     oauth_smtp: SmtpSink,
     smtp_ca: TestCA,
     token_server: TokenServer,
@@ -198,9 +198,9 @@ def test_no_token_or_secret_in_output_logs_database_or_metrics(
     # rotated on every use, so there are several of each kind of token to look for.
     token_server.add_client("web-1", secret=OAUTH_CLIENT_SECRET, mailbox=MAILBOX)
     configured = token_server.issue_refresh_token(user=MAILBOX, client_id="web-1")
-    oauth_imap.deliver(invoice("1042"))
+    introspecting_imap.deliver(invoice("1042"))
     env = oauth_env(
-        oauth_imap,
+        introspecting_imap,
         oauth_smtp,
         smtp_ca,
         tmp_path,
@@ -220,7 +220,7 @@ def test_no_token_or_secret_in_output_logs_database_or_metrics(
     outputs["once"] = once.stdout + once.stderr
     # Refused as expired: the retry with a fresh token, and a rotation.
     token_server.expire_access_tokens()
-    oauth_imap.deliver(invoice("1043"))
+    introspecting_imap.deliver(invoice("1043"))
     again = run_relay(env, "once")
     assert again.returncode == 0, again.stderr
     outputs["once, token refused"] = again.stdout + again.stderr

@@ -20,8 +20,8 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -58,11 +58,19 @@ def _check(result: tuple[str, Sequence[object]], what: str) -> Sequence[object]:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OAuth2Passdb:
-    """Dovecot's oauth2 passdb, checking each token at an RFC 7662 introspection endpoint
-    (tests/servers/token_server.py) instead of any password."""
+    """Dovecot's oauth2 passdb instead of any password (tests/servers/token_server.py's
+    `dovecot_passdb()` makes one). With `validation_keys` Dovecot validates each access
+    token locally, as a JWT (Dovecot 2.3.11 and later, `introspection_mode = local`): the
+    signature with the key its header names, `exp`, `nbf` and `iat` against its own clock,
+    `iss` among `issuers`, and `audience` among the token's `aud` (Dovecot's `client_id`
+    setting: Debian's 2.3.19 carries that check from 2.3.21). With `introspection_url` it
+    asks that RFC 7662 endpoint about each token instead."""
 
-    introspection_url: str
-    ca_file: Path  # the CA of the introspection endpoint's certificate
+    ca_file: Path  # the CA of the token server's certificate
+    validation_keys: Mapping[str, str] = field(default_factory=dict)  # "azp/ALG/kid" -> PEM
+    issuers: tuple[str, ...] = ()
+    audience: str = ""
+    introspection_url: str | None = None
     mechanisms: str = "xoauth2 oauthbearer"  # "oauthbearer": a server offering only RFC 7628
 
 
@@ -75,25 +83,44 @@ def _passdb(password: str, oauth2: OAuth2Passdb | None, root: Path) -> list[str]
             "}",
         ]
     # No password passdb at all: a password login cannot pass by accident. The auth
-    # process reads the CA after dropping privileges: it gets a copy it can reach.
-    ca_file = root / "oauth2-ca.pem"
-    shutil.copyfile(oauth2.ca_file, ca_file)
-    ca_file.chmod(0o644)
+    # process reads its files after dropping privileges: it gets copies it can reach.
+    if oauth2.introspection_url is not None:
+        ca_file = root / "oauth2-ca.pem"
+        shutil.copyfile(oauth2.ca_file, ca_file)
+        ca_file.chmod(0o644)
+        settings = [
+            "introspection_mode = post",
+            f"introspection_url = {oauth2.introspection_url}",
+            "force_introspection = yes",
+            "username_attribute = username",
+            "active_attribute = active",
+            "active_value = true",
+            f"tls_ca_cert_file = {ca_file}",
+        ]
+    else:
+        if not oauth2.validation_keys:
+            raise ValueError("an oauth2 passdb needs validation_keys or an introspection_url")
+        keys = root / "oauth2-keys"
+        for name, pem in oauth2.validation_keys.items():
+            # fs:posix maps the dict key /shared/<azp>/<alg>/<kid> to this file.
+            key_file = keys / name
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(pem)
+            key_file.chmod(0o644)
+        # Every directory from the keys' up to root: the auth process must traverse them.
+        for key_file in keys.rglob("*"):
+            if key_file.is_dir():
+                key_file.chmod(0o755)
+        keys.chmod(0o755)
+        settings = [
+            "introspection_mode = local",
+            f"local_validation_key_dict = fs:posix:prefix={keys}/",
+            "username_attribute = sub",
+            f"issuers = {' '.join(oauth2.issuers)}",
+            f"client_id = {oauth2.audience}",
+        ]
     args = root / "dovecot-oauth2.conf.ext"
-    args.write_text(
-        "\n".join(
-            [
-                "introspection_mode = post",
-                f"introspection_url = {oauth2.introspection_url}",
-                "force_introspection = yes",
-                "username_attribute = username",
-                "active_attribute = active",
-                "active_value = true",
-                f"tls_ca_cert_file = {ca_file}",
-            ]
-        )
-        + "\n"
-    )
+    args.write_text("\n".join(settings) + "\n")
     args.chmod(0o644)
     return [
         "passdb {",
@@ -134,6 +161,8 @@ def _config(
         # An oauth2 passdb takes only the mechanisms that carry a token.
         f"auth_mechanisms = {oauth2.mechanisms if oauth2 else mechanisms}",
         "disable_plaintext_auth = no",
+        # Why a login was refused, in the log (never the password or token itself).
+        "auth_verbose = yes",
         # Tests log in wrongly on purpose: no 2 s failure delay, and no anvil penalty
         # that would slow down the next (right) login from the same address.
         "auth_failure_delay = 0",
@@ -395,6 +424,15 @@ class DovecotServer:
         subprocess.run(
             [DOVEADM, "-c", str(self.config_file), "save", "-u", self.user, "-m", folder],
             input=raw,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
+    def add_folder(self, name: str) -> None:
+        """Create a folder as the administrator would (doveadm): no IMAP login needed."""
+        subprocess.run(
+            [DOVEADM, "-c", str(self.config_file), "mailbox", "create", "-u", self.user, name],
             check=True,
             capture_output=True,
             timeout=30,

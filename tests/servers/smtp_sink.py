@@ -176,7 +176,23 @@ class _OAuthController(Controller):
 
 
 class _OAuthHandler(_Handler):
-    """Adds AUTH XOAUTH2: the token must be one the validator accepts for the user."""
+    """Adds AUTH XOAUTH2: the token must be one the validator accepts for the user, and
+    stay so: each MAIL FROM asks again, and a session whose token has expired since
+    its AUTH is refused (`expired_refusals`), as a server enforcing token lifetimes would."""
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        user, token = getattr(session, "oauth_login", ("", ""))
+        if token and not self._sink.accepts_token(user, token):
+            self._sink.record_expired()
+            return "421 4.7.0 The access token of this session has expired"
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
 
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) > 1:
@@ -201,6 +217,8 @@ class _OAuthHandler(_Handler):
         token = fields.get("auth", "").removeprefix("Bearer ")
         if self._sink.accepts_token(user, token):
             self._sink.record_login(user)
+            if server.session is not None:  # what the next MAIL FROM checks again
+                setattr(server.session, "oauth_login", (user, token))  # noqa: B010
             return AuthResult(success=True)
         # As Google and Microsoft do: a JSON error as a 334 challenge, then 535 once the
         # client has answered it (with an empty line).
@@ -239,6 +257,7 @@ class SmtpSink:
         self._received: list[ReceivedMail] = []
         self._refusals: list[tuple[Stage, int]] = []
         self._logins: list[str] = []
+        self.expired_refusals = 0  # MAIL FROM refused: the session's token had expired
         self._controller: Controller | None = None
 
     # --- what happened ---------------------------------------------------------------
@@ -337,6 +356,10 @@ class SmtpSink:
     def record_login(self, user: str) -> None:
         with self._lock:
             self._logins.append(user)
+
+    def record_expired(self) -> None:
+        with self._lock:
+            self.expired_refusals += 1
 
     def start(self) -> None:
         if self._controller is not None:

@@ -8,7 +8,10 @@ It speaks what the relay's libraries ask for, so their code runs unmodified:
   client assertion), the refresh grant (rotating: a refresh token works once, and a spent
   one coming back revokes its whole grant, as Microsoft does), and the JWT bearer grant
   (RFC 7523) that Google's service accounts use, with the assertion's signature checked;
-- token introspection (RFC 7662, `/introspect`) for Dovecot's oauth2 passdb;
+- access tokens that are JWTs signed with the server's own RSA key (RS256), with the
+  claims a mail server checks without asking anyone (RFC 9068: iss, sub, aud, exp, iat,
+  nbf): Dovecot's oauth2 passdb validates them locally with `validation_keys()`;
+- token introspection (RFC 7662, `/introspect`), for a Dovecot that asks instead;
 - faults: an RFC 6749 §5.2 error or an HTTP status for the next requests, and a stall.
 
 Every request is recorded with its headers (a test checks it was MSAL that asked).
@@ -37,11 +40,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.servers.dovecot import OAuth2Passdb
 from tests.servers.tls import TestCA, make_ca
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 CLIENT_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 GOOGLE_AUDIENCE = "https://oauth2.googleapis.com/token"
+# The `aud` of the access tokens: the mail servers they are for (Exchange Online's own is
+# `https://outlook.office365.com`). Dovecot checks it as its `client_id`.
+MAIL_AUDIENCE = "https://outlook.office365.com"
 STALL_LIMIT = 30.0  # a stalled request gives up by itself, so no test can hang on it
 
 
@@ -111,7 +118,12 @@ class TokenServer:
         self.tenants: set[str] = {"contoso.example"}
         self.clients: dict[str, Client] = {}
         self.service_accounts: dict[str, ServiceAccount] = {}
+        # The provider decides how long its access tokens live (Microsoft: 60-90 minutes,
+        # Google: an hour); a test may issue short-lived ones, as a provider may.
         self.expires_in = 3600
+        self.audience = MAIL_AUDIENCE  # another: tokens for another API (Microsoft Graph)
+        self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.key_id = "relay-test-" + secrets.token_hex(4)
         self.delay = 0.0  # seconds each token request takes: a slow endpoint
         self.rotate = True
         self.requests: list[Recorded] = []
@@ -144,6 +156,11 @@ class TokenServer:
         self._server.server_close()
         self._thread.join(timeout=5)
 
+    @property
+    def authorize_url(self) -> str:
+        """The authorization endpoint of Google's and a generic provider's sign-in."""
+        return f"{self.url}/authorize"
+
     def token_url(self, tenant: str | None = None) -> str:
         if tenant is None:
             return f"{self.url}/token"
@@ -152,6 +169,41 @@ class TokenServer:
     @property
     def introspection_url(self) -> str:
         return f"{self.url}/introspect"
+
+    @property
+    def issuer(self) -> str:
+        """The `iss` of every access token."""
+        return self.url
+
+    def validation_keys(self) -> dict[str, str]:
+        """The public key that checks the access tokens' signatures, keyed as Dovecot's
+        `local_validation_key_dict` looks it up: `<azp>/<alg>/<kid>` (no `azp` claim:
+        `default`)."""
+        public = self._signing_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return {f"default/RS256/{self.key_id}": public.decode()}
+
+    def dovecot_passdb(
+        self, *, local: bool = True, mechanisms: str = "xoauth2 oauthbearer"
+    ) -> OAuth2Passdb:
+        """Dovecot's oauth2 passdb for this server's tokens: validating each locally (the
+        signature with `validation_keys()`, expiry, issuer and audience), or with
+        `local=False` asking `/introspect` about each (which also sees
+        `expire_access_tokens`)."""
+        if not local:
+            return OAuth2Passdb(
+                ca_file=self.ca_file,
+                introspection_url=self.introspection_url,
+                mechanisms=mechanisms,
+            )
+        return OAuth2Passdb(
+            ca_file=self.ca_file,
+            validation_keys=self.validation_keys(),
+            issuers=(self.issuer,),
+            audience=MAIL_AUDIENCE,
+            mechanisms=mechanisms,
+        )
 
     def add_client(
         self,
@@ -202,9 +254,20 @@ class TokenServer:
         with self._lock:
             self._revoked_families |= {token.family for token in self._refresh.values()}
 
+    def access_token(
+        self, *, user: str, client_id: str, scope: str, issued_at: float | None = None
+    ) -> str:
+        """An access token as the token endpoint would have issued it at `issued_at`
+        (default now), e.g. two hours ago: one that has expired."""
+        return str(
+            self._access(user=user, client_id=client_id, scope=scope, now=issued_at)["access_token"]
+        )
+
     def expire_access_tokens(self) -> None:
-        """As when an hour has passed: every access token issued so far stops working
-        (introspection calls it inactive); refresh tokens stay good."""
+        """As when an hour has passed, for the servers that ask this one: every access
+        token issued so far stops working (introspection calls it inactive, and so does
+        `is_valid`); refresh tokens stay good. A Dovecot validating locally reads the
+        expiry from the token itself and is not told."""
         with self._lock:
             for token, issued in self._issued.items():
                 self._issued[token] = dataclasses.replace(issued, expires_at=time.time())
@@ -264,6 +327,8 @@ class TokenServer:
             return self._openid_configuration(parts[0])
         if method == "GET" and len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "authorize"]:
             return self._authorize(parts[0], query)
+        if method == "GET" and parts == ["authorize"]:  # Google's and a generic provider's
+            return self._authorize("", query)
         if method == "POST" and parts == ["introspect"]:
             return 200, self._introspect(form)
         if method == "POST" and (parts == ["token"] or parts[1:] == ["oauth2", "v2.0", "token"]):
@@ -483,14 +548,28 @@ class TokenServer:
             self._refresh[token] = _RefreshToken(family=family, user=user, client_id=client_id)
         return token
 
-    def _access(self, *, user: str, client_id: str, scope: str) -> dict[str, Any]:
-        token = "at-" + secrets.token_urlsafe(24)
+    def _access(
+        self, *, user: str, client_id: str, scope: str, now: float | None = None
+    ) -> dict[str, Any]:
+        issued_at = int(time.time() if now is None else now)
+        expires_at = issued_at + self.expires_in
+        claims = {
+            "iss": self.issuer,
+            "sub": user,
+            "aud": self.audience,
+            "exp": expires_at,
+            "iat": issued_at,
+            "nbf": issued_at,
+            "jti": secrets.token_hex(8),
+            "client_id": client_id,
+            "scp": scope,  # Microsoft's name for the granted scopes
+        }
+        token = jwt.encode(
+            claims, self._signing_key, algorithm="RS256", headers={"kid": self.key_id}
+        )
         with self._lock:
             self._issued[token] = Issued(
-                user=user,
-                client_id=client_id,
-                expires_at=time.time() + self.expires_in,
-                scope=scope,
+                user=user, client_id=client_id, expires_at=expires_at, scope=scope
             )
         # RFC 6749 §5.1: token_type and expires_in; the scope granted.
         return {

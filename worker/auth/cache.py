@@ -66,6 +66,10 @@ class StoredTokenSource:
             # Another process may have refreshed while we waited for the lock.
             cached = self._usable(locked.current, refused)
             if cached is not None:
+                log.info(
+                    "oauth token refreshed by another process meanwhile: shared",
+                    extra={"action": "oauth_token_shared", "user": self._identity.user},
+                )
                 return cached
             row = locked.current or StoredToken(key=self._key)
             refresh_token, origin = self._refresh_token(row)

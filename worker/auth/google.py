@@ -149,27 +149,46 @@ class RefreshGrant:
             form["client_secret"] = self._client_secret
         if self._scopes:
             form["scope"] = " ".join(self._scopes)
-        left = deadline.remaining()
-        if left <= 0:
-            raise TokenEndpointError("no answer in time", endpoint=endpoint)
-        now = self._clock()
-        with translated(self._token_url):
-            response = self._http.post(
-                self._token_url,
-                data=form,
-                headers={"Accept": "application/json"},
-                timeout=httpx.Timeout(left),
-            )
-        body = _json_object(response)
-        if response.status_code != 200 or body is None:
-            raise error_for(
-                body,
-                status=response.status_code,
-                endpoint=endpoint,
-                client_id=self._client_id,
-                route=self._route,
-            )
-        return parse_success(body, now=now, endpoint=endpoint)
+        return token_request(
+            self._http,
+            self._token_url,
+            form,
+            deadline=deadline,
+            client_id=self._client_id,
+            route=self._route,
+            now=self._clock(),
+        )
+
+
+def token_request(
+    http: httpx.Client,
+    token_url: str,
+    form: Mapping[str, str],
+    *,
+    deadline: Deadline,
+    client_id: str,
+    route: str,
+    now: datetime,
+) -> Grant:
+    """One RFC 6749 token request (a form POST, §4.1.3 or §6) and its answer, read by
+    worker.auth.grants; within `deadline`."""
+    endpoint = host_of(token_url)
+    left = deadline.remaining()
+    if left <= 0:
+        raise TokenEndpointError("no answer in time", endpoint=endpoint)
+    with translated(token_url):
+        response = http.post(
+            token_url,
+            data=dict(form),
+            headers={"Accept": "application/json"},
+            timeout=httpx.Timeout(left),
+        )
+    body = _json_object(response)
+    if response.status_code != 200 or body is None:
+        raise error_for(
+            body, status=response.status_code, endpoint=endpoint, client_id=client_id, route=route
+        )
+    return parse_success(body, now=now, endpoint=endpoint)
 
 
 def _json_object(response: httpx.Response) -> dict[str, object] | None:

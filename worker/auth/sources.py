@@ -25,7 +25,13 @@ from worker.auth.google import (
 )
 from worker.auth.grants import Grantor
 from worker.auth.http import host_of, make_client
-from worker.auth.login import MicrosoftLogin
+from worker.auth.login import (
+    GOOGLE_AUTHORIZE_URL,
+    GOOGLE_PARAMETERS,
+    CodeLogin,
+    MicrosoftLogin,
+    SignIn,
+)
 from worker.auth.microsoft import (
     DELEGATED_SCOPES,
     MicrosoftApp,
@@ -51,6 +57,7 @@ class OAuthClient:
     refresh_token: str | None = None
     authority: str = "https://login.microsoftonline.com"
     token_url: str | None = None
+    authorize_url: str | None = None  # `oauth login`: google's by default
     scopes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
@@ -106,30 +113,58 @@ class TokenSources:
 
     def login(
         self, client: OAuthClient, *, user: str, route: str = "the default route"
-    ) -> tuple[MicrosoftLogin, StoredTokenSource]:
-        """A sign-in for `oauth login`, and the source whose row it fills. Microsoft's
-        delegated flow only, for now."""
-        if client.provider is not OAuthProvider.MICROSOFT or client.flow is not OAuthFlow.DELEGATED:
+    ) -> tuple[SignIn, StoredTokenSource]:
+        """A sign-in for `oauth login` (the delegated flow), and the source whose row it
+        fills."""
+        if client.flow is not OAuthFlow.DELEGATED:
             raise ConfigError(
                 "INVOICE_RELAY_OAUTH_FLOW",
-                "`oauth login` signs in for OAUTH_PROVIDER=microsoft with the delegated flow; "
-                "for others set INVOICE_RELAY_OAUTH_REFRESH_TOKEN",
+                f"`oauth login` signs in for the delegated flow, not {client.flow.value}",
             )
         source = self.source(client, user=user, route=route)
-        microsoft = MicrosoftClient(
-            authority=client.authority,
-            tenant=client.tenant or "common",
+        if client.provider is OAuthProvider.MICROSOFT:
+            microsoft = MicrosoftClient(
+                authority=client.authority,
+                tenant=client.tenant or "common",
+                client_id=client.client_id or "",
+                client_secret=client.client_secret,
+            )
+            sign_in: SignIn = MicrosoftLogin(
+                microsoft,
+                self._http,
+                route=route,
+                clock=self._clock,
+                scopes=client.scopes or DELEGATED_SCOPES,
+            )
+            return sign_in, source
+        google = client.provider is OAuthProvider.GOOGLE
+        authorize_url = client.authorize_url or (GOOGLE_AUTHORIZE_URL if google else None)
+        if authorize_url is None:
+            raise ConfigError(
+                "INVOICE_RELAY_OAUTH_AUTHORIZE_URL",
+                "required for `oauth login` with a generic provider",
+            )
+        sign_in = CodeLogin(
+            self._http,
+            authorize_url=authorize_url,
+            token_url=self._token_url(client),
             client_id=client.client_id or "",
             client_secret=client.client_secret,
-        )
-        sign_in = MicrosoftLogin(
-            microsoft,
-            self._http,
+            scopes=client.scopes or ((GOOGLE_SCOPE,) if google else ()),
             route=route,
             clock=self._clock,
-            scopes=client.scopes or DELEGATED_SCOPES,
+            parameters=GOOGLE_PARAMETERS if google else None,
         )
         return sign_in, source
+
+    @staticmethod
+    def _token_url(client: OAuthClient) -> str:
+        token_url = client.token_url or (
+            GOOGLE_TOKEN_URL if client.provider is OAuthProvider.GOOGLE else None
+        )
+        if token_url is None:
+            raise ConfigError("INVOICE_RELAY_OAUTH_TOKEN_URL", "required for a generic provider")
+        return token_url
 
     @property
     def timeout_seconds(self) -> float:
@@ -183,11 +218,7 @@ class TokenSources:
                 provider=client.provider, tenant="", client_id=str(info["client_email"]), user=user
             )
             return account, identity
-        token_url = client.token_url or (
-            GOOGLE_TOKEN_URL if client.provider is OAuthProvider.GOOGLE else None
-        )
-        if token_url is None:
-            raise ConfigError("INVOICE_RELAY_OAUTH_TOKEN_URL", "required for a generic provider")
+        token_url = self._token_url(client)
         refresh = RefreshGrant(
             self._http,
             token_url=token_url,

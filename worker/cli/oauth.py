@@ -39,6 +39,7 @@ def oauth_client(oauth: OAuthSettings) -> OAuthClient:
         refresh_token=oauth.refresh_token.reveal() if oauth.refresh_token else None,
         authority=oauth.authority,
         token_url=oauth.token_url,
+        authorize_url=oauth.authorize_url,
         scopes=oauth.scopes,
     )
 

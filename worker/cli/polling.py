@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from worker.cli.wiring import (
     Logins,
@@ -24,7 +25,7 @@ from worker.cli.wiring import (
 )
 from worker.config.routes import DEFAULT_ROUTE
 from worker.config.settings import Settings
-from worker.errors import LeaseLost, StoreError
+from worker.errors import LeaseLost, OAuthClientRejected, OAuthLoginRefused, StoreError
 from worker.faults import checkpoint_for
 from worker.models import DeliveryKind, PollReport
 from worker.pdf.pool import PdfInspector
@@ -32,10 +33,14 @@ from worker.relay.dryrun import PlannedSighting
 from worker.relay.lease import LEASE_SECONDS, Heartbeat, new_owner
 from worker.relay.pacer import SendPacer
 from worker.relay.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from worker.relay.notify import Notifier
 from worker.relay.ports import MailActionStore
 from worker.store import migrate
 from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
+from worker.tokens import AuthMethod
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +147,9 @@ def poll_once(
             return PollReport(
                 mailbox=name, started_at=started, finished_at=datetime.now(UTC), locked=True
             )
+        except (OAuthLoginRefused, OAuthClientRejected) as refused:
+            notify_login_failure(settings, store, logins, str(refused), owner=owner, route=route)
+            raise
         # Inside the poll lock: no other replica records sightings while it reads them.
         notify_after_poll(settings, store, logins, owner=owner, route=route)
         return report
@@ -192,10 +200,18 @@ def notify_after_poll(
     notice lease; a failure to send it is logged by the notifier and never fails the poll."""
     if settings.notify_to is None:
         return
+    _notifier(settings, store, logins, owner=owner, route=route).after_poll()
+
+
+def _notifier(
+    settings: Settings, store: SqlStore, logins: Logins, *, owner: str, route: str
+) -> Notifier:
     from worker.relay.notify import Notifier
     from worker.store.notices import SqlNoticeLog
 
-    Notifier(
+    if settings.notify_to is None:
+        raise ValueError("no INVOICE_RELAY_NOTIFY_TO")
+    return Notifier(
         log=SqlNoticeLog(store.engine),
         sender=lambda: smtp_outbox(settings, logins),
         notify_to=settings.notify_to,
@@ -204,7 +220,24 @@ def notify_after_poll(
         route=route,
         owner=owner,
         interval_seconds=settings.notify_interval_seconds,
-    ).after_poll()
+    )
+
+
+def notify_login_failure(
+    settings: Settings,
+    store: SqlStore,
+    logins: Logins,
+    reason: str,
+    *,
+    owner: str,
+    route: str = DEFAULT_ROUTE,
+) -> None:
+    """A notice that the OAuth2 grant or client was refused, when a transport for it
+    remains: SMTP with a password (or none). On SMTP with oauth2 the notice would need
+    the very credential that failed: `check`, `/healthz` and the status page say it."""
+    if settings.notify_to is None or settings.smtp_auth is AuthMethod.OAUTH2:
+        return
+    _notifier(settings, store, logins, owner=owner, route=route).after_login_failure(reason)
 
 
 def once(settings: Settings, *, progress: Callable[[str], None] | None = None) -> PollReport:

@@ -59,6 +59,7 @@ class OAuthSettings:
     refresh_token: Secret | None
     authority: str
     token_url: str | None
+    authorize_url: str | None  # `oauth login` for google (default Google's) and generic
     scopes: tuple[str, ...]  # empty: the provider's and flow's default
 
 
@@ -88,6 +89,7 @@ def read_oauth(
     refresh_token = env.secret("OAUTH_REFRESH_TOKEN", required=False)
     authority = env.parse("OAUTH_AUTHORITY", https_url, MICROSOFT_AUTHORITY)
     token_url = env.parse("OAUTH_TOKEN_URL", https_url, None)
+    authorize_url = env.parse("OAUTH_AUTHORIZE_URL", https_url, None)
     scopes = tuple((env.text("OAUTH_SCOPE") or "").split())
     if not uses_oauth:
         return None, secret_key_file
@@ -144,6 +146,7 @@ def read_oauth(
             refresh_token=refresh_token,
             authority=authority,
             token_url=token_url,
+            authorize_url=authorize_url,
             scopes=scopes,
         ),
         secret_key_file,

@@ -93,3 +93,14 @@ def send_bdat(
 def read_replies(smtp: smtplib.SMTP, count: int) -> list[tuple[int, bytes]]:
     """`count` answers, in the order of the commands that asked for them."""
     return [smtp.getreply() for _ in range(count)]
+
+
+def must_drop(smtp: smtplib.SMTP) -> bool:
+    """After a refused envelope, read the pipelined DATA's answer: a server that still
+    said 354 expects content, and only a new session is clean (True); so too when no
+    answer came. Otherwise RSET makes the session usable again (False)."""
+    try:
+        code, _ = smtp.getreply()
+    except (smtplib.SMTPException, OSError):
+        return True
+    return code == 354

@@ -13,13 +13,14 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from worker.delivery.answers import answer, failure_reason
 from worker.errors import SessionRefused, TokenEndpointError
 from worker.mail.sasl import Exchange, SaslError, login_with_token, preferred_mechanism
 from worker.models import Credentials, PasswordCredentials, Security
-from worker.tokens import AccessToken, TokenCredentials
+from worker.tokens import AccessToken, TokenCredentials, renew_session_at
 
 __all__ = ["SMTPLIB_CHOICE", "discard", "login_mechanism", "open_session"]
 
@@ -36,9 +37,10 @@ def open_session(
     credentials: Credentials | None,
     ca_file: Path | None,
     timeout: float,
-) -> smtplib.SMTP:
-    """Connect, TLS, log in. Raises `SessionRefused` (and `TokenEndpointError`, from a
-    token source)."""
+) -> tuple[smtplib.SMTP, datetime | None]:
+    """Connect, TLS, log in. Returns the session and, for an OAuth2 login, when it should
+    be opened again with a fresh token (`worker.tokens.renew_session_at`). Raises
+    `SessionRefused` (and `TokenEndpointError`, from a token source)."""
 
     def refused(reason: str) -> SessionRefused:
         return SessionRefused(reason, host=host, port=port)
@@ -50,6 +52,7 @@ def open_session(
         return context
 
     smtp: smtplib.SMTP | None = None
+    renew_at: datetime | None = None
     try:
         if ca_file is not None and not ca_file.is_file():
             raise refused(f"CA file {ca_file} is not readable (check INVOICE_RELAY_CA_FILE)")
@@ -66,7 +69,10 @@ def open_session(
             smtp.starttls(context=tls_context())
             smtp.ehlo()
         if credentials is not None:
-            _log_in(smtp, credentials, refused)
+            now = datetime.now(UTC)
+            expires_at = _log_in(smtp, credentials, refused)
+            if expires_at is not None:
+                renew_at = renew_session_at(expires_at, logged_in_at=now)
     except (SessionRefused, TokenEndpointError):
         discard(smtp)
         raise
@@ -80,25 +86,25 @@ def open_session(
         raise refused(reason) from exc
     if smtp.sock is not None:
         smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return smtp
+    return smtp, renew_at
 
 
 def _log_in(
     smtp: smtplib.SMTP,
     credentials: Credentials,
     refused: Callable[[str], SessionRefused],
-) -> None:
+) -> datetime | None:
     """AUTH with smtplib's choice of mechanism, or, for a user or password that is
     not ASCII (which smtplib cannot encode), AUTH PLAIN in UTF-8 (RFC 4954, RFC 4616).
+    Returns the expiry of the OAuth2 token it logged in with (None: a password).
     Raises `SessionRefused` when the server offers no mechanism that carries it."""
     match credentials:
         case TokenCredentials():
-            _log_in_with_token(smtp, credentials, refused)
-            return
+            return _log_in_with_token(smtp, credentials, refused)
         case PasswordCredentials(user=user, password=secret):
             password = secret.reveal()
     if not user:
-        return
+        return None
     if not smtp.has_extn("auth"):
         # What smtplib's login() says, before it could try to encode anything.
         raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
@@ -106,7 +112,7 @@ def _log_in(
     mechanism = login_mechanism(user, password, offered)
     if mechanism == SMTPLIB_CHOICE:
         smtp.login(user, password)
-        return
+        return None
     if mechanism is None:
         # Named by position in the settings, never by a character of the secret.
         raise refused(
@@ -117,16 +123,17 @@ def _log_in(
     response = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
     code, reply = smtp.docmd("AUTH", "PLAIN " + response.decode("ascii"))
     if code == 503:  # already authenticated, as smtplib's login() accepts too
-        return
+        return None
     if code != 235:
         raise smtplib.SMTPAuthenticationError(code, reply)
+    return None
 
 
 def _log_in_with_token(
     smtp: smtplib.SMTP,
     credentials: TokenCredentials,
     refused: Callable[[str], SessionRefused],
-) -> None:
+) -> datetime:
     """AUTH XOAUTH2 (OAUTHBEARER where that is all it offers) with an initial response;
     the server's error challenge is answered with an empty line (worker.mail.sasl's
     Exchange), never in a loop. A refused token gets one retry with a fresh one, in
@@ -141,6 +148,7 @@ def _log_in_with_token(
             f"{' '.join(offered) or 'none'}); check INVOICE_RELAY_SMTP_AUTH"
         )
     answers: list[str] = []
+    accepted: list[datetime] = []  # the expiry of the token the server took
 
     def attempt(token: AccessToken) -> SaslError | None:
         exchange = Exchange(mechanism=mechanism, user=credentials.user, token=token.value)
@@ -149,6 +157,7 @@ def _log_in_with_token(
         except smtplib.SMTPAuthenticationError as exc:
             answers.append(answer(exc.smtp_code, exc.smtp_error))
             return exchange.error or SaslError(status=str(exc.smtp_code))
+        accepted.append(token.expires_at)
         return None
 
     error = login_with_token(credentials.tokens, attempt)
@@ -158,6 +167,7 @@ def _log_in_with_token(
             f"{answers[-1]}; the mailbox may not send with this app (SMTP.SendAsApp, "
             "SMTP AUTH enabled on the mailbox: docs/oauth.md)"
         )
+    return accepted[-1]
 
 
 def login_mechanism(user: str, password: str, offered: Sequence[str]) -> str | None:

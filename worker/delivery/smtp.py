@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import smtplib
 from collections.abc import Callable
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
@@ -59,6 +60,7 @@ class SmtpOutbox:
         self._ca_file = ca_file
         self._timeout = timeout
         self._smtp: smtplib.SMTP | None = None
+        self._renew_at: datetime | None = None  # an OAuth2 session: open again from then on
         # The recipient of the next mail's envelope, written while this one's answer was
         # awaited and not yet answered (PIPELINING); None when there is none.
         self._ahead: str | None = None
@@ -92,7 +94,7 @@ class SmtpOutbox:
     def open(self) -> None:
         """Connect, TLS, log in (`worker.delivery.session`). Raises `SessionRefused`."""
         self.close()
-        smtp = session.open_session(
+        smtp, self._renew_at = session.open_session(
             host=self._host,
             port=self._port,
             security=self._security,
@@ -151,6 +153,12 @@ class SmtpOutbox:
         one that offers CHUNKING too the content as `BDAT` (RFC 3030), so that a mail
         costs one round trip; the answers are classified as above, in order.
         """
+        if self._smtp is not None and self._renew_at and datetime.now(UTC) >= self._renew_at:
+            # Between two mails, before its token expires: a new session with a new token
+            # (SMTP allows one AUTH per session). An envelope written ahead is withdrawn.
+            logger.info("smtp session renewed for a fresh token", extra={"action": "smtp_renewed"})
+            self._reset_or_drop(unread=2 if self._ahead is not None else 0)
+            self.open()
         smtp = self._smtp
         if smtp is None:
             raise self._refused("the session is not open")
@@ -341,18 +349,9 @@ class SmtpOutbox:
         )
 
     def _after_refused_envelope(self, unread: int) -> None:
-        """After a refused envelope, the pipelined DATA's answer: a server that still
-        said 354 expects content, and only a new session is clean."""
-        smtp = self._smtp
-        if smtp is None or not unread:
-            self._reset_or_drop()
-            return
-        try:
-            code, _ = smtp.getreply()
-        except (smtplib.SMTPException, OSError):
-            self._drop()
-            return
-        if code == 354:
+        """After a refused envelope, the pipelined DATA's answer (if one was asked for)
+        says whether the session is still clean (`pipelined.must_drop`)."""
+        if self._smtp is not None and unread and pipelined.must_drop(self._smtp):
             self._drop()
         else:
             self._reset_or_drop()

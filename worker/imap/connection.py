@@ -36,7 +36,7 @@ from worker.models import (
     PasswordCredentials,
     Security,
 )
-from worker.tokens import TokenCredentials
+from worker.tokens import TokenCredentials, renew_session_at
 
 __all__ = ["ImapConnection", "quietly_logout"]
 
@@ -82,6 +82,9 @@ class ImapConnection:
         self._watchdog: threading.Timer | None = None
         self._expired = threading.Event()
         self._token_expires_at: datetime | None = None  # of the token this session used
+        self._renew_at: datetime | None = None  # log in again from then on (an OAuth2 login)
+        self._opened: FolderStatus | None = None  # the folder as the session first saw it
+        self._readonly = True
 
     def __repr__(self) -> str:
         return (
@@ -124,6 +127,7 @@ class ImapConnection:
         except (MailboxError, TokenEndpointError):
             self.close()
             raise
+        self._opened, self._readonly = status, True
         logger.debug(
             "IMAP folder opened",
             extra={"action": "mailbox_opened", "folder": self.folder, "exists": status.exists},
@@ -140,7 +144,7 @@ class ImapConnection:
             if watchdog is not None:
                 watchdog.cancel()
             self._deadline = None
-            self._token_expires_at = None
+            self._token_expires_at = self._renew_at = self._opened = None
 
     def token_expires_in(self) -> float | None:
         """Seconds until the OAuth2 token this session logged in with expires (Exchange
@@ -228,9 +232,50 @@ class ImapConnection:
         return client
 
     def _login(self, client: Any) -> None:
-        self._token_expires_at = log_in(
+        now = datetime.now(UTC)
+        expires_at = log_in(
             client, self.credentials, translated=self._translated, host=self.host, port=self.port
         )
+        self._token_expires_at = expires_at
+        self._renew_at = (
+            None if expires_at is None else renew_session_at(expires_at, logged_in_at=now)
+        )
+
+    def _renewed(self) -> Any:
+        """The session for the next command; logged in again first, with a fresh token,
+        when the one it used is about to expire (`worker.tokens.renew_session_at`). The
+        folder is opened as before, and must still have its UIDVALIDITY. Never inside
+        IDLE: the IDLE watcher renews its own session."""
+        client = self._require_client()
+        opened = self._opened
+        if self._renew_at is None or opened is None or datetime.now(UTC) < self._renew_at:
+            return client
+        logger.info(
+            "IMAP session renewed before its OAuth2 token expires",
+            extra={"action": "imap_session_renewed", "folder": self.folder},
+        )
+        self._client = None
+        quietly_logout(client)
+        client = self._connect()
+        self._client = client
+        try:
+            self._login(client)
+            status = (
+                self._examine(client)
+                if self._readonly
+                else self._select(client, self.folder, readonly=False)
+            )
+            if status.uidvalidity != opened.uidvalidity:
+                raise MailboxFolderError(
+                    f"{self.folder}: UIDVALIDITY changed while the session was renewed",
+                    host=self.host,
+                    port=self.port,
+                )
+        except (MailboxError, TokenEndpointError):
+            self.close()
+            raise
+        self._opened = opened  # close() would have dropped it; the session goes on
+        return client
 
     def _examine(self, client: Any) -> FolderStatus:
         with self._translated(f"EXAMINE {self.folder}", folder=True):

@@ -33,14 +33,14 @@ class ImapMailbox(ImapConnection):
         criteria: list[object] = ["UID", f"{after_uid + 1}:*"]
         if since is not None:
             criteria += ["SINCE", since]
-        client = self._require_client()
+        client = self._renewed()
         with self._translated("UID SEARCH"):
             found = client.search(criteria)
         # `n:*` always includes the highest UID, even when it is below n.
         return sorted(uid for uid in (int(value) for value in found) if uid > after_uid)
 
     def summaries(self, uids: Sequence[int]) -> list[MailSummary]:
-        client = self._require_client()
+        client = self._renewed()
         result: list[MailSummary] = []
         for batch in _batches(sorted(set(uids)), self.batch_size):
             with self._translated("UID FETCH"):
@@ -68,7 +68,7 @@ class ImapMailbox(ImapConnection):
         max_bytes: int | None = None,
         offset: int = 0,
     ) -> dict[tuple[int, str], bytes]:
-        client = self._require_client()
+        client = self._renewed()
         # Mails that want the same sections share one FETCH with a UID set.
         groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
         for uid, sections in wanted.items():
@@ -96,7 +96,7 @@ class ImapMailbox(ImapConnection):
         )
 
     def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
-        client = self._require_client()
+        client = self._renewed()
         result: dict[int, bytes] = {}
         for batch in _batches(sorted(set(uids)), self.batch_size):
             with self._translated("UID FETCH"):
@@ -149,10 +149,11 @@ class ImapMailbox(ImapConnection):
             quietly_logout(client)
             raise
         self._client = client
+        self._opened, self._readonly = status, False
         return status
 
     def capabilities(self) -> frozenset[str]:
-        client = self._require_client()
+        client = self._renewed()
         with self._translated("CAPABILITY"):
             found = client.capabilities()
         return frozenset(
@@ -161,12 +162,12 @@ class ImapMailbox(ImapConnection):
         )
 
     def folder_exists(self, folder: str) -> bool:
-        client = self._require_client()
+        client = self._renewed()
         with self._translated(f"LIST {folder}"):
             return bool(client.folder_exists(folder))
 
     def present_uids(self, uids: Sequence[int]) -> set[int]:
-        client = self._require_client()
+        client = self._renewed()
         found: set[int] = set()
         for batch in _batches(sorted(set(uids)), self.batch_size):
             with self._translated("UID SEARCH"):
@@ -174,21 +175,21 @@ class ImapMailbox(ImapConnection):
         return found & set(uids)
 
     def add_flag(self, uids: Sequence[int], flag: str) -> None:
-        client = self._require_client()
+        client = self._renewed()
         for batch in _batches(sorted(set(uids)), self.batch_size):
             with self._translated("UID STORE"):
                 client.add_flags(batch, [flag], silent=True)
 
     def move(self, uid: int, folder: str) -> None:
         with self._translated("UID MOVE"):
-            self._require_client().move([uid], folder)
+            self._renewed().move([uid], folder)
 
     def copy(self, uid: int, folder: str) -> None:
         with self._translated("UID COPY"):
-            self._require_client().copy([uid], folder)
+            self._renewed().copy([uid], folder)
 
     def expunge_uid(self, uid: int) -> None:
-        client = self._require_client()
+        client = self._renewed()
         with self._translated("UID STORE"):
             client.add_flags([uid], [b"\\Deleted"], silent=True)
         with self._translated("UID EXPUNGE"):
@@ -196,7 +197,7 @@ class ImapMailbox(ImapConnection):
             client.uid_expunge([uid])
 
     def folder_holds(self, folder: str, message_id: str) -> bool:
-        client = self._require_client()
+        client = self._renewed()
         try:
             self._select(client, folder, readonly=True)
             with self._translated("SEARCH HEADER"):

@@ -2,6 +2,10 @@
 a route's documents that `failed` and sightings `rejected` or in `error` that nobody was
 told of.
 
+And a login notice when a poll could not log in because the mailbox's OAuth2 grant or
+client was refused, sent only where the notice's own transport does not hang on that
+credential (SMTP with a password): otherwise `check`, `/healthz` and the status page say it.
+
 A notice covers one mailbox folder's rows and names its route. At most one notice per
 mailbox per INVOICE_RELAY_NOTIFY_INTERVAL, never about the same rows twice (what was
 notified is kept per row in the database, `worker.store.notices`), and one process at a
@@ -130,6 +134,35 @@ def build_notice(
     )
 
 
+def build_login_notice(
+    reason: str,
+    *,
+    notify_from: str,
+    notify_to: str,
+    mailbox: str,
+    now: datetime,
+    interval_seconds: float,
+) -> Notice:
+    """The mail saying the relay cannot log in to `mailbox` and what to do (`reason`,
+    an error's text, which names the fix and never a token)."""
+    where = clean_text(mailbox, 200)
+    body = (
+        f"invoice-relay cannot log in to {where}, so it reads no new invoices until a "
+        "person acts:\n\n"
+        f"  {clean_text(reason, 2 * REASON_LIMIT)}\n\n"
+        "Nothing is lost: the mail stays in the mailbox and is read once the login works.\n"
+        f"While this lasts, this notice comes at most once per {interval_seconds:g} s.\n"
+    )
+    return Notice(
+        sender=notify_from,
+        recipient=notify_to,
+        subject=f"invoice-relay: cannot log in to {clean_text(mailbox, 80)} - please act",
+        body=body,
+        rows=0,
+        written_at=now,
+    )
+
+
 def _counts(problems: Sequence[Problem]) -> dict[ProblemKind, int]:
     counts = dict.fromkeys(ProblemKind, 0)
     for problem in problems:
@@ -220,6 +253,63 @@ class Notifier:
                 extra={"action": "notice_failed", "route": self._route},
             )
             return NoticeResult.FAILED
+
+    def after_login_failure(self, reason: str) -> NoticeResult:
+        """A login notice (`build_login_notice`) when one is due; never raises a RelayError.
+        It counts as a notice for the interval, and covers no rows. Under the mailbox's
+        notice lease, like a failure notice: replicas failing at once send one."""
+        try:
+            if not self._log.take(
+                self._mailbox, owner=self._owner, lease_seconds=self._lease_seconds
+            ):
+                return NoticeResult.BUSY
+            try:
+                return self._login_notice(reason)
+            finally:
+                self._log.release(self._mailbox, owner=self._owner)
+        except RelayError as exc:
+            log.warning(
+                "login notice not sent: %s",
+                exc,
+                extra={"action": "notice_failed", "route": self._route},
+            )
+            return NoticeResult.FAILED
+
+    def _login_notice(self, reason: str) -> NoticeResult:
+        now = self._clock()
+        last = self._log.last_notice(self._mailbox)
+        if not notice_due(last, now=now, interval_seconds=self._interval):
+            return NoticeResult.NOT_DUE
+        notice = build_login_notice(
+            reason,
+            notify_from=self._notify_from,
+            notify_to=self._notify_to,
+            mailbox=self._mailbox,
+            now=now,
+            interval_seconds=self._interval,
+        )
+        self._send(notice)
+        self._log.record(
+            mailbox=self._mailbox,
+            owner=self._owner,
+            sent_at=now,
+            recipient=self._notify_to,
+            last_sighting_id=last.last_sighting_id if last is not None else 0,
+            problems=(),
+        )
+        log.info(
+            "login failure notice sent",
+            extra={"action": "login_notice_sent", "route": self._route},
+        )
+        return NoticeResult.SENT
+
+    def _send(self, notice: Notice) -> None:
+        sender = self._sender()
+        try:
+            sender.open()
+            sender.send_notice(notice)
+        finally:
+            sender.close()
 
     def _notify(self) -> NoticeResult:
         # Decided in the database before anything is read: of replicas finishing polls

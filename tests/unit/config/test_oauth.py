@@ -193,3 +193,24 @@ def test_microsoft_delegated_may_use_common(key_file: Path) -> None:
         INVOICE_RELAY_OAUTH_CLIENT_SECRET="",
     )
     assert problems(environ) == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("http://id.example/authorize", "not an https:// URL"),
+        ("https://user:pw@id.example/authorize", "must not carry a user or password"),
+    ],
+)
+def test_the_authorize_url_must_be_https_without_credentials(
+    key_file: Path, value: str, problem: str
+) -> None:
+    environ = microsoft_app(key_file, INVOICE_RELAY_OAUTH_AUTHORIZE_URL=value)
+    assert problem in problems(environ)["INVOICE_RELAY_OAUTH_AUTHORIZE_URL"]
+
+
+def test_the_authorize_url_is_kept(key_file: Path) -> None:
+    environ = microsoft_app(key_file, INVOICE_RELAY_OAUTH_AUTHORIZE_URL="https://id.example/auth/")
+    settings = Settings.from_env(environ)
+    assert settings.oauth is not None
+    assert settings.oauth.authorize_url == "https://id.example/auth"

@@ -33,6 +33,7 @@ from worker.relay.notify import (
     LISTED_LIMIT,
     NoticeResult,
     Notifier,
+    build_login_notice,
     build_notice,
     covered_sighting_id,
     notice_due,
@@ -345,6 +346,57 @@ def test_a_refused_notice_is_not_recorded_and_is_tried_after_a_later_poll(
     assert log.holder is None
     sender.refuse = None
     assert relay.after_poll() is NoticeResult.SENT
+
+
+REFUSED = (
+    "The OAuth2 grant was refused (invalid_grant): AADSTS50173; the default route: run "
+    "`invoice-relay oauth login` or replace INVOICE_RELAY_OAUTH_REFRESH_TOKEN"
+)
+
+
+def test_a_login_notice_names_the_mailbox_and_the_fix_and_covers_no_rows() -> None:
+    notice = build_login_notice(
+        REFUSED + "\x1b[2J",
+        notify_from=NOTIFY_FROM,
+        notify_to=NOTIFY_TO,
+        mailbox="invoices@shop.example",
+        now=T0,
+        interval_seconds=HOUR,
+    )
+    assert notice.subject == "invoice-relay: cannot log in to invoices@shop.example - please act"
+    assert REFUSED in notice.body
+    assert "\x1b" not in notice.body  # the reason is cleaned like any other text
+    assert notice.rows == 0
+    assert notice_message(notice)[NOTICE_HEADER] == "v1; rows=0"
+
+
+def test_a_login_notice_then_none_until_the_interval_is_over() -> None:
+    log = FakeNoticeLog(last=NoticeMark(sent_at=T0 - timedelta(days=1), last_sighting_id=7))
+    sender, clock = FakeSender(), Clock()
+    relay = notifier(log, sender, clock)
+
+    assert relay.after_login_failure(REFUSED) is NoticeResult.SENT
+    ((message, recipient),) = sender.sent
+    assert recipient == NOTIFY_TO
+    assert "invoice-relay oauth login" in message.get_content()
+    assert log.recorded == [(7, [])]  # the rows' high-water mark stays where it was
+    clock.now += timedelta(minutes=59)
+    assert relay.after_login_failure(REFUSED) is NoticeResult.NOT_DUE
+    assert relay.after_poll() is NoticeResult.NOT_DUE  # one interval for every notice
+    clock.now += timedelta(minutes=1)
+    assert relay.after_login_failure(REFUSED) is NoticeResult.SENT
+    assert len(sender.sent) == 2
+
+
+def test_a_login_notice_that_cannot_go_is_reported_not_raised() -> None:
+    sender = FakeSender(refuse=SessionRefused("connection refused", host="smtp", port=25))
+    log = FakeNoticeLog()
+    assert notifier(log, sender, Clock()).after_login_failure(REFUSED) is NoticeResult.FAILED
+    assert log.recorded == []
+    assert (
+        notifier(FakeNoticeLog(fail=True), FakeSender(), Clock()).after_login_failure(REFUSED)
+        is NoticeResult.FAILED
+    )
 
 
 def test_a_database_failure_is_reported_not_raised() -> None:
