@@ -54,7 +54,8 @@ class PasswdFileDovecot(DovecotServer):
 
     def _prepare(self) -> None:
         super()._prepare()
-        passwd = self.config_file.parent / "users.passwd"
+        # Under the server's own root: the auth process reads it after dropping privileges.
+        passwd = self._root / "users.passwd"
         passwd.write_text("".join(f"{user}:{{PLAIN}}{PASSWORD}::::::\n" for user in self._users))
         passwd.chmod(0o644)
         text = self.config_file.read_text()
