@@ -70,8 +70,8 @@ class WarmSmtpOutbox(SmtpOutbox):
             parked, self._parked = self._parked, None
             if parked is not None and self._alive():
                 self.reused += 1
-                logger.debug(
-                    "smtp session reused",
+                logger.info(
+                    "smtp session reused after a NOOP",
                     extra={"action": "smtp_reused", "host": self._host, "port": self._port},
                 )
                 return

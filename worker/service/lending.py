@@ -154,7 +154,7 @@ class ConnectionDesk:
             self._give_back(loan, spoiled=True)
             return None
         self.lent += 1
-        log.debug("reading on the IDLE connection", extra={"action": "idle_connection_lent"})
+        log.info("reading on the IDLE connection", extra={"action": "idle_connection_lent"})
         return LentMailbox(
             self._mailbox,
             loan.status,
