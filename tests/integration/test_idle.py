@@ -236,7 +236,7 @@ def test_announced_mails_are_read_on_the_idle_connection_and_share_one_smtp_sess
                 imap.append(_invoice_mail(number))
                 _wait_forwarded(sink, number, log)
         # SIGTERM QUITs the kept session: Postfix logs its commands then.
-        postfix.wait_for_log(r" disconnect from ")
+        postfix.wait_for_log(r" disconnect from .* mail=")
         sessions = [counts for counts in postfix.session_counts() if "mail" in counts]
 
     # One SMTP session for both mails; the second went out after a NOOP found it alive.
