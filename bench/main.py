@@ -25,7 +25,7 @@ from bench import corpus, maildir
 from bench.latency import measure_latency
 from bench.measure import Measured, bench_process_cpu_seconds, run_measured, server_cpu
 from bench.proxy import counting_proxy
-from bench.wan import wan_backfill
+from bench.wan import wan_backfill, wan_latency
 from tests.servers.dovecot import DovecotServer, running_dovecot
 from tests.servers.smtp_sink import SmtpSink, running_sink
 
@@ -340,6 +340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=25.0,
         help="the WAN part's one-way delay on IMAP and SMTP (`--only wan`), default 25",
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="the latency parts (`latency`, `wan-latency`) also run the relay of this "
+        "checkout, first, in the same run",
+    )
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
     if args.quick:
@@ -372,9 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "memory" in parts:
                 memory(bench, relay, args.large_mb)
             if "latency" in parts:
-                measure_latency(bench, args.latency_mails)
+                measure_latency(bench, args.latency_mails, before=args.before)
             if "wan" in parts:
                 wan_backfill(bench, args.mails, delay_ms=args.delay_ms)
+            if "wan-latency" in parts:
+                wan_latency(bench, args.latency_mails, delay_ms=args.delay_ms, before=args.before)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -106,22 +106,39 @@ class DelayProxy:
     """Forwards 127.0.0.1:`port` to `target`, handing on every byte `delay` seconds after
     it arrived, in each direction: a link's one-way delay (bandwidth unlimited). Counts
     the client's turns (it sent after the server last did): the round trips it waited
-    for, at most."""
+    for, at most; `turn_times` says when each began. `watch`: byte strings whose
+    arrival at the client, in what the server sends, is timed (`seen`).
 
-    def __init__(self, target: tuple[str, int], delay: float) -> None:
+    The TCP handshake is not delayed: a new connection costs one delay for the greeting
+    here, where a real link adds a round trip for the handshake before it."""
+
+    def __init__(
+        self, target: tuple[str, int], delay: float, *, watch: tuple[bytes, ...] = ()
+    ) -> None:
         self._target = target
         self._delay = delay
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self.turns = 0
+        self.turn_times: list[float] = []  # time.monotonic() of each turn
         self.connections = 0
+        self.seen: dict[bytes, list[float]] = {pattern: [] for pattern in watch}
 
     def start(self) -> None:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
         self._listener.close()
+
+    def turns_between(self, start: float, end: float) -> int:
+        with self._lock:
+            return sum(1 for at in self.turn_times if start <= at <= end)
+
+    def first_seen(self, pattern: bytes, after: float) -> float | None:
+        """When `pattern` first reached the client after `after`; None if it did not."""
+        with self._lock:
+            return min((at for at in self.seen[pattern] if at >= after), default=None)
 
     def _accept(self) -> None:
         while True:
@@ -156,11 +173,17 @@ class DelayProxy:
         data = b""
         with suppress(OSError):
             while data := source.recv(65536):
+                now = time.monotonic()
                 with self._lock:
                     if direction == "up" and last[0] == "down":
                         self.turns += 1
+                        self.turn_times.append(now)
+                    if direction == "down":
+                        for pattern, times in self.seen.items():
+                            if pattern in data:
+                                times.append(now + self._delay)
                     last[0] = direction
-                pending.put((time.monotonic() + self._delay, data))
+                pending.put((now + self._delay, data))
         pending.put((time.monotonic() + self._delay, b""))
 
     @staticmethod
@@ -178,8 +201,10 @@ class DelayProxy:
 
 
 @contextmanager
-def delay_proxy(host: str, port: int, delay: float) -> Iterator[DelayProxy]:
-    proxy = DelayProxy((host, port), delay)
+def delay_proxy(
+    host: str, port: int, delay: float, *, watch: tuple[bytes, ...] = ()
+) -> Iterator[DelayProxy]:
+    proxy = DelayProxy((host, port), delay, watch=watch)
     proxy.start()
     try:
         yield proxy

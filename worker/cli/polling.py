@@ -42,6 +42,9 @@ from worker.store.engine import create_schema
 from worker.store.sqlstore import SqlStore
 from worker.tokens import AuthMethod
 
+if TYPE_CHECKING:
+    from worker.cli.kept import KeptSessions
+
 log = logging.getLogger(__name__)
 
 
@@ -58,18 +61,23 @@ def _pipeline(
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
     actions_store: MailActionStore | None = None,  # None: no after-forward step (dry run)
+    kept: KeptSessions | None = None,  # `run`'s sessions kept between polls
 ) -> Iterator[Pipeline]:
     """A pipeline for one poll. With `inspector` (the service's warm pool) its workers
-    are used and left running; without, a pool is started for this poll and closed."""
+    are used and left running; without, a pool is started for this poll and closed.
+    With `kept`, the poll reads on the IDLE connection when it is on offer and sends
+    over the kept SMTP session."""
     owned = inspector is None
     if inspector is None:
         inspector = pdf_inspector(settings)
     checkpoint = checkpoint_for(settings.test_crash_at)
+    lent = kept.lent_mailbox() if kept is not None else None
+    outbox = kept.outbox if kept is not None else None
     try:
         yield Pipeline(
             config=pipeline_config(settings, route=route, destination=destination_name),
-            mailbox=imap_mailbox(settings, logins),
-            outbox=destination(settings, store, logins, checkpoint=checkpoint),
+            mailbox=lent or imap_mailbox(settings, logins),
+            outbox=outbox or destination(settings, store, logins, checkpoint=checkpoint),
             # INVOICE_RELAY_SMTP_SESSIONS: more SMTP sessions side by side; the API has
             # one client, paced by its budgets.
             more_outboxes=(
@@ -91,6 +99,8 @@ def _pipeline(
             ),
         )
     finally:
+        if lent is not None:
+            lent.close()  # given back already when the poll ran; here if it never did
         if owned:
             inspector.close()
 
@@ -106,9 +116,11 @@ def poll_once(
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
     inspector: PdfInspector | None = None,
+    kept: KeptSessions | None = None,
 ) -> PollReport:
     """One poll of `route` under the mailbox's poll lease, held by `owner` (whose
-    heartbeat keeps its leases alive: `leases`)."""
+    heartbeat keeps its leases alive: `leases`); `kept`: `run`'s sessions
+    (`worker.cli.kept`)."""
     name = mailbox_name(settings)
     started = datetime.now(UTC)
     if destination_name is None and settings.delivery is DeliveryKind.GETMYINVOICES:
@@ -134,6 +146,7 @@ def poll_once(
                 progress=progress,
                 inspector=inspector,
                 actions_store=store,
+                kept=kept,
             ) as pipeline:
                 report = pipeline.poll()
         except LeaseLost as lost:

@@ -9,13 +9,14 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
+from worker.cli.kept import KeptSessions, kept_sessions
 from worker.cli.polling import leases, poll_once, release_leases
-from worker.cli.wiring import Logins, imap_mailbox, logins, pdf_inspector, prepared_store
+from worker.cli.wiring import Logins, logins, pdf_inspector, prepared_store
 from worker.config.settings import Settings
 from worker.errors import StoreError
 from worker.models import PollStatus
 from worker.pdf.pool import PdfInspector
-from worker.service.idle import IdleWatcher, PollRequests
+from worker.service.idle import PollRequests
 from worker.service.runner import SideServer
 from worker.store.sqlstore import SqlStore
 
@@ -63,6 +64,7 @@ def run_service(settings: Settings) -> int:
                 spec=spec,
                 healthy_after=healthy_after,
                 inspector=inspector,
+                kept=closing.enter_context(kept_sessions(settings, login_with)),
             )
         finally:
             closing.close()
@@ -95,13 +97,17 @@ def _serve(
     spec: ScheduleSpec,
     healthy_after: float,
     inspector: PdfInspector,
+    kept: KeptSessions,
 ) -> int:
     from worker.config.schedule import build_trigger
     from worker.service.metrics import RelayMetrics
     from worker.service.runner import Service
 
     requests = PollRequests(
-        lambda: poll_once(settings, store, login_with, owner=owner, stop=stop, inspector=inspector)
+        lambda: poll_once(
+            settings, store, login_with, owner=owner, stop=stop, inspector=inspector, kept=kept
+        ),
+        desk=kept.desk,
     )
     service = Service(
         poll=requests.poll,
@@ -115,8 +121,7 @@ def _serve(
     )
     if settings.idle:  # polls as soon as mail comes; the schedule stays the net
         requests.connect(service.poll_now)
-        mailbox = imap_mailbox(settings, login_with, for_idle=True)
-        IdleWatcher(mailbox=mailbox, on_new_mail=requests.new_mail, stop=stop).start()
+        kept.watch(requests.new_mail, stop)
     return service.run()
 
 

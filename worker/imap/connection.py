@@ -140,10 +140,7 @@ class ImapConnection:
             if client is not None:
                 quietly_logout(client)
         finally:
-            watchdog, self._watchdog = self._watchdog, None
-            if watchdog is not None:
-                watchdog.cancel()
-            self._deadline = None
+            self._stop_deadline()
             self._token_expires_at = self._renew_at = self._opened = None
 
     def token_expires_in(self) -> float | None:
@@ -168,6 +165,12 @@ class ImapConnection:
         watchdog.name = "invoice-relay-imap-deadline"
         self._watchdog = watchdog
         watchdog.start()
+
+    def _stop_deadline(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
+        self._deadline = None
 
     def _expire(self) -> None:
         self._expired.set()

@@ -135,6 +135,24 @@ class ImapMailbox(ImapConnection):
             _, responses = self._require_client().idle_done()
         return _announces_mail(responses)
 
+    # --- lent to a poll (worker.service.lending) ---------------------------------------
+
+    def begin_loan(self, deadline_seconds: float | None) -> None:
+        """This open session, out of IDLE, goes to one poll: the poll's deadline runs
+        from now, and announcements from here on are kept for `end_loan`."""
+        client = self._require_client()
+        client.take_untagged("EXISTS")  # those of IDLE DONE were seen already
+        self.deadline_seconds = deadline_seconds
+        self._start_deadline()
+
+    def end_loan(self) -> bool:
+        """Back from the poll: the deadline stops. True when the server announced mail
+        (an EXISTS) while the poll had the session: mail it may not have read."""
+        self._stop_deadline()
+        self.deadline_seconds = None
+        client = self._client
+        return client is not None and bool(client.take_untagged("EXISTS"))
+
     # --- after forwarding (worker.relay.ports.MailActions), never in `keep` mode ---------
 
     def open_for_actions(self) -> FolderStatus:

@@ -80,6 +80,12 @@ class Client(IMAPClient):  # type: ignore[misc,unused-ignore]
         `capabilities()` asks once more after STARTTLS.)"""
         return tuple(str(capability).upper().encode() for capability in self._imap.capabilities)
 
+    def take_untagged(self, name: str) -> list[Any]:
+        """The untagged responses called `name` (`EXISTS`) that came with the answers
+        to other commands, removed: imaplib keeps them until a SELECT reads them."""
+        taken: list[Any] = self._imap.untagged_responses.pop(name, [])
+        return taken
+
 
 LOGIN = "LOGIN"
 AUTHENTICATE_PLAIN = "AUTHENTICATE PLAIN"

@@ -8,6 +8,10 @@ it with `BYE ... AccessTokenExpired` otherwise). Each announcement becomes a cal
 `on_new_mail`; the schedule stays the safety net. A server without IDLE is logged once
 and left to the schedule.
 
+With a `worker.service.lending.ConnectionDesk`, the watcher lends its connection to
+the poll an announcement asks for, which reads the new mail on it instead of opening
+one of its own, and goes back to IDLE once the poll has given it back.
+
 `PollRequests` sits between the watcher and the service: announcements arriving while
 a poll runs are folded into one more poll after it, so the service never runs two polls
 at once and never loses an announcement.
@@ -25,6 +29,7 @@ from typing import Protocol
 
 from worker.errors import MailboxError, TokenEndpointError
 from worker.models import FolderStatus, PollReport
+from worker.service.lending import ConnectionDesk, LoanEnd
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ class IdleTiming:
     first_backoff_seconds: float = 1.0
     max_backoff_seconds: float = 300.0
     token_lead_seconds: float = 60.0  # an OAuth2 session is renewed this long before its end
+    # Not lent to a poll when renewed sooner: a poll would lose it under its hands.
+    lend_margin_seconds: float = 300.0
 
 
 def renew_session_after(token_expires_in: float | None, timing: IdleTiming) -> float | None:
@@ -95,8 +102,10 @@ class IdleWatcher:
         stop: threading.Event,
         timing: IdleTiming | None = None,
         clock: Callable[[], float] = time.monotonic,
+        desk: ConnectionDesk | None = None,  # lends this connection to the polls it asks for
     ) -> None:
         self._mailbox = mailbox
+        self._desk = desk
         self._on_new_mail = on_new_mail
         self._stop = stop
         self._timing = timing or IdleTiming()
@@ -128,7 +137,7 @@ class IdleWatcher:
                 uidnext, reconnecting = status.uidnext, False
                 delay = self._timing.first_backoff_seconds
                 renew_after = renew_session_after(self._mailbox.token_expires_in(), self._timing)
-                self._watch(None if renew_after is None else self._clock() + renew_after)
+                self._watch(status, None if renew_after is None else self._clock() + renew_after)
                 if not self._stop.is_set():
                     log.info(
                         "renewing the IDLE session before its OAuth2 token expires",
@@ -159,7 +168,7 @@ class IdleWatcher:
                 self._mailbox.close()
         return IdleEnd.STOPPED
 
-    def _watch(self, session_ends: float | None) -> None:
+    def _watch(self, status: FolderStatus, session_ends: float | None) -> None:
         """IDLE until `stop`, or until `session_ends` (on the watcher's clock): then the
         caller opens a new session, with a fresh token."""
         timing = self._timing
@@ -180,7 +189,26 @@ class IdleWatcher:
             announced = self._mailbox.idle_done() or announced
             if announced and not self._stop.is_set():
                 log.debug("new mail announced", extra={"action": "idle_new_mail"})
-                self._on_new_mail()
+                lendable = session_ends is None or (
+                    session_ends - self._clock() > timing.lend_margin_seconds
+                )
+                if self._desk is None or not lendable:
+                    self._on_new_mail()
+                else:
+                    self._lend(self._desk, status)
+
+    def _lend(self, desk: ConnectionDesk, status: FolderStatus) -> None:
+        """The connection to the poll asked for, until it is back with nothing new."""
+        while not self._stop.is_set():
+            end = desk.lend(status, ask=self._on_new_mail, stop=self._stop)
+            if end is LoanEnd.SPOILED:
+                raise MailboxError("the poll that read on the IDLE connection failed with it")
+            if end is not LoanEnd.MAIL_CAME:
+                return
+            log.debug(
+                "mail announced while a poll read on the IDLE connection: polling again",
+                extra={"action": "idle_new_mail"},
+            )
 
 
 class PollRequests:
@@ -192,8 +220,11 @@ class PollRequests:
     have come after the poll looked.
     """
 
-    def __init__(self, poll: Callable[[], PollReport]) -> None:
+    def __init__(
+        self, poll: Callable[[], PollReport], *, desk: ConnectionDesk | None = None
+    ) -> None:
         self._poll = poll
+        self._desk = desk  # told when a poll starts and ends (`ConnectionDesk.poll_ended`)
         self._ask: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._running = False
@@ -205,9 +236,12 @@ class PollRequests:
     def poll(self) -> PollReport:
         with self._lock:
             self._running, self._wanted = True, False
+        ticket = self._desk.poll_started() if self._desk is not None else 0
         try:
             return self._poll()
         finally:
+            if self._desk is not None:
+                self._desk.poll_ended(ticket)
             with self._lock:
                 self._running = False
                 again, self._wanted = self._wanted, False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from tests.unit.service.test_lending import LoanMailbox
 from worker.errors import MailboxError
 from worker.models import FolderStatus, PollReport
 from worker.service.idle import (
@@ -20,6 +22,7 @@ from worker.service.idle import (
     next_backoff,
     renew_session_after,
 )
+from worker.service.lending import ConnectionDesk
 
 TIMING = IdleTiming(
     renew_seconds=10.0, check_seconds=1.0, first_backoff_seconds=1.0, max_backoff_seconds=8.0
@@ -323,3 +326,73 @@ def test_without_a_service_requests_go_nowhere() -> None:
     requests.new_mail()  # nothing connected yet: no error
     poll: Callable[[], PollReport] = requests.poll
     assert poll().mailbox == "m"
+
+
+# --- the connection lent to the poll asked for (worker.service.lending) -----------------
+
+
+def watch_lending(
+    script: list[bool | Exception], loan: LoanMailbox, **options: object
+) -> tuple[ScriptedMailbox, list[str], ConnectionDesk]:
+    """The watcher with a desk; each poll it asks for takes the connection, reads on it
+    and gives it back (as `worker.cli.polling` does), in the watcher's thread."""
+    stop = _NoWaitEvent()
+    mailbox = ScriptedMailbox(stop=stop, script=script, **options)  # type: ignore[arg-type]
+    desk = ConnectionDesk(loan, deadline_seconds=1800.0)
+    events: list[str] = []
+
+    def poll() -> None:
+        lent = desk.take()
+        events.append("lent poll" if lent is not None else "own poll")
+        mailbox.calls.append("poll")
+        if lent is not None:
+            with contextlib.suppress(MailboxError):
+                lent.new_uids(0, None)
+            lent.close()
+
+    watcher = IdleWatcher(
+        mailbox=mailbox, on_new_mail=poll, stop=stop, timing=TIMING, clock=mailbox.clock, desk=desk
+    )
+    assert watcher.run() is IdleEnd.STOPPED
+    return mailbox, events, desk
+
+
+def test_an_announced_mail_is_read_on_the_idle_connection_then_idle_again() -> None:
+    loan = LoanMailbox()
+    mailbox, events, _ = watch_lending([False, True, False], loan)
+
+    assert events == ["lent poll"]
+    assert mailbox.calls[:7] == ["open", "idle", "wait:False", "wait:True", "done", "poll", "idle"]
+    assert loan.calls == ["begin:1800.0", "search:0", "end"]
+    assert mailbox.calls.count("open") == 1  # the connection stayed the watcher's
+
+
+def test_mail_announced_while_the_poll_read_asks_for_one_more_poll_on_it() -> None:
+    class TwiceAnnounced(LoanMailbox):
+        def end_loan(self) -> bool:
+            super().end_loan()
+            return self.calls.count("end") == 1  # the first loan saw an EXISTS
+
+    _, events, desk = watch_lending([True, False], TwiceAnnounced())
+
+    assert events == ["lent poll", "lent poll"]
+    assert desk.lent == 2
+
+
+def test_a_poll_that_failed_on_the_idle_connection_makes_the_watcher_reconnect() -> None:
+    loan = LoanMailbox(fail=True)
+    mailbox, events, _ = watch_lending([True, False, False], loan)
+
+    # Spoiled: closed and opened anew (after the backoff), then one poll on a
+    # connection of its own for what the failed one did not read.
+    assert mailbox.calls.count("open") == 2
+    assert mailbox.calls.count("close") == 2
+    assert events == ["lent poll", "own poll"]
+
+
+def test_an_oauth2_session_soon_renewed_is_not_lent() -> None:
+    # Renewed 60 s before a token that ends in 250 s: less than the lending margin left.
+    _, events, desk = watch_lending([True, False], LoanMailbox(), token_lives=[250.0])
+
+    assert events == ["own poll"]
+    assert desk.lent == 0
