@@ -170,3 +170,32 @@ def test_a_broken_route_is_listed_unhealthy_while_the_process_stays_ready(
         assert relay.terminate() == 0
     failed = [line for line in actions(relay.log()) if line.get("action") == "poll_failed"]
     assert failed and all(line.get("route") == "shop-b" for line in failed), failed
+
+
+def test_twelve_routes_poll_in_parallel_on_one_sqlite_file(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    # The default of 8 polls at once, all writing to one SQLite file: WAL, busy_timeout
+    # and BEGIN IMMEDIATE keep "database is locked" from ever reaching a poll.
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    routes = {f"shop-{n:02d}": (f"shop-{n:02d}@shop.example", INBOX_ONE) for n in range(12)}
+    config = routes_file(
+        tmp_path, imap, smtp, database_url, ca_bundle(imap, smtp, smtp_ca, database_url), routes
+    )
+    made = {name: invoices(2, first=10_000 + 10 * n) for n, name in enumerate(routes)}
+    for name, (user, _) in routes.items():
+        deliver(imap, user, made[name])
+    port = free_port()
+    env = {**file_env(imap, smtp, config), "INVOICE_RELAY_HTTP_PORT": str(port)}
+    with running_relay(env, tmp_path / "run.log", port) as relay:
+        relay.wait_until(lambda: len(smtp.messages) == 24, 120, "every invoice forwarded")
+        relay.wait_until(partial(ready, port), 60, "every route healthy")
+        assert relay.terminate() == 0
+    lines = actions(relay.log())
+    assert not [line for line in lines if line.get("action") == "poll_failed"]
+    assert "database is locked" not in relay.log()
+    started = {str(line["route"]) for line in lines if line.get("action") == "poll_started"}
+    assert started == set(routes)
+    assert by_recipient(smtp.messages) == {
+        (INBOX_ONE, invoice.sha256): 1 for batch in made.values() for invoice in batch
+    }
