@@ -251,15 +251,34 @@ def percentile(values: Sequence[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
-def fire_delays(replicas: Sequence[Replica]) -> list[float]:
+def fire_delays(replicas: Sequence[Replica], since: datetime) -> list[float]:
+    """Fire time to poll start, for fire times after `since` (the replicas' start: the
+    start-up poll of a fire time before it is a catch-up, late on purpose)."""
     delays = []
     for replica in replicas:
         for line in replica.lines():
             if line.get("action") == "poll_started" and line.get("fire_time"):
                 started = datetime.fromisoformat(str(line["ts"]))
                 fire = datetime.fromisoformat(str(line["fire_time"]))
-                delays.append((started - fire).total_seconds())
+                if fire > since:
+                    delays.append((started - fire).total_seconds())
     return delays
+
+
+def poll_seconds(replicas: Sequence[Replica]) -> list[float]:
+    """Wall time of each poll: the pipeline's start to its end line, per mailbox."""
+    spans: list[float] = []
+    for replica in replicas:
+        begun: dict[str, datetime] = {}
+        for line in replica.lines():
+            if line.get("logger") != "worker.relay.pipeline" or "mailbox" not in line:
+                continue
+            mailbox, at = str(line["mailbox"]), datetime.fromisoformat(str(line["ts"]))
+            if line.get("action") == "poll_started":
+                begun[mailbox] = at
+            elif line.get("action") == "poll_finished" and mailbox in begun:
+                spans.append((at - begun.pop(mailbox)).total_seconds())
+    return spans
 
 
 def count_actions(replicas: Sequence[Replica], action: str) -> int:
@@ -277,6 +296,7 @@ def run_scale(scale: Scale, *, invoices_per_route: int) -> None:
     scale.say(f"{scale.routes} routes, {expected} invoices, schedule {scale.schedule}")
 
     started_cpu = time.monotonic()
+    started_at = datetime.now(UTC)
     for number in range(3):
         scale.start_replica(f"replica-{number + 1}", config)
     backfill = _wait("the backfill", lambda: scale.forwarded() >= expected, 1800, scale)
@@ -344,7 +364,7 @@ def run_scale(scale: Scale, *, invoices_per_route: int) -> None:
         f"logins per claimed fire time: {exact} of {len(ratios)} routes exactly 1, "
         f"max {max(ratios, default=0):.2f}, mean {statistics.fmean(ratios):.3f}"
     )
-    delays = fire_delays(scale.replicas)
+    delays = fire_delays(scale.replicas, started_at)
     scale.say(
         f"fire time to poll start: p50 {percentile(delays, 0.5):.2f} s, "
         f"p95 {percentile(delays, 0.95):.2f} s ({len(delays)} polls)"
@@ -357,20 +377,30 @@ def run_scale(scale: Scale, *, invoices_per_route: int) -> None:
             f"peak threads {replica.peak_threads}"
         )
     scale.say(f"PostgreSQL connections, peak: {scale.peak_connections}")
-    _estimate(scale, per_idle, per_invoice)
+    spans = poll_seconds(scale.replicas)
+    wall = statistics.fmean(spans) if spans else float("nan")
+    scale.say(
+        f"poll wall time: mean {wall:.3f} s, p95 {percentile(spans, 0.95):.3f} s "
+        f"({len(spans)} polls)"
+    )
+    _estimate(scale, per_idle, wall)
 
 
-def _estimate(scale: Scale, per_idle: float, per_invoice: float) -> None:
-    """What more routes need, from the measured per-poll cost (a `5m` schedule)."""
+def _estimate(scale: Scale, per_idle: float, wall: float) -> None:
+    """What more routes need on a `5m` schedule, from the measured costs: CPU per idle
+    poll, and polls in flight (wall time per poll; 8 at once per replica)."""
+    connections = scale.peak_connections / len(scale.replicas)
     for routes in (10_000, 100_000):
-        polls_per_second = routes / 300
-        cores = polls_per_second * per_idle
+        rate = routes / 300
+        cores = rate * per_idle
+        in_flight = rate * wall
+        replicas = max(1, -(-in_flight // 8), -(-cores // 0.8))
         scale.say(
-            f"estimate for {routes} routes on 5m: {polls_per_second:.0f} polls/s, "
-            f"{cores:.1f} cores of relay CPU for idle polls; at 8 polls and about 3 "
-            f"connections per replica, {max(1, round(cores / 0.8))} replicas"
+            f"estimate for {routes} routes on 5m: {rate:.0f} polls/s, {cores:.1f} cores of "
+            f"relay CPU, {in_flight:.1f} polls in flight: {replicas:.0f} replicas at 8 polls "
+            f"each and 0.8 core each, about {replicas * connections:.0f} PostgreSQL "
+            f"connections ({connections:.0f} per replica, as measured)"
         )
-    del per_invoice
 
 
 def _interval_seconds(schedule: str) -> float:
