@@ -82,6 +82,9 @@ def run_routes(deployment: Deployment) -> int:
                 http_port=process.http_port,
                 stop_event=stop,
                 side_servers=status_page(process, store, lambda: _poll_status(store)),
+                orphans=lambda: store.orphaned_destinations(
+                    [route.mailbox for route in deployment.routes]
+                ),
             )
             try:
                 return service.run()

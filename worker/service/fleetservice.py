@@ -67,6 +67,7 @@ class FleetService:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS,
         side_servers: tuple[SideServer, ...] = (),
         clock: Callable[[], datetime] = _utc_now,
+        orphans: Callable[[], list[tuple[str, int]]] | None = None,
     ) -> None:
         if not 0 <= http_port <= 65535:
             raise ValueError(f"http_port must be 0..65535, not {http_port}")
@@ -82,6 +83,8 @@ class FleetService:
         self._shutdown_timeout = shutdown_timeout
         self._side_servers = side_servers
         self._clock = clock
+        # Destinations with pending documents whose mailbox no route polls any more.
+        self._orphans = orphans
         self._running_since = clock()
         self._server: HealthServer | None = None
         self._signal: int | None = None
@@ -122,7 +125,15 @@ class FleetService:
             routes=routes,
         )
         if route is None:
-            return verdict, process_body(verdict, routes, states)
+            body = process_body(verdict, routes, states)
+            orphaned = self._orphaned() if database_error is None else []
+            if orphaned:
+                # Nobody will send these: said here, not a reason for a 503.
+                body["orphaned"] = [
+                    {"destination": destination, "pending": pending}
+                    for destination, pending in orphaned
+                ]
+            return verdict, body
         body = route_body(route, routes[route], states.get(route))
         local = self.fleet.snapshot()[route]
         body.update(pending=local.pending, failed=local.failed)
@@ -132,6 +143,14 @@ class FleetService:
             body["status"] = verdict.status.value
             body["reason"] = verdict.reason
         return verdict, body
+
+    def _orphaned(self) -> list[tuple[str, int]]:
+        if self._orphans is None:
+            return []
+        try:
+            return self._orphans()
+        except InfrastructureError:
+            return []
 
     def render_metrics(self) -> bytes:
         return self.fleet.metrics.render()

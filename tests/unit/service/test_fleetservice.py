@@ -73,6 +73,28 @@ def polled(route: str, *, age: float, ok: bool = True, owner: str = "replica-2")
     )
 
 
+def test_pending_documents_of_a_removed_route_are_listed_but_do_not_fail_the_probe(
+    rig: Rig,
+) -> None:
+    left: list[tuple[str, int]] = [("smtp:inbox-9@gmi.example", 3)]
+    service = FleetService(
+        fleet=rig.fleet,
+        polls=rig.store,
+        healthy_after=dict.fromkeys(NAMES, WINDOW),
+        http_port=0,
+        stop_event=threading.Event(),
+        clock=rig.clock.now,
+        orphans=lambda: left,
+    )
+    rig.fleet.start()
+    rig.store.states = {name: polled(name, age=60) for name in NAMES}
+    verdict, body = service.health()
+    assert verdict.status is HealthStatus.OK
+    assert body["orphaned"] == [{"destination": "smtp:inbox-9@gmi.example", "pending": 3}]
+    left.clear()
+    assert "orphaned" not in service.health()[1]
+
+
 def test_a_route_polled_by_another_replica_is_healthy_here(rig: Rig) -> None:
     rig.fleet.start()
     rig.store.states = {name: polled(name, age=60) for name in NAMES}
