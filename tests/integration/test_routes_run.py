@@ -10,7 +10,8 @@ from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
-from tests.integration.guarantee_tools import invoices
+from tests.integration.guarantee_tools import invoices, sql_rows
+from tests.integration.test_relay import run_relay
 from tests.integration.test_routes import (
     INBOX_ONE,
     INBOX_TWO,
@@ -199,3 +200,65 @@ def test_twelve_routes_poll_in_parallel_on_one_sqlite_file(
     assert by_recipient(smtp.messages) == {
         (INBOX_ONE, invoice.sha256): 1 for batch in made.values() for invoice in batch
     }
+
+
+def test_an_idle_route_is_watched_and_forwards_without_waiting_for_its_schedule(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    config = routes_file(
+        tmp_path,
+        imap,
+        smtp,
+        database_url,
+        ca_bundle(imap, smtp, smtp_ca, database_url),
+        {"shop-a": ROUTES["shop-a"], "shop-b": ROUTES["shop-b"]},
+    )
+    # A yearly schedule: after the start-up poll only IMAP IDLE can bring shop-a's mail.
+    text = config.read_text().replace("[defaults]", '[defaults]\nschedule = "0 0 1 1 *"')
+    config.write_text(text.replace('name = "shop-a"', 'name = "shop-a"\nidle = true'))
+    port = free_port()
+    env = {**file_env(imap, smtp, config), "INVOICE_RELAY_HTTP_PORT": str(port)}
+    with running_relay(env, tmp_path / "run.log", port) as relay:
+        relay.wait_until(partial(ready, port), 60, "both start-up polls recorded")
+        relay.wait_until(
+            lambda: any(
+                line.get("action") == "idle_started" or "IDLE" in str(line.get("message"))
+                for line in actions(relay.log())
+            ),
+            30,
+            "shop-a's IDLE watch",
+        )
+        late = invoices(1, first=9700)
+        deliver(imap, USERS["shop-a"], late)
+        relay.wait_until(lambda: len(smtp.messages) == 1, 30, "the announced mail forwarded")
+        assert relay.terminate() == 0
+    assert by_recipient(smtp.messages) == {(INBOX_ONE, late[0].sha256): 1}
+    watched = {
+        line.get("route") for line in actions(relay.log()) if "idle" in str(line.get("action"))
+    }
+    assert "shop-a" in watched and "shop-b" not in watched, watched
+
+
+def test_purge_deletes_a_removed_routes_rows_and_refuses_a_configured_one(
+    imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    bundle = ca_bundle(imap, smtp, smtp_ca, database_url)
+    both = {"shop-a": ROUTES["shop-a"], "shop-b": ROUTES["shop-b"]}
+    config = routes_file(tmp_path, imap, smtp, database_url, bundle, both)
+    deliver(imap, USERS["shop-a"], invoices(1, first=9800))
+    deliver(imap, USERS["shop-b"], invoices(2, first=9900))
+    env = file_env(imap, smtp, config)
+    assert run_relay(env, "once").returncode == 0
+
+    refused = run_relay(env, "purge", "--route", "shop-b")
+    assert refused.returncode == 2 and "still configured" in refused.stderr
+    routes_file(tmp_path, imap, smtp, database_url, bundle, {"shop-a": ROUTES["shop-a"]})
+    purged = run_relay(env, "purge", "--route", "shop-b")
+    assert purged.returncode == 0, purged.stderr
+    assert "deleted 2 sighting(s) and 2 document(s)" in purged.stdout
+    left = sql_rows(database_url, "SELECT route, count(*) AS n FROM audit_log GROUP BY route")
+    assert left == [{"route": "shop-a", "n": 1}]
+    again = run_relay(env, "purge", "--route", "shop-b")
+    assert again.returncode == 1 and "nothing recorded" in again.stdout

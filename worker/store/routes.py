@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from worker.models import DocumentState, PurgeCounts, RoutePollState, SightingKind
 from worker.store.engine import SqlBase
 from worker.store.schema import (
+    delivery_attempts,
     document_contents,
     documents,
     mail_actions,
@@ -159,7 +160,7 @@ class RouteRows(SqlBase):
 
     def purge(self, mailbox: str, *, before: datetime | None = None) -> PurgeCounts:
         """Delete the sightings of one mailbox folder (received before `before`, when
-        given) and the documents they introduced, with their PDFs and notice marks;
+        given) and the documents they introduced, with their PDFs, attempts and notice marks;
         without `before`, the folder's poll position and poll lease too. In one
         transaction.
 
@@ -187,7 +188,7 @@ class RouteRows(SqlBase):
             counts = {"sightings": connection.execute(sa.delete(sightings).where(doomed)).rowcount}
             deleted_documents = 0
             for chunk in _chunks(removed):
-                for table in (notified_documents, document_contents):
+                for table in (notified_documents, document_contents, delivery_attempts):
                     connection.execute(sa.delete(table).where(table.c.document_id.in_(chunk)))
                 deleted_documents += connection.execute(
                     sa.delete(documents).where(documents.c.id.in_(chunk))
