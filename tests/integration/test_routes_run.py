@@ -262,3 +262,9 @@ def test_purge_deletes_a_removed_routes_rows_and_refuses_a_configured_one(
     assert left == [{"route": "shop-a", "n": 1}]
     again = run_relay(env, "purge", "--route", "shop-b")
     assert again.returncode == 1 and "nothing recorded" in again.stdout
+    # Renamed: shop-a's folder is now shop-alpha's. Purging the old name leaves the
+    # live route's rows alone (it would read its folder again and resend everything).
+    routes_file(tmp_path, imap, smtp, database_url, bundle, {"shop-alpha": ROUTES["shop-a"]})
+    renamed = run_relay(env, "purge", "--route", "shop-a")
+    assert "left alone, route shop-alpha polls it" in renamed.stdout, renamed.stdout
+    assert sql_rows(database_url, "SELECT count(*) AS n FROM audit_log") == [{"n": 1}]

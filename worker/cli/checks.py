@@ -315,8 +315,12 @@ def check_routes(
 
 def _check_orphans(deployment: Deployment, out: TextIO) -> int:
     """Pending documents whose route was removed: nobody will deliver them."""
+    path = deployment.process.sqlite_path()
+    url = deployment.process.database_url.reveal()
     try:
-        store = SqlStore(deployment.process.database_url.reveal())
+        if (path is not None and not path.exists()) or not migrate.is_up_to_date(url):
+            return 0  # no data yet (a check creates nothing): the database check says so
+        store = SqlStore(url)
     except RelayError:
         return 0  # the database check of each route said why already
     try:

@@ -6,6 +6,7 @@ Without a file the environment's one route runs as before (worker.cli.serve)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from contextlib import ExitStack
@@ -17,8 +18,9 @@ from worker.cli.serve import run_service, status_page, store_with_backoff
 from worker.cli.wiring import imap_mailbox, logins, pdf_inspector
 from worker.config.routes import Deployment, Route
 from worker.config.schedule import interval_hint, parse_schedule
+from worker.errors import RelayError
 from worker.logs import route_context
-from worker.models import PollReport, PollStatus
+from worker.models import DeliveryKind, PollReport, PollStatus
 from worker.pdf.pool import PdfInspector
 from worker.relay.lease import LEASE_SECONDS
 from worker.service.fleet import Fleet, RouteSchedule
@@ -51,14 +53,14 @@ def run_routes(deployment: Deployment) -> int:
         store = store_with_backoff(process, stop)
         if store is None:
             return 0
-        inspector = pdf_inspector(process)
-        inspector.prestart()
+        inspectors = Inspectors()
+        inspectors.of(deployment.routes[0]).prestart()  # warm before the first mail
         try:
             owner = closing.enter_context(leases(store))
             closing.enter_context(
                 exit_within(stop, on_expiry=lambda: release_leases(store, owner), exit_code=0)
             )
-            polls = RoutePolls(deployment, store, owner=owner, stop=stop, inspector=inspector)
+            polls = RoutePolls(deployment, store, owner=owner, stop=stop, inspectors=inspectors)
             specs = {
                 route.name: parse_schedule(route.settings.schedule, route.settings.timezone)
                 for route in deployment.routes
@@ -92,8 +94,39 @@ def run_routes(deployment: Deployment) -> int:
                 polls.end_watches()
         finally:
             closing.close()
-            inspector.close()
+            inspectors.close()
             store.close()
+
+
+class Inspectors:
+    """The warm PDF pools of `run`: one per distinct way of reading PDFs (the invoice
+    number's pattern, and the credit-note pattern of API routes), not one per route. A
+    file whose routes all read PDFs alike has one."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str | None, str | None], PdfInspector] = {}
+        self._lock = threading.Lock()
+
+    def of(self, route: Route) -> PdfInspector:
+        settings = route.settings
+        key = (
+            settings.invoice_number_pattern,
+            # as worker.cli.wiring.pdf_inspector: only the API files credit notes apart
+            settings.gmi_credit_note_pattern
+            if settings.delivery is DeliveryKind.GETMYINVOICES
+            else None,
+        )
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                self._pools[key] = pool = pdf_inspector(settings)
+            return pool
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
 
 
 class RoutePolls:
@@ -107,13 +140,13 @@ class RoutePolls:
         *,
         owner: str,
         stop: threading.Event,
-        inspector: PdfInspector,
+        inspectors: Inspectors,
     ) -> None:
         self._routes = {route.name: route for route in deployment.routes}
         self._store = store
         self._owner = owner
         self._stop = stop
-        self._inspector = inspector
+        self._inspectors = inspectors
         self._destinations = Destinations(store)
         self._watches: dict[str, threading.Event] = {}
         self._again: set[str] = set()  # routes with a poll asked for after a held lease
@@ -132,7 +165,7 @@ class RoutePolls:
                 route=name,
                 destination_name=self._destinations.of(route),
                 stop=self._stop,
-                inspector=self._inspector,
+                inspector=self._inspectors.of(route),
             )
         if report.locked:
             self._ask_again(name)
@@ -162,36 +195,49 @@ class RoutePolls:
     def _keep_watch(self, route: Route) -> None:
         """One replica watches a route with IDLE: the one holding its `idle:` lease,
         renewed by this process's heartbeat. Checked at each of the route's fire times,
-        so a dead watcher's route is taken over within one interval after its lease."""
-        lease = f"idle:{route.mailbox}"
+        so a dead watcher's route is taken over within one interval after its lease.
+        Never fails the poll that called it: a database error leaves it to the next."""
         with self._lock:
             watching = self._watches.get(route.name)
-            if watching is None and len(self._watches) >= MAX_IDLE_WATCHES:
-                return
-        held = self._store.take_poll_lease(lease, owner=self._owner, lease_seconds=LEASE_SECONDS)
-        if watching is not None:
-            if not held:  # frozen past the lease: another replica watches now
-                watching.set()
-                with self._lock:
-                    self._watches.pop(route.name, None)
-                log.warning(
-                    "another replica took over the IDLE watch",
-                    extra={"action": "idle_lost", "route": route.name},
-                )
+            if watching is None:
+                if len(self._watches) >= MAX_IDLE_WATCHES:
+                    return
+                # The slot is reserved before the lease is asked for: parallel polls
+                # must not pass the cap together.
+                watching = self._watches[route.name] = threading.Event()
+                fresh = True
+            else:
+                fresh = False
+        try:
+            held = self._store.take_poll_lease(
+                f"idle:{route.mailbox}", owner=self._owner, lease_seconds=LEASE_SECONDS
+            )
+        except RelayError as exc:
+            log.warning(
+                "the IDLE lease could not be checked: %s",
+                exc,
+                extra={"action": "idle_lease_unknown", "route": route.name},
+            )
+            held = not fresh  # a running watch goes on; a new one waits
+        if held and fresh:
+            threading.Thread(
+                target=self._watch,
+                args=(route, watching),
+                name=f"invoice-relay-idle-{route.name}",
+                daemon=True,
+            ).start()
             return
-        if not held:
+        if held:
             return
-        from worker.service.idle import IdleWatcher
-
-        ended = threading.Event()
+        watching.set()
         with self._lock:
-            self._watches[route.name] = ended
-        threading.Thread(
-            target=self._watch,
-            args=(route, ended, IdleWatcher),
-            name=f"invoice-relay-idle-{route.name}",
-            daemon=True,
-        ).start()
+            if self._watches.get(route.name) is watching:
+                del self._watches[route.name]
+        if not fresh:  # frozen past the lease: another replica watches now
+            log.warning(
+                "another replica took over the IDLE watch",
+                extra={"action": "idle_lost", "route": route.name},
+            )
 
     def end_watches(self) -> None:
         """The service stops: every IDLE watch ends (and hands its lease back)."""
@@ -199,17 +245,25 @@ class RoutePolls:
             for ended in self._watches.values():
                 ended.set()
 
-    def _watch(self, route: Route, ended: threading.Event, watcher: type) -> None:
-        stop = ended
+    def _watch(self, route: Route, ended: threading.Event) -> None:
+        from worker.service.idle import IdleWatcher
+
         try:
             with route_context(route.name), logins(route.settings, self._store) as made:
                 mailbox = imap_mailbox(route.settings, made, for_idle=True)
                 fleet = self.fleet
-                if fleet is None:
-                    return
-                watcher(
-                    mailbox=mailbox, on_new_mail=lambda: fleet.poll_now(route.name), stop=stop
-                ).run()
+                if fleet is not None:
+                    IdleWatcher(
+                        mailbox=mailbox,
+                        on_new_mail=lambda: fleet.poll_now(route.name),
+                        stop=ended,
+                    ).run()
+        except RelayError as exc:
+            log.warning(
+                "the IDLE watch ended: %s; the schedule goes on polling",
+                exc,
+                extra={"action": "idle_failed", "route": route.name},
+            )
         except Exception:
             log.exception(
                 "the IDLE watch ended", extra={"action": "idle_failed", "route": route.name}
@@ -217,8 +271,9 @@ class RoutePolls:
         finally:
             with self._lock:
                 if self._watches.get(route.name) is ended:
-                    self._watches.pop(route.name, None)
-            self._store.end_poll_lease(f"idle:{route.mailbox}", owner=self._owner)
+                    del self._watches[route.name]
+            with contextlib.suppress(RelayError):  # else it expires within a lease
+                self._store.end_poll_lease(f"idle:{route.mailbox}", owner=self._owner)
 
 
 def _poll_status(store: SqlStore) -> PollStatus:

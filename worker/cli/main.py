@@ -18,14 +18,17 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TextIO
 
 from worker.cli import audit, checks
-from worker.config.routes import DEFAULT_ROUTE, Deployment, Route, load_deployment
-from worker.config.settings import Settings, database_url_from_env
-from worker.errors import ConfigError, ConfigProblems, InfrastructureError, RelayError
-from worker.logs import configure_logging, register_secret, register_secrets
+from worker.cli.admin import load_logged, maintain
+from worker.config.routes import Deployment, Route
+from worker.errors import (
+    ConfigError,
+    ConfigProblems,
+    DestinationAmbiguous,
+    InfrastructureError,
+    RelayError,
+)
+from worker.logs import configure_logging
 from worker.models import (
-    AuditFilter,
-    DeliveryKind,
-    DocumentScope,
     Outcome,
     PollReport,
     SightingKind,
@@ -157,6 +160,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigError as exc:
         _fail(f"configuration error: {exc.variable}: {exc.problem}")
         return EXIT_USAGE
+    except DestinationAmbiguous as exc:  # a usage error: say which (--route, --destination)
+        _fail(str(exc))
+        return EXIT_USAGE
     except InfrastructureError as exc:
         _fail(str(exc))
         return EXIT_UNAVAILABLE
@@ -171,30 +177,6 @@ def _fail(line: str) -> None:
     print(f"invoice-relay: {line}", file=sys.stderr)
 
 
-def _deployment(environ: Mapping[str, str]) -> Deployment:
-    # Lines logged while the file is read (a process setting overridden) need a handler
-    # before the file says which format; the file's choice replaces it below.
-    configure_logging("text" if sys.stderr.isatty() else "json")
-    deployment = load_deployment(environ, stderr_is_tty=sys.stderr.isatty())
-    configure_logging(deployment.process.log_format)
-    for route in deployment.routes:
-        register_secrets(route.settings.secret_values())
-    for name in deployment.process.unknown_variables:
-        log.warning("unknown setting %s ignored (a typo?)", name, extra={"action": "config"})
-    return deployment
-
-
-def _database_url(environ: Mapping[str, str]) -> str:
-    """The database of the maintenance commands: from the routes file's `[relay]` when
-    there is one (the environment overrides it), else from the environment."""
-    if environ.get("INVOICE_RELAY_CONFIG", "").strip():
-        url = load_deployment(environ, stderr_is_tty=sys.stderr.isatty()).process.database_url
-    else:
-        url = database_url_from_env(environ)
-    register_secret(url.reveal())
-    return url.reveal()
-
-
 def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from worker.cli import maintenance  # heavy: only when a command runs
 
@@ -203,8 +185,8 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return maintenance.healthcheck(environ, ready=args.ready)
     if command in ("audit", "db", "retry", "resend", "purge"):
         configure_logging("text" if sys.stderr.isatty() else "json", level=logging.WARNING)
-        return _maintain(args, environ)
-    deployment = _deployment(environ)
+        return maintain(args, environ)
+    deployment = load_logged(environ)
     if command == "oauth":
         return _oauth(args, deployment)
     routes = deployment.select(getattr(args, "route", None))
@@ -217,83 +199,6 @@ def _dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.dry_run:
         return _dry_run(routes)
     return _once(deployment, routes)
-
-
-def _maintain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from worker.cli import maintenance
-
-    command: str = args.command
-    url = _database_url(environ)
-    if command == "audit":
-        query = AuditFilter(
-            since=args.since,
-            outcomes=tuple(Outcome(o) for o in args.outcome or ()),
-            invoice_number=args.invoice,
-            route=args.route,
-            limit=args.limit,
-        )
-        rows = maintenance.audit_rows(url, query)
-        sys.stdout.write(audit.FORMATTERS[args.format](rows))
-        return EXIT_OK
-    if command == "db":
-        maintenance.upgrade(url)
-        print("database is up to date")
-        return EXIT_OK
-    if command == "purge":
-        configured = _configured_routes(environ)
-        if args.route in configured:
-            raise ConfigError(
-                "route",
-                f"{args.route} is still configured; remove it from the routes file first",
-            )
-        purged = maintenance.purge(url, args.route, before=args.before)
-        if not purged:
-            print(f"route {args.route}: nothing recorded under that name")
-            return EXIT_UNAVAILABLE
-        for mailbox, counts in purged:
-            print(f"route {args.route}, {mailbox}: {counts.describe()}")
-        return EXIT_OK
-    scope = DocumentScope(route=args.route, destination=args.destination)
-    if command == "retry":
-        count = maintenance.retry(url, None if args.all else args.sha256, scope=scope)
-        print(f"{count} document(s) queued again")
-        return EXIT_OK if count or args.all else EXIT_UNAVAILABLE
-    settings = _resend_settings(environ, scope)
-    if settings is not None:
-        queued, said = maintenance.resend_through_api(settings, args.sha256, scope=scope)
-        print(said)
-        return EXIT_OK if queued else EXIT_UNAVAILABLE
-    queued = maintenance.resend(url, args.sha256, scope=scope)
-    print(
-        "queued for a deliberate resend"
-        if queued
-        else "no forwarded document with "
-        "that SHA-256 whose bytes are kept (INVOICE_RELAY_KEEP_PDFS)"
-    )
-    return EXIT_OK if queued else EXIT_UNAVAILABLE
-
-
-def _configured_routes(environ: Mapping[str, str]) -> frozenset[str]:
-    if not environ.get("INVOICE_RELAY_CONFIG", "").strip():
-        return frozenset({DEFAULT_ROUTE})
-    deployment = load_deployment(environ, stderr_is_tty=sys.stderr.isatty())
-    return frozenset(route.name for route in deployment.routes)
-
-
-def _resend_settings(environ: Mapping[str, str], scope: DocumentScope) -> Settings | None:
-    """The settings of the API route a resend goes through; None: by mail (no API call)."""
-    if environ.get("INVOICE_RELAY_CONFIG", "").strip():
-        deployment = _deployment(environ)
-        candidates = (
-            deployment.select(scope.route) if scope.route is not None else deployment.routes
-        )
-        api = [r for r in candidates if r.settings.delivery is DeliveryKind.GETMYINVOICES]
-        if scope.destination is not None:
-            api = [r for r in api if r.destination in (None, scope.destination)]
-        return api[0].settings if api else None
-    if environ.get("INVOICE_RELAY_DELIVERY", "").strip().lower() == "getmyinvoices":
-        return _deployment(environ).process
-    return None
 
 
 def _oauth(args: argparse.Namespace, deployment: Deployment) -> int:
@@ -316,7 +221,9 @@ def _dry_run(routes: Sequence[Route]) -> int:
     from worker.cli import polling
 
     for route in routes:
-        planned = polling.dry_run(route.settings)
+        planned = polling.dry_run(
+            route.settings, route=route.name, destination_name=route.destination
+        )
         prefix = "" if len(routes) == 1 else f"route {route.name}: "
         for item in planned:
             verb = "would forward" if item.kind is SightingKind.DOCUMENT else item.kind.value

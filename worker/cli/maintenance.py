@@ -3,7 +3,7 @@ the container's healthcheck."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 
 from worker.cli.wiring import gmi_destination, prepared_store
@@ -83,15 +83,37 @@ def resend(url: str, sha256: str, *, scope: DocumentScope = _EVERYWHERE) -> bool
         store.close()
 
 
-def purge(url: str, route: str, *, before: datetime | None) -> list[tuple[str, PurgeCounts]]:
+def purge(
+    url: str, route: str, *, before: datetime | None, keep: Collection[str] = ()
+) -> list[tuple[str, PurgeCounts]]:
     """Delete a removed route's sightings and the documents its mail introduced, folder
-    by folder (each in one transaction); empty when the route left no rows."""
+    by folder (each in one transaction), except the folders in `keep` (polled by a
+    configured route); empty when nothing was purged."""
     store = _existing_database(url)
     try:
         return [
             (mailbox, store.purge(mailbox, before=before))
             for mailbox in store.route_mailboxes(route)
+            if mailbox not in keep
         ]
+    finally:
+        store.close()
+
+
+def document_mailboxes(url: str, sha256: str, *, scope: DocumentScope) -> list[str]:
+    """The folders whose mail introduced the documents with this SHA-256 (in `scope`)."""
+    store = _existing_database(url)
+    try:
+        return store.document_mailboxes(sha256, route=scope.route, destination=scope.destination)
+    finally:
+        store.close()
+
+
+def route_folders(url: str, route: str) -> list[str]:
+    """The mailbox folders whose rows `route` recorded."""
+    store = _existing_database(url)
+    try:
+        return store.route_mailboxes(route)
     finally:
         store.close()
 

@@ -275,7 +275,9 @@ def once(settings: Settings, *, progress: Callable[[str], None] | None = None) -
             store.close()
 
 
-def dry_run(settings: Settings) -> list[PlannedSighting]:
+def dry_run(
+    settings: Settings, *, route: str = DEFAULT_ROUTE, destination_name: str | None = None
+) -> list[PlannedSighting]:
     """What `once` would record now. Writes nothing: on a database that was never
     migrated, an empty in-memory one stands in for it."""
     url = settings.database_url.reveal()
@@ -299,9 +301,18 @@ def dry_run(settings: Settings) -> list[PlannedSighting]:
         create_schema(store.engine)
     try:
         # An owner that holds no lease: were a dry run ever to write, it would be refused.
+        if destination_name is None and settings.delivery is DeliveryKind.GETMYINVOICES:
+            destination_name = account_destination(settings, store)  # GET /account only
         with (
             logins(settings, store) as made,
-            _pipeline(settings, store, made, owner=new_owner()) as pipeline,
+            _pipeline(
+                settings,
+                store,
+                made,
+                owner=new_owner(),
+                route=route,
+                destination_name=destination_name,
+            ) as pipeline,
         ):
             return pipeline.plan()
     finally:

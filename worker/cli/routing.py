@@ -132,4 +132,9 @@ def _one(
             extra={"action": "poll_failed", "route": route.name},
         )
         return RouteOutcome(route=route.name, error=str(exc))
+    except Exception:
+        log.exception(
+            "poll failed unexpectedly", extra={"action": "poll_failed", "route": route.name}
+        )
+        return RouteOutcome(route=route.name, error="unexpected error (see the log)")
     return RouteOutcome(route=route.name, report=report)

@@ -14,7 +14,7 @@ from worker.config.environment import Secret
 from worker.config.settings import Settings
 from worker.delivery.getmyinvoices import GmiDestination
 from worker.delivery.smtp import SmtpOutbox
-from worker.errors import ConfigError, StoreError
+from worker.errors import ConfigError, DeliveryRefused, DeliveryUnavailable, StoreError
 from worker.faults import Checkpoint, no_checkpoint
 from worker.imap.mailbox import ImapMailbox
 from worker.mail.trust import TrustPolicy
@@ -199,6 +199,8 @@ def account_destination(settings: Settings, store: SqlStore) -> str:
     try:
         api.open()
         return api.destination_name
+    except DeliveryRefused as exc:  # a timeout or a refusal of GET /account: an outage
+        raise DeliveryUnavailable(str(exc)) from exc
     finally:
         api.close()
 

@@ -62,6 +62,22 @@ def _narrowed(
 class AdminQueries(SqlBase):
     """The queries of `worker.relay.ports.AdminStore` and the counts of `AuditReader`."""
 
+    def document_mailboxes(
+        self, sha256: str, *, route: str | None = None, destination: str | None = None
+    ) -> list[str]:
+        """The mailbox folders whose mail introduced the documents meant (whose route
+        delivers them); raises `DestinationAmbiguous` as `requeue` does."""
+        with self._read() as connection:
+            conditions = _narrowed(connection, sha256, route, destination)
+            return list(
+                connection.execute(
+                    sa.select(documents.c.mailbox)
+                    .distinct()
+                    .where(*conditions, documents.c.mailbox.is_not(None))
+                    .order_by(documents.c.mailbox)
+                ).scalars()
+            )
+
     def requeue(
         self,
         *,

@@ -11,7 +11,13 @@ from typing import Final
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from worker.models import DocumentState, PurgeCounts, RoutePollState, SightingKind
+from worker.models import (
+    DEFAULT_ROUTE,
+    DocumentState,
+    PurgeCounts,
+    RoutePollState,
+    SightingKind,
+)
 from worker.store.engine import SqlBase
 from worker.store.schema import (
     delivery_attempts,
@@ -136,7 +142,7 @@ class RouteRows(SqlBase):
                 connection.execute(
                     sa.select(sightings.c.mailbox)
                     .distinct()
-                    .where(sightings.c.route == route)
+                    .where(sa.func.coalesce(sightings.c.route, DEFAULT_ROUTE) == route)
                     .order_by(sightings.c.mailbox)
                 ).scalars()
             )
