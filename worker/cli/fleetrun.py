@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Mapping
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from typing import Protocol
 
 from worker.cli.polling import leases, poll_once, release_leases
 from worker.cli.routing import Destinations
@@ -20,10 +22,11 @@ from worker.config.routes import Deployment, Route
 from worker.config.schedule import interval_hint, parse_schedule
 from worker.errors import RelayError
 from worker.logs import route_context
-from worker.models import DeliveryKind, PollReport, PollStatus
+from worker.models import DeliveryKind, PollReport, PollStatus, RoutePollState
 from worker.pdf.pool import PdfInspector
 from worker.relay.lease import LEASE_SECONDS
 from worker.service.fleet import Fleet, RouteSchedule
+from worker.service.routepoll import RouteOutcome
 from worker.store.sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,7 @@ def run_routes(deployment: Deployment) -> int:
                 },
                 http_port=process.http_port,
                 stop_event=stop,
-                side_servers=status_page(process, store, lambda: _poll_status(store)),
+                side_servers=status_page(process, store, lambda: poll_status(store, fleet)),
                 orphans=lambda: store.orphaned_destinations(
                     [route.mailbox for route in deployment.routes]
                 ),
@@ -276,9 +279,11 @@ class RoutePolls:
                 self._store.end_poll_lease(f"idle:{route.mailbox}", owner=self._owner)
 
 
-def _poll_status(store: SqlStore) -> PollStatus:
-    """The status page's overview line: the latest poll of any route, by any replica."""
-    states = store.route_polls().values()
+def poll_status(polls: RoutePollsReader, fleet: FireTimes) -> PollStatus:
+    """The status page's overview line: the latest poll of any route, by any replica,
+    and the soonest next fire time of this replica's routes."""
+    states = polls.route_polls().values()
+    upcoming = [o.next_fire_at for o in fleet.snapshot().values() if o.next_fire_at]
     finished = [state.last_finished_at for state in states if state.last_finished_at]
     success = [state.last_success_at for state in states if state.last_success_at]
     errors = [state for state in states if state.last_error and state.last_finished_at]
@@ -288,4 +293,13 @@ def _poll_status(store: SqlStore) -> PollStatus:
         last_success_at=max(success, default=None),
         last_error=latest.last_error if latest else None,
         last_error_at=latest.last_finished_at if latest else None,
+        next_poll_at=min(upcoming, default=None),
     )
+
+
+class RoutePollsReader(Protocol):
+    def route_polls(self) -> Mapping[str, RoutePollState]: ...
+
+
+class FireTimes(Protocol):
+    def snapshot(self) -> Mapping[str, RouteOutcome]: ...
