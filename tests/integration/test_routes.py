@@ -61,6 +61,19 @@ def routes_file(  # noqa: PLR0917 - the servers and the routes, as a test sets t
     return path
 
 
+def sqlite_routes(
+    tmp_path: Path,
+    imap: DovecotServer,
+    smtp: SmtpSink,
+    smtp_ca: TestCA,
+    routes: Mapping[str, tuple[str, str]],
+) -> tuple[str, Path]:
+    """A SQLite database in `tmp_path` and a routes file for it: (its URL, the file)."""
+    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
+    bundle = ca_bundle(imap, smtp, smtp_ca, database_url)
+    return database_url, routes_file(tmp_path, imap, smtp, database_url, bundle, routes)
+
+
 def file_env(imap: DovecotServer, smtp: SmtpSink, config: Path) -> dict[str, str]:
     """Nothing but the routes file: every route setting comes from it."""
     del smtp
@@ -92,13 +105,11 @@ def deliver(imap: DovecotServer, user: str, made: Sequence[Invoice]) -> None:
 def test_routes_cross_destinations_and_dedupe_per_destination(
     imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
-    config = routes_file(
+    database_url, config = sqlite_routes(
         tmp_path,
         imap,
         smtp,
-        database_url,
-        ca_bundle(imap, smtp, smtp_ca, database_url),
+        smtp_ca,
         {
             "shop-a": (USERS["shop-a"], INBOX_ONE),
             "shop-b": (USERS["shop-b"], INBOX_ONE),  # the same destination as shop-a
@@ -144,13 +155,11 @@ def test_routes_cross_destinations_and_dedupe_per_destination(
 def test_a_failing_route_does_not_stop_the_others(
     imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
-    config = routes_file(
+    _database_url, config = sqlite_routes(
         tmp_path,
         imap,
         smtp,
-        database_url,
-        ca_bundle(imap, smtp, smtp_ca, database_url),
+        smtp_ca,
         {"shop-a": (USERS["shop-a"], INBOX_ONE), "shop-b": (USERS["shop-b"], INBOX_TWO)},
     )
     text = config.read_text().replace(
@@ -175,13 +184,11 @@ def test_a_failing_route_does_not_stop_the_others(
 def test_configuration_errors_name_each_route(
     imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
-    config = routes_file(
+    _database_url, config = sqlite_routes(
         tmp_path,
         imap,
         smtp,
-        database_url,
-        ca_bundle(imap, smtp, smtp_ca, database_url),
+        smtp_ca,
         {"shop-a": (USERS["shop-a"], INBOX_ONE), "shop-b": (USERS["shop-a"], INBOX_TWO)},
     )
     config.write_text(config.read_text() + "imap_prot = 993\n")  # a typo, in shop-b
@@ -281,13 +288,11 @@ def test_two_replicas_of_once_on_postgresql_poll_three_routes(
 def test_resend_names_the_destination_when_a_pdf_went_to_two(
     imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path, scope: list[str]
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
-    config = routes_file(
+    _database_url, config = sqlite_routes(
         tmp_path,
         imap,
         smtp,
-        database_url,
-        ca_bundle(imap, smtp, smtp_ca, database_url),
+        smtp_ca,
         {"shop-a": (USERS["shop-a"], INBOX_ONE), "shop-c": (USERS["shop-c"], INBOX_TWO)},
     )
     config.write_text(config.read_text().replace("[defaults]", "[defaults]\nkeep_pdfs = true"))

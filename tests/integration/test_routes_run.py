@@ -21,6 +21,7 @@ from tests.integration.test_routes import (
     deliver,
     file_env,
     routes_file,
+    sqlite_routes,
 )
 from tests.integration.test_service_run import free_port, get, running_relay, samples_of
 from tests.servers.dovecot import DovecotServer
@@ -131,13 +132,11 @@ def test_two_replicas_of_run_poll_each_route_once_per_fire_time(
 def test_a_broken_route_is_listed_unhealthy_while_the_process_stays_ready(
     imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
-    config = routes_file(
+    _database_url, config = sqlite_routes(
         tmp_path,
         imap,
         smtp,
-        database_url,
-        ca_bundle(imap, smtp, smtp_ca, database_url),
+        smtp_ca,
         {"shop-a": ROUTES["shop-a"], "shop-b": ROUTES["shop-b"]},
     )
     (tmp_path / "wrong-password").write_text("not-the-password\n")
@@ -205,13 +204,11 @@ def test_twelve_routes_poll_in_parallel_on_one_sqlite_file(
 def test_an_idle_route_is_watched_and_forwards_without_waiting_for_its_schedule(
     imap: DovecotServer, smtp: SmtpSink, smtp_ca: TestCA, tmp_path: Path
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'relay.db'}"
-    config = routes_file(
+    _database_url, config = sqlite_routes(
         tmp_path,
         imap,
         smtp,
-        database_url,
-        ca_bundle(imap, smtp, smtp_ca, database_url),
+        smtp_ca,
         {"shop-a": ROUTES["shop-a"], "shop-b": ROUTES["shop-b"]},
     )
     # A yearly schedule: after the start-up poll only IMAP IDLE can bring shop-a's mail.

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 
 from worker.cli import audit
-from worker.config.routes import Deployment, Route, load_deployment
+from worker.config.routes import Deployment, load_deployment
 from worker.config.settings import Settings, database_url_from_env
 from worker.errors import ConfigError
 from worker.logs import configure_logging, register_secret, register_secrets
@@ -33,22 +33,27 @@ def load_logged(environ: Mapping[str, str]) -> Deployment:
     return deployment
 
 
-def _database_url(environ: Mapping[str, str]) -> str:
-    """The database of the maintenance commands: from the routes file's `[relay]` when
-    there is one (the environment overrides it), else from the environment."""
+def _database(environ: Mapping[str, str]) -> tuple[str, Deployment | None]:
+    """The database of the maintenance commands, and the routes file's deployment when
+    there is one (read once): its `[relay]` names the database (the environment
+    overrides it); without a file, the environment alone."""
+    deployment: Deployment | None = None
     if environ.get("INVOICE_RELAY_CONFIG", "").strip():
-        url = load_deployment(environ, stderr_is_tty=sys.stderr.isatty()).process.database_url
+        deployment = load_deployment(environ, stderr_is_tty=sys.stderr.isatty())
+        for route in deployment.routes:
+            register_secrets(route.settings.secret_values())
+        url = deployment.process.database_url
     else:
         url = database_url_from_env(environ)
     register_secret(url.reveal())
-    return url.reveal()
+    return url.reveal(), deployment
 
 
 def maintain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from worker.cli import maintenance
 
     command: str = args.command
-    url = _database_url(environ)
+    url, deployment = _database(environ)
     if command == "audit":
         query = AuditFilter(
             since=args.since,
@@ -65,7 +70,9 @@ def maintain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print("database is up to date")
         return EXIT_OK
     if command == "purge":
-        configured = _configured_routes(environ)
+        # Without a file, the environment's one route (its folder is needed below).
+        current = deployment or load_deployment(environ, stderr_is_tty=sys.stderr.isatty())
+        configured = {route.name: route for route in current.routes}
         if args.route in configured:
             raise ConfigError(
                 "route",
@@ -74,24 +81,24 @@ def maintain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         # A renamed route, or the environment's one moved into a file, polls the same
         # folder under a new name: that folder's rows are the live route's, not purged.
         polled = {route.mailbox: name for name, route in configured.items()}
-        purged = maintenance.purge(url, args.route, before=args.before, keep=polled)
-        for mailbox in maintenance.route_folders(url, args.route):
-            if mailbox in polled:
-                print(
-                    f"route {args.route}, {mailbox}: left alone, route {polled[mailbox]} polls it"
-                )
-        if not purged:
+        folders = maintenance.purge(url, args.route, before=args.before, keep=polled)
+        for mailbox, counts in folders:
+            said = (
+                counts.describe()
+                if counts is not None
+                else f"left alone, route {polled[mailbox]} polls it"
+            )
+            print(f"route {args.route}, {mailbox}: {said}")
+        if not any(counts is not None for _, counts in folders):
             print(f"route {args.route}: nothing recorded under that name")
             return EXIT_UNAVAILABLE
-        for mailbox, counts in purged:
-            print(f"route {args.route}, {mailbox}: {counts.describe()}")
         return EXIT_OK
     scope = DocumentScope(route=args.route, destination=args.destination)
     if command == "retry":
         count = maintenance.retry(url, None if args.all else args.sha256, scope=scope)
         print(f"{count} document(s) queued again")
         return EXIT_OK if count or args.all else EXIT_UNAVAILABLE
-    settings = _resend_settings(environ, args.sha256, scope)
+    settings = _resend_settings(environ, deployment, url, args.sha256, scope)
     if settings is not None:
         queued, said = maintenance.resend_through_api(settings, args.sha256, scope=scope)
         print(said)
@@ -106,25 +113,20 @@ def maintain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return EXIT_OK if queued else EXIT_UNAVAILABLE
 
 
-def _configured_routes(environ: Mapping[str, str]) -> dict[str, Route]:
-    """The routes the configuration names now (the environment's one, or the file's)."""
-    deployment = load_deployment(environ, stderr_is_tty=sys.stderr.isatty())
-    return {route.name: route for route in deployment.routes}
-
-
 def _resend_settings(
-    environ: Mapping[str, str], sha256: str, scope: DocumentScope
+    environ: Mapping[str, str],
+    deployment: Deployment | None,
+    url: str,
+    sha256: str,
+    scope: DocumentScope,
 ) -> Settings | None:
     """The settings of the API route a resend goes through; None: by mail (no API call)."""
-    if environ.get("INVOICE_RELAY_CONFIG", "").strip():
+    if deployment is not None:
         from worker.cli import maintenance
 
         # The route that delivers the document: the one polling the folder whose mail
         # introduced it. Only its own API account can say whether it holds the PDF.
-        deployment = load_logged(environ)
-        folders = maintenance.document_mailboxes(
-            deployment.process.database_url.reveal(), sha256, scope=scope
-        )
+        folders = maintenance.document_mailboxes(url, sha256, scope=scope)
         owners = [route for route in deployment.routes if route.mailbox in folders]
         if len(owners) != 1:
             return None  # no such document, or by mail: the store answers below

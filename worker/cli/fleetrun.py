@@ -14,18 +14,19 @@ from contextlib import ExitStack
 from datetime import UTC, datetime
 from typing import Protocol
 
-from worker.cli.polling import leases, poll_once, release_leases
-from worker.cli.routing import Destinations
+from worker.cli.polling import leases, release_leases
+from worker.cli.routing import Destinations, poll_route
 from worker.cli.serve import run_service, status_page, store_with_backoff
 from worker.cli.wiring import imap_mailbox, logins, pdf_inspector
 from worker.config.routes import Deployment, Route
 from worker.config.schedule import interval_hint, parse_schedule
 from worker.errors import RelayError
 from worker.logs import route_context
-from worker.models import DeliveryKind, PollReport, PollStatus, RoutePollState
+from worker.models import DeliveryKind, PollReport, PollStatus
 from worker.pdf.pool import PdfInspector
 from worker.relay.lease import LEASE_SECONDS
 from worker.service.fleet import Fleet, RouteSchedule
+from worker.service.ports import RoutePolls as LastPolls
 from worker.service.routepoll import RouteOutcome
 from worker.store.sqlstore import SqlStore
 
@@ -159,17 +160,14 @@ class RoutePolls:
     def poll(self, name: str, fire_time: datetime) -> PollReport:
         del fire_time  # the fleet logs and claims it
         route = self._routes[name]
-        with route_context(name), logins(route.settings, self._store) as made:
-            report = poll_once(
-                route.settings,
-                self._store,
-                made,
-                owner=self._owner,
-                route=name,
-                destination_name=self._destinations.of(route),
-                stop=self._stop,
-                inspector=self._inspectors.of(route),
-            )
+        report = poll_route(
+            route,
+            self._store,
+            self._destinations,
+            owner=self._owner,
+            stop=self._stop,
+            inspector=self._inspectors.of(route),
+        )
         if report.locked:
             self._ask_again(name)
         elif route.settings.idle:
@@ -279,7 +277,7 @@ class RoutePolls:
                 self._store.end_poll_lease(f"idle:{route.mailbox}", owner=self._owner)
 
 
-def poll_status(polls: RoutePollsReader, fleet: FireTimes) -> PollStatus:
+def poll_status(polls: LastPolls, fleet: FireTimes) -> PollStatus:
     """The status page's overview line: the latest poll of any route, by any replica,
     and the soonest next fire time of this replica's routes."""
     states = polls.route_polls().values()
@@ -295,10 +293,6 @@ def poll_status(polls: RoutePollsReader, fleet: FireTimes) -> PollStatus:
         last_error_at=latest.last_finished_at if latest else None,
         next_poll_at=min(upcoming, default=None),
     )
-
-
-class RoutePollsReader(Protocol):
-    def route_polls(self) -> Mapping[str, RoutePollState]: ...
 
 
 class FireTimes(Protocol):

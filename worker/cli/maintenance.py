@@ -85,16 +85,15 @@ def resend(url: str, sha256: str, *, scope: DocumentScope = _EVERYWHERE) -> bool
 
 def purge(
     url: str, route: str, *, before: datetime | None, keep: Collection[str] = ()
-) -> list[tuple[str, PurgeCounts]]:
+) -> list[tuple[str, PurgeCounts | None]]:
     """Delete a removed route's sightings and the documents its mail introduced, folder
     by folder (each in one transaction), except the folders in `keep` (polled by a
-    configured route); empty when nothing was purged."""
+    configured route: None for those). Empty when the route recorded nothing."""
     store = _existing_database(url)
     try:
         return [
-            (mailbox, store.purge(mailbox, before=before))
+            (mailbox, None if mailbox in keep else store.purge(mailbox, before=before))
             for mailbox in store.route_mailboxes(route)
-            if mailbox not in keep
         ]
     finally:
         store.close()
@@ -105,15 +104,6 @@ def document_mailboxes(url: str, sha256: str, *, scope: DocumentScope) -> list[s
     store = _existing_database(url)
     try:
         return store.document_mailboxes(sha256, route=scope.route, destination=scope.destination)
-    finally:
-        store.close()
-
-
-def route_folders(url: str, route: str) -> list[str]:
-    """The mailbox folders whose rows `route` recorded."""
-    store = _existing_database(url)
-    try:
-        return store.route_mailboxes(route)
     finally:
         store.close()
 

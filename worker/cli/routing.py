@@ -14,6 +14,7 @@ from worker.config.routes import Deployment, Route
 from worker.errors import InfrastructureError, RelayError
 from worker.logs import route_context
 from worker.models import PollReport
+from worker.pdf.pool import PdfInspector
 from worker.store.sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ def poll_route(
     owner: str,
     stop: threading.Event | None = None,
     progress: Callable[[str], None] | None = None,
+    inspector: PdfInspector | None = None,
 ) -> PollReport:
-    """One route's poll with logins of its own (OAuth2 token sources closed after it)."""
+    """One route's poll with logins of its own (OAuth2 token sources closed after it);
+    `inspector`: `run`'s warm pool (None: one for this poll)."""
     with route_context(route.name), logins(route.settings, store) as made:
         return poll_once(
             route.settings,
@@ -70,6 +73,7 @@ def poll_route(
             destination_name=destinations.of(route),
             stop=stop,
             progress=progress,
+            inspector=inspector,
         )
 
 

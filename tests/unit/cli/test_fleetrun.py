@@ -25,10 +25,10 @@ def state(route: str, *, finished: datetime, error: str | None = None) -> RouteP
 
 
 class Polls:
-    def __init__(self, states: Mapping[str, RoutePollState]) -> None:
+    def __init__(self, states: dict[str, RoutePollState]) -> None:
         self.states = states
 
-    def route_polls(self) -> Mapping[str, RoutePollState]:
+    def route_polls(self) -> dict[str, RoutePollState]:
         return self.states
 
 
